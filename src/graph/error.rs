@@ -1,0 +1,235 @@
+//! Reading what the Graph API says when it fails: the error body and the
+//! throttling hints in the response headers.
+//!
+//! Error bodies arrive as Graph JSON (`{"error": {…}}`), but proxies and
+//! overloaded front ends also send HTML, empty or cut-off bodies. Parsing
+//! never fails loudly: anything that is not a Graph error object yields
+//! `None` and the caller falls back to the HTTP status.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The `error` object of a Graph API error response. Every field is optional
+/// because real responses omit any of them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GraphError {
+    #[serde(default)]
+    pub message: Option<String>,
+    #[serde(rename = "type", default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub code: Option<i64>,
+    #[serde(default)]
+    pub error_subcode: Option<i64>,
+    #[serde(default)]
+    pub error_user_title: Option<String>,
+    #[serde(default)]
+    pub error_user_msg: Option<String>,
+    #[serde(default)]
+    pub fbtrace_id: Option<String>,
+    #[serde(default)]
+    pub is_transient: Option<bool>,
+}
+
+impl GraphError {
+    /// Parses a response body. `None` unless it is JSON with an `error`
+    /// object carrying at least a code or a message.
+    pub fn parse(body: &[u8]) -> Option<GraphError> {
+        let value: Value = serde_json::from_slice(body).ok()?;
+        let error = value.get("error")?;
+        if !error.is_object() {
+            return None;
+        }
+        // Field-by-field, so one odd field (a code sent as a string, say)
+        // does not throw the rest away.
+        let text = |k: &str| error.get(k).and_then(Value::as_str).map(str::to_owned);
+        let int = |k: &str| {
+            error.get(k).and_then(|v| {
+                v.as_i64()
+                    .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+            })
+        };
+        let parsed = GraphError {
+            message: text("message"),
+            kind: text("type"),
+            code: int("code"),
+            error_subcode: int("error_subcode"),
+            error_user_title: text("error_user_title"),
+            error_user_msg: text("error_user_msg"),
+            fbtrace_id: text("fbtrace_id"),
+            is_transient: error.get("is_transient").and_then(Value::as_bool),
+        };
+        (parsed.code.is_some() || parsed.message.is_some()).then_some(parsed)
+    }
+
+    /// The most useful human text: the user message if Meta gave one,
+    /// else the developer message.
+    pub fn best_message(&self) -> Option<&str> {
+        self.error_user_msg
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .or(self.message.as_deref())
+    }
+}
+
+/// Usage counters as Meta reports them (percent of the allowed budget).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Usage {
+    pub call_count: f64,
+    pub total_cputime: f64,
+    pub total_time: f64,
+}
+
+/// What the response headers said about throttling, typed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UsageHint {
+    /// `Retry-After` in seconds, if present.
+    pub retry_after: Option<Duration>,
+    /// The largest `estimated_time_to_regain_access` (minutes) over all
+    /// business ids of `X-Business-Use-Case-Usage`, if non-zero.
+    pub regain_access: Option<Duration>,
+    /// `X-App-Usage`.
+    pub app: Option<Usage>,
+    /// `X-Business-Use-Case-Usage`, the highest of each counter over all
+    /// entries.
+    pub business: Option<Usage>,
+}
+
+impl UsageHint {
+    /// Reads the hint headers; malformed headers are ignored, never an error.
+    pub fn from_headers(headers: &reqwest::header::HeaderMap) -> UsageHint {
+        let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        UsageHint {
+            retry_after: get("retry-after").and_then(parse_retry_after),
+            app: get("x-app-usage").and_then(parse_app_usage),
+            regain_access: get("x-business-use-case-usage").and_then(parse_buc_regain),
+            business: get("x-business-use-case-usage").and_then(parse_buc_usage),
+        }
+    }
+
+    /// The longest wait the hints ask for, if any.
+    pub fn wait(&self) -> Option<Duration> {
+        match (self.retry_after, self.regain_access) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// `Retry-After: <seconds>`. (The HTTP-date form is not used by Graph.)
+fn parse_retry_after(v: &str) -> Option<Duration> {
+    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+fn usage_of(v: &Value) -> Option<Usage> {
+    let num = |k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+    v.is_object().then(|| Usage {
+        call_count: num("call_count"),
+        total_cputime: num("total_cputime"),
+        total_time: num("total_time"),
+    })
+}
+
+fn parse_app_usage(v: &str) -> Option<Usage> {
+    usage_of(&serde_json::from_str::<Value>(v).ok()?)
+}
+
+/// Every entry of `{"<business id>": [{…}, …], …}`.
+fn buc_entries(v: &str) -> Vec<Value> {
+    match serde_json::from_str::<Value>(v) {
+        Ok(Value::Object(map)) => map
+            .into_iter()
+            .flat_map(|(_, list)| match list {
+                Value::Array(items) => items,
+                other => vec![other],
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn parse_buc_usage(v: &str) -> Option<Usage> {
+    buc_entries(v)
+        .iter()
+        .filter_map(usage_of)
+        .reduce(|a, b| Usage {
+            call_count: a.call_count.max(b.call_count),
+            total_cputime: a.total_cputime.max(b.total_cputime),
+            total_time: a.total_time.max(b.total_time),
+        })
+}
+
+fn parse_buc_regain(v: &str) -> Option<Duration> {
+    buc_entries(v)
+        .iter()
+        .filter_map(|e| e.get("estimated_time_to_regain_access")?.as_f64())
+        .filter(|m| *m > 0.0 && m.is_finite())
+        .map(|m| Duration::from_secs_f64((m * 60.0).min(7.0 * 86400.0)))
+        .max()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::{HeaderMap, HeaderValue};
+
+    #[test]
+    fn parses_a_full_graph_error() {
+        let body = br#"{"error":{"message":"Page mismatch","type":"OAuthException","code":100,
+            "error_subcode":2300005,"error_user_title":"t","error_user_msg":"The page does not match",
+            "fbtrace_id":"AbC123","is_transient":false}}"#;
+        let e = GraphError::parse(body).unwrap();
+        assert_eq!(e.code, Some(100));
+        assert_eq!(e.error_subcode, Some(2300005));
+        assert_eq!(e.fbtrace_id.as_deref(), Some("AbC123"));
+        assert_eq!(e.is_transient, Some(false));
+        assert_eq!(e.best_message(), Some("The page does not match"));
+    }
+
+    #[test]
+    fn tolerates_odd_shapes() {
+        assert_eq!(GraphError::parse(b""), None);
+        assert_eq!(
+            GraphError::parse(b"<html><body>502 Bad Gateway</body></html>"),
+            None
+        );
+        assert_eq!(GraphError::parse(br#"{"error": {"message": "Unexp"#), None);
+        assert_eq!(GraphError::parse(br#"{"error": "boom"}"#), None);
+        assert_eq!(GraphError::parse(br#"{"data": []}"#), None);
+        let e = GraphError::parse(br#"{"error": {"code": "2300012"}}"#).unwrap();
+        assert_eq!(e.code, Some(2300012));
+    }
+
+    #[test]
+    fn reads_usage_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", HeaderValue::from_static("7"));
+        h.insert(
+            "x-app-usage",
+            HeaderValue::from_static(r#"{"call_count":12,"total_cputime":3,"total_time":40}"#),
+        );
+        h.insert(
+            "x-business-use-case-usage",
+            HeaderValue::from_static(
+                r#"{"111":[{"type":"ads_management","call_count":95,"total_cputime":20,"total_time":30,"estimated_time_to_regain_access":3}],"222":[{"call_count":10,"estimated_time_to_regain_access":0}]}"#,
+            ),
+        );
+        let hint = UsageHint::from_headers(&h);
+        assert_eq!(hint.retry_after, Some(Duration::from_secs(7)));
+        assert_eq!(hint.regain_access, Some(Duration::from_secs(180)));
+        assert_eq!(hint.app.unwrap().total_time, 40.0);
+        assert_eq!(hint.business.unwrap().call_count, 95.0);
+        assert_eq!(hint.wait(), Some(Duration::from_secs(180)));
+    }
+
+    #[test]
+    fn ignores_malformed_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", HeaderValue::from_static("soon"));
+        h.insert("x-app-usage", HeaderValue::from_static("{not json"));
+        h.insert("x-business-use-case-usage", HeaderValue::from_static("[]"));
+        assert_eq!(UsageHint::from_headers(&h), UsageHint::default());
+    }
+}

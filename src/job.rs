@@ -1,0 +1,432 @@
+//! The send job, schema v1: what a producer puts on the queue, one JSON
+//! object per AMQP message.
+//!
+//! [`Job::parse`] is the only way in. It checks every field itself (rather
+//! than leaning on serde's messages) so an operator reading a dead letter sees
+//! exactly which field was wrong and why: `field "page_id": expected a string
+//! of digits, got "12ab"`. Unknown fields are kept in [`Job::extra`] and
+//! ignored; the worker republishes the original bytes, so nothing a producer
+//! wrote is lost on the way through retry tiers or the dead-letter queue.
+//!
+//! Checks that depend on the clock are separate: [`Job::check_not_after`]
+//! (the producer refuses a job whose deadline has passed, the worker dead-
+//! letters it as `expired`).
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+
+/// The only schema version this build understands.
+pub const JOB_VERSION: u64 = 1;
+/// Largest job body accepted, in bytes. Larger bodies are rejected before
+/// they are parsed.
+pub const MAX_JOB_BYTES: usize = 256 * 1024;
+/// Largest `message` object, serialized, in bytes. Messenger messages are
+/// small (text ≤ 2000 chars, templates a few KiB); anything this large is a
+/// producer bug.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// Longest id or token accepted.
+const MAX_ID_LEN: usize = 1024;
+
+/// A validated send job.
+#[derive(Clone, PartialEq)]
+pub struct Job {
+    pub v: u64,
+    pub job_id: String,
+    /// Digits only; a leading `act_` is stripped.
+    pub ad_account_id: String,
+    pub page_id: String,
+    /// The marketing message (campaign) id.
+    pub message_id: String,
+    /// The recipient. Not an access token, but personal data: it is never
+    /// logged above debug level.
+    pub subscription_token: String,
+    pub message: Option<Value>,
+    pub min_conversation_gap_seconds: Option<u64>,
+    pub campaign: Option<String>,
+    pub not_after: Option<DateTime<Utc>>,
+    /// Fields this version does not know; kept, ignored.
+    pub extra: Map<String, Value>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("job_id", &self.job_id)
+            .field("ad_account_id", &self.ad_account_id)
+            .field("page_id", &self.page_id)
+            .field("message_id", &self.message_id)
+            .field("campaign", &self.campaign)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a job body is not a valid v1 job. The `Display` text is what lands in
+/// `x-mmsend-error-message` of an `invalid_job` dead letter.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum JobError {
+    #[error("job is {size} bytes, more than the {max}-byte limit; shrink the message or send the creative with the campaign")]
+    TooLarge { size: usize, max: usize },
+    #[error("job is not valid JSON: {0}")]
+    NotJson(String),
+    #[error("job must be a JSON object, got {0}")]
+    NotObject(&'static str),
+    #[error("field \"{0}\" is missing")]
+    Missing(&'static str),
+    #[error("field \"{0}\" is empty")]
+    Empty(&'static str),
+    #[error("field \"{field}\": expected {expected}, got {found}")]
+    WrongType {
+        field: &'static str,
+        expected: &'static str,
+        found: String,
+    },
+    #[error("field \"v\": version {0} is not supported (this build reads version 1)")]
+    UnsupportedVersion(String),
+    #[error("field \"{field}\": {problem}")]
+    Invalid {
+        field: &'static str,
+        problem: String,
+    },
+    #[error("field \"not_after\": {0} has already passed")]
+    Expired(DateTime<Utc>),
+}
+
+impl Job {
+    /// Parses and validates a job body. Never panics, whatever the bytes.
+    pub fn parse(body: &[u8]) -> Result<Job, JobError> {
+        if body.len() > MAX_JOB_BYTES {
+            return Err(JobError::TooLarge {
+                size: body.len(),
+                max: MAX_JOB_BYTES,
+            });
+        }
+        let value: Value =
+            serde_json::from_slice(body).map_err(|e| JobError::NotJson(e.to_string()))?;
+        Self::from_value(value)
+    }
+
+    /// Validates an already-decoded JSON value.
+    pub fn from_value(value: Value) -> Result<Job, JobError> {
+        let mut map = match value {
+            Value::Object(map) => map,
+            other => return Err(JobError::NotObject(type_name(&other))),
+        };
+        let v = match map.remove("v") {
+            None => return Err(JobError::Missing("v")),
+            Some(Value::Number(n)) if n.as_u64() == Some(JOB_VERSION) => JOB_VERSION,
+            Some(other) => return Err(JobError::UnsupportedVersion(other.to_string())),
+        };
+        let job_id = required_string(&mut map, "job_id")?;
+        let ad_account_id = {
+            let raw = required_string(&mut map, "ad_account_id")?;
+            let digits = raw.strip_prefix("act_").unwrap_or(&raw).to_string();
+            check_digits("ad_account_id", &digits)?;
+            digits
+        };
+        let page_id = required_string(&mut map, "page_id")?;
+        check_digits("page_id", &page_id)?;
+        let message_id = required_string(&mut map, "message_id")?;
+        let subscription_token = required_string(&mut map, "subscription_token")?;
+
+        let message = match map.remove("message") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(m)) => {
+                let size = serde_json::to_vec(&m)
+                    .map(|b| b.len())
+                    .unwrap_or(usize::MAX);
+                if size > MAX_MESSAGE_BYTES {
+                    return Err(JobError::Invalid {
+                        field: "message",
+                        problem: format!(
+                            "{size} bytes, more than the {MAX_MESSAGE_BYTES}-byte limit"
+                        ),
+                    });
+                }
+                if m.is_empty() {
+                    return Err(JobError::Empty("message"));
+                }
+                Some(Value::Object(m))
+            }
+            Some(other) => return Err(wrong_type("message", "an object", &other)),
+        };
+        let min_conversation_gap_seconds = match map.remove("min_conversation_gap_seconds") {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(secs) => Some(secs),
+                None => {
+                    return Err(JobError::Invalid {
+                        field: "min_conversation_gap_seconds",
+                        problem: format!("expected a whole number of seconds ≥ 0, got {n}"),
+                    })
+                }
+            },
+            Some(other) => {
+                return Err(wrong_type(
+                    "min_conversation_gap_seconds",
+                    "an integer",
+                    &other,
+                ))
+            }
+        };
+        let campaign = optional_string(&mut map, "campaign")?;
+        let not_after = match optional_string(&mut map, "not_after")? {
+            None => None,
+            Some(s) => Some(
+                DateTime::parse_from_rfc3339(&s)
+                    .map_err(|e| JobError::Invalid {
+                        field: "not_after",
+                        problem: format!(
+                            "{s:?} is not an RFC 3339 timestamp ({e}); write e.g. 2026-11-27T00:00:00Z"
+                        ),
+                    })?
+                    .with_timezone(&Utc),
+            ),
+        };
+        Ok(Job {
+            v,
+            job_id,
+            ad_account_id,
+            page_id,
+            message_id,
+            subscription_token,
+            message,
+            min_conversation_gap_seconds,
+            campaign,
+            not_after,
+            extra: map,
+        })
+    }
+
+    /// Fails when `not_after` is set and already passed at `now`.
+    pub fn check_not_after(&self, now: DateTime<Utc>) -> Result<(), JobError> {
+        match self.not_after {
+            Some(deadline) if deadline <= now => Err(JobError::Expired(deadline)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The job as JSON again (unknown fields included), e.g. for export.
+    pub fn to_value(&self) -> Value {
+        let mut map = self.extra.clone();
+        map.insert("v".into(), self.v.into());
+        map.insert("job_id".into(), self.job_id.clone().into());
+        map.insert("ad_account_id".into(), self.ad_account_id.clone().into());
+        map.insert("page_id".into(), self.page_id.clone().into());
+        map.insert("message_id".into(), self.message_id.clone().into());
+        map.insert(
+            "subscription_token".into(),
+            self.subscription_token.clone().into(),
+        );
+        if let Some(m) = &self.message {
+            map.insert("message".into(), m.clone());
+        }
+        if let Some(g) = self.min_conversation_gap_seconds {
+            map.insert("min_conversation_gap_seconds".into(), g.into());
+        }
+        if let Some(c) = &self.campaign {
+            map.insert("campaign".into(), c.clone().into());
+        }
+        if let Some(t) = &self.not_after {
+            map.insert(
+                "not_after".into(),
+                t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+                    .into(),
+            );
+        }
+        Value::Object(map)
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn wrong_type(field: &'static str, expected: &'static str, found: &Value) -> JobError {
+    JobError::WrongType {
+        field,
+        expected,
+        found: type_name(found).to_string(),
+    }
+}
+
+fn optional_string(
+    map: &mut Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<String>, JobError> {
+    match map.remove(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.trim().is_empty() => Err(JobError::Empty(field)),
+        Some(Value::String(s)) if s.len() > MAX_ID_LEN => Err(JobError::Invalid {
+            field,
+            problem: format!("{} bytes, more than {MAX_ID_LEN}", s.len()),
+        }),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(wrong_type(field, "a string", &other)),
+    }
+}
+
+fn required_string(map: &mut Map<String, Value>, field: &'static str) -> Result<String, JobError> {
+    optional_string(map, field)?.ok_or(JobError::Missing(field))
+}
+
+fn check_digits(field: &'static str, value: &str) -> Result<(), JobError> {
+    if value.is_empty() {
+        return Err(JobError::Empty(field));
+    }
+    if !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(JobError::Invalid {
+            field,
+            problem: format!("expected a string of digits, got {value:?}"),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn valid() -> Value {
+        json!({"v": 1, "job_id": "cmp42-000017", "ad_account_id": "act_1234567890",
+               "page_id": "9876543210", "message_id": "120210000000000000",
+               "subscription_token": "sub-abc", "message": {"text": "Hi"},
+               "min_conversation_gap_seconds": 3600, "campaign": "black-friday",
+               "not_after": "2026-11-27T00:00:00+01:00", "x_custom": [1, 2]})
+    }
+
+    fn parse(v: Value) -> Result<Job, JobError> {
+        Job::parse(&serde_json::to_vec(&v).unwrap())
+    }
+
+    fn with(field: &str, value: Value) -> Value {
+        let mut v = valid();
+        v[field] = value;
+        v
+    }
+
+    fn without(field: &str) -> Value {
+        let mut v = valid();
+        v.as_object_mut().unwrap().remove(field);
+        v
+    }
+
+    #[test]
+    fn parses_a_full_job_strips_act_and_keeps_unknown_fields() {
+        let job = parse(valid()).unwrap();
+        assert_eq!(job.ad_account_id, "1234567890");
+        assert_eq!(job.job_id, "cmp42-000017");
+        assert_eq!(job.min_conversation_gap_seconds, Some(3600));
+        assert_eq!(
+            job.not_after.unwrap().to_rfc3339(),
+            "2026-11-26T23:00:00+00:00"
+        );
+        assert_eq!(job.extra.get("x_custom"), Some(&json!([1, 2])));
+        let again = Job::from_value(job.to_value()).unwrap();
+        assert_eq!(again, job);
+    }
+
+    #[test]
+    fn optional_fields_may_be_absent_or_null() {
+        let mut v = valid();
+        for f in [
+            "message",
+            "min_conversation_gap_seconds",
+            "campaign",
+            "not_after",
+        ] {
+            v[f] = Value::Null;
+        }
+        let job = parse(v).unwrap();
+        assert!(job.message.is_none() && job.campaign.is_none() && job.not_after.is_none());
+    }
+
+    #[test]
+    fn rejects_with_precise_errors() {
+        let cases: Vec<(Value, &str)> = vec![
+            (without("job_id"), "field \"job_id\" is missing"),
+            (with("job_id", json!("  ")), "field \"job_id\" is empty"),
+            (
+                with("page_id", json!(98765)),
+                "field \"page_id\": expected a string, got a number",
+            ),
+            (
+                with("ad_account_id", json!("act_12ab")),
+                "field \"ad_account_id\": expected a string of digits, got \"12ab\"",
+            ),
+            (
+                with("v", json!(2)),
+                "field \"v\": version 2 is not supported",
+            ),
+            (without("v"), "field \"v\" is missing"),
+            (
+                with("not_after", json!("tomorrow")),
+                "field \"not_after\": \"tomorrow\" is not an RFC 3339 timestamp",
+            ),
+            (
+                with("message", json!("hi")),
+                "field \"message\": expected an object, got a string",
+            ),
+            (
+                with("min_conversation_gap_seconds", json!(-5)),
+                "field \"min_conversation_gap_seconds\": expected a whole number",
+            ),
+            (
+                with("message", json!({"text": "x".repeat(MAX_MESSAGE_BYTES)})),
+                "field \"message\": 65547 bytes, more than the 65536-byte limit",
+            ),
+            (json!([1, 2]), "job must be a JSON object, got an array"),
+        ];
+        for (input, want) in cases {
+            let err = parse(input).unwrap_err().to_string();
+            assert!(err.starts_with(want), "got {err:?}, want {want:?}");
+        }
+    }
+
+    #[test]
+    fn rejects_non_json_and_oversize_bodies_without_panicking() {
+        assert!(matches!(
+            Job::parse(b"{\"v\":1,"),
+            Err(JobError::NotJson(_))
+        ));
+        assert!(matches!(Job::parse(b""), Err(JobError::NotJson(_))));
+        assert!(matches!(
+            Job::parse(&[0xff, 0xfe]),
+            Err(JobError::NotJson(_))
+        ));
+        let big = vec![b' '; MAX_JOB_BYTES + 1];
+        assert_eq!(
+            Job::parse(&big),
+            Err(JobError::TooLarge {
+                size: MAX_JOB_BYTES + 1,
+                max: MAX_JOB_BYTES
+            })
+        );
+    }
+
+    #[test]
+    fn not_after_in_the_past_is_expired() {
+        let job = parse(valid()).unwrap();
+        let before = "2026-11-26T00:00:00Z".parse().unwrap();
+        let after = "2026-11-28T00:00:00Z".parse().unwrap();
+        assert!(job.check_not_after(before).is_ok());
+        assert!(matches!(
+            job.check_not_after(after),
+            Err(JobError::Expired(_))
+        ));
+    }
+
+    #[test]
+    fn debug_does_not_print_the_recipient() {
+        let job = parse(valid()).unwrap();
+        assert!(!format!("{job:?}").contains("sub-abc"));
+    }
+}

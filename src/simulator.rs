@@ -1,0 +1,763 @@
+//! The Graph API simulator: a local stand-in for
+//! `POST /{version}/act_{ad_account_id}/messages`, for tests, the demo and
+//! load tests (`mmsend simulate`).
+//!
+//! It checks what the real endpoint checks (path, bearer token, body,
+//! optional `appsecret_proof`), answers the real success and error shapes
+//! with the usage headers (`X-App-Usage`, `X-Business-Use-Case-Usage`,
+//! `x-fb-trace-id`), adds latency, and counts everything it received
+//! (`GET /_sim/stats`, `POST /_sim/reset`) so a test can prove "sent exactly
+//! once".
+//!
+//! Deterministic triggers, chosen by the recipient (`subscription_token`);
+//! each may end in `:anything` to make tokens unique:
+//!
+//! | token | answer |
+//! |---|---|
+//! | `sim:err:<code>` | Graph error with `code: <code>` (400; 500 for codes 1 and 2; 403 for 10 and 200) |
+//! | `sim:suberr:<code>` | Graph error `code: 100, error_subcode: <code>` |
+//! | `sim:flaky:<n>` | 500 code 2 (`is_transient`) for the first n requests, then success |
+//! | `sim:fault:html502` | 502 with an HTML body |
+//! | `sim:fault:empty500` | 500 with an empty body |
+//! | `sim:fault:truncated` | 500 with JSON cut off mid-way |
+//! | `sim:fault:429` | 429, `Retry-After: 7`, Graph code 4 |
+//! | `sim:fault:hang` | never answers |
+//! | `sim:fault:reset` | closes the connection without answering |
+//! | `sim:fault:slowbody` | 200 at once, the body trickles over 5 s |
+//!
+//! Then, for every other token: with `--populating D`, the first request of
+//! a `message_id` opens a window of D in which that campaign answers 2300012;
+//! with `--cap`, a second successful send to the same recipient within
+//! `--cap-window` answers 2300035; with `--errors 2300012=0.05,…`, each
+//! request fails with that code with that probability.
+//!
+//! Usage headers: the percentage is the number of calls in the last 60 s
+//! against a nominal budget of [`NOMINAL_CALLS_PER_MINUTE`], capped at 100.
+//!
+//! The accept loop is hyper's, one task per connection, so that
+//! `sim:fault:reset` can really drop a connection before any byte of the
+//! answer is written.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use hmac::{Hmac, Mac};
+use rand::Rng;
+use serde_json::{json, Value};
+use sha2::Sha256;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Calls per minute counted as 100 % in the usage headers.
+pub const NOMINAL_CALLS_PER_MINUTE: u64 = 600_000;
+
+/// `mmsend simulate`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SimArgs {
+    /// Address to listen on.
+    #[arg(long, env = "MMSEND_SIM_LISTEN", default_value = "127.0.0.1:8090")]
+    pub listen: String,
+    /// Latency per request: "20ms" or a range "10ms..80ms".
+    #[arg(long, env = "MMSEND_SIM_LATENCY", default_value = "0ms")]
+    pub latency: String,
+    /// Random error mix, code=probability, e.g. "2300012=0.05,4=0.01".
+    #[arg(long, env = "MMSEND_SIM_ERRORS", default_value = "")]
+    pub errors: String,
+    /// Window per new message_id answering 2300012 (0s = off).
+    #[arg(long, env = "MMSEND_SIM_POPULATING", default_value = "0s")]
+    pub populating: String,
+    /// Cap each recipient: a second send within --cap-window answers 2300035.
+    #[arg(long, env = "MMSEND_SIM_CAP")]
+    pub cap: bool,
+    #[arg(long, env = "MMSEND_SIM_CAP_WINDOW", default_value = "12h")]
+    pub cap_window: String,
+    /// Accept only this bearer token (others answer code 190).
+    #[arg(long, env = "MMSEND_SIM_ACCESS_TOKEN", hide_env_values = true)]
+    pub access_token: Option<String>,
+    /// Require appsecret_proof computed with this app secret.
+    #[arg(long, env = "MMSEND_SIM_APP_SECRET", hide_env_values = true)]
+    pub app_secret: Option<String>,
+    /// estimated_time_to_regain_access (minutes) sent with throttling errors.
+    #[arg(long, env = "MMSEND_SIM_REGAIN_MINUTES", default_value_t = 1)]
+    pub regain_minutes: u32,
+}
+
+impl SimArgs {
+    pub fn to_config(&self) -> anyhow::Result<SimConfig> {
+        let dur = |flag: &str, s: &str| {
+            humantime::parse_duration(s.trim())
+                .map_err(|e| anyhow::anyhow!("--{flag} {s:?}: {e} (write e.g. 50ms, 2s, 1h)"))
+        };
+        let latency = match self.latency.split_once("..") {
+            Some((lo, hi)) => {
+                let (lo, hi) = (dur("latency", lo)?, dur("latency", hi)?);
+                if hi < lo {
+                    anyhow::bail!("--latency {:?}: the range is backwards", self.latency);
+                }
+                Latency::Range(lo, hi)
+            }
+            None => Latency::Fixed(dur("latency", &self.latency)?),
+        };
+        let mut error_mix = Vec::new();
+        for part in self
+            .errors
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
+            let (code, p) = part.split_once('=').ok_or_else(|| {
+                anyhow::anyhow!("--errors {part:?}: write code=probability, e.g. 2300012=0.05")
+            })?;
+            let code: u64 = code
+                .trim()
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--errors {part:?}: {code:?} is not a code"))?;
+            let p: f64 = p
+                .trim()
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--errors {part:?}: {p:?} is not a probability"))?;
+            if !(0.0..=1.0).contains(&p) {
+                anyhow::bail!("--errors {part:?}: the probability must be between 0 and 1");
+            }
+            error_mix.push((code, p));
+        }
+        Ok(SimConfig {
+            latency,
+            error_mix,
+            populating: dur("populating", &self.populating)?,
+            cap_window: if self.cap {
+                Some(dur("cap-window", &self.cap_window)?)
+            } else {
+                None
+            },
+            access_token: self.access_token.clone(),
+            app_secret: self.app_secret.clone(),
+            regain_minutes: self.regain_minutes,
+        })
+    }
+}
+
+/// Latency added to every request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Latency {
+    Fixed(Duration),
+    /// Uniform between the two.
+    Range(Duration, Duration),
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Latency::Fixed(Duration::ZERO)
+    }
+}
+
+impl Latency {
+    fn pick(&self) -> Duration {
+        match self {
+            Latency::Fixed(d) => *d,
+            Latency::Range(lo, hi) if hi > lo => rand::thread_rng().gen_range(*lo..*hi),
+            Latency::Range(lo, _) => *lo,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SimConfig {
+    pub latency: Latency,
+    /// (code, probability) per request.
+    pub error_mix: Vec<(u64, f64)>,
+    /// Populating window per new message_id; zero = off.
+    pub populating: Duration,
+    /// Per-recipient cap window; `None` = off.
+    pub cap_window: Option<Duration>,
+    pub access_token: Option<String>,
+    pub app_secret: Option<String>,
+    pub regain_minutes: u32,
+}
+
+/// What the simulator received.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct SimStats {
+    /// POSTs to the messages endpoint.
+    pub requests: u64,
+    /// Successful sends.
+    pub sent: u64,
+    /// Error answers by Graph code, and faults as `fault_<name>`.
+    pub errors: BTreeMap<String, u64>,
+    /// Successful sends per recipient (subscription token).
+    pub sends_by_recipient: BTreeMap<String, u64>,
+    /// Recipients with more than one successful send.
+    pub duplicates: u64,
+    /// Successful sends per message_id.
+    pub by_message_id: BTreeMap<String, u64>,
+}
+
+#[derive(Default)]
+struct Books {
+    stats: SimStats,
+    flaky: HashMap<String, u64>,
+    first_seen: HashMap<String, Instant>,
+    last_sent: HashMap<String, Instant>,
+    /// (second, calls) for the last 60 s.
+    rate: VecDeque<(u64, u64)>,
+}
+
+struct Sim {
+    config: SimConfig,
+    books: Mutex<Books>,
+    started: Instant,
+    ids: AtomicU64,
+}
+
+impl Sim {
+    fn books(&self) -> std::sync::MutexGuard<'_, Books> {
+        self.books.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn error(&self, books: &mut Books, key: String) {
+        *books.stats.errors.entry(key).or_insert(0) += 1;
+    }
+
+    /// Counts a call; returns the usage percent of the last 60 s.
+    fn count_call(&self, books: &mut Books) -> u64 {
+        let sec = self.started.elapsed().as_secs();
+        match books.rate.back_mut() {
+            Some((s, n)) if *s == sec => *n += 1,
+            _ => books.rate.push_back((sec, 1)),
+        }
+        while books.rate.front().is_some_and(|(s, _)| *s + 60 <= sec) {
+            books.rate.pop_front();
+        }
+        let calls: u64 = books.rate.iter().map(|(_, n)| n).sum();
+        (calls * 100 / NOMINAL_CALLS_PER_MINUTE).min(100)
+    }
+}
+
+pub struct Simulator;
+
+impl Simulator {
+    /// Binds `addr` (port 0 for a random one) and serves on the current
+    /// runtime.
+    pub async fn start(addr: &str, config: SimConfig) -> anyhow::Result<SimHandle> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("simulator cannot listen on {addr}: {e}"))?;
+        let local = listener.local_addr()?;
+        let sim = Arc::new(Sim {
+            config,
+            books: Mutex::new(Books::default()),
+            started: Instant::now(),
+            ids: AtomicU64::new(1),
+        });
+        let router = Router::new()
+            .route("/{version}/{account}/messages", post(messages))
+            .route("/_sim/stats", get(stats_handler))
+            .route("/_sim/reset", post(reset_handler))
+            .fallback(unknown_path)
+            .with_state(sim.clone());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(accept_loop(listener, router, stop.clone()));
+        Ok(SimHandle {
+            addr: local,
+            sim,
+            stop,
+            task,
+        })
+    }
+}
+
+/// Serves each connection with hyper; a handler that wants the connection
+/// reset notifies the connection's [`Notify`].
+async fn accept_loop(listener: tokio::net::TcpListener, router: Router, stop: CancellationToken) {
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(_) => continue,
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let stop = stop.clone();
+        conns.spawn(async move {
+            let reset = Arc::new(Notify::new());
+            let kill = reset.clone();
+            let service =
+                hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(kill.clone());
+                    let router = router.clone();
+                    async move {
+                        use tower::ServiceExt;
+                        Ok::<_, Infallible>(
+                            router
+                                .oneshot(req.map(Body::new))
+                                .await
+                                .unwrap_or_else(|e| match e {}),
+                        )
+                    }
+                });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::select! {
+                _ = conn => {}
+                _ = reset.notified() => {} // dropping the connection closes the socket
+                _ = stop.cancelled() => {}
+            }
+        });
+        while conns.try_join_next().is_some() {}
+    }
+    conns.abort_all();
+}
+
+/// A running simulator.
+pub struct SimHandle {
+    addr: SocketAddr,
+    sim: Arc<Sim>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SimHandle {
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn stats(&self) -> SimStats {
+        self.sim.books().stats.clone()
+    }
+
+    pub fn reset(&self) {
+        *self.sim.books() = Books::default();
+    }
+
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// `mmsend simulate`: serve until Ctrl-C.
+pub async fn serve(args: &SimArgs) -> anyhow::Result<()> {
+    let handle = Simulator::start(&args.listen, args.to_config()?).await?;
+    println!(
+        "simulator listening on {} (POST /v24.0/act_<id>/messages, GET /_sim/stats, POST /_sim/reset)",
+        handle.base_url()
+    );
+    tracing::info!(url = %handle.base_url(), "simulator up");
+    tokio::signal::ctrl_c().await?;
+    handle.shutdown().await;
+    Ok(())
+}
+
+async fn stats_handler(State(sim): State<Arc<Sim>>) -> Json<SimStats> {
+    Json(sim.books().stats.clone())
+}
+
+async fn reset_handler(State(sim): State<Arc<Sim>>) -> StatusCode {
+    *sim.books() = Books::default();
+    StatusCode::NO_CONTENT
+}
+
+async fn unknown_path() -> Response {
+    graph_error(
+        StatusCode::BAD_REQUEST,
+        &ErrorSpec::new(
+            100,
+            None,
+            "Unsupported post request. Object does not exist or does not support this operation.",
+        ),
+        "GraphMethodException",
+    )
+}
+
+/// One Graph error answer.
+struct ErrorSpec {
+    code: u64,
+    subcode: Option<u64>,
+    message: String,
+}
+
+impl ErrorSpec {
+    fn new(code: u64, subcode: Option<u64>, message: &str) -> Self {
+        ErrorSpec {
+            code,
+            subcode,
+            message: message.to_string(),
+        }
+    }
+
+    fn for_code(code: u64) -> Self {
+        ErrorSpec::new(code, None, message_for(code))
+    }
+}
+
+fn message_for(code: u64) -> &'static str {
+    match code {
+        1 => "An unknown error occurred",
+        2 => "An unexpected error has occurred. Please retry your request later.",
+        4 => "Application request limit reached",
+        17 => "User request limit reached",
+        32 => "Page request limit reached",
+        613 => "Calls to this api have exceeded the rate limit.",
+        10 | 200 => "Permissions error",
+        100 => "Invalid parameter",
+        190 => "Error validating access token: Session has expired",
+        2300005 => "PAGE_ID_MISMATCH: The page id does not match the page of the marketing message",
+        2300012 => "CAMPAIGN_POPULATING_IN_PROGRESS: The campaign is still being set up; try again in a few minutes",
+        2300014 => "AD_ACCOUNT_NOT_MATCH: The ad account does not own this marketing message",
+        2300015 => "BUDGET_REACHED: The campaign has reached its budget",
+        2300017 => "AD_ACCOUNT_SPEND_LIMITATION_REACHED: The ad account reached its spending limit",
+        2300018 => "Marketing messages are not supported in this business region",
+        2300030..=2300032 => "The recipient's region is excluded from marketing messages",
+        2300035 => "The recipient has reached the marketing message frequency cap",
+        80000..=80014 | 2300078..=2300080 => "There have been too many calls for this business account",
+        2300000..=2300099 => "Marketing messages error",
+        _ => "An error occurred",
+    }
+}
+
+fn is_throttle(code: u64) -> bool {
+    matches!(code, 4 | 17 | 32 | 613 | 80000..=80014 | 2300078..=2300080)
+}
+
+fn status_for(code: u64) -> StatusCode {
+    match code {
+        1 | 2 => StatusCode::INTERNAL_SERVER_ERROR,
+        10 | 200 => StatusCode::FORBIDDEN,
+        _ => StatusCode::BAD_REQUEST,
+    }
+}
+
+fn trace_id() -> String {
+    rand::thread_rng()
+        .sample_iter(&rand::distributions::Alphanumeric)
+        .take(11)
+        .map(char::from)
+        .collect()
+}
+
+fn graph_error(status: StatusCode, e: &ErrorSpec, kind: &str) -> Response {
+    let mut error = json!({
+        "message": e.message, "type": kind, "code": e.code,
+        "error_user_title": "Message not sent", "error_user_msg": e.message,
+        "fbtrace_id": trace_id(),
+        "is_transient": matches!(e.code, 1 | 2 | 2300012),
+    });
+    if let Some(sub) = e.subcode {
+        error["error_subcode"] = json!(sub);
+    }
+    (status, Json(json!({ "error": error }))).into_response()
+}
+
+fn usage_headers(headers: &mut HeaderMap, account: &str, percent: u64, regain: u32) {
+    let app =
+        json!({"call_count": percent, "total_cputime": percent / 2, "total_time": percent / 2});
+    let buc = json!({ account: [{"type": "ads_management", "call_count": percent,
+        "total_cputime": percent / 2, "total_time": percent / 2,
+        "estimated_time_to_regain_access": regain}]});
+    for (name, value) in [("x-app-usage", app), ("x-business-use-case-usage", buc)] {
+        if let Ok(v) = HeaderValue::from_str(&value.to_string()) {
+            headers.insert(name, v);
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&trace_id()) {
+        headers.insert("x-fb-trace-id", v);
+    }
+}
+
+/// The trigger in a recipient token: `sim:<kind>:<arg>[:anything]`.
+fn trigger(token: &str) -> Option<(&str, &str)> {
+    let rest = token.strip_prefix("sim:")?;
+    let mut parts = rest.splitn(3, ':');
+    Some((parts.next()?, parts.next().unwrap_or("")))
+}
+
+async fn messages(
+    State(sim): State<Arc<Sim>>,
+    Extension(reset): Extension<Arc<Notify>>,
+    Path((version, account)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    tokio::time::sleep(sim.config.latency.pick()).await;
+    let valid_version = version
+        .strip_prefix('v')
+        .and_then(|v| v.split_once('.'))
+        .is_some_and(|(a, b)| {
+            !a.is_empty() && !b.is_empty() && (a.to_owned() + b).bytes().all(|c| c.is_ascii_digit())
+        });
+    let ad_account = account.strip_prefix("act_").unwrap_or("");
+    if !valid_version || ad_account.is_empty() || !ad_account.bytes().all(|b| b.is_ascii_digit()) {
+        return unknown_path().await;
+    }
+    let percent = {
+        let mut books = sim.books();
+        books.stats.requests += 1;
+        sim.count_call(&mut books)
+    };
+    let mut response = answer(&sim, &reset, &headers, &body).await;
+    let regain = match response.extensions().get::<Throttled>() {
+        Some(_) => sim.config.regain_minutes,
+        None => 0,
+    };
+    usage_headers(response.headers_mut(), ad_account, percent, regain);
+    response
+}
+
+/// Marks a throttling answer (its BUC header carries the regain time).
+#[derive(Clone)]
+struct Throttled;
+
+async fn answer(sim: &Sim, reset: &Notify, headers: &HeaderMap, body: &[u8]) -> Response {
+    let fail = |books: &mut Books, code: u64, subcode: Option<u64>| {
+        sim.error(books, subcode.unwrap_or(code).to_string());
+        let spec = match subcode {
+            Some(s) => ErrorSpec::new(code, Some(s), message_for(s)),
+            None => ErrorSpec::for_code(code),
+        };
+        let kind = if code == 190 {
+            "OAuthException"
+        } else {
+            "GraphMethodException"
+        };
+        let mut r = graph_error(status_for(code), &spec, kind);
+        if is_throttle(subcode.unwrap_or(code)) {
+            r.extensions_mut().insert(Throttled);
+        }
+        r
+    };
+
+    // auth
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    let Some(token) = token else {
+        let mut books = sim.books();
+        sim.error(&mut books, "190".into());
+        return graph_error(
+            StatusCode::BAD_REQUEST,
+            &ErrorSpec::new(
+                190,
+                None,
+                "An active access token must be used to query information about the current user.",
+            ),
+            "OAuthException",
+        );
+    };
+    if sim
+        .config
+        .access_token
+        .as_deref()
+        .is_some_and(|t| t != token)
+    {
+        let mut books = sim.books();
+        sim.error(&mut books, "190".into());
+        return graph_error(
+            StatusCode::BAD_REQUEST,
+            &ErrorSpec::new(190, Some(463), message_for(190)),
+            "OAuthException",
+        );
+    }
+
+    // body
+    let parsed: Result<Value, _> = serde_json::from_slice(body);
+    let bad = |what: &str| {
+        let mut books = sim.books();
+        sim.error(&mut books, "100".into());
+        graph_error(
+            StatusCode::BAD_REQUEST,
+            &ErrorSpec::new(100, None, what),
+            "OAuthException",
+        )
+    };
+    let Ok(v) = parsed else {
+        return bad("(#100) The request body is not valid JSON");
+    };
+    let Some(message_id) = v
+        .get("message_id")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+    else {
+        return bad("(#100) The parameter message_id is required");
+    };
+    let Some(recipient) = v
+        .pointer("/messenger_delivery_data/subscription_token")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+    else {
+        return bad("(#100) The parameter messenger_delivery_data.subscription_token is required");
+    };
+    if v.get("message").is_some_and(|m| !m.is_object()) {
+        return bad("(#100) Param message must be an object");
+    }
+    if v.get("min_conversation_gap_seconds")
+        .is_some_and(|g| !g.is_u64())
+    {
+        return bad("(#100) Param min_conversation_gap_seconds must be a non-negative integer");
+    }
+    if let Some(secret) = &sim.config.app_secret {
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+        mac.update(token.as_bytes());
+        let want = hex::encode(mac.finalize().into_bytes());
+        if v.get("appsecret_proof").and_then(Value::as_str) != Some(want.as_str()) {
+            return bad("Invalid appsecret_proof provided in the API argument");
+        }
+    }
+
+    // deterministic triggers
+    match trigger(recipient) {
+        Some(("err", code)) => {
+            if let Ok(code) = code.parse::<u64>() {
+                let mut books = sim.books();
+                return fail(&mut books, code, None);
+            }
+        }
+        Some(("suberr", code)) => {
+            if let Ok(code) = code.parse::<u64>() {
+                let mut books = sim.books();
+                return fail(&mut books, 100, Some(code));
+            }
+        }
+        Some(("flaky", n)) => {
+            let n: u64 = n.parse().unwrap_or(0);
+            let mut books = sim.books();
+            let seen = books.flaky.entry(recipient.to_string()).or_insert(0);
+            *seen += 1;
+            if *seen <= n {
+                return fail(&mut books, 2, None);
+            }
+        }
+        Some(("fault", name)) => {
+            {
+                let mut books = sim.books();
+                sim.error(&mut books, format!("fault_{name}"));
+            }
+            return fault(name, reset).await;
+        }
+        _ => {}
+    }
+
+    let mut books = sim.books();
+    let now = Instant::now();
+    if !sim.config.populating.is_zero() {
+        let first = *books
+            .first_seen
+            .entry(message_id.to_string())
+            .or_insert(now);
+        if now.duration_since(first) < sim.config.populating {
+            return fail(&mut books, 2300012, None);
+        }
+    }
+    if let Some(window) = sim.config.cap_window {
+        if books
+            .last_sent
+            .get(recipient)
+            .is_some_and(|t| now.duration_since(*t) < window)
+        {
+            return fail(&mut books, 2300035, None);
+        }
+    }
+    for &(code, p) in &sim.config.error_mix {
+        if rand::thread_rng().gen_bool(p.clamp(0.0, 1.0)) {
+            return fail(&mut books, code, None);
+        }
+    }
+    if sim.config.cap_window.is_some() {
+        books.last_sent.insert(recipient.to_string(), now);
+    }
+    let stats = &mut books.stats;
+    stats.sent += 1;
+    let n = stats
+        .sends_by_recipient
+        .entry(recipient.to_string())
+        .or_insert(0);
+    *n += 1;
+    if *n == 2 {
+        stats.duplicates += 1;
+    }
+    *stats
+        .by_message_id
+        .entry(message_id.to_string())
+        .or_insert(0) += 1;
+    drop(books);
+    let id = sim.ids.fetch_add(1, Ordering::Relaxed);
+    Json(json!({"success": true, "marketing_message_tracking_id": format!("mm.{id:012}")}))
+        .into_response()
+}
+
+async fn fault(name: &str, reset: &Notify) -> Response {
+    match name {
+        "html502" => (
+            StatusCode::BAD_GATEWAY,
+            [("content-type", "text/html")],
+            "<html><body><h1>502 Bad Gateway</h1></body></html>",
+        )
+            .into_response(),
+        "empty500" => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+        "truncated" => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [("content-type", "application/json")],
+            r#"{"error": {"message": "Unexpected"#,
+        )
+            .into_response(),
+        "429" => {
+            let mut r = graph_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                &ErrorSpec::for_code(4),
+                "OAuthException",
+            );
+            r.headers_mut()
+                .insert("retry-after", HeaderValue::from_static("7"));
+            r.extensions_mut().insert(Throttled);
+            r
+        }
+        "hang" => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            StatusCode::GATEWAY_TIMEOUT.into_response()
+        }
+        "reset" => {
+            reset.notify_one();
+            std::future::pending::<()>().await;
+            unreachable!("the connection is dropped")
+        }
+        "slowbody" => {
+            let chunks = [
+                "{\"success\": ",
+                "true, ",
+                "\"marketing_message_tracking_id\": ",
+                "\"mm.slow\"}",
+            ];
+            use futures_util::StreamExt;
+            let stream = futures_util::stream::iter(chunks).then(|c| async move {
+                tokio::time::sleep(Duration::from_millis(1250)).await;
+                Ok::<_, Infallible>(Bytes::from_static(c.as_bytes()))
+            });
+            (
+                StatusCode::OK,
+                [("content-type", "application/json")],
+                Body::from_stream(stream),
+            )
+                .into_response()
+        }
+        other => graph_error(
+            StatusCode::BAD_REQUEST,
+            &ErrorSpec::new(100, None, &format!("unknown simulator fault {other:?}")),
+            "GraphMethodException",
+        ),
+    }
+}

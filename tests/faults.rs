@@ -1,0 +1,264 @@
+//! Faults: the broker closing the worker's connection, API faults of every
+//! shape, and a corpus of bad input. Each test is bounded in time and
+//! reconciles what the simulator saw, the DLQ and the queues against the
+//! jobs published.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{job, Harness, Opts};
+use lapin::types::FieldTable;
+use serde_json::json;
+
+/// Closes, from the broker's side, every connection whose name contains
+/// `needle`. Returns how many were closed.
+fn close_connections(needle: &str) -> usize {
+    let out = Command::new("rabbitmqctl")
+        .args(["list_connections", "pid", "client_properties", "-q"])
+        .output()
+        .expect("rabbitmqctl is installed with RabbitMQ");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut closed = 0;
+    for line in text.lines().filter(|l| l.contains(needle)) {
+        let pid = line.split('\t').next().unwrap();
+        let ok = Command::new("rabbitmqctl")
+            .args(["close_connection", pid, "fault test"])
+            .output()
+            .unwrap()
+            .status
+            .success();
+        assert!(ok, "rabbitmqctl close_connection {pid} failed");
+        closed += 1;
+    }
+    closed
+}
+
+#[tokio::test]
+async fn worker_reconnects_after_the_broker_closes_its_connection() {
+    let mut opts = Opts::new("reconnect");
+    opts.sim.latency = mmsend::simulator::Latency::Fixed(Duration::from_millis(50));
+    let h = Harness::start(opts).await;
+    let n = 300;
+    for i in 0..n {
+        h.publish_job(&job(&format!("c{i}"), &format!("cr{i}")))
+            .await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while h.sim.stats().sent < 30 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        close_connections("test-reconnect"),
+        1,
+        "found the worker's connection"
+    );
+    // readiness drops, then comes back
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while h.metrics.amqp_reconnects.get() == 0 || !h.metrics.is_ready() {
+        assert!(Instant::now() < deadline, "worker did not reconnect");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while h.sim.stats().sends_by_recipient.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "not all sent: {:?}",
+            h.sim.stats().sent
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stats = h.sim.stats();
+    assert_eq!(stats.sends_by_recipient.len(), n, "every job sent");
+    assert!(
+        stats.duplicates <= 16,
+        "only jobs in flight at the close may repeat: {}",
+        stats.duplicates
+    );
+    assert!(h.metrics.redelivered.get() >= stats.duplicates);
+    assert!(h.drain_dlq().await.is_empty());
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn api_faults_get_their_classes_and_never_panic() {
+    let mut opts = Opts::new("apifaults");
+    opts.policy.max_attempts = 2;
+    // classes only: the 429's app-wide gate would hold the others back
+    opts.gates = false;
+    opts.tiers = vec!["200ms", "1s", "8s"];
+    let h = Harness::start(opts).await;
+    let faults = [
+        ("html502", "transient", Some(502)),
+        ("empty500", "transient", Some(500)),
+        ("truncated", "transient", Some(500)),
+        ("429", "throttled", Some(429)),
+        ("reset", "transient", None),
+        ("hang", "transient", None),
+    ];
+    for (f, _, _) in &faults {
+        let mut j = job(f, &format!("sim:fault:{f}:x"));
+        // each on its own page and app scope would share the throttle gate;
+        // that is fine, they end in the DLQ either way
+        j["page_id"] = json!("1");
+        h.publish_job(&j).await;
+    }
+    h.wait_settled(faults.len() as u64, Duration::from_secs(60))
+        .await;
+    let dead = h.drain_dlq().await;
+    assert_eq!(dead.len(), faults.len());
+    for (f, class, status) in faults {
+        let d = dead.iter().find(|d| d.job_id() == f).unwrap();
+        assert_eq!(d.story.last_error.class.as_deref(), Some(class), "{f}");
+        assert_eq!(d.story.last_error.http_status, status, "{f}");
+        assert!(d.story.last_error.message.is_some(), "{f}");
+        if f == "hang" || f == "reset" {
+            assert!(d.story.last_error.ambiguous, "{f}: the request was sent");
+        }
+    }
+    h.finish().await;
+}
+
+/// At least 30 bodies that are not valid v1 jobs.
+fn bad_inputs() -> Vec<(String, Vec<u8>)> {
+    let base = job("bad", "r");
+    let with = |k: &str, v: serde_json::Value| {
+        let mut j = base.clone();
+        j[k] = v;
+        serde_json::to_vec(&j).unwrap()
+    };
+    let without = |k: &str| {
+        let mut j = base.clone();
+        j.as_object_mut().unwrap().remove(k);
+        serde_json::to_vec(&j).unwrap()
+    };
+    let mut out: Vec<(String, Vec<u8>)> = vec![
+        ("empty".into(), b"".to_vec()),
+        ("whitespace".into(), b"   \n".to_vec()),
+        ("not json".into(), b"hello".to_vec()),
+        ("truncated".into(), br#"{"v": 1, "job_id": "x""#.to_vec()),
+        ("array".into(), b"[1,2,3]".to_vec()),
+        ("number".into(), b"42".to_vec()),
+        ("null".into(), b"null".to_vec()),
+        ("string".into(), br#""a job""#.to_vec()),
+        ("binary".into(), vec![0, 159, 146, 150, 255]),
+        (
+            "bom".into(),
+            [
+                b"\xef\xbb\xbf".as_slice(),
+                &serde_json::to_vec(&base).unwrap(),
+            ]
+            .concat(),
+        ),
+        (
+            "huge".into(),
+            with("message", json!({"text": "x".repeat(300 * 1024)})),
+        ),
+        (
+            "big message".into(),
+            with("message", json!({"text": "y".repeat(70 * 1024)})),
+        ),
+        ("v2".into(), with("v", json!(2))),
+        ("v string".into(), with("v", json!("1"))),
+        ("v null".into(), with("v", json!(null))),
+        ("bad date".into(), with("not_after", json!("next tuesday"))),
+        ("date number".into(), with("not_after", json!(1764000000))),
+        (
+            "date no zone".into(),
+            with("not_after", json!("2026-11-27T00:00:00")),
+        ),
+        (
+            "past date".into(),
+            with("not_after", json!("2001-01-01T00:00:00Z")),
+        ),
+        (
+            "ad account letters".into(),
+            with("ad_account_id", json!("act_12x")),
+        ),
+        (
+            "ad account number".into(),
+            with("ad_account_id", json!(123)),
+        ),
+        (
+            "page unicode digits".into(),
+            with("page_id", json!("１２３")),
+        ),
+        ("page empty".into(), with("page_id", json!(""))),
+        ("message string".into(), with("message", json!("hi"))),
+        ("message array".into(), with("message", json!(["hi"]))),
+        ("message empty".into(), with("message", json!({}))),
+        (
+            "gap negative".into(),
+            with("min_conversation_gap_seconds", json!(-1)),
+        ),
+        (
+            "gap float".into(),
+            with("min_conversation_gap_seconds", json!(1.5)),
+        ),
+        (
+            "gap string".into(),
+            with("min_conversation_gap_seconds", json!("60")),
+        ),
+        ("campaign object".into(), with("campaign", json!({"a": 1}))),
+        ("job id null".into(), with("job_id", json!(null))),
+        ("token bool".into(), with("subscription_token", json!(true))),
+        ("job id blank".into(), with("job_id", json!(" "))),
+    ];
+    for field in [
+        "job_id",
+        "ad_account_id",
+        "page_id",
+        "message_id",
+        "subscription_token",
+    ] {
+        out.push((format!("missing {field}"), without(field)));
+    }
+    out
+}
+
+#[tokio::test]
+async fn bad_input_corpus_ends_in_the_dlq_as_invalid_job_with_a_readable_error() {
+    let h = Harness::start(Opts::new("badinput")).await;
+    let corpus = bad_inputs();
+    assert!(corpus.len() >= 30);
+    for (i, (_, body)) in corpus.iter().enumerate() {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "case".into(),
+            lapin::types::AMQPValue::LongLongInt(i as i64),
+        );
+        h.publish_raw(body, headers).await;
+    }
+    // a good job with unicode makes it through
+    let mut ok = job("unicode-ok", "r-ü");
+    ok["message"] = json!({"text": "Grüße 🎉 こんにちは"});
+    h.publish_job(&ok).await;
+    h.wait_settled(corpus.len() as u64 + 1, Duration::from_secs(30))
+        .await;
+    assert_eq!(h.sim.stats().sent, 1);
+    let dead = h.drain_dlq().await;
+    assert_eq!(dead.len(), corpus.len());
+    for d in &dead {
+        let case = d
+            .headers
+            .inner()
+            .get(&lapin::types::ShortString::from("case"))
+            .and_then(mmsend::broker::headers::as_int)
+            .unwrap() as usize;
+        let (name, body) = &corpus[case];
+        let reason = d.story.dead_reason.as_deref();
+        // a job whose not_after passed is valid but expired
+        let want = if name == "past date" {
+            "expired"
+        } else {
+            "invalid_job"
+        };
+        assert_eq!(reason, Some(want), "{name}");
+        let msg = d.story.last_error.message.clone().unwrap_or_default();
+        assert!(!msg.is_empty() && msg.len() < 600, "{name}: {msg}");
+        assert_eq!(&d.body, body, "{name}: body kept byte for byte");
+    }
+    h.finish().await;
+}
