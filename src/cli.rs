@@ -214,6 +214,8 @@ pub enum TopologyCommand {
     Declare(BrokerArgs),
     /// Show every queue with its depth and consumers.
     Show(BrokerArgs),
+    /// Print the topology as RabbitMQ definitions JSON (for `rabbitmqctl import_definitions`).
+    Definitions(BrokerArgs),
 }
 
 /// Where the broker is and which topology to use.
@@ -371,6 +373,20 @@ pub fn shutdown_on_signals() -> CancellationToken {
     token
 }
 
+/// `topology declare` / `topology show`: (declare, then) print the queues.
+async fn topology_command(args: &BrokerArgs, declare: bool) -> anyhow::Result<ExitCode> {
+    let topology = args.topology(&args.file_config()?)?;
+    let conn = broker::connect(&args.amqp_url, "cli").await?;
+    if declare {
+        topology.declare(&conn).await?;
+        println!("declared topology {:?}", topology.prefix);
+    }
+    let queues = topology.show(&conn).await.context("reading queue depths")?;
+    println!("{}", crate::report::queues(&queues));
+    let _ = conn.close(200, "bye".into()).await;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
@@ -384,23 +400,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             worker::run(config, metrics, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Topology { command } => {
-            let (args, declare) = match &command {
-                TopologyCommand::Declare(a) => (a, true),
-                TopologyCommand::Show(a) => (a, false),
-            };
-            let file = args.file_config()?;
-            let topology = args.topology(&file)?;
-            let conn = broker::connect(&args.amqp_url, "cli").await?;
-            if declare {
-                topology.declare(&conn).await?;
-                println!("declared topology {:?}", topology.prefix);
+        Command::Topology { command } => match command {
+            TopologyCommand::Definitions(args) => {
+                let topology = args.topology(&args.file_config()?)?;
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&topology.definitions("/"))?
+                );
+                Ok(ExitCode::SUCCESS)
             }
-            let queues = topology.show(&conn).await.context("reading queue depths")?;
-            println!("{}", crate::report::queues(&queues));
-            let _ = conn.close(200, "bye".into()).await;
-            Ok(ExitCode::SUCCESS)
-        }
+            TopologyCommand::Declare(args) => topology_command(&args, true).await,
+            TopologyCommand::Show(args) => topology_command(&args, false).await,
+        },
         Command::Enqueue(args) => {
             let file = args.broker.file_config()?;
             let topology = args.broker.topology(&file)?;

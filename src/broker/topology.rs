@@ -185,6 +185,46 @@ impl Topology {
         out
     }
 
+    /// The topology as RabbitMQ definitions (`rabbitmqctl import_definitions`),
+    /// for brokers provisioned ahead of the workers. `deploy/rabbitmq/
+    /// definitions.json` is this for the default prefix; a test keeps them equal.
+    pub fn definitions(&self, vhost: &str) -> serde_json::Value {
+        use serde_json::{json, Map, Value};
+        let to_json = |v: &AMQPValue| match v {
+            AMQPValue::LongString(s) => {
+                Value::from(String::from_utf8_lossy(s.as_bytes()).into_owned())
+            }
+            AMQPValue::LongLongInt(n) => Value::from(*n),
+            other => Value::from(format!("{other:?}")),
+        };
+        let queues: Vec<Value> = self
+            .queues()
+            .into_iter()
+            .map(|(name, _, args)| {
+                let arguments: Map<String, Value> = args
+                    .inner()
+                    .iter()
+                    .map(|(k, v)| (k.as_str().to_string(), to_json(v)))
+                    .collect();
+                json!({"name": name, "vhost": vhost, "durable": true, "auto_delete": false, "arguments": arguments})
+            })
+            .collect();
+        let bindings: Vec<Value> = self
+            .queues()
+            .into_iter()
+            .map(|(name, _, _)| {
+                json!({"source": self.exchange(), "vhost": vhost, "destination": name,
+                       "destination_type": "queue", "routing_key": name, "arguments": {}})
+            })
+            .collect();
+        json!({
+            "exchanges": [{"name": self.exchange(), "vhost": vhost, "type": "direct", "durable": true,
+                           "auto_delete": false, "internal": false, "arguments": {}}],
+            "queues": queues,
+            "bindings": bindings,
+        })
+    }
+
     /// Declares exchange, queues and bindings. Idempotent.
     pub async fn declare(&self, conn: &Connection) -> Result<(), TopologyError> {
         // A failed declare closes its channel; use a fresh one per step so

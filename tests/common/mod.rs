@@ -162,6 +162,7 @@ impl Harness {
                 BasicProperties::default()
                     .with_content_type("application/json".into())
                     .with_delivery_mode(2)
+                    .with_timestamp(chrono::Utc::now().timestamp() as u64)
                     .with_headers(headers),
             )
             .await
