@@ -430,3 +430,43 @@ mod tests {
         assert!(!format!("{job:?}").contains("sub-abc"));
     }
 }
+
+/// Robustness on arbitrary bytes: a cheap, deterministic stand-in for the
+/// cargo-fuzz targets in `fuzz/` (which need a nightly toolchain).
+#[cfg(test)]
+mod robustness {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn parse_never_panics_on_mutated_jobs() {
+        let seed = br#"{"v":1,"job_id":"j","ad_account_id":"act_1","page_id":"2","message_id":"3","subscription_token":"s","message":{"text":"hi"},"not_after":"2026-11-27T00:00:00Z","min_conversation_gap_seconds":5}"#;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut ok = 0;
+        for _ in 0..20_000 {
+            let mut input = seed.to_vec();
+            for _ in 0..rng.gen_range(1..8) {
+                let i = rng.gen_range(0..input.len());
+                match rng.gen_range(0..3) {
+                    0 => input[i] = rng.gen(),
+                    1 => {
+                        input.remove(i);
+                    }
+                    _ => {
+                        const BYTES: &[u8] = b"{}[]\":,0\\\xff";
+                        input.insert(i, BYTES[rng.gen_range(0..BYTES.len())])
+                    }
+                }
+                if input.is_empty() {
+                    break;
+                }
+            }
+            if Job::parse(&input).is_ok() {
+                ok += 1;
+            }
+            let _ = crate::graph::GraphError::parse(&input);
+        }
+        // some mutations keep the job valid, most do not; none panics
+        assert!(ok > 0 && ok < 20_000, "{ok}");
+    }
+}

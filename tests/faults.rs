@@ -262,3 +262,75 @@ async fn bad_input_corpus_ends_in_the_dlq_as_invalid_job_with_a_readable_error()
     }
     h.finish().await;
 }
+
+#[tokio::test]
+async fn a_job_that_keeps_killing_its_consumer_ends_in_the_dlq_as_delivery_limit() {
+    use lapin::options::{BasicGetOptions, BasicQosOptions};
+    let mut opts = Opts::new("poison");
+    opts.start_worker = false;
+    let h = Harness::start(opts).await;
+    h.publish_job(&job("poison", "r")).await;
+    // a consumer that dies holding the job, again and again: its channel
+    // closes without an ack, so RabbitMQ requeues and counts the delivery
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut deliveries = 0;
+    loop {
+        let ch = h.conn.create_channel().await.unwrap();
+        ch.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+        let got = ch
+            .basic_get(
+                h.topology.send_queue().as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await
+            .unwrap();
+        let _ = ch.close(200, "crash".into()).await;
+        match got {
+            Some(_) => deliveries += 1,
+            None if h.depth(&h.topology.dead_queue()).await == 1 => break,
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never dead-lettered after {deliveries} deliveries"
+        );
+    }
+    assert!(
+        deliveries as u32 > h.topology.delivery_limit,
+        "{deliveries} deliveries"
+    );
+    let mut reasons = Vec::new();
+    mmsend::dlq::scan(
+        &h.conn,
+        &h.topology,
+        &Default::default(),
+        mmsend::dlq::Action::Peek,
+        |d| reasons.push(d.reason()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reasons, ["delivery_limit"]);
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn worker_resubscribes_when_the_broker_cancels_its_consumer() {
+    let h = Harness::start(Opts::new("cancel")).await;
+    h.publish_job(&job("before", "before")).await;
+    h.wait_settled(1, Duration::from_secs(20)).await;
+    // deleting the work queue cancels the consumer server-side
+    let ch = h.conn.create_channel().await.unwrap();
+    ch.queue_delete(h.topology.send_queue().as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while h.metrics.amqp_reconnects.get() == 0 || !h.metrics.is_ready() {
+        assert!(Instant::now() < deadline, "worker did not resubscribe");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // the worker redeclared the queue and consumes it again
+    h.publish_job(&job("after", "after")).await;
+    h.wait_settled(2, Duration::from_secs(20)).await;
+    assert_eq!(h.sim.stats().sends_by_recipient.get("after"), Some(&1));
+    h.finish().await;
+}
