@@ -221,7 +221,7 @@ pub enum TopologyCommand {
 /// Where the broker is and which topology to use.
 #[derive(Debug, Clone, Args)]
 pub struct BrokerArgs {
-    /// RabbitMQ URL.
+    /// RabbitMQ URL, or a comma-separated list of cluster nodes tried in order.
     #[arg(long, env = "MMSEND_AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
     pub amqp_url: String,
     /// Name prefix of the exchange and queues.
@@ -266,9 +266,12 @@ pub struct WorkerArgs {
     /// App secret; when set, every call carries appsecret_proof.
     #[arg(long, env = "MMSEND_APP_SECRET", hide_env_values = true)]
     pub app_secret: Option<Secret>,
-    /// Jobs processed at once (also the prefetch).
+    /// Jobs processed at once.
     #[arg(long, env = "MMSEND_CONCURRENCY", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,
+    /// Deliveries held unacked (at least the concurrency); 0 = concurrency + a quarter (at least 8).
+    #[arg(long, env = "MMSEND_PREFETCH", default_value_t = 0)]
+    pub prefetch: u16,
     /// Address of /metrics, /healthz, /readyz.
     #[arg(long, env = "MMSEND_METRICS_ADDR", default_value = "0.0.0.0:9464")]
     pub metrics_addr: String,
@@ -316,6 +319,7 @@ impl WorkerArgs {
         config.pacing = file.pacing.clone();
         config.gates = file.gates.enabled;
         config.concurrency = self.concurrency;
+        config.prefetch = self.prefetch;
         config.shutdown_grace = self.shutdown_grace;
         if let Some(id) = &self.worker_id {
             config.worker_id = id.clone();

@@ -338,6 +338,17 @@ impl SimHandle {
         self.sim.books().stats.clone()
     }
 
+    /// Successful sends so far, without copying the books (cheap enough
+    /// to poll in a loop, unlike [`SimHandle::stats`]).
+    pub fn sent(&self) -> u64 {
+        self.sim.books().stats.sent
+    }
+
+    /// Distinct recipients sent to so far (cheap, like [`SimHandle::sent`]).
+    pub fn distinct_sent(&self) -> usize {
+        self.sim.books().stats.sends_by_recipient.len()
+    }
+
     pub fn reset(&self) {
         *self.sim.books() = Books::default();
     }

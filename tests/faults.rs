@@ -334,3 +334,23 @@ async fn worker_resubscribes_when_the_broker_cancels_its_consumer() {
     assert_eq!(h.sim.stats().sends_by_recipient.get("after"), Some(&1));
     h.finish().await;
 }
+
+#[tokio::test]
+async fn a_url_list_connects_to_the_first_node_that_answers() {
+    let dead = "amqp://guest:sekrit@127.0.0.1:1/%2f";
+    let conn = mmsend::broker::connect(&format!("{dead}, {}", common::amqp_url()), "test")
+        .await
+        .expect("falls through to the live node");
+    assert!(conn.status().connected());
+    let _ = conn.close(200, "done".into()).await;
+    let err = mmsend::broker::connect(&format!("{dead},{dead}"), "test")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("127.0.0.1:1"), "{err}");
+    assert!(!err.contains("sekrit"), "password redacted: {err}");
+    assert!(
+        err.contains("rabbitmq-server -detached"),
+        "says what to do: {err}"
+    );
+}

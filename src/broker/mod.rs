@@ -25,15 +25,36 @@ pub struct ConnectError {
 
 /// Connects with a connection name that shows up in the management UI
 /// (`mmsend <role>`).
-pub async fn connect(url: &str, role: &str) -> Result<Connection, ConnectError> {
+///
+/// `urls` is one AMQP URL or a comma-separated list of the nodes of a
+/// cluster: they are tried in order and the first that accepts wins, so a
+/// reconnect after a node goes down lands on a node that is still up.
+pub async fn connect(urls: &str, role: &str) -> Result<Connection, ConnectError> {
     let props =
         ConnectionProperties::default().with_connection_name(format!("mmsend {role}").into());
-    Connection::connect(url, props)
-        .await
-        .map_err(|source| ConnectError {
-            url: redact_url(url),
-            source,
-        })
+    let mut list: Vec<&str> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    if list.is_empty() {
+        list.push(urls);
+    }
+    let mut last = None;
+    for url in &list {
+        match Connection::connect(url, props.clone()).await {
+            Ok(conn) => return Ok(conn),
+            Err(source) => last = Some(source),
+        }
+    }
+    Err(ConnectError {
+        url: list
+            .iter()
+            .map(|u| redact_url(u))
+            .collect::<Vec<_>>()
+            .join(", "),
+        source: last.expect("at least one URL was tried"),
+    })
 }
 
 /// `amqp://user:pass@host` → `amqp://user:***@host`.

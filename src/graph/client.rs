@@ -174,11 +174,25 @@ impl Failure {
 pub struct Client {
     http: reqwest::Client,
     url_prefix: String,
+    /// `url_prefix` parsed once: cloning it and pushing two path segments
+    /// is much cheaper than parsing a URL string (host, IDNA) per request.
+    base: reqwest::Url,
     app_secret: Option<Secret>,
 }
 
+/// Why a [`Client`] could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot build the HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error(
+        "the Graph API base URL {0:?} is not a valid http(s) URL; check MMSEND_GRAPH_BASE_URL"
+    )]
+    BaseUrl(String),
+}
+
 impl Client {
-    pub fn new(config: ClientConfig) -> Result<Client, reqwest::Error> {
+    pub fn new(config: ClientConfig) -> Result<Client, ClientError> {
         let http = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .timeout(config.request_timeout)
@@ -187,13 +201,19 @@ impl Client {
             .tcp_nodelay(true)
             .user_agent(concat!("mmsend/", env!("CARGO_PKG_VERSION")))
             .build()?;
+        let url_prefix = format!(
+            "{}/{}",
+            config.base_url.trim_end_matches('/'),
+            config.version.trim_matches('/')
+        );
+        let base = reqwest::Url::parse(&url_prefix)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https"))
+            .ok_or_else(|| ClientError::BaseUrl(config.base_url.clone()))?;
         Ok(Client {
             http,
-            url_prefix: format!(
-                "{}/{}",
-                config.base_url.trim_end_matches('/'),
-                config.version.trim_matches('/')
-            ),
+            url_prefix,
+            base,
             app_secret: config.app_secret,
         })
     }
@@ -201,6 +221,16 @@ impl Client {
     /// The endpoint for an ad account (digits, no `act_`).
     pub fn url(&self, ad_account_id: &str) -> String {
         format!("{}/act_{}/messages", self.url_prefix, ad_account_id)
+    }
+
+    fn request_url(&self, ad_account_id: &str) -> reqwest::Url {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .expect("http(s) URLs are base URLs")
+            .pop_if_empty()
+            .push(&format!("act_{ad_account_id}"))
+            .push("messages");
+        url
     }
 
     /// Sends one marketing message.
@@ -216,7 +246,7 @@ impl Client {
         };
         let response = self
             .http
-            .post(self.url(req.ad_account_id))
+            .post(self.request_url(req.ad_account_id))
             .bearer_auth(token.expose())
             .json(&body)
             .send()
@@ -299,4 +329,37 @@ fn snippet(body: &[u8], read_error: Option<&reqwest::Error>) -> String {
         out = format!("{out}{sep}(body cut off: {e})");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(base: &str) -> Result<Client, ClientError> {
+        Client::new(ClientConfig {
+            base_url: base.into(),
+            ..ClientConfig::default()
+        })
+    }
+
+    #[test]
+    fn the_request_url_is_the_documented_path_under_any_base() {
+        for base in [
+            "https://graph.facebook.com",
+            "http://127.0.0.1:8090/",
+            "http://proxy.local/graph",
+        ] {
+            let c = client(base).unwrap();
+            assert_eq!(c.request_url("123").as_str(), c.url("123"), "{base}");
+            assert!(c.url("123").ends_with("/v24.0/act_123/messages"));
+        }
+    }
+
+    #[test]
+    fn a_bad_base_url_is_refused_with_the_setting_to_fix() {
+        for base in ["graph.facebook.com", "ftp://x", ""] {
+            let e = client(base).err().expect(base).to_string();
+            assert!(e.contains("MMSEND_GRAPH_BASE_URL"), "{e}");
+        }
+    }
 }

@@ -11,5 +11,5 @@ pub mod client;
 pub mod error;
 
 pub use auth::{Secret, TokenStore};
-pub use client::{Client, ClientConfig, Failure, FailureKind, Outcome, SendRequest};
+pub use client::{Client, ClientConfig, ClientError, Failure, FailureKind, Outcome, SendRequest};
 pub use error::{GraphError, UsageHint};

@@ -1,7 +1,8 @@
 //! Pacing: a token bucket per page (Messenger's guidance is about 40
 //! messages/s per page) and an optional global bucket, using `governor`
-//! (GCRA). A paced job waits here, in memory; it is not requeued. The wait
-//! is bounded by the prefetch: at most `concurrency` jobs are held.
+//! (GCRA). A paced job waits here, in memory; it is not requeued. Memory is
+//! bounded by the prefetch: at most `concurrency` jobs wait here (holding
+//! the worker's slots) and the spare prefetched ones wait for a slot.
 //!
 //! The limits are per worker process. To pace a fleet of N workers, set the
 //! per-page (and global) rate to the fleet's budget divided by N, or shard

@@ -21,6 +21,7 @@ use chrono::{DateTime, Utc};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::BasicProperties;
+use tokio::sync::Semaphore;
 use tracing::{debug, info, warn, Instrument};
 
 use super::Ctx;
@@ -48,7 +49,24 @@ enum Settle {
 }
 
 /// Processes and settles one delivery. Never panics on message content.
-pub(crate) async fn handle(ctx: Arc<Ctx>, publisher: Publisher, delivery: Delivery) {
+pub(crate) async fn handle(
+    ctx: Arc<Ctx>,
+    publisher: Publisher,
+    slots: Arc<Semaphore>,
+    delivery: Delivery,
+) {
+    // a spare prefetched delivery waits here for one of `concurrency` slots;
+    // on shutdown the slots close and it goes back to the queue untouched
+    let Ok(_slot) = slots.acquire().await else {
+        let _ = delivery
+            .acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await;
+        return;
+    };
     let _inflight = Inflight::new(&ctx);
     if delivery.redelivered {
         ctx.metrics.redelivered.inc();
