@@ -50,6 +50,18 @@ else
   exit 1
 fi
 
+for port in 5681 5682 5683 25681 25682 25683; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "cluster: port $port is taken (a cluster node left from an earlier run?);" \
+      "stop it first, e.g. pkill -f 'mmsend-c[123]@localhost'" >&2
+    exit 1
+  fi
+done
+
+echo "cluster: building mmsend"
+(cd "$root" && cargo build --release --quiet)
+mmsend="$root/target/release/mmsend"
+
 work="$(mktemp -d -t mmsend-cluster.XXXXXX)"
 export HOME="$work" # the nodes' and rabbitmqctl's Erlang cookie lives here
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/.erlang.cookie"
@@ -69,21 +81,23 @@ start_node() {
     RABBITMQ_DIST_PORT="$((25680 + i))" RABBITMQ_CONFIG_FILE="$d/rabbitmq.conf" \
     RABBITMQ_ENABLED_PLUGINS_FILE="$d/enabled_plugins" RABBITMQ_MNESIA_BASE="$d/mnesia" \
     RABBITMQ_LOG_BASE="$d/log" RABBITMQ_PID_FILE="$d/pid" \
-    "$rmq_bin/rabbitmq-server" -detached >/dev/null 2>&1
-  ctl "$i" await_startup --timeout 120
+    nohup "$rmq_bin/rabbitmq-server" >"$d/stdout" 2>&1 &
+  for _ in $(seq 1 120); do
+    ctl "$i" await_startup --timeout 5 >/dev/null 2>&1 && return 0
+    sleep 1
+  done
+  echo "cluster: node $i did not start in 2 minutes; its output:" >&2
+  tail -20 "$d/stdout" >&2
+  exit 1
 }
 
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   for i in 1 2 3; do ctl "$i" stop >/dev/null 2>&1 || true; done
   if [ "$keep" = 1 ]; then echo "cluster: kept $work"; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
-
-echo "cluster: building mmsend"
-(cd "$root" && cargo build --release --quiet)
-mmsend="$root/target/release/mmsend"
 
 echo "cluster: starting 3 nodes in $work"
 for i in 1 2 3; do start_node "$i"; done
@@ -126,8 +140,8 @@ ctl 1 stop
 
 enqueue_rc=0
 wait "$enqueue_pid" || enqueue_rc=$?
-# the summary table's row: │ lines │ published │ invalid │ failed │ seconds │ jobs/s │
-published=$(awk -F'│' '$2 ~ /^ *[0-9]+ *$/ {print $3 + 0}' "$work/enqueue.log" | tail -1)
+# the summary table's row: │ <lines> <published> <invalid> <failed> <seconds> <jobs/s> │
+published=$(awk -F'│' '$2 ~ /^ *[0-9]+ +[0-9]+ / {split($2, f, " "); print f[2]}' "$work/enqueue.log" | tail -1)
 published=${published:-0}
 echo "cluster: enqueue exit $enqueue_rc, $published confirmed"
 
