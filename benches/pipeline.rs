@@ -120,9 +120,16 @@ fn spawn_worker(b: &Bench, sim: &SimHandle, concurrency: u16) -> Child {
         .env("MMSEND_ACCESS_TOKEN", "bench-token")
         .env("MMSEND_METRICS_ADDR", "127.0.0.1:0")
         .env("MMSEND_CONCURRENCY", concurrency.to_string())
-        .env("MMSEND_LOG", "warn")
+        .env(
+            "MMSEND_LOG",
+            std::env::var("MMSEND_BENCH_WORKER_LOG").map_or("warn", |_| "mmsend=debug"),
+        )
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        // MMSEND_BENCH_WORKER_LOG=<file>: the worker's debug log goes there
+        .stderr(match std::env::var("MMSEND_BENCH_WORKER_LOG") {
+            Ok(path) => Stdio::from(std::fs::File::create(path).expect("worker log file")),
+            Err(_) => Stdio::null(),
+        })
         .spawn()
         .expect("the mmsend binary")
 }

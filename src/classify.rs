@@ -490,7 +490,10 @@ impl RetryPolicy {
     /// and `gated_max_age`; the probe after the gate reopens decides.
     pub fn route_gated(&self, class: Class, wait: Duration, attempt: &Attempt) -> Route {
         if class.is_retryable() {
-            return self.route_class(class, Some(wait), attempt);
+            // the gate knows how long its scope stays closed (its remaining
+            // time, or the probe wait once it reopens): wait exactly that,
+            // not the class's full delay, within the class's limits
+            return self.route_with(class, None, Some(wait), attempt);
         }
         let back_at =
             attempt.now + chrono::Duration::from_std(wait).unwrap_or(chrono::TimeDelta::MAX);
@@ -510,6 +513,18 @@ impl RetryPolicy {
     /// The route of a failure already classified. `hint` is the wait the
     /// response headers asked for, if any.
     pub fn route_class(&self, class: Class, hint: Option<Duration>, attempt: &Attempt) -> Route {
+        self.route_with(class, hint, None, attempt)
+    }
+
+    /// [`RetryPolicy::route_class`], with `exact` (if given) replacing the
+    /// class's delay while its limits (`not_after`, max age, attempts) hold.
+    fn route_with(
+        &self,
+        class: Class,
+        hint: Option<Duration>,
+        exact: Option<Duration>,
+        attempt: &Attempt,
+    ) -> Route {
         let transient = || {
             let i = (attempt.number.max(1) as usize - 1).min(self.transient_delays.len() - 1);
             self.transient_delays[i]
@@ -539,6 +554,7 @@ impl RetryPolicy {
                 }
             }
         };
+        let delay = exact.unwrap_or(delay);
         let back_at =
             attempt.now + chrono::Duration::from_std(delay).unwrap_or(chrono::TimeDelta::MAX);
         if attempt.not_after.is_some_and(|deadline| back_at > deadline) {
@@ -891,6 +907,29 @@ mod tests {
             p.route_gated(Class::Auth, wait, &a),
             Route::Dead {
                 class: Class::Auth,
+                reason: DeadReason::Expired
+            }
+        );
+    }
+
+    #[test]
+    fn gated_retryable_jobs_wait_the_gate_not_the_class_delay() {
+        let p = RetryPolicy::default();
+        // a probe is in flight: the others wait the probe wait, not the
+        // 2-minute not_ready delay (nor the 1-hour budget delay)
+        let wait = Duration::from_secs(5);
+        for class in [Class::NotReady, Class::Budget, Class::Throttled] {
+            assert_eq!(
+                p.route_gated(class, wait, &at(1, 0)),
+                Route::Retry { class, delay: wait },
+                "{class}"
+            );
+        }
+        // the class's limits still hold
+        assert_eq!(
+            p.route_gated(Class::NotReady, wait, &at(1, 3 * 3600)),
+            Route::Dead {
+                class: Class::NotReady,
                 reason: DeadReason::Expired
             }
         );

@@ -32,3 +32,20 @@ cargo test --all-targets
 
 echo "== deploy/check.sh"
 deploy/check.sh
+
+# Fuzz each cargo-fuzz target briefly (MMSEND_FUZZ_SECONDS each, default 10;
+# 0 skips). cargo-fuzz is installed on first use; its nightly-only compiler
+# flags are allowed on stable with RUSTC_BOOTSTRAP=1. Longer runs by hand:
+#   cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run job_parse -- -max_total_time=300
+fuzz_seconds="${MMSEND_FUZZ_SECONDS:-10}"
+if [ "$fuzz_seconds" != 0 ]; then
+  if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "== installing cargo-fuzz"
+    cargo install cargo-fuzz --locked --quiet
+  fi
+  for target in job_parse graph_error; do
+    echo "== fuzz $target (${fuzz_seconds} s)"
+    (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run --sanitizer none "$target" -- \
+      -max_total_time="$fuzz_seconds" -print_final_stats=1 2>&1 | tail -n 4)
+  done
+fi

@@ -99,7 +99,7 @@ pub struct UsageHint {
 
 impl UsageHint {
     /// Reads the hint headers; malformed headers are ignored, never an error.
-    pub fn from_headers(headers: &reqwest::header::HeaderMap) -> UsageHint {
+    pub fn from_headers(headers: &http::HeaderMap) -> UsageHint {
         let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         UsageHint {
             retry_after: get("retry-after").and_then(parse_retry_after),
@@ -173,7 +173,7 @@ fn parse_buc_regain(v: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reqwest::header::{HeaderMap, HeaderValue};
+    use http::header::{HeaderMap, HeaderValue};
 
     #[test]
     fn parses_a_full_graph_error() {
