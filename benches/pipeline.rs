@@ -19,7 +19,7 @@
 //! | M  | worker peak RSS (VmHWM) at concurrency 64 and 512 under load |
 //!
 //! The worker runs as a child process so its CPU time and memory are its
-//! own. Results are printed as a table and written to
+//! own (`MMSEND_BENCH_WORKER_LOG=<file>` keeps its debug log). Results are printed as a table and written to
 //! `target/bench-pipeline.json`.
 
 use std::process::{Child, Command, Stdio};
