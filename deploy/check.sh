@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Static checks of deploy/ (no Docker engine needed): alert rules compile and
 # pass their promtool tests, the Prometheus config is valid, every YAML and
-# JSON file parses, and the Dockerfile runs as non-root.
+# JSON file parses, every script parses, and the Dockerfile runs as non-root.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -9,7 +9,9 @@ passed=0
 failed=0
 ok() { echo "  ok    $1"; passed=$((passed + 1)); }
 bad() { echo "  FAIL  $1"; failed=$((failed + 1)); }
-check() { local what="$1"; shift; if "$@" >/tmp/mmsend-check.log 2>&1; then ok "$what"; else bad "$what"; sed 's/^/        /' /tmp/mmsend-check.log; fi; }
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+check() { local what="$1"; shift; if "$@" >"$log" 2>&1; then ok "$what"; else bad "$what"; sed 's/^/        /' "$log"; fi; }
 
 if command -v promtool >/dev/null 2>&1; then
   check "promtool check rules prometheus/alerts.yml" promtool check rules prometheus/alerts.yml
@@ -42,6 +44,9 @@ else
 fi
 for f in $(find . -name '*.json' | sort); do
   check "json $f" python3 -m json.tool "$f"
+done
+for f in $(find . -name '*.sh' | sort); do
+  check "bash -n $f" bash -n "$f"
 done
 check "Dockerfile runs as a non-root user" grep -Eq '^USER [0-9]+' Dockerfile
 check "Dockerfile is multi-stage" test "$(grep -c '^FROM ' Dockerfile)" -ge 2

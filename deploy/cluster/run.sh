@@ -80,7 +80,7 @@ start_node() {
   RABBITMQ_NODENAME="$(node "$i")" RABBITMQ_NODE_PORT="$((5680 + i))" \
     RABBITMQ_DIST_PORT="$((25680 + i))" RABBITMQ_CONFIG_FILE="$d/rabbitmq.conf" \
     RABBITMQ_ENABLED_PLUGINS_FILE="$d/enabled_plugins" RABBITMQ_MNESIA_BASE="$d/mnesia" \
-    RABBITMQ_LOG_BASE="$d/log" RABBITMQ_PID_FILE="$d/pid" \
+    RABBITMQ_LOG_BASE="$d/log" RABBITMQ_PID_FILE="$d/pid" ERL_CRASH_DUMP="$d/erl_crash.dump" \
     nohup "$rmq_bin/rabbitmq-server" >"$d/stdout" 2>&1 &
   for _ in $(seq 1 120); do
     ctl "$i" await_startup --timeout 5 >/dev/null 2>&1 && return 0
