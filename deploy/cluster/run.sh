@@ -129,12 +129,15 @@ pids+=($!)
 for i in $(seq 1 "$jobs"); do
   printf '{"v":1,"job_id":"cl-%d","ad_account_id":"1234567890","page_id":"9876543210","message_id":"120210000000000000","subscription_token":"cl-r%d","message":{"text":"hello"},"campaign":"cluster"}\n' "$i" "$i"
 done > "$work/jobs.jsonl"
-MMSEND_AMQP_URL="$(url 3)" "$mmsend" enqueue "$work/jobs.jsonl" >"$work/enqueue.log" 2>&1 &
+# few confirms in flight, so publishing is still going on when node 1 stops
+MMSEND_AMQP_URL="$(url 3)" MMSEND_MAX_INFLIGHT=4 "$mmsend" enqueue "$work/jobs.jsonl" \
+  >"$work/enqueue.log" 2>&1 &
 enqueue_pid=$!
 
 sent() { stats | jq '.sends_by_recipient | length'; }
 while [ "$(sent)" -lt $((jobs / 5)) ]; do sleep 0.2; done
-echo "cluster: $(sent) sent; stopping node 1 (leader of every queue) mid-run"
+publishing=$(kill -0 "$enqueue_pid" 2>/dev/null && echo "still publishing" || echo "publishing done")
+echo "cluster: $(sent) sent, $publishing; stopping node 1 (leader of every queue) mid-run"
 stop_at=$(date +%s.%N)
 ctl 1 stop
 
@@ -171,6 +174,7 @@ cat <<TABLE
  ------------------------------------------------------------
  jobs in the file            $jobs
  published (confirmed)       $published
+ producer at the stop        $publishing
  sent (distinct jobs)        $s
  sent more than once         $repeats
  dead                        $dead
