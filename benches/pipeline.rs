@@ -167,6 +167,19 @@ fn proc_usage(pid: u32) -> (f64, u64) {
     (cpu, hwm)
 }
 
+/// An in-process simulator that answers every call after `latency`.
+async fn slow_sim(latency: Duration) -> SimHandle {
+    Simulator::start(
+        "127.0.0.1:0",
+        SimConfig {
+            latency: Latency::Fixed(latency),
+            ..SimConfig::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
 async fn wait_sent(sim: &SimHandle, n: u64, limit: Duration) -> Duration {
     let t = Instant::now();
     while sim.sent() < n {
@@ -457,15 +470,7 @@ async fn main() {
         );
     }
     if want("L") {
-        let slow = Simulator::start(
-            "127.0.0.1:0",
-            SimConfig {
-                latency: Latency::Fixed(Duration::from_millis(50)),
-                ..SimConfig::default()
-            },
-        )
-        .await
-        .unwrap();
+        let slow = slow_sim(Duration::from_millis(50)).await;
         for c in [128u16, 512] {
             let jobs = (c as usize) * 100;
             let (rate, _, _) = worker_run(&slow, jobs, c).await;
@@ -480,15 +485,7 @@ async fn main() {
         slow.shutdown().await;
     }
     if want("M") {
-        let slow = Simulator::start(
-            "127.0.0.1:0",
-            SimConfig {
-                latency: Latency::Fixed(Duration::from_millis(20)),
-                ..SimConfig::default()
-            },
-        )
-        .await
-        .unwrap();
+        let slow = slow_sim(Duration::from_millis(20)).await;
         for c in [64u16, 512] {
             let (_, hwm, _) = worker_run(&slow, n.min(20_000), c).await;
             record(

@@ -133,7 +133,7 @@ async fn sigkill_loses_nothing_and_duplicates_only_in_flight_jobs() {
     // an in-process worker takes over what the dead one held
     h.start_worker();
     let deadline = Instant::now() + Duration::from_secs(40);
-    while h.sim.stats().sends_by_recipient.len() < 400 {
+    while h.sim.distinct_sent() < 400 {
         assert!(
             Instant::now() < deadline,
             "not all sent: {:?}",

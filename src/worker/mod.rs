@@ -291,9 +291,10 @@ async fn session(
     let publisher = Publisher::open(&conn, config.topology.exchange())
         .await
         .map_err(lost("open publish channel"))?;
+    let prefetch = config.effective_prefetch();
     let channel = conn.create_channel().await.map_err(lost("open channel"))?;
     channel
-        .basic_qos(config.effective_prefetch(), BasicQosOptions::default())
+        .basic_qos(prefetch, BasicQosOptions::default())
         .await
         .map_err(lost("set prefetch"))?;
     let tag = format!("mmsend-{}", ctx.worker_id);
@@ -310,7 +311,7 @@ async fn session(
     info!(
         queue = %config.topology.send_queue(),
         concurrency = config.concurrency,
-        prefetch = config.effective_prefetch(),
+        prefetch,
         "consuming"
     );
     let slots = Arc::new(tokio::sync::Semaphore::new(usize::from(
