@@ -12,18 +12,35 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{self, DEFAULT_AMQP_URL};
-use crate::config::FileConfig;
+use crate::config::{defaults, FileConfig};
 use crate::graph::{ClientConfig, Secret, TokenStore};
 use crate::metrics::{self, Metrics};
-use crate::simulator;
 use crate::worker::{self, WorkerConfig};
+use crate::{health, producer, report, simulator};
 
+/// The exit codes, as `--help` shows them (README: "Exit status").
+pub(crate) const EXIT_STATUS: &str = "\
+Exit status:
+  0  ok
+  1  partly failed: some jobs invalid or unconfirmed (enqueue), the worker
+     not ready (healthcheck), a demo that did not balance
+  2  usage error or fatal: bad flags or config, RabbitMQ unreachable
+
+Output: --json prints one JSON document to stdout for scripts. Colour only
+on a terminal, never with NO_COLOR set. A closed pipe (| head) ends quietly.";
+
+pub(crate) mod dlq;
+
+/// The `mmsend` command line: the binary parses it, calls [`init_logging`],
+/// then [`run`]. The subcommands and their flags are crate-private: the
+/// command line, not this type, is the interface.
 #[derive(Debug, Parser)]
 #[command(
     name = "mmsend",
     version,
     about = "Send Meta Marketing Messages for Messenger from RabbitMQ, without losing a send",
-    long_about = None
+    long_about = None,
+    after_help = EXIT_STATUS
 )]
 pub struct Cli {
     /// Log format.
@@ -33,19 +50,19 @@ pub struct Cli {
         env = "MMSEND_LOG_FORMAT",
         default_value = "pretty"
     )]
-    pub log_format: LogFormat,
+    pub(crate) log_format: LogFormat,
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     Pretty,
     Json,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Run a worker: consume send jobs, call the Graph API, settle each job.
     Worker(WorkerArgs),
     /// Declare the queues, or show them with their depths.
@@ -64,46 +81,121 @@ pub enum Command {
     Simulate(simulator::SimArgs),
     /// Run the whole pipeline locally against the simulator and print what happened.
     Demo(DemoArgs),
+    /// Ask the local worker's /readyz (or /healthz with --live); exit 0 if it answers 2xx, else 1.
+    Healthcheck(HealthcheckArgs),
+    /// Serve the dead-letter console: the DLQ in a browser (groups, letters, replay, purge).
+    Console(ConsoleArgs),
+}
+
+/// `mmsend console`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct ConsoleArgs {
+    #[command(flatten)]
+    pub(crate) broker: BrokerArgs,
+    /// Address to serve on; any address but loopback needs MMSEND_CONSOLE_TOKEN.
+    #[arg(long, env = "MMSEND_CONSOLE_LISTEN", default_value = crate::console::DEFAULT_LISTEN)]
+    pub(crate) listen: String,
+    /// Token every request must prove (login form, or Authorization: Bearer). Prefer the environment variable.
+    #[arg(long, env = "MMSEND_CONSOLE_TOKEN", hide_env_values = true)]
+    pub(crate) token: Option<Secret>,
+    /// Show the DLQ; hide and refuse every action.
+    #[arg(long, env = "MMSEND_CONSOLE_READ_ONLY")]
+    pub(crate) read_only: bool,
+    /// Automatic snapshots at most this often (each is one scan of the DLQ,
+    /// about 70 µs of broker CPU per letter); "Refresh now" takes one at once.
+    #[arg(long, env = "MMSEND_CONSOLE_REFRESH", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub(crate) refresh: Duration,
+    /// Letters a snapshot holds at most (about 1.6 KiB of console memory and 300 bytes of
+    /// broker memory each while it is taken); a larger DLQ is shown in part, and says so.
+    #[arg(long, env = "MMSEND_CONSOLE_MAX_LETTERS", default_value_t = crate::console::DEFAULT_MAX_LETTERS)]
+    pub(crate) max_letters: usize,
+    /// The replay rate a confirmation page offers (letters per second, 0 = no limit).
+    #[arg(long, env = "MMSEND_CONSOLE_REPLAY_RATE", default_value_t = 0)]
+    pub(crate) replay_rate: u32,
+}
+
+impl ConsoleArgs {
+    /// Validates the flags into the console's config.
+    pub(crate) fn to_config(&self) -> anyhow::Result<crate::console::ConsoleConfig> {
+        broker::parse_urls(&self.broker.amqp_url)?;
+        let file = self.broker.file_config()?;
+        let mut config =
+            crate::console::ConsoleConfig::new(&self.broker.amqp_url, self.broker.topology(&file)?);
+        config.listen = self.listen.clone();
+        config.token = match &self.token {
+            Some(t) => Some(crate::graph::auth::clean_token(t.expose(), "MMSEND_CONSOLE_TOKEN")?.0),
+            None => None,
+        };
+        config.read_only = self.read_only;
+        config.refresh = self.refresh;
+        config.max_letters = self.max_letters;
+        config.replay_rate = self.replay_rate;
+        Ok(config)
+    }
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct DemoArgs {
+pub(crate) struct HealthcheckArgs {
+    /// The worker's metrics address; a wildcard (0.0.0.0, [::]) is asked on loopback.
+    #[arg(long, env = "MMSEND_METRICS_ADDR", default_value = defaults::METRICS_ADDR)]
+    pub(crate) metrics_addr: String,
+    /// Ask /healthz (the process is up) instead of /readyz (connected and consuming).
+    #[arg(long)]
+    pub(crate) live: bool,
+    /// Give up after this long.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub(crate) timeout: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub(crate) struct DemoArgs {
     /// RabbitMQ URL.
     #[arg(long, env = "MMSEND_AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
-    pub amqp_url: String,
+    pub(crate) amqp_url: String,
     /// Sample jobs to send.
     #[arg(long, default_value_t = 3000)]
-    pub jobs: usize,
+    pub(crate) jobs: usize,
     /// Worker concurrency.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
-    pub concurrency: u16,
+    #[arg(long, default_value_t = defaults::CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
+    pub(crate) concurrency: u16,
     /// Keep the demo queues (to try the dlq commands on them).
     #[arg(long)]
-    pub keep: bool,
+    pub(crate) keep: bool,
+    /// Redis for the send ledger and fleet coordination ("" to run without).
+    #[arg(
+        long,
+        env = "MMSEND_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/",
+        hide_env_values = true
+    )]
+    pub(crate) redis_url: String,
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct EnqueueArgs {
+pub(crate) struct EnqueueArgs {
     #[command(flatten)]
-    pub broker: BrokerArgs,
+    pub(crate) broker: BrokerArgs,
     /// JSONL file of jobs, or - for standard input.
     #[arg(default_value = "-")]
-    pub file: String,
+    pub(crate) file: String,
     /// Validate only; publish nothing.
     #[arg(long)]
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
     /// Publisher confirms kept outstanding.
     #[arg(long, env = "MMSEND_MAX_INFLIGHT", default_value_t = crate::producer::DEFAULT_MAX_INFLIGHT)]
-    pub max_inflight: usize,
+    pub(crate) max_inflight: usize,
+    /// Print the report as JSON (no progress bar, no table).
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum DlqCommand {
+pub(crate) enum DlqCommand {
     /// Count dead letters by reason, class, code, campaign and page.
     Stats {
         #[command(flatten)]
         select: DlqSelect,
-        /// Print JSON instead of tables.
+        /// Print one JSON object instead of tables.
         #[arg(long)]
         json: bool,
     },
@@ -111,6 +203,9 @@ pub enum DlqCommand {
     List {
         #[command(flatten)]
         select: DlqSelect,
+        /// Print one JSON object (the letters and what the scan did).
+        #[arg(long)]
+        json: bool,
     },
     /// The selected dead letters as JSONL (job + headers); `mmsend enqueue` reads it back.
     Export {
@@ -130,6 +225,9 @@ pub enum DlqCommand {
         /// At most this many replays per second (0 = no limit).
         #[arg(long, default_value_t = 0)]
         rate: u32,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Delete the selected dead letters (needs --yes).
     Purge {
@@ -138,66 +236,107 @@ pub enum DlqCommand {
         /// Really delete.
         #[arg(long)]
         yes: bool,
+        /// Print one JSON object instead of tables.
+        #[arg(long)]
+        json: bool,
     },
+}
+
+/// `--reason`: a [`DeadReason`](crate::classify::DeadReason) for clap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ReasonArg(pub(crate) crate::classify::DeadReason);
+
+/// `--class`: a [`Class`](crate::classify::Class) for clap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ClassArg(pub(crate) crate::classify::Class);
+
+const REASON_ARGS: [ReasonArg; crate::classify::DeadReason::ALL.len()] = {
+    let all = crate::classify::DeadReason::ALL;
+    let mut out = [ReasonArg(all[0]); crate::classify::DeadReason::ALL.len()];
+    let mut i = 0;
+    while i < all.len() {
+        out[i] = ReasonArg(all[i]);
+        i += 1;
+    }
+    out
+};
+
+const CLASS_ARGS: [ClassArg; crate::classify::Class::ALL.len()] = {
+    let all = crate::classify::Class::ALL;
+    let mut out = [ClassArg(all[0]); crate::classify::Class::ALL.len()];
+    let mut i = 0;
+    while i < all.len() {
+        out[i] = ClassArg(all[i]);
+        i += 1;
+    }
+    out
+};
+
+impl ValueEnum for ReasonArg {
+    fn value_variants<'a>() -> &'a [Self] {
+        &REASON_ARGS
+    }
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.0.as_str()))
+    }
+}
+
+impl ValueEnum for ClassArg {
+    fn value_variants<'a>() -> &'a [Self] {
+        &CLASS_ARGS
+    }
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.0.as_str()))
+    }
 }
 
 /// Which dead letters a `dlq` command acts on.
 #[derive(Debug, Clone, Args)]
-pub struct DlqSelect {
+pub(crate) struct DlqSelect {
     #[command(flatten)]
-    pub broker: BrokerArgs,
-    /// Dead reason: terminal, retries_exhausted, expired, invalid_job, delivery_limit, no_token.
+    pub(crate) broker: BrokerArgs,
+    /// Why the job died (`delivery_limit`: moved by RabbitMQ itself).
     #[arg(long)]
-    pub reason: Option<String>,
-    /// Class of the last failure, e.g. region, mismatch, budget.
+    pub(crate) reason: Option<ReasonArg>,
+    /// Class of the last failure.
     #[arg(long)]
-    pub class: Option<String>,
+    pub(crate) class: Option<ClassArg>,
     /// Graph error code or subcode, e.g. 2300005.
     #[arg(long)]
-    pub code: Option<i64>,
+    pub(crate) code: Option<i64>,
     /// Campaign label of the job.
     #[arg(long)]
-    pub campaign: Option<String>,
+    pub(crate) campaign: Option<String>,
     /// Page id of the job.
     #[arg(long)]
-    pub page: Option<String>,
+    pub(crate) page: Option<String>,
     /// One job.
     #[arg(long)]
-    pub job_id: Option<String>,
+    pub(crate) job_id: Option<String>,
     /// Dead within this long (1h, 2d) or since this RFC 3339 instant.
     #[arg(long)]
-    pub since: Option<String>,
-    /// Act on at most this many.
+    pub(crate) since: Option<String>,
+    /// Act on at most this many; the scan stops as soon as it has them.
     #[arg(long)]
-    pub limit: Option<usize>,
+    pub(crate) limit: Option<usize>,
+    /// Letters a scan may hold on the broker at once (about 300 bytes of
+    /// broker memory each); it stops there. 0 = no bound.
+    #[arg(long, env = "MMSEND_DLQ_MAX_HELD", default_value_t = crate::dlq::DEFAULT_MAX_HELD)]
+    pub(crate) max_held: usize,
 }
 
 impl DlqSelect {
-    pub fn filter(&self) -> anyhow::Result<crate::dlq::Filter> {
-        if let Some(r) = &self.reason {
-            r.parse::<crate::classify::DeadReason>()
-                .map_err(|e| anyhow::anyhow!("--reason: {e}"))?;
-        }
-        if let Some(c) = &self.class {
-            c.parse::<crate::classify::Class>()
-                .map_err(|e| anyhow::anyhow!("--class: {e}"))?;
-        }
+    pub(crate) fn filter(&self) -> anyhow::Result<crate::dlq::Filter> {
         let since = match &self.since {
             None => None,
-            Some(s) => Some(match humantime::parse_duration(s) {
-                Ok(d) => chrono::Utc::now() - chrono::Duration::from_std(d)?,
-                Err(_) => chrono::DateTime::parse_from_rfc3339(s)
-                    .map_err(|_| {
-                        anyhow::anyhow!(
-                            "--since {s:?}: give a duration (30m, 2h, 1d) or an RFC 3339 time (2026-11-24T10:00:00Z)"
-                        )
-                    })?
-                    .with_timezone(&chrono::Utc),
-            }),
+            Some(s) => Some(
+                crate::dlq::parse_since(s, chrono::Utc::now())
+                    .map_err(|e| anyhow::anyhow!("--since {e}"))?,
+            ),
         };
         Ok(crate::dlq::Filter {
-            reason: self.reason.clone(),
-            class: self.class.clone(),
+            reason: self.reason.map(|r| r.0),
+            class: self.class.map(|c| c.0),
             code: self.code,
             campaign: self.campaign.clone(),
             page: self.page.clone(),
@@ -209,104 +348,141 @@ impl DlqSelect {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum TopologyCommand {
+pub(crate) enum TopologyCommand {
     /// Declare the exchange, work queue, delay tiers and dead-letter queue (idempotent).
     Declare(BrokerArgs),
     /// Show every queue with its depth and consumers.
-    Show(BrokerArgs),
+    Show(ShowArgs),
     /// Print the topology as RabbitMQ definitions JSON (for `rabbitmqctl import_definitions`).
     Definitions(BrokerArgs),
 }
 
+#[derive(Debug, Clone, Args)]
+pub(crate) struct ShowArgs {
+    #[command(flatten)]
+    pub(crate) broker: BrokerArgs,
+    /// Print JSON ({"prefix", "queues": [{"name", "role", "messages", "consumers"}]}).
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
 /// Where the broker is and which topology to use.
 #[derive(Debug, Clone, Args)]
-pub struct BrokerArgs {
+pub(crate) struct BrokerArgs {
     /// RabbitMQ URL, or a comma-separated list of cluster nodes tried in order.
     #[arg(long, env = "MMSEND_AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
-    pub amqp_url: String,
+    pub(crate) amqp_url: String,
     /// Name prefix of the exchange and queues.
-    #[arg(long, env = "MMSEND_PREFIX", default_value = "mmsend")]
-    pub prefix: String,
+    #[arg(long, env = "MMSEND_PREFIX", default_value = defaults::DEFAULT_PREFIX)]
+    pub(crate) prefix: String,
     /// TOML file: classification overrides, retry schedule, tiers, pacing.
     #[arg(long, env = "MMSEND_CONFIG")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
 }
 
 impl BrokerArgs {
-    pub fn file_config(&self) -> anyhow::Result<FileConfig> {
+    pub(crate) fn file_config(&self) -> anyhow::Result<FileConfig> {
         Ok(FileConfig::load(self.config.as_deref())?)
     }
 
-    pub fn topology(&self, file: &FileConfig) -> anyhow::Result<broker::Topology> {
+    pub(crate) fn topology(&self, file: &FileConfig) -> anyhow::Result<broker::Topology> {
         file.topology(&self.prefix)
             .map_err(|e| anyhow::anyhow!("--prefix / config: {e}"))
     }
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct WorkerArgs {
+pub(crate) struct WorkerArgs {
     #[command(flatten)]
-    pub broker: BrokerArgs,
+    pub(crate) broker: BrokerArgs,
     /// Graph API base URL.
-    #[arg(
-        long,
-        env = "MMSEND_GRAPH_BASE_URL",
-        default_value = "https://graph.facebook.com"
-    )]
-    pub graph_base_url: String,
+    #[arg(long, env = "MMSEND_GRAPH_BASE_URL", default_value = defaults::GRAPH_BASE_URL)]
+    pub(crate) graph_base_url: String,
     /// Graph API version.
-    #[arg(long, env = "MMSEND_GRAPH_VERSION", default_value = "v24.0")]
-    pub graph_version: String,
+    #[arg(long, env = "MMSEND_GRAPH_VERSION", default_value = defaults::GRAPH_VERSION)]
+    pub(crate) graph_version: String,
     /// Default Page (or system-user) access token. Prefer the environment variable.
     #[arg(long, env = "MMSEND_ACCESS_TOKEN", hide_env_values = true)]
-    pub access_token: Option<Secret>,
+    pub(crate) access_token: Option<Secret>,
     /// JSON file {"<page_id>": "<token>", …} of per-page tokens.
     #[arg(long, env = "MMSEND_PAGE_TOKENS_FILE")]
-    pub page_tokens_file: Option<PathBuf>,
+    pub(crate) page_tokens_file: Option<PathBuf>,
     /// App secret; when set, every call carries appsecret_proof.
     #[arg(long, env = "MMSEND_APP_SECRET", hide_env_values = true)]
-    pub app_secret: Option<Secret>,
+    pub(crate) app_secret: Option<Secret>,
     /// Jobs processed at once.
-    #[arg(long, env = "MMSEND_CONCURRENCY", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
-    pub concurrency: u16,
+    #[arg(long, env = "MMSEND_CONCURRENCY", default_value_t = defaults::CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
+    pub(crate) concurrency: u16,
     /// Deliveries held unacked (at least the concurrency); 0 = concurrency + a quarter (at least 8).
     #[arg(long, env = "MMSEND_PREFETCH", default_value_t = 0)]
-    pub prefetch: u16,
+    pub(crate) prefetch: u16,
     /// Address of /metrics, /healthz, /readyz.
-    #[arg(long, env = "MMSEND_METRICS_ADDR", default_value = "0.0.0.0:9464")]
-    pub metrics_addr: String,
-    /// How long in-flight jobs may take to finish on SIGTERM.
+    #[arg(long, env = "MMSEND_METRICS_ADDR", default_value = defaults::METRICS_ADDR)]
+    pub(crate) metrics_addr: String,
+    /// On SIGTERM, how long jobs that wait (for a slot, for pacing) may still start;
+    /// a Graph call in flight always runs to its own request timeout.
     #[arg(long, env = "MMSEND_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub shutdown_grace: Duration,
-    /// Name written to x-mmsend-worker (default host:pid).
+    pub(crate) shutdown_grace: Duration,
+    /// Name written to x-mmsend-worker and held in the send ledger (default host:pid).
     #[arg(long, env = "MMSEND_WORKER_ID")]
-    pub worker_id: Option<String>,
+    pub(crate) worker_id: Option<String>,
+    /// Redis for the send ledger and fleet-wide pacing and gates (unset: per process, no ledger).
+    #[arg(long, env = "MMSEND_REDIS_URL", hide_env_values = true)]
+    pub(crate) redis_url: Option<String>,
+    /// While Redis is unreachable: local (per-process pacing and gates, no ledger) or hold (jobs wait).
+    #[arg(
+        long,
+        env = "MMSEND_REDIS_FAIL_MODE",
+        value_enum,
+        default_value = "local"
+    )]
+    pub(crate) redis_fail_mode: crate::fleet::FailMode,
 }
 
 impl WorkerArgs {
     /// Validates everything and builds the worker's config.
-    pub fn to_config(&self) -> anyhow::Result<WorkerConfig> {
+    pub(crate) fn to_config(&self) -> anyhow::Result<WorkerConfig> {
+        broker::parse_urls(&self.broker.amqp_url)?;
         let file = self.broker.file_config()?;
-        let mut tokens = TokenStore::new(self.access_token.clone());
+        // a trailing newline (a Secret made from a file) is trimmed, and said
+        let clean = |secret: &Option<Secret>, var: &str| -> anyhow::Result<Option<Secret>> {
+            let Some(secret) = secret else {
+                return Ok(None);
+            };
+            let (clean, trimmed) = crate::graph::auth::clean_token(secret.expose(), var)?;
+            if trimmed {
+                tracing::warn!(
+                    "{var} has whitespace around it (a trailing newline?); using it trimmed"
+                );
+            }
+            Ok(Some(clean))
+        };
+        let mut tokens = TokenStore::new(clean(&self.access_token, "MMSEND_ACCESS_TOKEN")?);
         if let Some(path) = &self.page_tokens_file {
             tokens = tokens.load_pages(path)?;
+            if !tokens.trimmed_pages().is_empty() {
+                tracing::warn!(
+                    pages = %tokens.trimmed_pages().join(","),
+                    "page tokens with whitespace around them in {}; using them trimmed",
+                    path.display()
+                );
+            }
         }
+        let app_secret = clean(&self.app_secret, "MMSEND_APP_SECRET")?;
         if tokens.is_empty() {
             anyhow::bail!(
                 "no access token: set MMSEND_ACCESS_TOKEN (default token) and/or MMSEND_PAGE_TOKENS_FILE (per-page tokens)"
             );
         }
-        let base = self.graph_base_url.trim_end_matches('/');
-        if !(base.starts_with("https://") || base.starts_with("http://")) {
-            anyhow::bail!("MMSEND_GRAPH_BASE_URL {base:?} must start with https:// (or http:// for the simulator)");
-        }
+        // the worker checks the base URL when it builds its client, and
+        // sizes the idle pool to its concurrency
         let graph = ClientConfig {
-            base_url: base.to_string(),
+            base_url: self.graph_base_url.clone(),
             version: self.graph_version.clone(),
             connect_timeout: file.graph.connect_timeout,
             request_timeout: file.graph.request_timeout,
-            pool_max_idle_per_host: usize::from(self.concurrency),
-            app_secret: self.app_secret.clone(),
+            app_secret,
+            ..ClientConfig::default()
         };
         let mut config = WorkerConfig::new(
             &self.broker.amqp_url,
@@ -314,7 +490,7 @@ impl WorkerArgs {
             graph,
             tokens,
         );
-        config.table = file.code_table().map_err(anyhow::Error::msg)?;
+        config.table = file.code_table()?;
         let mut config = config.with_policy(file.retry.clone());
         config.pacing = file.pacing.clone();
         config.gates = file.gates.enabled;
@@ -324,6 +500,11 @@ impl WorkerArgs {
         if let Some(id) = &self.worker_id {
             config.worker_id = id.clone();
         }
+        config.fleet = self
+            .redis_url
+            .as_deref()
+            .filter(|u| !u.trim().is_empty())
+            .map(|url| file.redis.fleet(url, self.redis_fail_mode));
         Ok(config)
     }
 }
@@ -332,7 +513,7 @@ impl WorkerArgs {
 /// for the commands that print their own output).
 pub fn init_logging(cli: &Cli) {
     let default = match cli.command {
-        Command::Worker(_) | Command::Simulate(_) => "info",
+        Command::Worker(_) | Command::Simulate(_) | Command::Console(_) => "info",
         _ => "warn",
     };
     let format = cli.log_format;
@@ -340,6 +521,7 @@ pub fn init_logging(cli: &Cli) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(crate::report::colour(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -347,48 +529,190 @@ pub fn init_logging(cli: &Cli) {
     }
 }
 
-/// A token cancelled by the first SIGINT or SIGTERM.
-pub fn shutdown_on_signals() -> CancellationToken {
+/// A token cancelled by the first SIGINT or SIGTERM (a graceful stop). A
+/// second signal ends the process at once, exit code 130 (SIGINT) or 143
+/// (SIGTERM): for an operator who cannot wait for calls in flight to end.
+/// Deliveries not yet settled go back to the queue when the connection
+/// drops, as after SIGKILL.
+pub(crate) fn shutdown_on_signals() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(_) => {
-                        let _ = ctrl_c.await;
-                        t.cancel();
-                        return;
-                    }
-                };
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut int), Ok(mut term)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) else {
+                tracing::warn!("cannot listen for SIGINT/SIGTERM; stop the worker with SIGKILL");
+                return;
+            };
+            let first = tokio::select! {
+                _ = int.recv() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+            };
+            tracing::info!(
+                signal = first,
+                "shutdown requested; a second SIGINT or SIGTERM stops at once"
+            );
+            t.cancel();
+            let code = tokio::select! {
+                _ = int.recv() => 130,
+                _ = term.recv() => 143,
+            };
+            tracing::warn!("second signal: stopping now; jobs not settled go back to the queue");
+            std::process::exit(code);
         }
         #[cfg(not(unix))]
-        let _ = ctrl_c.await;
-        tracing::info!("shutdown requested");
-        t.cancel();
+        {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                tracing::info!("shutdown requested; a second Ctrl-C stops at once");
+                t.cancel();
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    tracing::warn!(
+                        "second signal: stopping now; jobs not settled go back to the queue"
+                    );
+                    std::process::exit(130);
+                }
+            }
+        }
     });
     token
 }
 
 /// `topology declare` / `topology show`: (declare, then) print the queues.
-async fn topology_command(args: &BrokerArgs, declare: bool) -> anyhow::Result<ExitCode> {
+async fn topology_command(
+    args: &BrokerArgs,
+    declare: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let topology = args.topology(&args.file_config()?)?;
     let conn = broker::connect(&args.amqp_url, "cli").await?;
-    if declare {
-        topology.declare(&conn).await?;
-        println!("declared topology {:?}", topology.prefix);
+    let shown = async {
+        let warnings = match declare {
+            true => topology.declare(&conn).await?.warnings,
+            false => Vec::new(),
+        };
+        let queues = topology.show(&conn).await.context("reading queue depths")?;
+        Ok::<_, anyhow::Error>((warnings, queues))
     }
-    let queues = topology.show(&conn).await.context("reading queue depths")?;
-    println!("{}", crate::report::queues(&queues));
+    .await;
     let _ = conn.close(200, "bye".into()).await;
+    let (warnings, queues) = shown?;
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
+    if json {
+        report::print_json(&serde_json::json!({
+            "prefix": topology.prefix,
+            "queues": queues,
+        }))?;
+    } else {
+        if declare {
+            report::print(format_args!("declared topology {:?}", topology.prefix))?;
+        }
+        report::print(report::queues(&queues))?;
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `mmsend enqueue`: streams `path` (`-` = stdin) through
+/// [`producer::enqueue`] with a progress bar (on a terminal), then prints a
+/// summary table and the first rejected lines, or with `--json` the whole
+/// report. Exit 1 when any line was invalid or unconfirmed.
+async fn enqueue_command(args: &EnqueueArgs) -> anyhow::Result<ExitCode> {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    let file = args.broker.file_config()?;
+    let topology = args.broker.topology(&file)?;
+    let path = args.file.as_str();
+    let (reader, total): (Box<dyn tokio::io::AsyncBufRead + Unpin>, Option<u64>) = if path == "-" {
+        (
+            Box::new(tokio::io::BufReader::new(tokio::io::stdin())),
+            None,
+        )
+    } else {
+        let f = tokio::fs::File::open(path)
+            .await
+            .with_context(|| format!("cannot open {path}"))?;
+        let len = f.metadata().await.ok().map(|m| m.len());
+        (
+            Box::new(tokio::io::BufReader::with_capacity(1 << 16, f)),
+            len,
+        )
+    };
+    let bar = match total {
+        Some(len) => ProgressBar::new(len).with_style(ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {msg}",
+        )?),
+        None => ProgressBar::new_spinner().with_style(ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bytes} read {msg}",
+        )?),
+    };
+    if args.json {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    let producer = if args.dry_run {
+        None
+    } else {
+        Some(
+            producer::Producer::connect_and_declare(&args.broker.amqp_url, &topology)
+                .await?
+                .with_max_inflight(args.max_inflight),
+        )
+    };
+    let verb = if args.dry_run { "valid" } else { "published" };
+    let started = std::time::Instant::now();
+    let mut last_draw = std::time::Instant::now();
+    let result = producer::enqueue(reader, producer.as_ref(), |bytes, done| {
+        if last_draw.elapsed().as_millis() >= 100 {
+            last_draw = std::time::Instant::now();
+            bar.set_position(bytes);
+            let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
+            bar.set_message(format!("{done} {verb}, {rate:.0}/s"));
+        }
+    })
+    .await;
+    bar.finish_and_clear();
+    if let Some(p) = producer {
+        p.close().await;
+    }
+    let report = result.with_context(|| format!("reading {path}"))?;
+    if args.json {
+        let mut value = serde_json::to_value(&report)?;
+        value["dry_run"] = args.dry_run.into();
+        report::print_json(&value)?;
+    } else {
+        report::print(report::enqueue_summary(&report, args.dry_run))?;
+        report::enqueue_errors(&report, 20)?;
+    }
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// `mmsend healthcheck`: one line on stdout when healthy, the reason on
+/// stderr and exit 1 when not.
+async fn healthcheck_command(args: &HealthcheckArgs) -> anyhow::Result<ExitCode> {
+    let endpoint = if args.live {
+        health::Endpoint::Live
+    } else {
+        health::Endpoint::Ready
+    };
+    match health::check(&args.metrics_addr, endpoint, args.timeout).await {
+        Ok(h) => {
+            report::print(format_args!("ok: {} answered {}", h.url, h.status))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        // A bad address is a usage error (2), not an unhealthy worker.
+        Err(e @ health::HealthError::Address { .. }) => Err(e.into()),
+        Err(e) => {
+            report::eprint(format_args!("unhealthy: {e}"))?;
+            Ok(ExitCode::from(1))
+        }
+    }
 }
 
 /// Runs the parsed command line.
@@ -407,61 +731,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Topology { command } => match command {
             TopologyCommand::Definitions(args) => {
                 let topology = args.topology(&args.file_config()?)?;
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&topology.definitions("/"))?
-                );
+                report::print_json(&topology.definitions("/"))?;
                 Ok(ExitCode::SUCCESS)
             }
-            TopologyCommand::Declare(args) => topology_command(&args, true).await,
-            TopologyCommand::Show(args) => topology_command(&args, false).await,
+            TopologyCommand::Declare(args) => topology_command(&args, true, false).await,
+            TopologyCommand::Show(args) => topology_command(&args.broker, false, args.json).await,
         },
-        Command::Enqueue(args) => {
-            let file = args.broker.file_config()?;
-            let topology = args.broker.topology(&file)?;
-            let report = crate::producer::enqueue_command(
-                &args.broker.amqp_url,
-                &topology,
-                &args.file,
-                args.dry_run,
-                args.max_inflight,
-            )
-            .await?;
-            Ok(if report.ok() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
-        }
-        Command::Dlq { command } => {
-            let (select, op) = match command {
-                DlqCommand::Stats { select, json } => (select, crate::dlq::Op::Stats { json }),
-                DlqCommand::List { select } => (select, crate::dlq::Op::List),
-                DlqCommand::Export { select, output } => {
-                    (select, crate::dlq::Op::Export { output })
-                }
-                DlqCommand::Replay {
-                    select,
-                    dry_run,
-                    rate,
-                } => (select, crate::dlq::Op::Replay { dry_run, rate }),
-                DlqCommand::Purge { select, yes } => (select, crate::dlq::Op::Purge { yes }),
-            };
-            let filter = select.filter()?;
-            let file = select.broker.file_config()?;
-            let topology = select.broker.topology(&file)?;
-            let conn = broker::connect(&select.broker.amqp_url, "dlq").await?;
-            let result = crate::dlq::command(&conn, &topology, &filter, op).await;
-            let _ = conn.close(200, "bye".into()).await;
-            result?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Enqueue(args) => enqueue_command(&args).await,
+        Command::Healthcheck(args) => healthcheck_command(&args).await,
+        Command::Dlq { command } => crate::cli::dlq::run(command).await,
         Command::Demo(args) => {
             let report = crate::demo::run(crate::demo::DemoOptions {
                 amqp_url: args.amqp_url.clone(),
                 jobs: args.jobs,
                 concurrency: args.concurrency,
                 keep: args.keep,
+                redis_url: Some(args.redis_url.clone()).filter(|u| !u.trim().is_empty()),
                 progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
                 timeout: Duration::from_secs(110),
             })
@@ -474,6 +759,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Simulate(args) => {
             simulator::serve(&args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Console(args) => {
+            let config = args.to_config()?;
+            let prefix = config.topology.prefix.clone();
+            crate::console::serve(config, shutdown_on_signals(), |addr| {
+                let _ = report::print(format_args!(
+                    "dead-letter console of {prefix:?} on http://{addr}/ (Ctrl-C stops it)"
+                ));
+            })
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -28,11 +28,16 @@ use crate::worker::{self, gates::GateTimes, pacing::PacingConfig, WorkerConfig};
 /// Demo settings.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
+    /// RabbitMQ URL (or a comma-separated list of cluster nodes).
     pub amqp_url: String,
+    /// Sample jobs to enqueue.
     pub jobs: usize,
+    /// The worker's concurrency (jobs processed at once).
     pub concurrency: u16,
     /// Keep the demo queues (and the dead letters) afterwards.
     pub keep: bool,
+    /// Redis for the send ledger and fleet-wide pacing and gates.
+    pub redis_url: Option<String>,
     /// Draw the live progress line.
     pub progress: bool,
     /// Give up after this long.
@@ -42,14 +47,26 @@ pub struct DemoOptions {
 /// What the demo saw.
 #[derive(Debug, Clone)]
 pub struct DemoReport {
+    /// The demo topology's prefix (`mmsend-demo-<hex>`), for the dlq commands.
     pub prefix: String,
+    /// Jobs enqueued.
     pub jobs: usize,
     /// (outcome, class) → count, from the worker's metrics.
     pub outcomes: BTreeMap<(String, String), u64>,
+    /// Jobs the worker acked as sent.
     pub sent: u64,
+    /// Jobs the worker dead-lettered.
     pub dead: u64,
+    /// What the simulator received and answered.
     pub sim: SimStats,
+    /// Wall time of the whole demo, start to summary.
     pub seconds: f64,
+    /// Redis answered at the end (`None`: no Redis configured).
+    pub redis_up: Option<bool>,
+    /// Deliveries the send ledger acked as already sent.
+    pub suppressed: u64,
+    /// Jobs settled as sent on 2300035 after a maybe-sent call.
+    pub suspected: u64,
 }
 
 impl DemoReport {
@@ -83,8 +100,8 @@ fn sample_job(i: usize) -> serde_json::Value {
             format!("sim:err:2300015:{i}")
         }
         5 => format!("sim:err:2300005:{i}"),  // page mismatch
-        9 => format!("sim:err:2300018:{i}"),  // region not supported
-        13 => format!("sim:err:2300030:{i}"), // recipient region excluded
+        9 => format!("sim:err:2300030:{i}"),  // business region not supported
+        13 => format!("sim:err:2300031:{i}"), // recipient region excluded
         17 => format!("sim:flaky:2:{i}"),     // transient twice, then fine
         _ => format!("demo-recipient-{i}"),
     };
@@ -129,6 +146,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
         recipient_capped_delay: ms(3000),
         recipient_capped_max_age: Duration::from_secs(30),
         gated_max_age: Duration::from_secs(30),
+        ..RetryPolicy::default()
     };
     let graph = ClientConfig {
         base_url: sim.base_url(),
@@ -150,6 +168,17 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
         ..PacingConfig::default()
     };
     config.worker_id = "demo-worker".into();
+    config.fleet = opts
+        .redis_url
+        .as_deref()
+        .map(crate::fleet::FleetConfig::new);
+    match &opts.redis_url {
+        Some(url) => println!(
+            "demo: send ledger and fleet coordination on Redis at {} (unreachable: the worker says so and runs per process)",
+            crate::broker::redact_url(url)
+        ),
+        None => println!("demo: no Redis; pacing and gates per process, no send ledger"),
+    }
     let metrics = Metrics::new();
     let shutdown = CancellationToken::new();
     let worker = tokio::spawn(worker::run(config, metrics.clone(), shutdown.clone()));
@@ -186,7 +215,11 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
     let mut last = (Instant::now(), 0u64);
     let mut rate = 0.0;
     loop {
-        let (sent, retried, dead) = counts(&metrics);
+        let crate::metrics::SettledCounts {
+            sent,
+            retried,
+            dead,
+        } = metrics.settled_counts();
         let waiting: u32 = match topology.show(&conn).await {
             Ok(qs) => qs
                 .iter()
@@ -204,7 +237,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
         bar.set_message(format!(
             "sent {sent}  waiting in delay {waiting}  dead {dead}  (retries so far {retried})  {rate:.0} sends/s"
         ));
-        if sent + dead >= opts.jobs as u64 && metrics.inflight.get() == 0 {
+        if sent + dead >= opts.jobs as u64 && metrics.inflight() == 0 {
             break;
         }
         if Instant::now() > deadline {
@@ -221,23 +254,15 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
     shutdown.cancel();
     worker.await??;
 
-    let mut outcomes = BTreeMap::new();
-    for family in prometheus::core::Collector::collect(&metrics.jobs) {
-        for m in family.get_metric() {
-            let label = |n: &str| {
-                m.get_label()
-                    .iter()
-                    .find(|l| l.name() == n)
-                    .map(|l| l.value().to_string())
-                    .unwrap_or_default()
-            };
-            let v = m.get_counter().get_value() as u64;
-            if v > 0 {
-                outcomes.insert((label("outcome"), label("class")), v);
-            }
-        }
-    }
-    let (sent, _, dead) = counts(&metrics);
+    let outcomes = metrics
+        .settled_by_class()
+        .into_iter()
+        .map(|(outcome, class, n)| {
+            let class = class.map_or("none", Class::as_str);
+            ((outcome.label().to_string(), class.to_string()), n)
+        })
+        .collect();
+    let crate::metrics::SettledCounts { sent, dead, .. } = metrics.settled_counts();
     let report = DemoReport {
         prefix: prefix.clone(),
         jobs: opts.jobs,
@@ -246,16 +271,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
         dead,
         sim: sim.stats(),
         seconds: started.elapsed().as_secs_f64(),
+        redis_up: opts.redis_url.as_ref().map(|_| metrics.redis_up()),
+        suppressed: metrics.duplicates_suppressed(),
+        suspected: metrics.suspected_duplicates(),
     };
     print_summary(&report);
     println!("\nDead-letter queue:");
-    crate::dlq::command(
-        &conn,
-        &topology,
-        &crate::dlq::Filter::default(),
-        crate::dlq::Op::Stats { json: false },
-    )
-    .await?;
+    crate::cli::dlq::print_stats_of(&conn, &topology).await?;
     if opts.keep {
         println!(
             "\nThe demo queues are kept. Inspect and replay the dead letters:\n\
@@ -269,6 +291,16 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
         );
     } else {
         topology.delete(&conn).await?;
+        if let Some(url) = &opts.redis_url {
+            // the demo's ledger and gate keys go with its queues
+            let fleet = crate::fleet::Fleet::new(
+                crate::fleet::FleetConfig::new(url),
+                &prefix,
+                "demo",
+                Metrics::new(),
+            )?;
+            let _ = fleet.delete_all().await;
+        }
         println!(
             "\nThe demo queues were deleted. Run `mmsend demo --keep` to keep them, then:\n\
              \x20 mmsend dlq stats  --prefix <prefix>\n\
@@ -279,16 +311,6 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
     let _ = conn.close(200, "demo done".into()).await;
     sim.shutdown().await;
     Ok(report)
-}
-
-fn counts(m: &Metrics) -> (u64, u64, u64) {
-    let sum = |outcome: &str| -> u64 {
-        std::iter::once("none")
-            .chain(Class::ALL.iter().map(|c| c.as_str()))
-            .map(|c| m.jobs_count(outcome, c))
-            .sum()
-    };
-    (sum("sent"), sum("retried"), sum("dead"))
 }
 
 fn print_summary(r: &DemoReport) {
@@ -330,4 +352,14 @@ fn print_summary(r: &DemoReport) {
         r.jobs,
         r.sim.sent
     );
+    match r.redis_up {
+        Some(true) => println!(
+            "Send ledger: on (Redis); {} duplicate deliveries suppressed, {} jobs settled as sent on evidence",
+            r.suppressed, r.suspected
+        ),
+        Some(false) => println!(
+            "Send ledger: Redis was unreachable; the worker ran per process (start Redis: deploy/local/ensure-redis.sh)"
+        ),
+        None => println!("Send ledger: off (no Redis)"),
+    }
 }

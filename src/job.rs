@@ -30,19 +30,29 @@ const MAX_ID_LEN: usize = 1024;
 /// A validated send job.
 #[derive(Clone, PartialEq)]
 pub struct Job {
+    /// Schema version; always 1 (anything else is rejected).
     pub v: u64,
+    /// Unique per send, set by the producer; also the AMQP `message_id` and
+    /// the send ledger's key.
     pub job_id: String,
     /// Digits only; a leading `act_` is stripped.
     pub ad_account_id: String,
+    /// The Facebook Page that sends; selects the access token.
     pub page_id: String,
     /// The marketing message (campaign) id.
     pub message_id: String,
     /// The recipient. Not an access token, but personal data: it is never
     /// logged above debug level.
     pub subscription_token: String,
+    /// The message (Send API style: text, attachment, quick replies);
+    /// `None` when the campaign carries the creative.
     pub message: Option<Value>,
+    /// Passed to Meta as is: the shortest gap since the recipient's last
+    /// conversation (Meta answers 2300052 while it has not passed).
     pub min_conversation_gap_seconds: Option<u64>,
+    /// A free label for metrics and `dlq` filters.
     pub campaign: Option<String>,
+    /// Never send after this instant: a job past it dies `expired`.
     pub not_after: Option<DateTime<Utc>>,
     /// Fields this version does not know; kept, ignored.
     pub extra: Map<String, Value>,
@@ -65,29 +75,49 @@ impl std::fmt::Debug for Job {
 /// `x-mmsend-error-message` of an `invalid_job` dead letter.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum JobError {
+    /// The body exceeds [`MAX_JOB_BYTES`].
     #[error("job is {size} bytes, more than the {max}-byte limit; shrink the message or send the creative with the campaign")]
-    TooLarge { size: usize, max: usize },
+    TooLarge {
+        /// The body's size in bytes.
+        size: usize,
+        /// The limit in bytes.
+        max: usize,
+    },
+    /// Not JSON; the parser's message (line and column) is given.
     #[error("job is not valid JSON: {0}")]
     NotJson(String),
+    /// JSON, but not an object; the JSON type found is given.
     #[error("job must be a JSON object, got {0}")]
     NotObject(&'static str),
+    /// A required field is absent (its name is given).
     #[error("field \"{0}\" is missing")]
     Missing(&'static str),
+    /// A required string field is empty (its name is given).
     #[error("field \"{0}\" is empty")]
     Empty(&'static str),
+    /// A field has the wrong JSON type.
     #[error("field \"{field}\": expected {expected}, got {found}")]
     WrongType {
+        /// The field's name.
         field: &'static str,
+        /// The type it must have, e.g. `a string`.
         expected: &'static str,
+        /// The JSON type it has.
         found: String,
     },
+    /// `v` is not 1 (the value found is given).
     #[error("field \"v\": version {0} is not supported (this build reads version 1)")]
     UnsupportedVersion(String),
+    /// A field has the right type but a bad value (digits expected, a
+    /// malformed date).
     #[error("field \"{field}\": {problem}")]
     Invalid {
+        /// The field's name.
         field: &'static str,
+        /// What is wrong with the value.
         problem: String,
     },
+    /// `not_after` (given) has passed.
     #[error("field \"not_after\": {0} has already passed")]
     Expired(DateTime<Utc>),
 }
@@ -436,7 +466,7 @@ mod tests {
 #[cfg(test)]
 mod robustness {
     use super::*;
-    use rand::{Rng, SeedableRng};
+    use rand::{RngExt, SeedableRng};
 
     #[test]
     fn parse_never_panics_on_mutated_jobs() {
@@ -445,16 +475,16 @@ mod robustness {
         let mut ok = 0;
         for _ in 0..20_000 {
             let mut input = seed.to_vec();
-            for _ in 0..rng.gen_range(1..8) {
-                let i = rng.gen_range(0..input.len());
-                match rng.gen_range(0..3) {
-                    0 => input[i] = rng.gen(),
+            for _ in 0..rng.random_range(1..8) {
+                let i = rng.random_range(0..input.len());
+                match rng.random_range(0..3) {
+                    0 => input[i] = rng.random(),
                     1 => {
                         input.remove(i);
                     }
                     _ => {
                         const BYTES: &[u8] = b"{}[]\":,0\\\xff";
-                        input.insert(i, BYTES[rng.gen_range(0..BYTES.len())])
+                        input.insert(i, BYTES[rng.random_range(0..BYTES.len())])
                     }
                 }
                 if input.is_empty() {

@@ -6,9 +6,12 @@
 //! Kubernetes stops counting a pod that lost its broker. Queue depths are not
 //! exported here: RabbitMQ's own `rabbitmq_prometheus` plugin has them.
 //!
-//! Label sets are bounded: `class` is one of the twelve classes (or `none`),
-//! `code` is a code of the classification table or `other`/`http_*`/
-//! `timeout`/`transport`, `tier` and `reason` come from fixed lists.
+//! Recording goes through typed methods ([`Metrics::settled`],
+//! [`Metrics::graph_error`], [`Metrics::gate_opened`], …): label strings and
+//! series names live in this file only. Label sets are bounded: `class` is
+//! one of the classes (or `none`), `code` a code of the classification table
+//! or `other`/`http_*`/`timeout`/`transport`/`not_a_send`, `scope` a scope
+//! kind, `tier` and `reason` come from fixed lists.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,26 +27,141 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::classify::DeadReason;
+use std::time::Duration;
+
+use crate::classify::{Class, CodeLabel, DeadReason, ScopeKind, Verdict};
+use crate::graph::UsageHint;
+
+/// The names of the series, each written once.
+mod name {
+    pub(super) const JOBS: &str = "mmsend_jobs_total";
+    pub(super) const GRAPH_ERRORS: &str = "mmsend_graph_errors_total";
+    pub(super) const GRAPH_REQUEST_DURATION: &str = "mmsend_graph_request_duration_seconds";
+    pub(super) const JOB_LATENCY: &str = "mmsend_job_latency_seconds";
+    pub(super) const INFLIGHT: &str = "mmsend_inflight";
+    pub(super) const RETRIES: &str = "mmsend_retries_total";
+    pub(super) const DEAD_LETTERS: &str = "mmsend_dead_letters_total";
+    pub(super) const GATES_OPEN: &str = "mmsend_gates_open";
+    pub(super) const AMQP_CONNECTED: &str = "mmsend_amqp_connected";
+    pub(super) const AMQP_RECONNECTS: &str = "mmsend_amqp_reconnects_total";
+    pub(super) const GRAPH_USAGE: &str = "mmsend_graph_usage_ratio";
+    pub(super) const REDELIVERED: &str = "mmsend_redelivered_total";
+    pub(super) const AMBIGUOUS: &str = "mmsend_ambiguous_total";
+    pub(super) const BUILD_INFO: &str = "mmsend_build_info";
+    pub(super) const DUPLICATES_SUPPRESSED: &str = "mmsend_duplicates_suppressed_total";
+    pub(super) const SUSPECTED_DUPLICATES: &str = "mmsend_suspected_duplicates_total";
+    pub(super) const PACING_WAIT: &str = "mmsend_pacing_wait_seconds";
+    pub(super) const REDIS_UP: &str = "mmsend_redis_up";
+    pub(super) const REDIS_DURATION: &str = "mmsend_redis_request_duration_seconds";
+    pub(super) const REDIS_ERRORS: &str = "mmsend_redis_errors_total";
+    pub(super) const PUBLISH_FAILURES: &str = "mmsend_publish_failures_total";
+    pub(super) const JOB_PANICS: &str = "mmsend_job_panics_total";
+}
 
 /// Every series mmsend exports (histograms without their `_bucket`/`_sum`/
-/// `_count` suffixes). The dashboard and alert rules are checked against
-/// this list by `tests/deploy.rs`.
+/// `_count` suffixes; the standard `process_*` series besides). The
+/// dashboard and alert rules are checked against this list by
+/// `tests/deploy.rs`.
 pub const SERIES: &[&str] = &[
-    "mmsend_jobs_total",
-    "mmsend_graph_errors_total",
-    "mmsend_graph_request_duration_seconds",
-    "mmsend_job_latency_seconds",
-    "mmsend_inflight",
-    "mmsend_retries_total",
-    "mmsend_dead_letters_total",
-    "mmsend_gates_open",
-    "mmsend_amqp_connected",
-    "mmsend_amqp_reconnects_total",
-    "mmsend_graph_usage_percent",
-    "mmsend_redelivered_total",
-    "mmsend_ambiguous_total",
-    "mmsend_build_info",
+    name::JOBS,
+    name::GRAPH_ERRORS,
+    name::GRAPH_REQUEST_DURATION,
+    name::JOB_LATENCY,
+    name::INFLIGHT,
+    name::RETRIES,
+    name::DEAD_LETTERS,
+    name::GATES_OPEN,
+    name::AMQP_CONNECTED,
+    name::AMQP_RECONNECTS,
+    name::GRAPH_USAGE,
+    name::REDELIVERED,
+    name::AMBIGUOUS,
+    name::BUILD_INFO,
+    name::DUPLICATES_SUPPRESSED,
+    name::SUSPECTED_DUPLICATES,
+    name::PACING_WAIT,
+    name::REDIS_UP,
+    name::REDIS_DURATION,
+    name::REDIS_ERRORS,
+    name::PUBLISH_FAILURES,
+    name::JOB_PANICS,
+];
+
+/// Why a retry or dead copy was not published: the `reason` label of
+/// `mmsend_publish_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishFailure {
+    /// Unroutable: a queue is missing.
+    Returned,
+    /// Refused: a full queue.
+    Nacked,
+    /// The publish channel is gone.
+    ChannelClosed,
+    /// Any other error.
+    Error,
+}
+
+impl PublishFailure {
+    /// Every reason.
+    pub const ALL: [PublishFailure; 4] = [
+        PublishFailure::Returned,
+        PublishFailure::Nacked,
+        PublishFailure::ChannelClosed,
+        PublishFailure::Error,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PublishFailure::Returned => "returned",
+            PublishFailure::Nacked => "nacked",
+            PublishFailure::ChannelClosed => "channel_closed",
+            PublishFailure::Error => "error",
+        }
+    }
+}
+
+/// A Redis call of the fleet layer: the `op` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisOp {
+    /// The round trip before a Graph call (ledger claim, gates, pacing).
+    Before,
+    /// The round trip after it (ledger record, gates, page rate).
+    After,
+    /// The periodic count of open gates.
+    Census,
+    /// A health check.
+    Ping,
+}
+
+impl RedisOp {
+    /// Every op.
+    pub const ALL: [RedisOp; 4] = [
+        RedisOp::Before,
+        RedisOp::After,
+        RedisOp::Census,
+        RedisOp::Ping,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RedisOp::Before => "before",
+            RedisOp::After => "after",
+            RedisOp::Census => "census",
+            RedisOp::Ping => "ping",
+        }
+    }
+}
+
+/// Redis round-trip buckets, 0.1 ms … 1 s.
+const REDIS_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+/// Pacing-wait buckets, 1 ms … 60 s.
+const PACING_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
 /// Request-duration buckets, 10 ms … 60 s.
@@ -56,169 +174,258 @@ const LATENCY_BUCKETS: &[f64] = &[
     21600.0, 86400.0,
 ];
 
-/// The scopes a gate can close (see `worker::gates`).
-pub const GATE_SCOPES: [&str; 5] = [
-    "campaign_budget",
-    "ad_account_budget",
-    "app_throttle",
-    "page_auth",
-    "campaign_populating",
-];
+/// How a delivery was settled: the `outcome` label of `mmsend_jobs_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Settled {
+    /// Acked as sent.
+    Sent,
+    /// Copied to a delay tier.
+    Retried,
+    /// Copied to the dead-letter queue.
+    Dead,
+}
 
-/// All of a process's metrics.
+impl Settled {
+    /// Every outcome.
+    pub const ALL: [Settled; 3] = [Settled::Sent, Settled::Retried, Settled::Dead];
+
+    /// The label value (`sent`, `retried`, `dead`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Settled::Sent => "sent",
+            Settled::Retried => "retried",
+            Settled::Dead => "dead",
+        }
+    }
+}
+
+/// The `class` label: a class, or `none` (sent first time, or dead without
+/// a call: invalid job, no token, expired).
+fn class_label(class: Option<Class>) -> &'static str {
+    class.map_or("none", Class::as_str)
+}
+
+/// Jobs settled so far, by outcome.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SettledCounts {
+    /// Acked as sent.
+    pub sent: u64,
+    /// Copied to a delay tier.
+    pub retried: u64,
+    /// Copied to the dead-letter queue.
+    pub dead: u64,
+}
+
+/// All of a process's metrics. Recording goes through the typed methods;
+/// the label strings live here and nowhere else.
 pub struct Metrics {
     registry: Registry,
-    pub jobs: IntCounterVec,
-    pub graph_errors: IntCounterVec,
-    pub graph_request_duration: Histogram,
-    pub job_latency: HistogramVec,
-    pub inflight: IntGauge,
-    pub retries: IntCounterVec,
-    pub dead_letters: IntCounterVec,
-    pub gates_open: IntGaugeVec,
-    pub amqp_connected: IntGauge,
-    pub amqp_reconnects: IntCounter,
-    pub graph_usage: prometheus::GaugeVec,
-    pub redelivered: IntCounter,
-    pub ambiguous: IntCounter,
+    jobs: IntCounterVec,
+    graph_errors: IntCounterVec,
+    graph_request_duration: Histogram,
+    job_latency: HistogramVec,
+    inflight: IntGauge,
+    retries: IntCounterVec,
+    dead_letters: IntCounterVec,
+    gates_open: IntGaugeVec,
+    amqp_connected: IntGauge,
+    amqp_reconnects: IntCounter,
+    graph_usage: prometheus::GaugeVec,
+    redelivered: IntCounter,
+    ambiguous: IntCounter,
+    duplicates_suppressed: IntCounter,
+    suspected_duplicates: IntCounter,
+    pacing_wait: Histogram,
+    redis_up: IntGauge,
+    redis_duration: HistogramVec,
+    redis_errors: IntCounterVec,
+    publish_failures: IntCounterVec,
+    job_panics: IntCounter,
     ready: AtomicBool,
+    holding: AtomicBool,
 }
 
 impl Metrics {
     /// A fresh registry (tests run several workers in one process).
     pub fn new() -> Arc<Metrics> {
         let registry = Registry::new();
-        let name = |n: &str| n.trim_start_matches("mmsend_").to_string();
-        let opts = |n: &str, help: &str| Opts::new(name(n), help).namespace("mmsend");
+        let register = |c: Box<dyn prometheus::core::Collector>| {
+            registry.register(c).expect("unique metric");
+        };
+        let opts = |n: &str, help: &str| {
+            Opts::new(n.trim_start_matches("mmsend_"), help).namespace("mmsend")
+        };
         let counter_vec = |n: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(opts(n, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
+            register(Box::new(c.clone()));
             c
+        };
+        let gauge_vec = |n: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(opts(n, help), labels).expect("valid metric");
+            register(Box::new(g.clone()));
+            g
         };
         let gauge = |n: &str, help: &str| {
             let g = IntGauge::with_opts(opts(n, help)).expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
+            register(Box::new(g.clone()));
             g
         };
         let counter = |n: &str, help: &str| {
             let c = IntCounter::with_opts(opts(n, help)).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
+            register(Box::new(c.clone()));
             c
         };
+        let histogram_opts = |n: &str, help: &str, buckets: &[f64]| {
+            HistogramOpts::new(n.trim_start_matches("mmsend_"), help)
+                .namespace("mmsend")
+                .buckets(buckets.to_vec())
+        };
         let jobs = counter_vec(
-            "mmsend_jobs_total",
+            name::JOBS,
             "Jobs settled, by outcome (sent, retried, dead) and class of the last failure (none when sent first time).",
             &["outcome", "class"],
         );
         let graph_errors = counter_vec(
-            "mmsend_graph_errors_total",
-            "Failed Graph API calls by class and code (table codes, other, http_*, timeout, transport).",
+            name::GRAPH_ERRORS,
+            "Failed Graph API calls by class and code (table codes, other, http_*, timeout, transport, not_a_send).",
             &["class", "code"],
         );
-        let graph_request_duration = Histogram::with_opts(
-            HistogramOpts::new(
-                name("mmsend_graph_request_duration_seconds"),
-                "Graph API call duration, seconds.",
-            )
-            .namespace("mmsend")
-            .buckets(REQUEST_BUCKETS.to_vec()),
-        )
+        let graph_request_duration = Histogram::with_opts(histogram_opts(
+            name::GRAPH_REQUEST_DURATION,
+            "Graph API call duration, seconds.",
+            REQUEST_BUCKETS,
+        ))
         .expect("valid metric");
-        registry
-            .register(Box::new(graph_request_duration.clone()))
-            .expect("unique metric");
+        register(Box::new(graph_request_duration.clone()));
         let job_latency = HistogramVec::new(
-            HistogramOpts::new(
-                name("mmsend_job_latency_seconds"),
+            histogram_opts(
+                name::JOB_LATENCY,
                 "Enqueue (x-mmsend-enqueued-at) to settled, seconds, by outcome.",
-            )
-            .namespace("mmsend")
-            .buckets(LATENCY_BUCKETS.to_vec()),
+                LATENCY_BUCKETS,
+            ),
             &["outcome"],
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(job_latency.clone()))
-            .expect("unique metric");
-        let inflight = gauge("mmsend_inflight", "Jobs being processed now.");
+        register(Box::new(job_latency.clone()));
+        let inflight = gauge(name::INFLIGHT, "Jobs being processed now.");
         let retries = counter_vec(
-            "mmsend_retries_total",
+            name::RETRIES,
             "Jobs sent to a delay tier, by tier.",
             &["tier"],
         );
         let dead_letters = counter_vec(
-            "mmsend_dead_letters_total",
+            name::DEAD_LETTERS,
             "Jobs sent to the dead-letter queue, by reason.",
             &["reason"],
         );
-        let gates_open = IntGaugeVec::new(
-            opts(
-                "mmsend_gates_open",
-                "Scopes currently gated (jobs routed to delay without an API call), by scope kind.",
-            ),
-            &["scope"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(gates_open.clone()))
-            .expect("unique metric");
+        let gates_open = gauge_vec(
+            name::GATES_OPEN,
+            "Scopes currently held back (their jobs go to a delay tier without an API call), by scope kind and the class that closed them.",
+            &["scope", "class"],
+        );
         let amqp_connected = gauge(
-            "mmsend_amqp_connected",
+            name::AMQP_CONNECTED,
             "1 while connected to RabbitMQ and consuming.",
         );
         let amqp_reconnects = counter(
-            "mmsend_amqp_reconnects_total",
+            name::AMQP_RECONNECTS,
             "Reconnections to RabbitMQ after a lost connection.",
         );
         let graph_usage = prometheus::GaugeVec::new(
             opts(
-                "mmsend_graph_usage_percent",
-                "Last usage reported by X-App-Usage / X-Business-Use-Case-Usage, percent.",
+                name::GRAPH_USAGE,
+                "Last usage reported by X-App-Usage / X-Business-Use-Case-Usage, as a ratio of the allowance (0-1; Meta reports percent).",
             ),
             &["kind"],
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(graph_usage.clone()))
-            .expect("unique metric");
+        register(Box::new(graph_usage.clone()));
         let redelivered = counter(
-            "mmsend_redelivered_total",
+            name::REDELIVERED,
             "Deliveries with the redelivered flag (a previous consumer did not settle them).",
         );
         let ambiguous = counter(
-            "mmsend_ambiguous_total",
+            name::AMBIGUOUS,
             "Graph calls that failed after the request may have been processed (possible duplicate on retry).",
         );
-        let build_info = IntGaugeVec::new(
-            opts(
-                "mmsend_build_info",
-                "Always 1; the version label tells the build.",
+        let duplicates_suppressed = counter(
+            name::DUPLICATES_SUPPRESSED,
+            "Deliveries acked without a call because the send ledger says the job was sent (a redelivery or a replay of a sent job).",
+        );
+        let suspected_duplicates = counter(
+            name::SUSPECTED_DUPLICATES,
+            "Jobs settled as sent because Meta answered 2300035 after a call that may have been the send (never retried into a second send).",
+        );
+        let pacing_wait = Histogram::with_opts(histogram_opts(
+            name::PACING_WAIT,
+            "How long a job waited for its page's (and the global) pacing slot, seconds.",
+            PACING_BUCKETS,
+        ))
+        .expect("valid metric");
+        register(Box::new(pacing_wait.clone()));
+        let redis_up = gauge(
+            name::REDIS_UP,
+            "1 while the fleet layer's Redis answers; 0 while the worker falls back (or 1 with no Redis configured: nothing to be down).",
+        );
+        let redis_duration = HistogramVec::new(
+            histogram_opts(
+                name::REDIS_DURATION,
+                "Redis round trips of the fleet layer (send ledger, pacing, gates), seconds, by op.",
+                REDIS_BUCKETS,
             ),
-            &["version"],
+            &["op"],
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(build_info.clone()))
-            .expect("unique metric");
+        register(Box::new(redis_duration.clone()));
+        let redis_errors = counter_vec(
+            name::REDIS_ERRORS,
+            "Redis round trips that failed or timed out, by op.",
+            &["op"],
+        );
+        redis_up.set(1);
+        for op in RedisOp::ALL {
+            redis_duration.with_label_values(&[op.as_str()]);
+            redis_errors.with_label_values(&[op.as_str()]);
+        }
+        let publish_failures = counter_vec(
+            name::PUBLISH_FAILURES,
+            "Retry or dead copies not published, by reason: returned (unroutable: a queue is missing), nacked (refused: a full queue), channel_closed, error.",
+            &["reason"],
+        );
+        for reason in PublishFailure::ALL {
+            publish_failures.with_label_values(&[reason.as_str()]);
+        }
+        let job_panics = counter(
+            name::JOB_PANICS,
+            "Jobs whose processing panicked (a bug); each counts as a failed attempt.",
+        );
+        let build_info = gauge_vec(
+            name::BUILD_INFO,
+            "Always 1; the version label tells the build.",
+            &["version"],
+        );
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
 
+        // The standard process_* series (CPU, memory, open fds, start time).
+        #[cfg(target_os = "linux")]
+        register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ));
+
         // Series that alerts use exist from the start, at zero.
-        jobs.with_label_values(&["sent", "none"]);
+        jobs.with_label_values(&[Settled::Sent.label(), class_label(None)]);
         for reason in DeadReason::ALL {
             if reason != DeadReason::DeliveryLimit {
                 dead_letters.with_label_values(&[reason.as_str()]);
             }
         }
-        for scope in GATE_SCOPES {
-            gates_open.with_label_values(&[scope]);
+        for class in Class::ALL {
+            let scope = class.default_scope();
+            if scope != ScopeKind::None {
+                gates_open.with_label_values(&[scope.as_str(), class.as_str()]);
+            }
         }
 
         Arc::new(Metrics {
@@ -236,7 +443,16 @@ impl Metrics {
             graph_usage,
             redelivered,
             ambiguous,
+            duplicates_suppressed,
+            suspected_duplicates,
+            pacing_wait,
+            redis_up,
+            redis_duration,
+            redis_errors,
+            publish_failures,
+            job_panics,
             ready: AtomicBool::new(false),
+            holding: AtomicBool::new(false),
         })
     }
 
@@ -255,13 +471,281 @@ impl Metrics {
         self.amqp_connected.set(i64::from(ready));
     }
 
+    /// Whether the worker is connected and consuming.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst)
     }
 
-    /// Reads a counter of `jobs_total` (tests, demo summary).
-    pub fn jobs_count(&self, outcome: &str, class: &str) -> u64 {
-        self.jobs.with_label_values(&[outcome, class]).get()
+    /// A delivery was settled; `latency` is enqueue → now, if known.
+    pub fn settled(&self, outcome: Settled, class: Option<Class>, latency: Option<Duration>) {
+        self.jobs
+            .with_label_values(&[outcome.label(), class_label(class)])
+            .inc();
+        if let Some(l) = latency {
+            self.job_latency
+                .with_label_values(&[outcome.label()])
+                .observe(l.as_secs_f64());
+        }
+    }
+
+    /// Jobs settled with this outcome and class.
+    pub fn settled_count(&self, outcome: Settled, class: Option<Class>) -> u64 {
+        self.jobs
+            .with_label_values(&[outcome.label(), class_label(class)])
+            .get()
+    }
+
+    /// Every non-zero (outcome, class) count.
+    pub fn settled_by_class(&self) -> Vec<(Settled, Option<Class>, u64)> {
+        let mut out = Vec::new();
+        for outcome in Settled::ALL {
+            for class in std::iter::once(None).chain(Class::ALL.map(Some)) {
+                let n = self.settled_count(outcome, class);
+                if n > 0 {
+                    out.push((outcome, class, n));
+                }
+            }
+        }
+        out
+    }
+
+    /// Jobs settled so far, by outcome, over every class.
+    pub fn settled_counts(&self) -> SettledCounts {
+        let count = |outcome: Settled| {
+            std::iter::once(None)
+                .chain(Class::ALL.map(Some))
+                .map(|class| self.settled_count(outcome, class))
+                .sum()
+        };
+        SettledCounts {
+            sent: count(Settled::Sent),
+            retried: count(Settled::Retried),
+            dead: count(Settled::Dead),
+        }
+    }
+
+    /// A copy went to the delay tier named `tier`.
+    pub fn retried_to(&self, tier: &str) {
+        self.retries.with_label_values(&[tier]).inc();
+    }
+
+    /// Copies sent to the delay tier named `tier`.
+    pub fn retried_to_count(&self, tier: &str) -> u64 {
+        self.retries.with_label_values(&[tier]).get()
+    }
+
+    /// A copy went to the dead-letter queue.
+    pub fn dead_lettered(&self, reason: DeadReason) {
+        self.dead_letters
+            .with_label_values(&[reason.as_str()])
+            .inc();
+    }
+
+    /// A Graph call took `elapsed`.
+    pub fn graph_call(&self, elapsed: Duration) {
+        self.graph_request_duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// A Graph call failed as `verdict` says.
+    pub fn graph_error(&self, verdict: &Verdict) {
+        self.graph_errors
+            .with_label_values(&[verdict.class.as_str(), &verdict.label.to_string()])
+            .inc();
+        if verdict.ambiguous {
+            self.ambiguous.inc();
+        }
+    }
+
+    /// Failed Graph calls with this class and code label.
+    pub fn graph_error_count(&self, class: Class, label: CodeLabel) -> u64 {
+        self.graph_errors
+            .with_label_values(&[class.as_str(), &label.to_string()])
+            .get()
+    }
+
+    /// A gate closed a scope (the gauge counts held scopes).
+    pub fn gate_opened(&self, scope: ScopeKind, class: Class) {
+        self.gates_open
+            .with_label_values(&[scope.as_str(), class.as_str()])
+            .inc();
+    }
+
+    /// A held scope was released.
+    pub fn gate_closed(&self, scope: ScopeKind, class: Class) {
+        self.gates_open
+            .with_label_values(&[scope.as_str(), class.as_str()])
+            .dec();
+    }
+
+    /// Scopes of this kind held back by this class now.
+    pub fn gates_open(&self, scope: ScopeKind, class: Class) -> i64 {
+        self.gates_open
+            .with_label_values(&[scope.as_str(), class.as_str()])
+            .get()
+    }
+
+    /// A delivery arrived with the `redelivered` flag.
+    pub fn redelivered(&self) {
+        self.redelivered.inc();
+    }
+
+    /// Deliveries that arrived with the `redelivered` flag.
+    pub fn redelivered_count(&self) -> u64 {
+        self.redelivered.get()
+    }
+
+    /// The worker reconnected to RabbitMQ.
+    pub fn reconnected(&self) {
+        self.amqp_reconnects.inc();
+    }
+
+    /// Reconnections to RabbitMQ.
+    pub fn reconnects(&self) -> u64 {
+        self.amqp_reconnects.get()
+    }
+
+    /// Jobs being processed now.
+    pub fn inflight(&self) -> i64 {
+        self.inflight.get()
+    }
+
+    /// Counts a job as in flight until the guard drops, however its task
+    /// ends.
+    pub fn inflight_guard(self: &Arc<Self>) -> InflightGuard {
+        self.inflight.inc();
+        InflightGuard(self.inflight.clone())
+    }
+
+    /// Records the usage headers of an answer, as ratios (Meta reports
+    /// percent of the allowance).
+    pub fn record_usage(&self, hint: &UsageHint) {
+        let g = &self.graph_usage;
+        for (prefix, usage) in [("app", &hint.app), ("buc", &hint.business)] {
+            let Some(u) = usage else { continue };
+            for (what, percent) in [
+                ("call_count", u.call_count),
+                ("total_cputime", u.total_cputime),
+                ("total_time", u.total_time),
+            ] {
+                g.with_label_values(&[&format!("{prefix}_{what}")])
+                    .set(percent / 100.0);
+            }
+        }
+    }
+
+    /// A delivery of a job the ledger knows as sent was acked without a call.
+    pub fn duplicate_suppressed(&self) {
+        self.duplicates_suppressed.inc();
+    }
+
+    /// Deliveries acked without a call because the job was sent already.
+    pub fn duplicates_suppressed(&self) -> u64 {
+        self.duplicates_suppressed.get()
+    }
+
+    /// A retry or dead copy could not be published.
+    pub fn publish_failed(&self, why: PublishFailure) {
+        self.publish_failures
+            .with_label_values(&[why.as_str()])
+            .inc();
+    }
+
+    /// Copies not published for this reason.
+    pub fn publish_failures(&self, why: PublishFailure) -> u64 {
+        self.publish_failures
+            .with_label_values(&[why.as_str()])
+            .get()
+    }
+
+    /// A job's processing panicked.
+    pub fn job_panicked(&self) {
+        self.job_panics.inc();
+    }
+
+    /// Jobs whose processing panicked.
+    pub fn job_panics(&self) -> u64 {
+        self.job_panics.get()
+    }
+
+    /// A job was settled as sent on evidence (2300035 after a maybe-sent call).
+    pub fn suspected_duplicate(&self) {
+        self.suspected_duplicates.inc();
+    }
+
+    /// Jobs settled as sent on evidence.
+    pub fn suspected_duplicates(&self) -> u64 {
+        self.suspected_duplicates.get()
+    }
+
+    /// A job waited this long for its pacing slot.
+    pub fn paced(&self, wait: Duration) {
+        self.pacing_wait.observe(wait.as_secs_f64());
+    }
+
+    /// A Redis round trip took `elapsed` and did (not) succeed.
+    pub fn redis_call(&self, op: RedisOp, elapsed: Duration, ok: bool) {
+        self.redis_duration
+            .with_label_values(&[op.as_str()])
+            .observe(elapsed.as_secs_f64());
+        if !ok {
+            self.redis_errors.with_label_values(&[op.as_str()]).inc();
+        }
+    }
+
+    /// Redis round trips of this op so far (the bench counts them).
+    pub fn redis_calls(&self, op: RedisOp) -> u64 {
+        self.redis_duration
+            .with_label_values(&[op.as_str()])
+            .get_sample_count()
+    }
+
+    /// Redis answers (or not).
+    pub fn set_redis_up(&self, up: bool) {
+        self.redis_up.set(i64::from(up));
+    }
+
+    /// Jobs are held for Redis (`fail_mode = hold` while it is down):
+    /// `/readyz` answers 503.
+    pub fn set_holding(&self, holding: bool) {
+        self.holding.store(holding, Ordering::SeqCst);
+    }
+
+    /// Whether Redis answers, as last seen.
+    pub fn redis_up(&self) -> bool {
+        self.redis_up.get() == 1
+    }
+
+    /// Replaces the gate gauge with a fleet-wide count (every worker
+    /// exports the same numbers: take `max`, not `sum`, over workers).
+    pub fn set_gates(&self, open: &[(ScopeKind, Class)]) {
+        for class in Class::ALL {
+            for scope in ScopeKind::ALL {
+                if scope == ScopeKind::None {
+                    continue;
+                }
+                let n = open.iter().filter(|g| **g == (scope, class)).count();
+                let g = self
+                    .gates_open
+                    .with_label_values(&[scope.as_str(), class.as_str()]);
+                if n > 0 || g.get() != 0 {
+                    g.set(i64::try_from(n).unwrap_or(i64::MAX));
+                }
+            }
+        }
+    }
+
+    /// The last usage ratio of one `kind` (`app_call_count`, …).
+    pub fn usage(&self, kind: &str) -> f64 {
+        self.graph_usage.with_label_values(&[kind]).get()
+    }
+}
+
+/// Keeps `mmsend_inflight` right however a job's task ends.
+pub struct InflightGuard(IntGauge);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -285,14 +769,34 @@ async fn metrics_handler(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
 }
 
 async fn ready_handler(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    if m.is_ready() {
-        (StatusCode::OK, "ready\n")
-    } else {
+    if !m.is_ready() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: not connected to RabbitMQ or not consuming\n",
         )
+    } else if m.holding.load(Ordering::SeqCst) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: Redis is unreachable and fail_mode = hold; jobs wait in a delay tier\n",
+        )
+    } else if !m.redis_up() {
+        (
+            StatusCode::OK,
+            "ready; Redis is unreachable: per-process pacing and gates, no send ledger (fail_mode = local)\n",
+        )
+    } else {
+        (StatusCode::OK, "ready\n")
     }
+}
+
+/// The metrics endpoint could not be served.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot serve metrics on {addr}: {source}; set MMSEND_METRICS_ADDR to a free address")]
+pub struct ServeError {
+    /// The address asked for.
+    pub addr: String,
+    /// Why binding failed.
+    pub source: std::io::Error,
 }
 
 /// Binds `addr` and serves the endpoints until `shutdown` resolves. Returns
@@ -301,13 +805,15 @@ pub async fn serve(
     addr: &str,
     metrics: Arc<Metrics>,
     shutdown: tokio_util::sync::CancellationToken,
-) -> anyhow::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot serve metrics on {addr}: {e}; set MMSEND_METRICS_ADDR to a free address"
-        )
-    })?;
-    let bound = listener.local_addr()?;
+) -> Result<SocketAddr, ServeError> {
+    let bind_error = |source| ServeError {
+        addr: addr.to_string(),
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(bind_error)?;
+    let bound = listener.local_addr().map_err(bind_error)?;
     tokio::spawn(async move {
         let result = axum::serve(listener, router(metrics))
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -322,42 +828,84 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::graph::client::{Failure, FailureKind};
 
     #[test]
     fn every_series_is_registered_and_named_in_series() {
         let m = Metrics::new();
-        m.graph_errors.with_label_values(&["auth", "190"]).inc();
-        m.graph_request_duration.observe(0.2);
-        m.job_latency.with_label_values(&["sent"]).observe(1.0);
-        m.retries.with_label_values(&["5s"]).inc();
-        m.graph_usage
-            .with_label_values(&["app_call_count"])
-            .set(3.0);
-        m.redelivered.inc();
-        m.ambiguous.inc();
-        m.amqp_reconnects.inc();
+        let failure = Failure {
+            kind: FailureKind::Http {
+                status: 502,
+                body_snippet: String::new(),
+            },
+            hint: UsageHint::default(),
+        };
+        let verdict = crate::classify::CodeTable::default().classify(&failure);
+        m.graph_error(&verdict);
+        m.graph_call(Duration::from_millis(200));
+        m.settled(Settled::Sent, None, Some(Duration::from_secs(1)));
+        m.retried_to("5s");
+        m.record_usage(&UsageHint {
+            app: Some(crate::graph::error::Usage {
+                call_count: 30.0,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        assert_eq!(m.usage("app_call_count"), 0.3);
+        m.redelivered();
+        m.reconnected();
+        m.paced(Duration::from_millis(5));
+        m.redis_call(RedisOp::Before, Duration::from_micros(300), false);
         let names: Vec<String> = m
             .registry
             .gather()
             .iter()
             .map(|f| f.name().to_string())
+            .filter(|n| !n.starts_with("process_"))
             .collect();
         let mut want: Vec<String> = SERIES.iter().map(|s| s.to_string()).collect();
         let mut got = names.clone();
         want.sort();
         got.sort();
         assert_eq!(got, want);
-        assert!(m
-            .render()
-            .contains("mmsend_dead_letters_total{reason=\"no_token\"} 0"));
+        let text = m.render();
+        assert!(text.contains("mmsend_dead_letters_total{reason=\"no_token\"} 0"));
+        assert!(text.contains("mmsend_graph_errors_total{class=\"transient\",code=\"http_5xx\"} 1"));
+        assert!(text.contains("mmsend_gates_open{class=\"budget\",scope=\"campaign\"} 0"));
     }
 
     #[test]
-    fn readiness_follows_the_flag() {
+    fn settled_counts_add_up_over_classes() {
+        let m = Metrics::new();
+        m.settled(Settled::Sent, None, None);
+        m.settled(Settled::Sent, Some(Class::Transient), None);
+        m.settled(Settled::Retried, Some(Class::Budget), None);
+        m.settled(Settled::Dead, Some(Class::Region), None);
+        m.settled(Settled::Dead, None, None);
+        assert_eq!(
+            m.settled_counts(),
+            SettledCounts {
+                sent: 2,
+                retried: 1,
+                dead: 2
+            }
+        );
+        assert_eq!(m.settled_count(Settled::Dead, Some(Class::Region)), 1);
+    }
+
+    #[test]
+    fn readiness_and_inflight_follow_their_owners() {
         let m = Metrics::new();
         assert!(!m.is_ready());
         m.set_ready(true);
         assert!(m.is_ready());
         assert_eq!(m.amqp_connected.get(), 1);
+        {
+            let _a = m.inflight_guard();
+            let _b = m.inflight_guard();
+            assert_eq!(m.inflight(), 2);
+        }
+        assert_eq!(m.inflight(), 0);
     }
 }

@@ -1,4 +1,5 @@
-//! Putting jobs on the queue: the library [`Producer`] and `mmsend enqueue`.
+//! Putting jobs on the queue: the library [`Producer`] and [`enqueue`], the
+//! engine of `mmsend enqueue`.
 //!
 //! A job is validated ([`Job::parse`]) before it is published; an invalid
 //! job is never sent. Each publish goes to the exchange with routing key
@@ -7,9 +8,12 @@
 //! AMQP `timestamp` and `x-mmsend-enqueued-at`. The body is the producer's
 //! own JSON, unchanged (unknown fields included).
 //!
-//! [`Producer::send_batch`] keeps up to `max_inflight` confirms outstanding,
-//! which is what makes bulk enqueueing fast, and still reports a result per
-//! job.
+//! [`Producer::send_batch`] and [`enqueue`] keep up to `max_inflight`
+//! confirms outstanding through one [`ConfirmWindow`], which is what makes
+//! bulk enqueueing fast, and still report a result per job. [`enqueue`]
+//! streams JSONL and returns an [`EnqueueReport`]; it prints nothing: the
+//! progress bar, the summary table and `--json` are the CLI's
+//! (`cli::enqueue_command`, `report::enqueue_summary`).
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -25,7 +29,6 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::VecDeque;
 use std::time::Instant;
 
 use chrono::{SecondsFormat, Utc};
@@ -33,23 +36,31 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Connection};
 
 use crate::broker::headers::ENQUEUED_AT;
-use crate::broker::publish::Pending;
-use crate::broker::{self, PublishError, Publisher, Topology};
+use crate::broker::publish::{ConfirmWindow, Pending};
+use crate::broker::{self, PublishError, Publisher, Topology, TopologyError};
 use crate::job::{Job, JobError};
 
 /// Confirms kept outstanding by [`Producer::send_batch`] by default.
 pub const DEFAULT_MAX_INFLIGHT: usize = 256;
 
+/// Why a job was not enqueued.
 #[derive(Debug, thiserror::Error)]
 pub enum ProducerError {
+    /// The job failed validation; nothing was published.
     #[error("invalid job: {0}")]
     Invalid(#[from] JobError),
+    /// The broker did not confirm the publish.
     #[error(transparent)]
     Publish(#[from] PublishError),
+    /// No broker could be reached.
     #[error(transparent)]
     Connect(#[from] broker::ConnectError),
+    /// The confirm-mode channel could not be opened.
     #[error("cannot open a publishing channel: {0}")]
     Channel(lapin::Error),
+    /// Declaring the topology failed (e.g. a queue with other arguments).
+    #[error("cannot declare the topology: {0}")]
+    Declare(#[from] TopologyError),
 }
 
 /// Publishes validated jobs with confirms.
@@ -65,6 +76,19 @@ impl Producer {
     /// (`mmsend topology declare`, or any worker, declares it).
     pub async fn connect(amqp_url: &str, topology: &Topology) -> Result<Producer, ProducerError> {
         let conn = broker::connect(amqp_url, "producer").await?;
+        let mut p = Producer::on(&conn, topology).await?;
+        p.conn = Some(conn);
+        Ok(p)
+    }
+
+    /// Connects, declares the topology (idempotent, so a first run on a
+    /// fresh broker works) and opens a confirm-mode channel.
+    pub async fn connect_and_declare(
+        amqp_url: &str,
+        topology: &Topology,
+    ) -> Result<Producer, ProducerError> {
+        let conn = broker::connect(amqp_url, "enqueue").await?;
+        topology.declare(&conn).await?;
         let mut p = Producer::on(&conn, topology).await?;
         p.conn = Some(conn);
         Ok(p)
@@ -114,22 +138,26 @@ impl Producer {
         bodies: impl IntoIterator<Item = &'a [u8]>,
     ) -> Vec<Result<Job, ProducerError>> {
         let mut results: Vec<Option<Result<Job, ProducerError>>> = Vec::new();
-        let mut window: VecDeque<(usize, Job, Pending)> = VecDeque::new();
+        let mut window = ConfirmWindow::new(self.max_inflight);
+        let settle =
+            |results: &mut Vec<Option<Result<Job, ProducerError>>>,
+             ((i, job), verdict): ((usize, Job), Result<(), PublishError>)| {
+                results[i] = Some(verdict.map(|_| job).map_err(Into::into));
+            };
         for body in bodies {
             let i = results.len();
             results.push(None);
             match self.start(body).await {
-                Ok((job, pending)) => window.push_back((i, job, pending)),
+                Ok((job, pending)) => {
+                    if let Some(done) = window.push((i, job), pending).await {
+                        settle(&mut results, done);
+                    }
+                }
                 Err(e) => results[i] = Some(Err(e)),
             }
-            if window.len() >= self.max_inflight {
-                if let Some((i, job, p)) = window.pop_front() {
-                    results[i] = Some(p.wait().await.map(|_| job).map_err(Into::into));
-                }
-            }
         }
-        for (i, job, p) in window {
-            results[i] = Some(p.wait().await.map(|_| job).map_err(Into::into));
+        while let Some(done) = window.next().await {
+            settle(&mut results, done);
         }
         results
             .into_iter()
@@ -166,26 +194,35 @@ pub fn properties(job_id: &str) -> BasicProperties {
 }
 
 /// One rejected line of an `enqueue` input.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct LineError {
+    /// Line number in the input, from 1 (blank lines count).
     pub line: usize,
+    /// The job's id when it was valid (an unconfirmed publish); `None` for
+    /// a line that failed validation.
     pub job_id: Option<String>,
+    /// What went wrong, as a person reads it.
     pub error: String,
 }
 
-/// What `enqueue` did.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// What `enqueue` did (`mmsend enqueue --json` prints it).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct EnqueueReport {
+    /// Non-blank lines read.
     pub lines: usize,
+    /// Jobs confirmed by the broker (with no producer, a dry run: jobs
+    /// that passed validation).
     pub published: usize,
     /// Lines that failed validation (never published).
     pub invalid: Vec<LineError>,
     /// Valid lines the broker did not confirm.
     pub failed: Vec<LineError>,
+    /// Wall time of the whole input.
     pub seconds: f64,
 }
 
 impl EnqueueReport {
+    /// Every line valid and confirmed (the command's exit status 0).
     pub fn ok(&self) -> bool {
         self.invalid.is_empty() && self.failed.is_empty()
     }
@@ -202,8 +239,7 @@ pub async fn enqueue<R: tokio::io::AsyncBufRead + Unpin>(
     use tokio::io::AsyncBufReadExt;
     let started = Instant::now();
     let mut report = EnqueueReport::default();
-    let mut window: VecDeque<(usize, String, Pending)> = VecDeque::new();
-    let max_inflight = producer.map_or(1, |p| p.max_inflight);
+    let mut window = ConfirmWindow::new(producer.map_or(1, |p| p.max_inflight));
     let mut line = Vec::new();
     let mut bytes = 0u64;
     let mut line_no = 0usize;
@@ -236,17 +272,18 @@ pub async fn enqueue<R: tokio::io::AsyncBufRead + Unpin>(
             continue;
         };
         match p.start(body).await {
-            Ok((job, pending)) => window.push_back((line_no, job.job_id, pending)),
+            Ok((job, pending)) => {
+                if let Some(done) = window.push((line_no, job.job_id), pending).await {
+                    settle(&mut report, done);
+                }
+            }
             Err(ProducerError::Invalid(e)) => report.invalid.push(error_at(e.to_string(), None)),
             Err(e) => report.failed.push(error_at(e.to_string(), None)),
         }
-        while window.len() >= max_inflight {
-            settle_one(&mut window, &mut report).await;
-        }
         progress(bytes, report.published);
     }
-    while !window.is_empty() {
-        settle_one(&mut window, &mut report).await;
+    while let Some(done) = window.next().await {
+        settle(&mut report, done);
     }
     progress(bytes, report.published);
     report.seconds = started.elapsed().as_secs_f64();
@@ -264,121 +301,17 @@ fn unwrap_export(line: &[u8]) -> Option<Vec<u8>> {
     job.is_object().then(|| serde_json::to_vec(job).ok())?
 }
 
-async fn settle_one(window: &mut VecDeque<(usize, String, Pending)>, report: &mut EnqueueReport) {
-    if let Some((line, job_id, pending)) = window.pop_front() {
-        match pending.wait().await {
-            Ok(()) => report.published += 1,
-            Err(e) => report.failed.push(LineError {
-                line,
-                job_id: Some(job_id),
-                error: e.to_string(),
-            }),
-        }
+/// Counts one confirm verdict of `enqueue`.
+fn settle(
+    report: &mut EnqueueReport,
+    ((line, job_id), verdict): ((usize, String), Result<(), PublishError>),
+) {
+    match verdict {
+        Ok(()) => report.published += 1,
+        Err(e) => report.failed.push(LineError {
+            line,
+            job_id: Some(job_id),
+            error: e.to_string(),
+        }),
     }
-}
-
-/// `mmsend enqueue`: streams `path` (`-` = stdin) with a progress bar and
-/// prints a summary table. The topology is declared first (idempotent) so
-/// a first run on a fresh broker works.
-pub async fn enqueue_command(
-    amqp_url: &str,
-    topology: &Topology,
-    path: &str,
-    dry_run: bool,
-    max_inflight: usize,
-) -> anyhow::Result<EnqueueReport> {
-    use indicatif::{ProgressBar, ProgressStyle};
-    let (reader, total): (Box<dyn tokio::io::AsyncBufRead + Unpin>, Option<u64>) = if path == "-" {
-        (
-            Box::new(tokio::io::BufReader::new(tokio::io::stdin())),
-            None,
-        )
-    } else {
-        let f = tokio::fs::File::open(path)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot open {path}: {e}"))?;
-        let len = f.metadata().await.ok().map(|m| m.len());
-        (
-            Box::new(tokio::io::BufReader::with_capacity(1 << 16, f)),
-            len,
-        )
-    };
-    let bar = match total {
-        Some(len) => ProgressBar::new(len).with_style(
-            ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {msg}",
-            )
-            .expect("valid template"),
-        ),
-        None => ProgressBar::new_spinner().with_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bytes} read {msg}")
-                .expect("valid template"),
-        ),
-    };
-    let producer = if dry_run {
-        None
-    } else {
-        let conn = broker::connect(amqp_url, "enqueue").await?;
-        topology.declare(&conn).await?;
-        let mut p = Producer::on(&conn, topology)
-            .await?
-            .with_max_inflight(max_inflight);
-        p.conn = Some(conn);
-        Some(p)
-    };
-    let verb = if dry_run { "valid" } else { "published" };
-    let started = Instant::now();
-    let mut last_draw = Instant::now();
-    let report = enqueue(reader, producer.as_ref(), |bytes, done| {
-        if last_draw.elapsed().as_millis() >= 100 {
-            last_draw = Instant::now();
-            bar.set_position(bytes);
-            let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
-            bar.set_message(format!("{done} {verb}, {rate:.0}/s"));
-        }
-    })
-    .await?;
-    bar.finish_and_clear();
-    if let Some(p) = producer {
-        p.close().await;
-    }
-    println!("{}", enqueue_summary(&report, dry_run));
-    for e in report.invalid.iter().take(20) {
-        eprintln!("line {}: {}", e.line, e.error);
-    }
-    if report.invalid.len() > 20 {
-        eprintln!("… and {} more invalid lines", report.invalid.len() - 20);
-    }
-    for e in report.failed.iter().take(20) {
-        eprintln!(
-            "line {} (job {}): not confirmed: {}",
-            e.line,
-            e.job_id.as_deref().unwrap_or("?"),
-            e.error
-        );
-    }
-    Ok(report)
-}
-
-fn enqueue_summary(r: &EnqueueReport, dry_run: bool) -> comfy_table::Table {
-    let rate = r.published as f64 / r.seconds.max(0.001);
-    crate::report::table(
-        &[
-            "lines",
-            if dry_run { "valid" } else { "published" },
-            "invalid",
-            "failed",
-            "seconds",
-            "jobs/s",
-        ],
-        &[0, 1, 2, 3, 4, 5],
-        vec![vec![
-            r.lines.to_string(),
-            r.published.to_string(),
-            r.invalid.len().to_string(),
-            r.failed.len().to_string(),
-            format!("{:.1}", r.seconds),
-            format!("{rate:.0}"),
-        ]],
-    )
 }

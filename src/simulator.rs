@@ -17,16 +17,26 @@
 //! | `sim:err:<code>` | Graph error with `code: <code>` (400; 500 for codes 1 and 2; 403 for 10 and 200) |
 //! | `sim:suberr:<code>` | Graph error `code: 100, error_subcode: <code>` |
 //! | `sim:flaky:<n>` | 500 code 2 (`is_transient`) for the first n requests, then success |
+//! | `sim:errn:<code>:<n>` | Graph error `<code>` for the first n requests of this token, then success (a budget refilled, terms signed) |
 //! | `sim:fault:html502` | 502 with an HTML body |
 //! | `sim:fault:empty500` | 500 with an empty body |
 //! | `sim:fault:truncated` | 500 with JSON cut off mid-way |
 //! | `sim:fault:429` | 429, `Retry-After: 7`, Graph code 4 |
+//! | `sim:fault:429huge` | 429, `Retry-After: 10000000000000` (an absurd hint), Graph code 4 |
+//! | `sim:slow:<ms>` | waits `<ms>` milliseconds, then answers like any other token |
 //! | `sim:fault:hang` | never answers |
 //! | `sim:fault:reset` | closes the connection without answering |
 //! | `sim:fault:slowbody` | 200 at once, the body trickles over 5 s |
+//! | `sim:fault:html200` | 200 with an HTML page (a captive proxy) |
+//! | `sim:fault:success_false` | 200 `{"success": false}` |
+//! | `sim:fault:no_tracking_id` | the first call is a send answered `{"success": true}` without a tracking id; later calls take the normal path (with `--cap`, 2300035) |
+//!
+//! Marketing error codes answer with Meta's description from the
+//! classification table's reference (`classify::table::REFERENCE`).
 //!
 //! Then, for every other token: with `--populating D`, the first request of
-//! a `message_id` opens a window of D in which that campaign answers 2300012;
+//! a `message_id` opens a window of D in which that campaign answers 2300012
+//! (and with `--budget-window D`, one answering 2300015);
 //! with `--cap`, a second successful send to the same recipient within
 //! `--cap-window` answers 2300035; with `--errors 2300012=0.05,…`, each
 //! request fails with that code with that probability.
@@ -46,13 +56,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use hmac::{Hmac, Mac};
-use rand::Rng;
+use rand::RngExt;
 use serde_json::{json, Value};
 use sha2::Sha256;
 use tokio::sync::Notify;
@@ -63,37 +73,42 @@ pub const NOMINAL_CALLS_PER_MINUTE: u64 = 600_000;
 
 /// `mmsend simulate`.
 #[derive(clap::Args, Debug, Clone)]
-pub struct SimArgs {
+pub(crate) struct SimArgs {
     /// Address to listen on.
     #[arg(long, env = "MMSEND_SIM_LISTEN", default_value = "127.0.0.1:8090")]
-    pub listen: String,
+    pub(crate) listen: String,
     /// Latency per request: "20ms" or a range "10ms..80ms".
     #[arg(long, env = "MMSEND_SIM_LATENCY", default_value = "0ms")]
-    pub latency: String,
+    pub(crate) latency: String,
     /// Random error mix, code=probability, e.g. "2300012=0.05,4=0.01".
     #[arg(long, env = "MMSEND_SIM_ERRORS", default_value = "")]
-    pub errors: String,
+    pub(crate) errors: String,
     /// Window per new message_id answering 2300012 (0s = off).
     #[arg(long, env = "MMSEND_SIM_POPULATING", default_value = "0s")]
-    pub populating: String,
+    pub(crate) populating: String,
+    /// Window per new message_id answering 2300015 (budget reached), like --populating (0s = off).
+    #[arg(long, env = "MMSEND_SIM_BUDGET_WINDOW", default_value = "0s")]
+    pub(crate) budget_window: String,
     /// Cap each recipient: a second send within --cap-window answers 2300035.
     #[arg(long, env = "MMSEND_SIM_CAP")]
-    pub cap: bool,
+    pub(crate) cap: bool,
+    /// How long --cap holds per recipient.
     #[arg(long, env = "MMSEND_SIM_CAP_WINDOW", default_value = "12h")]
-    pub cap_window: String,
+    pub(crate) cap_window: String,
     /// Accept only this bearer token (others answer code 190).
     #[arg(long, env = "MMSEND_SIM_ACCESS_TOKEN", hide_env_values = true)]
-    pub access_token: Option<String>,
+    pub(crate) access_token: Option<String>,
     /// Require appsecret_proof computed with this app secret.
     #[arg(long, env = "MMSEND_SIM_APP_SECRET", hide_env_values = true)]
-    pub app_secret: Option<String>,
+    pub(crate) app_secret: Option<String>,
     /// estimated_time_to_regain_access (minutes) sent with throttling errors.
     #[arg(long, env = "MMSEND_SIM_REGAIN_MINUTES", default_value_t = 1)]
-    pub regain_minutes: u32,
+    pub(crate) regain_minutes: u32,
 }
 
 impl SimArgs {
-    pub fn to_config(&self) -> anyhow::Result<SimConfig> {
+    /// Parses the flags (durations, the error mix) into a [`SimConfig`].
+    pub(crate) fn to_config(&self) -> anyhow::Result<SimConfig> {
         let dur = |flag: &str, s: &str| {
             humantime::parse_duration(s.trim())
                 .map_err(|e| anyhow::anyhow!("--{flag} {s:?}: {e} (write e.g. 50ms, 2s, 1h)"))
@@ -135,6 +150,7 @@ impl SimArgs {
             latency,
             error_mix,
             populating: dur("populating", &self.populating)?,
+            budget_window: dur("budget-window", &self.budget_window)?,
             cap_window: if self.cap {
                 Some(dur("cap-window", &self.cap_window)?)
             } else {
@@ -150,6 +166,7 @@ impl SimArgs {
 /// Latency added to every request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Latency {
+    /// Always this long.
     Fixed(Duration),
     /// Uniform between the two.
     Range(Duration, Duration),
@@ -165,23 +182,32 @@ impl Latency {
     fn pick(&self) -> Duration {
         match self {
             Latency::Fixed(d) => *d,
-            Latency::Range(lo, hi) if hi > lo => rand::thread_rng().gen_range(*lo..*hi),
+            Latency::Range(lo, hi) if hi > lo => rand::rng().random_range(*lo..*hi),
             Latency::Range(lo, _) => *lo,
         }
     }
 }
 
+/// How the simulator answers; the default answers every valid send at
+/// once, accepts any token and needs no proof.
 #[derive(Debug, Clone, Default)]
 pub struct SimConfig {
+    /// Added before each answer.
     pub latency: Latency,
     /// (code, probability) per request.
     pub error_mix: Vec<(u64, f64)>,
     /// Populating window per new message_id; zero = off.
     pub populating: Duration,
+    /// Window per new message_id answering 2300015 (the campaign's budget
+    /// is reached until the window ends); zero = off.
+    pub budget_window: Duration,
     /// Per-recipient cap window; `None` = off.
     pub cap_window: Option<Duration>,
+    /// Accept only this bearer token (others answer code 190); `None`: any.
     pub access_token: Option<String>,
+    /// Require `appsecret_proof` made with this app secret; `None`: no proof.
     pub app_secret: Option<String>,
+    /// `estimated_time_to_regain_access` (minutes) sent with throttling errors.
     pub regain_minutes: u32,
 }
 
@@ -200,11 +226,17 @@ pub struct SimStats {
     pub duplicates: u64,
     /// Successful sends per message_id.
     pub by_message_id: BTreeMap<String, u64>,
+    /// Successful sends in each second since the first one (index = second).
+    pub sends_by_second: Vec<u64>,
 }
 
 #[derive(Default)]
 struct Books {
     stats: SimStats,
+    /// When the first send arrived.
+    first_send: Option<Instant>,
+    /// First request per message_id, for the budget window.
+    budget_seen: HashMap<String, Instant>,
     flaky: HashMap<String, u64>,
     first_seen: HashMap<String, Instant>,
     last_sent: HashMap<String, Instant>,
@@ -243,6 +275,7 @@ impl Sim {
     }
 }
 
+/// Starts simulators: [`Simulator::start`] returns the [`SimHandle`] of one.
 pub struct Simulator;
 
 impl Simulator {
@@ -253,18 +286,7 @@ impl Simulator {
             .await
             .map_err(|e| anyhow::anyhow!("simulator cannot listen on {addr}: {e}"))?;
         let local = listener.local_addr()?;
-        let sim = Arc::new(Sim {
-            config,
-            books: Mutex::new(Books::default()),
-            started: Instant::now(),
-            ids: AtomicU64::new(1),
-        });
-        let router = Router::new()
-            .route("/{version}/{account}/messages", post(messages))
-            .route("/_sim/stats", get(stats_handler))
-            .route("/_sim/reset", post(reset_handler))
-            .fallback(unknown_path)
-            .with_state(sim.clone());
+        let (router, sim) = app(config);
         let stop = CancellationToken::new();
         let task = tokio::spawn(accept_loop(listener, router, stop.clone()));
         Ok(SimHandle {
@@ -274,6 +296,31 @@ impl Simulator {
             task,
         })
     }
+
+    /// The simulator's routes, for a server of one's own (the HTTP/2
+    /// benchmark serves them over TLS). Each request must carry an
+    /// `Extension<Arc<Notify>>` of its connection, notified when a fault
+    /// asks for the connection to be reset, as [`Simulator::start`]'s
+    /// server does.
+    pub fn router(config: SimConfig) -> Router {
+        app(config).0
+    }
+}
+
+fn app(config: SimConfig) -> (Router, Arc<Sim>) {
+    let sim = Arc::new(Sim {
+        config,
+        books: Mutex::new(Books::default()),
+        started: Instant::now(),
+        ids: AtomicU64::new(1),
+    });
+    let router = Router::new()
+        .route("/{version}/{account}/messages", post(messages))
+        .route("/_sim/stats", get(stats_handler))
+        .route("/_sim/reset", post(reset_handler))
+        .fallback(unknown_path)
+        .with_state(sim.clone());
+    (router, sim)
 }
 
 /// Serves each connection with hyper; a handler that wants the connection
@@ -330,10 +377,12 @@ pub struct SimHandle {
 }
 
 impl SimHandle {
+    /// `http://<addr>`, to use as the Graph client's base URL.
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
+    /// A copy of everything received so far.
     pub fn stats(&self) -> SimStats {
         self.sim.books().stats.clone()
     }
@@ -344,15 +393,24 @@ impl SimHandle {
         self.sim.books().stats.sent
     }
 
+    /// Requests received so far, failed ones included (cheap, like
+    /// [`SimHandle::sent`]).
+    pub fn requests(&self) -> u64 {
+        self.sim.books().stats.requests
+    }
+
     /// Distinct recipients sent to so far (cheap, like [`SimHandle::sent`]).
     pub fn distinct_sent(&self) -> usize {
         self.sim.books().stats.sends_by_recipient.len()
     }
 
+    /// Forgets everything received (stats, populating and budget windows,
+    /// flaky counters, recipient caps, usage); the configuration stays.
     pub fn reset(&self) {
         *self.sim.books() = Books::default();
     }
 
+    /// Stops serving and waits until the server task has ended.
     pub async fn shutdown(self) {
         self.stop.cancel();
         let _ = self.task.await;
@@ -360,7 +418,7 @@ impl SimHandle {
 }
 
 /// `mmsend simulate`: serve until Ctrl-C.
-pub async fn serve(args: &SimArgs) -> anyhow::Result<()> {
+pub(crate) async fn serve(args: &SimArgs) -> anyhow::Result<()> {
     let handle = Simulator::start(&args.listen, args.to_config()?).await?;
     println!(
         "simulator listening on {} (POST /v24.0/act_<id>/messages, GET /_sim/stats, POST /_sim/reset)",
@@ -415,6 +473,12 @@ impl ErrorSpec {
 }
 
 fn message_for(code: u64) -> &'static str {
+    if let Some(m) = i64::try_from(code)
+        .ok()
+        .and_then(crate::classify::table::reference_message)
+    {
+        return m;
+    }
     match code {
         1 => "An unknown error occurred",
         2 => "An unexpected error has occurred. Please retry your request later.",
@@ -425,22 +489,18 @@ fn message_for(code: u64) -> &'static str {
         10 | 200 => "Permissions error",
         100 => "Invalid parameter",
         190 => "Error validating access token: Session has expired",
-        2300005 => "PAGE_ID_MISMATCH: The page id does not match the page of the marketing message",
-        2300012 => "CAMPAIGN_POPULATING_IN_PROGRESS: The campaign is still being set up; try again in a few minutes",
-        2300014 => "AD_ACCOUNT_NOT_MATCH: The ad account does not own this marketing message",
-        2300015 => "BUDGET_REACHED: The campaign has reached its budget",
-        2300017 => "AD_ACCOUNT_SPEND_LIMITATION_REACHED: The ad account reached its spending limit",
-        2300018 => "Marketing messages are not supported in this business region",
-        2300030..=2300032 => "The recipient's region is excluded from marketing messages",
-        2300035 => "The recipient has reached the marketing message frequency cap",
-        80000..=80014 | 2300078..=2300080 => "There have been too many calls for this business account",
-        2300000..=2300099 => "Marketing messages error",
+        80000..=80014 => "There have been too many calls for this business account",
         _ => "An error occurred",
     }
 }
 
+/// Throttling answers carry the BUC regain time; which codes those are is
+/// the classification table's business.
 fn is_throttle(code: u64) -> bool {
-    matches!(code, 4 | 17 | 32 | 613 | 80000..=80014 | 2300078..=2300080)
+    i64::try_from(code)
+        .ok()
+        .and_then(|c| crate::classify::CodeTable::default().get(c).copied())
+        .is_some_and(|row| row.class == crate::classify::Class::Throttled)
 }
 
 fn status_for(code: u64) -> StatusCode {
@@ -452,8 +512,8 @@ fn status_for(code: u64) -> StatusCode {
 }
 
 fn trace_id() -> String {
-    rand::thread_rng()
-        .sample_iter(&rand::distributions::Alphanumeric)
+    rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
         .take(11)
         .map(char::from)
         .collect()
@@ -499,6 +559,29 @@ async fn messages(
     State(sim): State<Arc<Sim>>,
     Extension(reset): Extension<Arc<Notify>>,
     Path((version, account)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    // Like Meta, the simulator finishes a request it has received even if
+    // the caller goes away (a worker killed mid-call): the send happens and
+    // is counted, the answer is lost. So a test can see what a crash
+    // mid-call really costs.
+    let request = tokio::spawn(async move {
+        handle_message(sim, reset, version, account, query, headers, body).await
+    });
+    match request.await {
+        Ok(response) => response,
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+async fn handle_message(
+    sim: Arc<Sim>,
+    reset: Arc<Notify>,
+    version: String,
+    account: String,
+    query: Option<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -518,7 +601,12 @@ async fn messages(
         books.stats.requests += 1;
         sim.count_call(&mut books)
     };
-    let mut response = answer(&sim, &reset, &headers, &body).await;
+    let proof = query.as_deref().and_then(|q| {
+        q.split('&')
+            .find_map(|pair| pair.strip_prefix("appsecret_proof="))
+            .map(str::to_owned)
+    });
+    let mut response = answer(&sim, &reset, &headers, &body, proof.as_deref()).await;
     let regain = match response.extensions().get::<Throttled>() {
         Some(_) => sim.config.regain_minutes,
         None => 0,
@@ -531,7 +619,13 @@ async fn messages(
 #[derive(Clone)]
 struct Throttled;
 
-async fn answer(sim: &Sim, reset: &Notify, headers: &HeaderMap, body: &[u8]) -> Response {
+async fn answer(
+    sim: &Sim,
+    reset: &Notify,
+    headers: &HeaderMap,
+    body: &[u8],
+    appsecret_proof: Option<&str>,
+) -> Response {
     let fail = |books: &mut Books, code: u64, subcode: Option<u64>| {
         sim.error(books, subcode.unwrap_or(code).to_string());
         let spec = match subcode {
@@ -625,7 +719,8 @@ async fn answer(sim: &Sim, reset: &Notify, headers: &HeaderMap, body: &[u8]) -> 
         let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
         mac.update(token.as_bytes());
         let want = hex::encode(mac.finalize().into_bytes());
-        if v.get("appsecret_proof").and_then(Value::as_str) != Some(want.as_str()) {
+        // Graph reads appsecret_proof from the query string
+        if appsecret_proof != Some(want.as_str()) {
             return bad("Invalid appsecret_proof provided in the API argument");
         }
     }
@@ -644,6 +739,22 @@ async fn answer(sim: &Sim, reset: &Notify, headers: &HeaderMap, body: &[u8]) -> 
                 return fail(&mut books, 100, Some(code));
             }
         }
+        Some(("errn", code)) => {
+            // sim:errn:<code>:<n>[:anything]
+            let n: u64 = recipient
+                .split(':')
+                .nth(3)
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(1);
+            if let Ok(code) = code.parse::<u64>() {
+                let mut books = sim.books();
+                let seen = books.flaky.entry(recipient.to_string()).or_insert(0);
+                *seen += 1;
+                if *seen <= n {
+                    return fail(&mut books, code, None);
+                }
+            }
+        }
         Some(("flaky", n)) => {
             let n: u64 = n.parse().unwrap_or(0);
             let mut books = sim.books();
@@ -652,6 +763,13 @@ async fn answer(sim: &Sim, reset: &Notify, headers: &HeaderMap, body: &[u8]) -> 
             if *seen <= n {
                 return fail(&mut books, 2, None);
             }
+        }
+        // sent, but the answer lacks its tracking id; later calls for the
+        // same recipient take the normal path (the cap answers 2300035)
+        Some(("fault", "no_tracking_id")) => {}
+        Some(("slow", ms)) => {
+            let ms: u64 = ms.parse().unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(ms.min(600_000))).await;
         }
         Some(("fault", name)) => {
             {
@@ -674,6 +792,15 @@ async fn answer(sim: &Sim, reset: &Notify, headers: &HeaderMap, body: &[u8]) -> 
             return fail(&mut books, 2300012, None);
         }
     }
+    if !sim.config.budget_window.is_zero() {
+        let first = *books
+            .budget_seen
+            .entry(message_id.to_string())
+            .or_insert(now);
+        if now.duration_since(first) < sim.config.budget_window {
+            return fail(&mut books, 2300015, None);
+        }
+    }
     if let Some(window) = sim.config.cap_window {
         if books
             .last_sent
@@ -684,21 +811,29 @@ async fn answer(sim: &Sim, reset: &Notify, headers: &HeaderMap, body: &[u8]) -> 
         }
     }
     for &(code, p) in &sim.config.error_mix {
-        if rand::thread_rng().gen_bool(p.clamp(0.0, 1.0)) {
+        if rand::rng().random_bool(p.clamp(0.0, 1.0)) {
             return fail(&mut books, code, None);
         }
     }
     if sim.config.cap_window.is_some() {
         books.last_sent.insert(recipient.to_string(), now);
     }
+    let second = now
+        .duration_since(*books.first_send.get_or_insert(now))
+        .as_secs() as usize;
     let stats = &mut books.stats;
+    if stats.sends_by_second.len() <= second {
+        stats.sends_by_second.resize(second + 1, 0);
+    }
+    stats.sends_by_second[second] += 1;
     stats.sent += 1;
     let n = stats
         .sends_by_recipient
         .entry(recipient.to_string())
         .or_insert(0);
     *n += 1;
-    if *n == 2 {
+    let nth = *n;
+    if nth == 2 {
         stats.duplicates += 1;
     }
     *stats
@@ -706,9 +841,25 @@ async fn answer(sim: &Sim, reset: &Notify, headers: &HeaderMap, body: &[u8]) -> 
         .entry(message_id.to_string())
         .or_insert(0) += 1;
     drop(books);
+    if trigger(recipient) == Some(("fault", "no_tracking_id")) && nth == 1 {
+        return (StatusCode::OK, Json(json!({"success": true}))).into_response();
+    }
     let id = sim.ids.fetch_add(1, Ordering::Relaxed);
     Json(json!({"success": true, "marketing_message_tracking_id": format!("mm.{id:012}")}))
         .into_response()
+}
+
+/// A 429 with Graph code 4 and `Retry-After: <retry_after>` (seconds).
+fn too_many_requests(retry_after: &'static str) -> Response {
+    let mut r = graph_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        &ErrorSpec::for_code(4),
+        "OAuthException",
+    );
+    r.headers_mut()
+        .insert("retry-after", HeaderValue::from_static(retry_after));
+    r.extensions_mut().insert(Throttled);
+    r
 }
 
 async fn fault(name: &str, reset: &Notify) -> Response {
@@ -726,17 +877,8 @@ async fn fault(name: &str, reset: &Notify) -> Response {
             r#"{"error": {"message": "Unexpected"#,
         )
             .into_response(),
-        "429" => {
-            let mut r = graph_error(
-                StatusCode::TOO_MANY_REQUESTS,
-                &ErrorSpec::for_code(4),
-                "OAuthException",
-            );
-            r.headers_mut()
-                .insert("retry-after", HeaderValue::from_static("7"));
-            r.extensions_mut().insert(Throttled);
-            r
-        }
+        "429" => too_many_requests("7"),
+        "429huge" => too_many_requests("10000000000000"),
         "hang" => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             StatusCode::GATEWAY_TIMEOUT.into_response()
@@ -765,6 +907,13 @@ async fn fault(name: &str, reset: &Notify) -> Response {
             )
                 .into_response()
         }
+        "html200" => (
+            StatusCode::OK,
+            [("content-type", "text/html")],
+            "<html><body><h1>Welcome to the guest network</h1><p>Please sign in.</p></body></html>",
+        )
+            .into_response(),
+        "success_false" => (StatusCode::OK, Json(json!({"success": false}))).into_response(),
         other => graph_error(
             StatusCode::BAD_REQUEST,
             &ErrorSpec::new(100, None, &format!("unknown simulator fault {other:?}")),

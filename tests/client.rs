@@ -48,7 +48,7 @@ async fn every_answer_shape_is_an_outcome_with_the_right_class() {
 
     match client.send(&token, &req("ok", &msg)).await {
         Outcome::Sent { tracking_id, hint } => {
-            assert!(tracking_id.unwrap().starts_with("mm."));
+            assert!(tracking_id.starts_with("mm."));
             assert!(
                 hint.app.is_some() && hint.business.is_some(),
                 "usage headers read"

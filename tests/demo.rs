@@ -9,6 +9,10 @@ async fn demo_settles_everything_and_balances_its_books() {
         jobs: 400,
         concurrency: 32,
         keep: false,
+        redis_url: Some(
+            std::env::var("MMSEND_TEST_REDIS_URL")
+                .unwrap_or_else(|_| "redis://127.0.0.1:6379/".into()),
+        ),
         progress: false,
         timeout: std::time::Duration::from_secs(90),
     })
@@ -17,6 +21,11 @@ async fn demo_settles_everything_and_balances_its_books() {
     assert!(report.balanced(), "{report:?}");
     assert_eq!(report.sent + report.dead, 400);
     assert_eq!(report.sim.sent, report.sent);
+    assert_eq!(
+        report.redis_up,
+        Some(true),
+        "the demo ran with the send ledger"
+    );
     let dead = |class: &str| {
         report
             .outcomes

@@ -103,3 +103,112 @@ fn rabbitmq_definitions_are_the_declared_topology() {
         );
     }
 }
+
+/// The JSON array after `key` on a line (`command: ["worker"]`,
+/// `CMD ["mmsend", "healthcheck"]`), as the deploy files write exec forms.
+fn exec_array(line: &str, key: &str) -> Option<Vec<String>> {
+    let rest = line.trim().strip_prefix(key)?.trim();
+    if !rest.starts_with('[') {
+        return None;
+    }
+    Some(serde_json::from_str(rest).unwrap_or_else(|e| panic!("{line:?}: {e}")))
+}
+
+/// Parses `argv` (without the program name) as mmsend's command line.
+fn assert_parses(where_: &str, argv: &[String]) {
+    use clap::Parser;
+    let full = std::iter::once("mmsend".to_string()).chain(argv.iter().cloned());
+    if let Err(e) = mmsend::cli::Cli::try_parse_from(full) {
+        panic!(
+            "{where_}: `mmsend {}` is not a valid command: {e}",
+            argv.join(" ")
+        );
+    }
+}
+
+#[test]
+fn every_mmsend_command_in_deploy_is_a_real_command() {
+    let mut checked = 0;
+
+    // Dockerfile: ENTRYPOINT + CMD, and the HEALTHCHECK's CMD
+    let dockerfile = read("deploy/Dockerfile");
+    let runtime = &dockerfile[dockerfile.rfind("\nFROM ").expect("a runtime stage")..];
+    let entry = runtime
+        .lines()
+        .find_map(|l| exec_array(l, "ENTRYPOINT"))
+        .expect("ENTRYPOINT in exec form");
+    assert_eq!(entry, ["mmsend"], "the entrypoint is the mmsend binary");
+    let mut after_healthcheck = false;
+    for line in runtime.lines() {
+        if line.starts_with("HEALTHCHECK") {
+            after_healthcheck = true;
+        }
+        if let Some(argv) = exec_array(line, "CMD") {
+            let (what, argv) = if after_healthcheck {
+                after_healthcheck = false;
+                assert_eq!(argv[0], "mmsend", "the healthcheck runs mmsend");
+                ("Dockerfile HEALTHCHECK", argv[1..].to_vec())
+            } else {
+                ("Dockerfile CMD", argv)
+            };
+            assert_parses(what, &argv);
+            checked += 1;
+        }
+    }
+
+    // compose: the command of every service built from the mmsend image,
+    // and every healthcheck that runs mmsend
+    let compose = read("deploy/compose.yml");
+    let mut service = String::new();
+    let mut mmsend_image = false;
+    for line in compose.lines() {
+        if let Some(name) = line.strip_prefix("  ").and_then(|l| l.strip_suffix(':')) {
+            if !name.starts_with(' ') {
+                service = name.to_string();
+                mmsend_image = false;
+            }
+        }
+        if line.trim().starts_with("image: mmsend:") {
+            mmsend_image = true;
+        }
+        if let Some(argv) = exec_array(line, "command:") {
+            if mmsend_image {
+                assert_parses(&format!("compose {service} command"), &argv);
+                checked += 1;
+            }
+        }
+        if let Some(argv) = exec_array(line, "test:") {
+            if argv.get(1).map(String::as_str) == Some("mmsend") {
+                assert_parses(&format!("compose {service} healthcheck"), &argv[2..]);
+                checked += 1;
+            }
+        }
+    }
+
+    // Kubernetes: the worker's args (the image's ENTRYPOINT is mmsend)
+    for line in read("deploy/k8s/deployment.yaml").lines() {
+        if let Some(argv) = exec_array(line, "args:") {
+            assert_parses("k8s deployment args", &argv);
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 6,
+        "found only {checked} mmsend commands in deploy/"
+    );
+}
+
+#[test]
+fn generated_monitoring_files_name_their_template() {
+    // deploy/check.sh runs generate.py --check; this keeps a hand edit of an
+    // output from going unnoticed by someone who only runs cargo test.
+    for (out, template) in [
+        ("deploy/prometheus/alerts.yml", "alerts.yml.in"),
+        ("deploy/grafana/mmsend.json", "mmsend.json.in"),
+    ] {
+        assert!(
+            read(out).contains(&format!("deploy/monitoring/{template}")),
+            "{out} does not say it is generated from deploy/monitoring/{template}"
+        );
+    }
+}

@@ -1,72 +1,237 @@
-//! Producers and operators against the real RabbitMQ: `enqueue` counts, the
-//! DLQ toolkit (stats, replay, purge, export → enqueue), and a replay racing
-//! a worker that keeps dead-lettering.
+//! Producers and operators against the real RabbitMQ: `enqueue` counts, and
+//! the DLQ toolkit's rules at a few thousand letters — a peek keeps every
+//! letter in order, a run is bounded by the depth at its start, replay and
+//! purge touch exactly the selected letters, an interrupted replay moves a
+//! letter at most once, limits stop early, exact sets, the `.dead` delivery
+//! limit (and an old `.dead` without it), and the `mmsend dlq` CLI (JSON,
+//! exit codes, a closed pipe). Large fills (100k, 1M) are in
+//! `benches/dlq.rs`.
 
 mod common;
 
+use std::collections::{BTreeSet, HashSet};
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::{job, Harness, Opts};
-use lapin::options::BasicPublishOptions;
-use lapin::types::FieldTable;
+use lapin::options::{BasicConsumeOptions, BasicGetOptions, BasicPublishOptions};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 use mmsend::broker::headers::{LastError, Story};
-use mmsend::dlq::{self, Action, Filter, StatsBuilder};
+use mmsend::broker::TopologyWarning;
+use mmsend::classify::{Class, DeadReason};
+use mmsend::dlq::{
+    self, Action, DeadLetter, DlqError, Filter, Flow, LetterSet, Observer, ScanOptions, ScanReport,
+    Selection, Stop,
+};
 use mmsend::producer::{self, Producer};
-use serde_json::json;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
 
-/// Puts a dead letter straight into the DLQ, as a worker would have.
-async fn dead_letter(
-    h: &Harness,
-    id: &str,
-    reason: Option<&str>,
-    class: &str,
+/// One dead letter as a worker would have written it.
+struct Dead<'a> {
+    id: String,
+    reason: Option<DeadReason>,
+    class: Class,
     code: i64,
-    campaign: &str,
-) {
-    let story = Story {
-        attempt: 1,
-        dead_reason: reason.map(str::to_owned),
-        dead_at: Some(chrono::Utc::now()),
-        last_error: LastError {
-            class: Some(class.into()),
-            code: Some(code),
-            message: Some(format!("error {code}")),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let mut headers = FieldTable::default();
-    story.write(&mut headers);
-    let mut body = job(id, &format!("ok-{id}"));
-    body["campaign"] = json!(campaign);
+    campaign: &'a str,
+}
+
+fn dead<'a>(
+    id: impl Into<String>,
+    reason: Option<DeadReason>,
+    class: Class,
+    code: i64,
+    campaign: &'a str,
+) -> Dead<'a> {
+    Dead {
+        id: id.into(),
+        reason,
+        class,
+        code,
+        campaign,
+    }
+}
+
+/// Puts dead letters straight into the DLQ, confirms pipelined.
+async fn fill(h: &Harness, letters: &[Dead<'_>]) {
     let ch = h.conn.create_channel().await.unwrap();
     ch.confirm_select(Default::default()).await.unwrap();
-    ch.basic_publish(
-        h.topology.exchange().into(),
-        h.topology.dead_queue().as_str().into(),
-        BasicPublishOptions::default(),
-        &serde_json::to_vec(&body).unwrap(),
-        BasicProperties::default()
-            .with_message_id(id.into())
-            .with_headers(headers),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    let mut pending = Vec::new();
+    for d in letters {
+        let story = Story {
+            attempt: 1,
+            dead_reason: d.reason.map(|r| r.as_str().to_owned()),
+            dead_at: Some(chrono::Utc::now()),
+            last_error: LastError {
+                class: Some(d.class.as_str().into()),
+                code: Some(d.code),
+                message: Some(format!("error {}", d.code)),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut headers = FieldTable::default();
+        story.write(&mut headers);
+        let mut body = job(&d.id, &format!("ok-{}", d.id));
+        body["campaign"] = json!(d.campaign);
+        pending.push(
+            ch.basic_publish(
+                h.topology.exchange().into(),
+                h.topology.dead_queue().as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &serde_json::to_vec(&body).unwrap(),
+                BasicProperties::default()
+                    .with_message_id(d.id.as_str().into())
+                    .with_delivery_mode(2)
+                    .with_headers(headers),
+            )
+            .await
+            .unwrap(),
+        );
+        if pending.len() >= 256 {
+            for p in pending.drain(..) {
+                assert!(p.await.unwrap().is_ack());
+            }
+        }
+    }
+    for p in pending {
+        assert!(p.await.unwrap().is_ack());
+    }
     let _ = ch.close(200, "ok".into()).await;
 }
 
-fn no_worker(name: &'static str) -> Opts {
-    let mut o = Opts::new(name);
-    o.start_worker = false;
-    o
+/// A terminal page mismatch (2300005).
+fn mismatch(id: impl Into<String>, campaign: &str) -> Dead<'_> {
+    dead(
+        id,
+        Some(DeadReason::Terminal),
+        Class::Mismatch,
+        2300005,
+        campaign,
+    )
+}
+
+/// A terminal unsupported region (2300018).
+fn region(id: impl Into<String>, campaign: &str) -> Dead<'_> {
+    dead(
+        id,
+        Some(DeadReason::Terminal),
+        Class::Region,
+        2300018,
+        campaign,
+    )
+}
+
+/// `n` letters `l0…`, every fifth with code 2300005 (mismatch, campaign
+/// `cm`), the rest 2300018 (region, campaign `bf`).
+fn mixed(n: usize) -> Vec<Dead<'static>> {
+    (0..n)
+        .map(|i| match i % 5 {
+            0 => mismatch(format!("l{i}"), "cm"),
+            _ => region(format!("l{i}"), "bf"),
+        })
+        .collect()
+}
+
+/// A harness named `name` without a worker, its DLQ filled with `mixed(n)`.
+async fn with_letters(name: &'static str, n: usize) -> (Harness, Vec<Dead<'static>>) {
+    let h = Harness::start(Opts::idle(name)).await;
+    let letters = mixed(n);
+    fill(&h, &letters).await;
+    (h, letters)
+}
+
+/// One scan of the test's DLQ, telling `observer` about each selected letter.
+async fn scan_with(
+    h: &Harness,
+    selection: impl Into<Selection>,
+    options: &ScanOptions,
+    observer: &mut dyn Observer,
+) -> ScanReport {
+    dlq::scan(&h.conn, &h.topology, selection, options, observer)
+        .await
+        .unwrap()
+}
+
+/// One scan of the test's DLQ that only counts.
+async fn scan(h: &Harness, selection: impl Into<Selection>, options: &ScanOptions) -> ScanReport {
+    scan_with(h, selection, options, &mut |_: &DeadLetter| {}).await
+}
+
+/// The letters with error code `code`.
+fn by_code(code: i64) -> Filter {
+    Filter {
+        code: Some(code),
+        ..Default::default()
+    }
+}
+
+/// Takes every message out of `queue`, in order, returning the job ids.
+async fn drain_ids(h: &Harness, queue: &str) -> Vec<String> {
+    let ch = h.conn.create_channel().await.unwrap();
+    let mut out = Vec::new();
+    while let Some(msg) = ch
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        let d = DeadLetter::new(msg.delivery.data.clone(), msg.delivery.properties.clone());
+        out.push(d.job_id().unwrap_or_default());
+    }
+    let _ = ch.close(200, "done".into()).await;
+    out
+}
+
+/// `got == want`, or a failure that shows where they part.
+#[track_caller]
+fn assert_order(got: &[String], want: &[String], what: &str) {
+    if got == want {
+        return;
+    }
+    let at = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(want.len()));
+    let window = |v: &[String]| v[at.saturating_sub(3)..(at + 8).min(v.len())].join(" ");
+    panic!(
+        "{what}: {} letters, want {}; first difference at {at}: got [{}], want [{}]",
+        got.len(),
+        want.len(),
+        window(got),
+        window(want)
+    );
+}
+
+fn ids(letters: &[Dead<'_>]) -> Vec<String> {
+    letters.iter().map(|d| d.id.clone()).collect()
+}
+
+/// Drains the DLQ and checks it held exactly `want`, in this order.
+async fn assert_dlq_holds(h: &Harness, want: &[String]) {
+    assert_order(
+        &drain_ids(h, &h.topology.dead_queue()).await,
+        want,
+        "the DLQ afterwards",
+    );
+}
+
+/// Small consumer windows, so a few thousand letters take several consumers.
+fn small(action: Action) -> ScanOptions {
+    ScanOptions {
+        consumer_window: 700,
+        confirm_window: 64,
+        ..ScanOptions::new(action)
+    }
 }
 
 #[tokio::test]
 async fn enqueue_publishes_valid_lines_and_reports_invalid_ones_by_number() {
-    let h = Harness::start(no_worker("enqueue")).await;
+    let h = Harness::start(Opts::idle("enqueue")).await;
     let mut text = String::new();
     let mut invalid_lines = Vec::new();
     for i in 1..=10_000 {
@@ -115,80 +280,44 @@ async fn enqueue_publishes_valid_lines_and_reports_invalid_ones_by_number() {
 
 #[tokio::test]
 async fn stats_replay_by_code_and_purge_touch_exactly_the_selected() {
-    let h = Harness::start(no_worker("dlqops")).await;
-    for i in 0..6 {
-        dead_letter(
-            &h,
-            &format!("reg{i}"),
-            Some("terminal"),
-            "region",
-            2300018,
-            "bf",
-        )
-        .await;
-    }
-    for i in 0..4 {
-        dead_letter(
-            &h,
-            &format!("mis{i}"),
-            Some("terminal"),
-            "mismatch",
-            2300005,
-            "cm",
-        )
-        .await;
-    }
+    let h = Harness::start(Opts::idle("dlqops")).await;
+    let mut letters: Vec<Dead> = (0..6).map(|i| region(format!("reg{i}"), "bf")).collect();
+    letters.extend((0..4).map(|i| mismatch(format!("mis{i}"), "cm")));
     for i in 0..3 {
-        dead_letter(
-            &h,
-            &format!("exp{i}"),
-            Some("retries_exhausted"),
-            "transient",
+        letters.push(dead(
+            format!("exp{i}"),
+            Some(DeadReason::RetriesExhausted),
+            Class::Transient,
             2,
             "bf",
-        )
-        .await;
+        ));
     }
     // dead-lettered by the broker itself: no x-mmsend-dead-reason
-    dead_letter(&h, "poison", None, "transient", 1, "cm").await;
+    letters.push(dead("poison", None, Class::Transient, 1, "cm"));
+    fill(&h, &letters).await;
 
-    let mut sb = StatsBuilder::default();
-    let report = dlq::scan(
-        &h.conn,
-        &h.topology,
-        &Filter::default(),
-        Action::Peek,
-        |d| sb.add(d),
-    )
-    .await
-    .unwrap();
-    let stats = sb.build();
+    let (stats, report) = dlq::stats(&h.conn, &h.topology, Filter::default())
+        .await
+        .unwrap();
     assert_eq!(report.depth_at_start, 14);
     assert_eq!(stats.total, 14);
-    let get = |v: &Vec<(String, usize)>, k: &str| v.iter().find(|(x, _)| x == k).map(|(_, n)| *n);
+    let get = |v: &Vec<dlq::Group>, k: &str| v.iter().find(|g| g.key == k).map(|g| g.count);
     assert_eq!(get(&stats.by_reason, "terminal"), Some(10));
     assert_eq!(get(&stats.by_reason, "retries_exhausted"), Some(3));
     assert_eq!(get(&stats.by_reason, "delivery_limit"), Some(1));
     assert_eq!(get(&stats.by_class, "region"), Some(6));
     assert_eq!(get(&stats.by_code, "2300005"), Some(4));
     assert_eq!(get(&stats.by_campaign, "bf"), Some(9));
+    assert!(stats.by_reason[0].newest.is_some());
+    assert_eq!(
+        stats.by_code[0].latest_error.as_deref(),
+        Some("error 2300018")
+    );
     // peeking kept everything
     assert_eq!(h.depth(&h.topology.dead_queue()).await, 14);
 
     // replay only the region ones
-    let by_code = Filter {
-        code: Some(2300018),
-        ..Default::default()
-    };
-    let r = dlq::scan(
-        &h.conn,
-        &h.topology,
-        &by_code,
-        Action::Replay { rate: 0 },
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let r = scan(&h, by_code(2300018), &small(Action::Replay { rate: 0 })).await;
     assert_eq!((r.selected, r.replayed, r.failed), (6, 6, 0));
     assert_eq!(h.depth(&h.topology.send_queue()).await, 6);
     assert_eq!(h.depth(&h.topology.dead_queue()).await, 8);
@@ -198,7 +327,7 @@ async fn stats_replay_by_code_and_purge_touch_exactly_the_selected() {
     let msg = ch
         .basic_get(
             h.topology.send_queue().as_str().into(),
-            lapin::options::BasicGetOptions { no_ack: true },
+            BasicGetOptions { no_ack: true },
         )
         .await
         .unwrap()
@@ -208,73 +337,318 @@ async fn stats_replay_by_code_and_purge_touch_exactly_the_selected() {
     assert_eq!(story.replays, 1);
     assert!(story.replayed_at.is_some() && story.dead_reason.is_none());
 
-    // purge with a filter and a limit removes exactly that many
+    // purge with a typed filter and a limit removes exactly that many
     let purge = Filter {
-        class: Some("mismatch".into()),
+        class: Some(Class::Mismatch),
         limit: Some(3),
         ..Default::default()
     };
-    let r = dlq::scan(&h.conn, &h.topology, &purge, Action::Purge, |_| {})
-        .await
-        .unwrap();
+    let r = scan(&h, purge, &small(Action::Purge)).await;
     assert_eq!(r.purged, 3);
+    assert_eq!(r.stop, Stop::Selected);
     assert_eq!(h.depth(&h.topology.dead_queue()).await, 5);
-    // "purge" without --yes is a preview
-    dlq::command(
-        &h.conn,
-        &h.topology,
-        &Filter::default(),
-        dlq::Op::Purge { yes: false },
-    )
-    .await
-    .unwrap();
-    assert_eq!(h.depth(&h.topology.dead_queue()).await, 5);
+    let broker = Filter {
+        reason: Some(DeadReason::DeliveryLimit),
+        ..Default::default()
+    };
+    let (only, _) = dlq::stats(&h.conn, &h.topology, broker).await.unwrap();
+    assert_eq!(only.total, 1);
     h.finish().await;
 }
 
 #[tokio::test]
-async fn export_then_enqueue_round_trips_the_jobs() {
-    let h = Harness::start(no_worker("export")).await;
-    for i in 0..5 {
-        dead_letter(
-            &h,
-            &format!("x{i}"),
-            Some("terminal"),
-            "region",
-            2300030,
-            "bf",
-        )
-        .await;
+async fn a_peek_across_several_consumers_keeps_every_letter_once_and_in_order() {
+    let (h, letters) = with_letters("dlqorder", 3_000).await;
+    let mut seen = Vec::new();
+    let r = scan_with(
+        &h,
+        Filter::default(),
+        &small(Action::Peek),
+        &mut |d: &DeadLetter| seen.push(d.job_id().unwrap()),
+    )
+    .await;
+    assert_eq!(
+        (r.depth_at_start, r.read, r.selected, r.stop),
+        (3_000, 3_000, 3_000, Stop::Depth)
+    );
+    assert_order(&seen, &ids(&letters), "read once each, in queue order");
+    // twice more: a peek puts everything back where it was
+    for _ in 0..2 {
+        scan(&h, Filter::default(), &small(Action::Peek)).await;
     }
-    let dir = std::env::temp_dir().join(format!("mmsend-export-{}", rand::random::<u32>()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("dead.jsonl");
-    dlq::command(
-        &h.conn,
-        &h.topology,
-        &Filter::default(),
-        dlq::Op::Export {
-            output: Some(path.clone()),
+    assert_dlq_holds(&h, &ids(&letters)).await;
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn a_run_is_bounded_by_the_depth_at_its_start_while_letters_keep_arriving() {
+    let (h, first) = with_letters("dlqbound", 2_000).await;
+    let late: Vec<Dead> = (0..1_000)
+        .map(|i| {
+            dead(
+                format!("late{i}"),
+                Some(DeadReason::Expired),
+                Class::Budget,
+                2300015,
+                "late",
+            )
+        })
+        .collect();
+    let mut late_seen = 0;
+    let started = std::sync::Arc::new(tokio::sync::Notify::new());
+    let options = small(Action::Peek);
+    let mut observer = |d: &DeadLetter| {
+        started.notify_one();
+        if d.campaign().as_deref() == Some("late") {
+            late_seen += 1;
+        }
+    };
+    let late_fill = async {
+        // once the run has read its depth and is reading
+        started.notified().await;
+        fill(&h, &late).await
+    };
+    let (r, ()) = tokio::join!(
+        scan_with(&h, Filter::default(), &options, &mut observer),
+        late_fill
+    );
+    assert_eq!(r.depth_at_start, 2_000);
+    assert_eq!(r.read, 2_000, "never more than the depth at the start");
+    assert_eq!(
+        late_seen, 0,
+        "letters that arrived during the run come after the ones it read"
+    );
+    let mut all = ids(&first);
+    all.extend(ids(&late));
+    assert_dlq_holds(&h, &all).await;
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn replay_moves_exactly_the_selected_letters_once_and_keeps_the_rest_in_order() {
+    let (h, letters) = with_letters("dlqreplay", 3_000).await;
+    let r = scan(&h, by_code(2300005), &small(Action::Replay { rate: 0 })).await;
+    assert_eq!(
+        (r.read, r.selected, r.replayed, r.failed),
+        (3_000, 600, 600, 0)
+    );
+    let sent = drain_ids(&h, &h.topology.send_queue()).await;
+    let (want, kept): (Vec<Dead>, Vec<Dead>) = letters.into_iter().partition(|d| d.code == 2300005);
+    assert_order(
+        &sent,
+        &ids(&want),
+        "exactly the selected, each once, in order",
+    );
+    assert_order(
+        &drain_ids(&h, &h.topology.dead_queue()).await,
+        &ids(&kept),
+        "the rest",
+    );
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn list_with_a_limit_stops_early_and_says_the_rest_was_not_counted() {
+    let (h, letters) = with_letters("dlqlimit", 3_000).await;
+    let limited = Filter {
+        class: Some(Class::Mismatch),
+        limit: Some(5),
+        ..Default::default()
+    };
+    let mut shown = Vec::new();
+    let r = scan_with(&h, limited, &small(Action::Peek), &mut |d: &DeadLetter| {
+        shown.push(d.job_id().unwrap())
+    })
+    .await;
+    assert_eq!(shown, ["l0", "l5", "l10", "l15", "l20"]);
+    assert_eq!((r.selected, r.read, r.stop), (5, 21, Stop::Selected));
+    assert!(!r.counted_all());
+    assert_dlq_holds(&h, &ids(&letters)).await;
+    h.finish().await;
+}
+
+/// Cancels the scan after `after` selected letters.
+struct CancelAfter {
+    after: usize,
+    seen: usize,
+    token: CancellationToken,
+}
+
+impl Observer for CancelAfter {
+    fn selected(&mut self, _: &DeadLetter) -> Flow {
+        self.seen += 1;
+        if self.seen == self.after {
+            self.token.cancel();
+        }
+        Flow::Continue
+    }
+}
+
+#[tokio::test]
+async fn an_interrupted_replay_moves_every_letter_at_most_once_and_keeps_the_rest() {
+    let (h, letters) = with_letters("dlqcancel", 2_000).await;
+    let token = CancellationToken::new();
+    let mut obs = CancelAfter {
+        after: 700,
+        seen: 0,
+        token: token.clone(),
+    };
+    let r = scan_with(
+        &h,
+        Filter::default(),
+        &small(Action::Replay { rate: 0 }).with_cancel(token),
+        &mut obs,
+    )
+    .await;
+    assert_eq!(r.stop, Stop::Interrupted);
+    assert!(r.replayed >= 1 && r.replayed <= 700, "{r:?}");
+    let sent = drain_ids(&h, &h.topology.send_queue()).await;
+    let kept = drain_ids(&h, &h.topology.dead_queue()).await;
+    assert_eq!(sent.len(), r.replayed);
+    assert_eq!(
+        sent.len() + kept.len(),
+        2_000,
+        "nothing lost, nothing doubled"
+    );
+    let sent_set: HashSet<&String> = sent.iter().collect();
+    assert_eq!(sent_set.len(), sent.len());
+    assert!(
+        kept.iter().all(|k| !sent_set.contains(k)),
+        "no letter both moved and kept"
+    );
+    let mut order = sent.clone();
+    order.extend(kept);
+    assert_order(
+        &order,
+        &ids(&letters),
+        "moved the first ones, kept the rest in order",
+    );
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn an_exact_set_replays_only_the_confirmed_letters_and_counts_missing_ones() {
+    let (h, _) = with_letters("dlqexact", 1_500).await;
+    // what a console showed a person: every third letter
+    let mut shown = LetterSet::new();
+    let mut shown_ids = BTreeSet::new();
+    let mut i = 0;
+    scan_with(
+        &h,
+        Filter::default(),
+        &small(Action::Peek),
+        &mut |d: &DeadLetter| {
+            if i % 3 == 0 {
+                shown.insert(d.key());
+                shown_ids.insert(d.job_id().unwrap());
+            }
+            i += 1;
         },
+    )
+    .await;
+    assert_eq!(shown.len(), 500);
+    // meanwhile someone purges the first letter
+    let first = Filter {
+        job_id: Some("l0".into()),
+        ..Default::default()
+    };
+    scan(&h, first, &small(Action::Purge)).await;
+    let r = scan(&h, shown, &small(Action::Replay { rate: 0 })).await;
+    assert_eq!((r.replayed, r.missing), (499, 1));
+    let sent: BTreeSet<String> = drain_ids(&h, &h.topology.send_queue())
+        .await
+        .into_iter()
+        .collect();
+    shown_ids.remove("l0");
+    assert_eq!(sent, shown_ids);
+    assert_eq!(h.depth(&h.topology.dead_queue()).await, 1_000);
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn dead_letters_survive_more_peeks_than_any_default_delivery_limit() {
+    let (h, letters) = with_letters("dlqpeeks", 20).await;
+    // RabbitMQ 4.0+ would drop them after 20 returns without mmsend's limit
+    for _ in 0..25 {
+        let r = scan(&h, Filter::default(), &ScanOptions::peek()).await;
+        assert_eq!(r.read, 20);
+    }
+    assert_eq!(h.topology.check_dead_queue(&h.conn).await.unwrap(), None);
+    assert_dlq_holds(&h, &ids(&letters)).await;
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn a_dead_queue_from_an_earlier_version_is_kept_and_the_fix_is_reported() {
+    let topology =
+        mmsend::broker::Topology::new(&common::random_prefix("dlqlegacy"), &["200ms"], 5).unwrap();
+    let mut guard = common::TopologyGuard::new(&topology);
+    let conn = mmsend::broker::connect(&common::amqp_url(), "test")
+        .await
+        .unwrap();
+    // `.dead` as mmsend declared it before: quorum, no delivery limit
+    let ch = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    ch.queue_declare(
+        topology.dead_queue().as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
     )
     .await
     .unwrap();
-    let text = std::fs::read_to_string(&path).unwrap();
-    assert_eq!(text.lines().count(), 5);
-    let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
-    assert_eq!(first["headers"]["x-mmsend-class"], "region");
-    assert_eq!(first["headers"]["x-mmsend-error-code"], 2300030);
-    assert!(!text.contains(common::TOKEN));
-    // export is a peek
-    assert_eq!(h.depth(&h.topology.dead_queue()).await, 5);
-    let producer = Producer::on(&h.conn, &h.topology).await.unwrap();
-    let report = producer::enqueue(text.as_bytes(), Some(&producer), |_, _| {})
+    let report = topology
+        .declare(&conn)
+        .await
+        .expect("declare must not fail on an old .dead");
+    let want = TopologyWarning::DeadQueueMayDrop {
+        queue: topology.dead_queue(),
+        current: None,
+    };
+    assert_eq!(report.warnings, std::slice::from_ref(&want));
+    assert!(want.to_string().contains("rabbitmqctl set_policy"));
+    assert_eq!(topology.check_dead_queue(&conn).await.unwrap(), Some(want));
+    // the rest of the topology is there and routes to the old queue
+    let h_depth = topology.show(&conn).await.unwrap();
+    assert_eq!(h_depth.len(), 1 + 1 + 1);
+    // a fresh topology has nothing to report
+    let fresh =
+        mmsend::broker::Topology::new(&common::random_prefix("dlqfresh"), &["200ms"], 5).unwrap();
+    let mut fresh_guard = common::TopologyGuard::new(&fresh);
+    assert!(fresh.declare(&conn).await.unwrap().warnings.is_empty());
+    assert_eq!(fresh.check_dead_queue(&conn).await.unwrap(), None);
+    fresh.delete(&conn).await.unwrap();
+    fresh_guard.disarm();
+    topology.delete(&conn).await.unwrap();
+    guard.disarm();
+    let _ = conn.close(200, "done".into()).await;
+}
+
+#[tokio::test]
+async fn a_second_reader_of_the_dlq_is_refused_rather_than_given_half_the_letters() {
+    let (h, _) = with_letters("dlqbusy", 10).await;
+    let ch = h.conn.create_channel().await.unwrap();
+    let _other = ch
+        .basic_consume(
+            h.topology.dead_queue().as_str().into(),
+            "other".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .unwrap();
-    assert_eq!((report.published, report.invalid.len()), (5, 0));
-    assert_eq!(h.depth(&h.topology.send_queue()).await, 5);
-    producer.close().await;
-    std::fs::remove_dir_all(&dir).unwrap();
+    let e = dlq::stats(&h.conn, &h.topology, Filter::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, DlqError::Busy { consumers: 1, .. }), "{e}");
+    let _ = ch.close(200, "done".into()).await;
+    assert_eq!(h.depth(&h.topology.dead_queue()).await, 10);
     h.finish().await;
 }
 
@@ -282,35 +656,19 @@ async fn export_then_enqueue_round_trips_the_jobs() {
 async fn replay_racing_a_dead_lettering_worker_neither_loses_nor_doubles() {
     let h = Harness::start(Opts::new("race")).await;
     // 200 old dead letters whose cause is fixed: they will send on replay
-    for i in 0..200 {
-        dead_letter(
-            &h,
-            &format!("old{i}"),
-            Some("terminal"),
-            "region",
-            2300018,
-            "old",
-        )
-        .await;
-    }
+    let old: Vec<Dead> = (0..200).map(|i| region(format!("old{i}"), "old")).collect();
+    fill(&h, &old).await;
     // meanwhile 300 new jobs die with a mismatch
     for i in 0..300 {
         h.publish_job(&job(&format!("new{i}"), &format!("sim:err:2300005:{i}")))
             .await;
     }
-    let by_code = Filter {
-        code: Some(2300018),
-        ..Default::default()
-    };
-    let r = dlq::scan(
-        &h.conn,
-        &h.topology,
-        &by_code,
-        Action::Replay { rate: 0 },
-        |_| {},
+    let r = scan(
+        &h,
+        by_code(2300018),
+        &ScanOptions::new(Action::Replay { rate: 0 }),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(r.replayed, 200);
     h.wait_settled(500, Duration::from_secs(60)).await;
     let stats = h.sim.stats();
@@ -322,5 +680,181 @@ async fn replay_racing_a_dead_lettering_worker_neither_loses_nor_doubles() {
         .iter()
         .all(|d| d.story.last_error.code == Some(2300005)));
     assert!(dead.iter().all(|d| d.story.replays == 0));
+    h.finish().await;
+}
+
+fn run(h: &Harness, args: &[&str]) -> (i32, String, String) {
+    let out = h.mmsend(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn the_dlq_cli_speaks_json_uses_exit_codes_and_round_trips_an_export() {
+    let (h, _) = with_letters("dlqcli", 50).await;
+
+    let (code, out, _) = run(&h, &["dlq", "stats", "--json"]);
+    assert_eq!(code, 0);
+    let stats: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(stats["depth_at_start"], 50);
+    assert_eq!(stats["total"], 50);
+    assert_eq!(stats["counted_all"], true);
+    assert_eq!(
+        stats["by_code"][0],
+        json!({"key": "2300018", "count": 40, "oldest": stats["by_code"][0]["oldest"], "newest": stats["by_code"][0]["newest"], "latest_error": "error 2300018"})
+    );
+
+    let (code, out, _) = run(
+        &h,
+        &[
+            "dlq", "list", "--class", "mismatch", "--limit", "2", "--json",
+        ],
+    );
+    assert_eq!(code, 0);
+    let list: Value = serde_json::from_str(&out).unwrap();
+    let shown: Vec<&str> = list["letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["key"]["job_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(shown, ["l0", "l5"]);
+    assert_eq!(list["counted_all"], false);
+    assert_eq!(list["stop"], "selected");
+
+    let (code, out, _) = run(&h, &["dlq", "list", "--class", "mismatch", "--limit", "2"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("stopped at --limit 2") && out.contains("not counted"),
+        "{out}"
+    );
+
+    // bad input: exit 2 with a readable message, never a panic
+    let (code, _, err) = run(&h, &["dlq", "list", "--reason", "bogus"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("retries_exhausted") && err.contains("delivery_limit"),
+        "{err}"
+    );
+    let (code, _, err) = run(&h, &["dlq", "list", "--since", "300000years"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("--since") && !err.contains("panicked"),
+        "{err}"
+    );
+    let (_, help, _) = run(&h, &["dlq", "list", "--help"]);
+    assert!(
+        help.contains("campaign_config") && help.contains("no_token"),
+        "{help}"
+    );
+
+    // export → enqueue round trip
+    let dir = common::tmpdir("export");
+    let path = dir.join("dead.jsonl");
+    let (code, _, err) = run(
+        &h,
+        &[
+            "dlq",
+            "export",
+            "--code",
+            "2300005",
+            "-o",
+            path.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("10 of 50 dead letters exported"), "{err}");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(text.lines().count(), 10);
+    let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(first["headers"]["x-mmsend-class"], "mismatch");
+    assert!(!text.contains(common::TOKEN));
+    let producer = Producer::on(&h.conn, &h.topology).await.unwrap();
+    let report = producer::enqueue(text.as_bytes(), Some(&producer), |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!((report.published, report.invalid.len()), (10, 0));
+    producer.close().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(
+        h.depth(&h.topology.dead_queue()).await,
+        50,
+        "export is a peek"
+    );
+
+    // purge without --yes is a preview
+    let (code, out, _) = run(&h, &["dlq", "purge", "--campaign", "cm"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("10 of 50 dead letters would be purged"),
+        "{out}"
+    );
+    assert_eq!(h.depth(&h.topology.dead_queue()).await, 50);
+
+    // a replay whose copies cannot be routed: exit 1, every letter stays
+    let ch = h.conn.create_channel().await.unwrap();
+    ch.queue_unbind(
+        h.topology.send_queue().as_str().into(),
+        h.topology.exchange().into(),
+        h.topology.send_queue().as_str().into(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let (code, out, _) = run(&h, &["dlq", "replay", "--code", "2300005", "--json"]);
+    assert_eq!(code, 1, "partly failed");
+    let r: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (r["replayed"].as_u64(), r["failed"].as_u64()),
+        (Some(0), Some(10))
+    );
+    assert_eq!(h.depth(&h.topology.dead_queue()).await, 50);
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn a_closed_pipe_ends_the_list_quietly_and_keeps_every_letter() {
+    let (h, letters) = with_letters("dlqpipe", 2_000).await;
+    let mut child = h
+        .mmsend(&["dlq", "list", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Read;
+        let mut stdout = child.stdout.take().unwrap();
+        let mut first = [0u8; 64];
+        stdout.read_exact(&mut first).unwrap();
+        // `| head` goes away here
+    }
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("panicked") && !err.contains("error"), "{err}");
+    assert_dlq_holds(&h, &ids(&letters)).await;
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn a_scan_stops_at_the_hold_bound_and_keeps_every_letter() {
+    let (h, letters) = with_letters("dlqbound2", 1_000).await;
+    let options = ScanOptions {
+        max_held: Some(300),
+        ..small(Action::Peek)
+    };
+    let r = scan(&h, Filter::default(), &options).await;
+    assert_eq!((r.read, r.stop), (300, Stop::HoldLimit));
+    assert!(!r.counted_all());
+    // the CLI says so and exits 1 (partly done)
+    let (code, _, err) = run(&h, &["dlq", "stats", "--max-held", "300"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--max-held"), "{err}");
+    assert_dlq_holds(&h, &ids(&letters)).await;
     h.finish().await;
 }

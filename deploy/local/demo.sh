@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 deploy/local/ensure-rabbitmq.sh
+deploy/local/ensure-redis.sh
 echo "== building mmsend (first build takes a few minutes)"
 cargo build --quiet
 exec target/debug/mmsend demo "$@"

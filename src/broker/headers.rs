@@ -6,6 +6,22 @@
 //! [`Story::read`] accepts whatever integer or string types another AMQP
 //! client used, [`Story::write`] emits long strings, `long long` integers
 //! and booleans.
+//!
+//! Copies (retry, dead, replay) are made by [`Story::restamp`], and they
+//! carry none of RabbitMQ's own bookkeeping: `x-death`,
+//! `x-first-death-*`, `x-last-death-*`, `x-delivery-count` and
+//! `x-acquired-count` describe the *original* message's life in the
+//! broker. Copied onto a new message they mislead the broker: a copy whose
+//! `x-death` names `<prefix>.send` (a job once dead-lettered by the
+//! delivery limit, then replayed) is taken by RabbitMQ's dead-letter cycle
+//! check for a cycle when its tier's TTL sends it back to `.send`, and with
+//! `at-least-once` dead-lettering it is held there forever, invisible. What
+//! an operator needs from that history, how often the broker dead-lettered
+//! the job by delivery limit, moves into [`DELIVERY_LIMIT_HITS`]. Nor do
+//! copies keep the producer's AMQP `expiration` (a dead letter would expire
+//! out of the DLQ, a retry would come back before its tier's time; a job's
+//! deadline is its `not_after`) or `user_id` (RabbitMQ checks it against
+//! the publishing connection's user and closes the channel on a mismatch).
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -13,24 +29,43 @@ use lapin::BasicProperties;
 
 use crate::classify::{Class, DeadReason};
 
+/// Sends tried so far: 0 before the first call, 1 after it.
 pub const ATTEMPT: &str = "x-mmsend-attempt";
+/// RFC 3339 instant of the first try; cleared by a replay.
 pub const FIRST_ATTEMPT_AT: &str = "x-mmsend-first-attempt-at";
+/// RFC 3339 instant the producer published the job (job latency starts here).
 pub const ENQUEUED_AT: &str = "x-mmsend-enqueued-at";
+/// The [`Class`] name of the last failure.
 pub const CLASS: &str = "x-mmsend-class";
+/// The Graph API error `code` of the last failure.
 pub const ERROR_CODE: &str = "x-mmsend-error-code";
+/// The Graph API `error_subcode` of the last failure.
 pub const ERROR_SUBCODE: &str = "x-mmsend-error-subcode";
+/// The last failure's message, at most 500 characters, tokens redacted.
 pub const ERROR_MESSAGE: &str = "x-mmsend-error-message";
+/// The HTTP status of the last failure (absent for a network error).
 pub const HTTP_STATUS: &str = "x-mmsend-http-status";
+/// Meta's `fbtrace_id` of the last failure, for a support ticket.
 pub const FBTRACE_ID: &str = "x-mmsend-fbtrace-id";
+/// `true` when the last failure may have been a send (a timeout, a 5xx).
 pub const AMBIGUOUS: &str = "x-mmsend-ambiguous";
+/// Why a job died, a [`DeadReason`] name; absent on a job RabbitMQ dead-lettered itself.
 pub const DEAD_REASON: &str = "x-mmsend-dead-reason";
+/// RFC 3339 instant a worker dead-lettered the job.
 pub const DEAD_AT: &str = "x-mmsend-dead-at";
+/// The worker id (`MMSEND_WORKER_ID`) that settled the job last.
 pub const WORKER: &str = "x-mmsend-worker";
+/// How many times `dlq replay` moved the job back to the work queue.
 pub const REPLAYS: &str = "x-mmsend-replays";
+/// RFC 3339 instant of the last replay.
 pub const REPLAYED_AT: &str = "x-mmsend-replayed-at";
+/// How many times RabbitMQ dead-lettered the job by the work queue's
+/// delivery limit (carried over from the `x-death` of the message a copy
+/// was made from).
+pub const DELIVERY_LIMIT_HITS: &str = "x-mmsend-delivery-limit-hits";
 
 /// Every header mmsend writes, in the order of DESIGN §5.
-pub const ALL: [&str; 15] = [
+pub const ALL: [&str; 16] = [
     ATTEMPT,
     FIRST_ATTEMPT_AT,
     ENQUEUED_AT,
@@ -46,7 +81,65 @@ pub const ALL: [&str; 15] = [
     WORKER,
     REPLAYS,
     REPLAYED_AT,
+    DELIVERY_LIMIT_HITS,
 ];
+
+/// Headers RabbitMQ writes about a message's own life in the broker; never
+/// copied (see the module docs).
+const BROKER_HEADERS: [&str; 3] = ["x-death", "x-delivery-count", "x-acquired-count"];
+/// Prefixes of RabbitMQ's dead-letter summary headers (`x-first-death-queue`,
+/// `x-last-death-reason`, …).
+const BROKER_HEADER_PREFIXES: [&str; 2] = ["x-first-death-", "x-last-death-"];
+
+/// Whether `name` is one of RabbitMQ's own bookkeeping headers.
+pub fn is_broker_header(name: &str) -> bool {
+    BROKER_HEADERS.contains(&name) || BROKER_HEADER_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// How many times RabbitMQ dead-lettered this message by a quorum queue's
+/// delivery limit: what earlier copies recorded in [`DELIVERY_LIMIT_HITS`]
+/// plus the `delivery_limit` entries of the `x-death` the message arrived
+/// with. Saturates; odd values count as 0.
+pub fn delivery_limit_hits(headers: Option<&FieldTable>) -> u32 {
+    let Some(h) = headers else {
+        return 0;
+    };
+    let h = h.inner();
+    let recorded = h
+        .get(&ShortString::from(DELIVERY_LIMIT_HITS))
+        .and_then(as_int)
+        .map_or(0, saturate_u32);
+    let from_broker = match h.get(&ShortString::from("x-death")) {
+        Some(AMQPValue::FieldArray(entries)) => entries
+            .as_slice()
+            .iter()
+            .filter_map(|e| match e {
+                AMQPValue::FieldTable(t) => Some(t.inner()),
+                _ => None,
+            })
+            .filter(|t| {
+                t.get(&ShortString::from("reason"))
+                    .and_then(as_text)
+                    .as_deref()
+                    == Some("delivery_limit")
+            })
+            .map(|t| {
+                t.get(&ShortString::from("count"))
+                    .and_then(as_int)
+                    .map_or(1, saturate_u32)
+            })
+            .fold(0u32, u32::saturating_add),
+        _ => 0,
+    };
+    recorded.saturating_add(from_broker)
+}
+
+/// A header integer as a `u32` counter: negative is 0, too large is
+/// `u32::MAX` (a counter near its limit stays there instead of wrapping to
+/// 0 and starting over).
+pub fn saturate_u32(n: i64) -> u32 {
+    u32::try_from(n.max(0)).unwrap_or(u32::MAX)
+}
 
 /// Longest error message kept in a header.
 const MAX_MESSAGE_CHARS: usize = 500;
@@ -57,27 +150,44 @@ pub struct LastError {
     /// The class name; a string because a dead letter may carry a class
     /// this build does not know (written by another version).
     pub class: Option<String>,
+    /// The Graph API error `code`; `None` for an HTTP or network failure
+    /// without a Graph error body.
     pub code: Option<i64>,
+    /// The Graph API `error_subcode`, when the error had one.
     pub subcode: Option<i64>,
+    /// What went wrong, at most 500 characters, access tokens redacted.
     pub message: Option<String>,
+    /// The HTTP status; `None` when no response came (timeout, connection).
     pub http_status: Option<u16>,
+    /// Meta's `fbtrace_id`, to quote to Meta's support.
     pub fbtrace_id: Option<String>,
+    /// The failure may have been a send (timeout, 5xx): the job may have
+    /// reached the user even though it is retried or dead.
     pub ambiguous: bool,
 }
 
 /// The typed view of a message's `x-mmsend-*` headers.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Story {
+    /// Sends tried so far (0 before the first call).
     pub attempt: u32,
+    /// When the first try ran; `None` before it and after a replay.
     pub first_attempt_at: Option<DateTime<Utc>>,
+    /// When the producer published the job; `None` when it did not say.
     pub enqueued_at: Option<DateTime<Utc>>,
+    /// The last failure; all empty on a job that has not failed yet.
     pub last_error: LastError,
     /// `None` on a live job. A dead letter without it was dead-lettered by
     /// the broker (delivery limit): see [`Story::dead_reason_or_broker`].
     pub dead_reason: Option<String>,
+    /// When a worker dead-lettered the job; `None` on a live job and on one
+    /// the broker dead-lettered.
     pub dead_at: Option<DateTime<Utc>>,
+    /// The worker id that settled the job last.
     pub worker: Option<String>,
+    /// How many times `dlq replay` moved the job back (0 if never).
     pub replays: u32,
+    /// When the last replay happened; `None` if never replayed.
     pub replayed_at: Option<DateTime<Utc>>,
 }
 
@@ -99,9 +209,7 @@ impl Story {
             })
         };
         Story {
-            attempt: int(ATTEMPT)
-                .and_then(|n| u32::try_from(n).ok())
-                .unwrap_or(0),
+            attempt: int(ATTEMPT).map_or(0, saturate_u32),
             first_attempt_at: time(FIRST_ATTEMPT_AT),
             enqueued_at: time(ENQUEUED_AT),
             last_error: LastError {
@@ -119,9 +227,7 @@ impl Story {
             dead_reason: text(DEAD_REASON),
             dead_at: time(DEAD_AT),
             worker: text(WORKER),
-            replays: int(REPLAYS)
-                .and_then(|n| u32::try_from(n).ok())
-                .unwrap_or(0),
+            replays: int(REPLAYS).map_or(0, saturate_u32),
             replayed_at: time(REPLAYED_AT),
         }
     }
@@ -207,15 +313,63 @@ impl Story {
 impl Story {
     /// `original` (message id, content type, foreign headers, …) made
     /// persistent, with this story written into the headers: the properties
-    /// of a copy headed for a delay tier, the DLQ or back to work. The
-    /// broker's own `x-delivery-count` is dropped.
+    /// of a copy headed for a delay tier, the DLQ or back to work.
+    ///
+    /// Left behind (see the module docs): RabbitMQ's own headers
+    /// ([`is_broker_header`]), whose delivery-limit history is carried on
+    /// in [`DELIVERY_LIMIT_HITS`], and the `expiration` and `user_id`
+    /// properties.
     pub fn restamp(&self, original: &BasicProperties) -> BasicProperties {
-        let mut headers = original.headers().clone().unwrap_or_default();
-        let mut inner = std::mem::take(&mut headers).inner().clone();
-        inner.remove(&ShortString::from("x-delivery-count"));
-        headers = FieldTable::from(inner);
+        let hits = delivery_limit_hits(original.headers().as_ref());
+        let mut map = original
+            .headers()
+            .as_ref()
+            .map(|h| h.inner().clone())
+            .unwrap_or_default();
+        map.retain(|k, _| !is_broker_header(k.as_str()));
+        let mut headers = FieldTable::from(map);
         self.write(&mut headers);
-        original.clone().with_delivery_mode(2).with_headers(headers)
+        if hits > 0 {
+            headers.insert(
+                DELIVERY_LIMIT_HITS.into(),
+                AMQPValue::LongLongInt(i64::from(hits)),
+            );
+        }
+        let mut copy = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_headers(headers);
+        let o = original;
+        if let Some(v) = o.content_type() {
+            copy = copy.with_content_type(v.clone());
+        }
+        if let Some(v) = o.content_encoding() {
+            copy = copy.with_content_encoding(v.clone());
+        }
+        if let Some(v) = o.priority() {
+            copy = copy.with_priority(*v);
+        }
+        if let Some(v) = o.correlation_id() {
+            copy = copy.with_correlation_id(v.clone());
+        }
+        if let Some(v) = o.reply_to() {
+            copy = copy.with_reply_to(v.clone());
+        }
+        if let Some(v) = o.message_id() {
+            copy = copy.with_message_id(v.clone());
+        }
+        if let Some(v) = o.timestamp() {
+            copy = copy.with_timestamp(*v);
+        }
+        if let Some(v) = o.kind() {
+            copy = copy.with_type(v.clone());
+        }
+        if let Some(v) = o.app_id() {
+            copy = copy.with_app_id(v.clone());
+        }
+        if let Some(v) = o.cluster_id() {
+            copy = copy.with_cluster_id(v.clone());
+        }
+        copy
     }
 }
 
@@ -309,6 +463,86 @@ mod tests {
         assert_eq!(s.first_attempt_at, None);
         assert_eq!(s.dead_reason_or_broker(), "delivery_limit");
         assert_eq!(Story::read(None), Story::default());
+    }
+
+    #[test]
+    fn restamp_leaves_the_brokers_bookkeeping_expiration_and_user_id_behind() {
+        let mut entry = FieldTable::default();
+        entry.insert(
+            "reason".into(),
+            AMQPValue::LongString("delivery_limit".into()),
+        );
+        entry.insert("count".into(), AMQPValue::LongLongInt(2));
+        entry.insert("queue".into(), AMQPValue::LongString("p.send".into()));
+        let mut expired = FieldTable::default();
+        expired.insert("reason".into(), AMQPValue::LongString("expired".into()));
+        expired.insert("count".into(), AMQPValue::LongLongInt(9));
+        let mut h = FieldTable::default();
+        h.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(
+                vec![AMQPValue::FieldTable(entry), AMQPValue::FieldTable(expired)].into(),
+            ),
+        );
+        for k in [
+            "x-first-death-queue",
+            "x-first-death-reason",
+            "x-last-death-queue",
+            "x-last-death-exchange",
+            "x-delivery-count",
+            "x-acquired-count",
+        ] {
+            h.insert(k.into(), AMQPValue::LongString("v".into()));
+        }
+        h.insert(DELIVERY_LIMIT_HITS.into(), AMQPValue::LongLongInt(1));
+        h.insert("traceparent".into(), AMQPValue::LongString("00-abc".into()));
+        let original = BasicProperties::default()
+            .with_headers(h)
+            .with_expiration("3000".into())
+            .with_user_id("guest".into())
+            .with_message_id("job-1".into())
+            .with_content_type("application/json".into())
+            .with_app_id("crm".into());
+        let copy = Story {
+            attempt: 2,
+            ..Default::default()
+        }
+        .restamp(&original);
+        assert_eq!(copy.expiration(), &None);
+        assert_eq!(copy.user_id(), &None);
+        assert_eq!(copy.delivery_mode(), &Some(2));
+        assert_eq!(
+            copy.message_id().as_ref().map(|m| m.as_str()),
+            Some("job-1")
+        );
+        assert_eq!(copy.app_id().as_ref().map(|m| m.as_str()), Some("crm"));
+        let headers = copy.headers().clone().unwrap();
+        let keys: Vec<&str> = headers.inner().keys().map(|k| k.as_str()).collect();
+        assert!(keys.iter().all(|k| !is_broker_header(k)), "{keys:?}");
+        assert!(keys.contains(&"traceparent"));
+        // 1 recorded by an earlier copy + 2 from this x-death
+        assert_eq!(delivery_limit_hits(Some(&headers)), 3);
+        assert_eq!(Story::read(Some(&headers)).attempt, 2);
+        // a copy of the copy keeps the count, and adds nothing new
+        let again = Story::default().restamp(&copy);
+        assert_eq!(delivery_limit_hits(again.headers().as_ref()), 3);
+        // no history, no header
+        let plain = Story::default().restamp(&BasicProperties::default());
+        assert_eq!(plain.headers().as_ref().map(|h| h.inner().len()), Some(0));
+    }
+
+    #[test]
+    fn counters_near_their_limit_saturate() {
+        let mut h = FieldTable::default();
+        h.insert(ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(u32::MAX)));
+        h.insert(REPLAYS.into(), AMQPValue::LongLongInt(1 << 40));
+        h.insert(DELIVERY_LIMIT_HITS.into(), AMQPValue::LongLongInt(i64::MAX));
+        let s = Story::read(Some(&h));
+        assert_eq!((s.attempt, s.replays), (u32::MAX, u32::MAX));
+        assert_eq!(delivery_limit_hits(Some(&h)), u32::MAX);
+        let mut h = FieldTable::default();
+        h.insert(ATTEMPT.into(), AMQPValue::LongLongInt(-5));
+        assert_eq!(Story::read(Some(&h)).attempt, 0);
     }
 
     #[test]

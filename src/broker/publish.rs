@@ -7,19 +7,41 @@
 //! acks a delivery only after the copy it published for it (retry tier or
 //! dead-letter queue) is confirmed; on any error it nacks with requeue, so a
 //! job is never lost between two queues, at worst duplicated.
+//!
+//! Bulk publishers (`Producer::send_batch`, `mmsend enqueue`) keep many
+//! confirms in flight through one [`ConfirmWindow`], which bounds them and
+//! hands back each verdict, oldest first.
+
+use std::collections::VecDeque;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
 
+/// Why a confirmed publish did not land: the message is not in a queue and
+/// the caller still owns it (a worker nacks the original with requeue).
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
+    /// The broker nacked the publish, typically a full queue with
+    /// `x-overflow: reject-publish`.
     #[error("RabbitMQ refused the message for {routing_key} (publisher nack; the queue may be full — x-overflow reject-publish)")]
-    Nacked { routing_key: String },
+    Nacked {
+        /// The queue the message was meant for.
+        routing_key: String,
+    },
+    /// The message was `mandatory` and no queue is bound to its routing key.
     #[error("no queue is bound to {routing_key} (message returned: {reply}); run `mmsend topology declare`")]
-    Returned { routing_key: String, reply: String },
+    Returned {
+        /// The queue the message was meant for.
+        routing_key: String,
+        /// The broker's reply text (`NO_ROUTE`).
+        reply: String,
+    },
+    /// The channel or connection failed before the confirm came.
     #[error("publish to {routing_key} failed: {source}")]
     Amqp {
+        /// The queue the message was meant for.
         routing_key: String,
+        /// The channel or connection error.
         #[source]
         source: lapin::Error,
     },
@@ -52,6 +74,7 @@ impl Publisher {
         })
     }
 
+    /// The confirm-mode channel, for callers that also consume or declare on it.
     pub fn channel(&self) -> &Channel {
         &self.channel
     }
@@ -98,6 +121,8 @@ impl Publisher {
 }
 
 impl Pending {
+    /// Waits for the broker's verdict: `Ok` once the message is confirmed in
+    /// a queue.
     pub async fn wait(self) -> Result<(), PublishError> {
         let routing_key = self.routing_key;
         let confirmation = self.confirm.await.map_err(|source| PublishError::Amqp {
@@ -117,5 +142,58 @@ impl Pending {
             // unconfirmed so the caller requeues rather than acks.
             Confirmation::NotRequested => Err(PublishError::Nacked { routing_key }),
         }
+    }
+}
+
+/// Publishes awaiting their confirms, at most `max` at once, each with a
+/// caller's tag (a line number, an index) to report its verdict against.
+///
+/// Publish, then [`push`](Self::push) the [`Pending`]: once `max` are
+/// outstanding, `push` waits for the oldest and returns its verdict, so the
+/// broker never holds more than `max` unconfirmed messages of this window.
+/// [`next`](Self::next) settles what is left at the end.
+pub struct ConfirmWindow<T> {
+    pending: VecDeque<(T, Pending)>,
+    max: usize,
+}
+
+impl<T> ConfirmWindow<T> {
+    /// A window of at most `max` (at least 1) outstanding confirms.
+    pub fn new(max: usize) -> Self {
+        ConfirmWindow {
+            pending: VecDeque::new(),
+            max: max.max(1),
+        }
+    }
+
+    /// Adds a publish; when the window is full, waits for the oldest
+    /// confirm and returns its tag and verdict.
+    pub async fn push(
+        &mut self,
+        tag: T,
+        pending: Pending,
+    ) -> Option<(T, Result<(), PublishError>)> {
+        self.pending.push_back((tag, pending));
+        if self.pending.len() >= self.max {
+            self.next().await
+        } else {
+            None
+        }
+    }
+
+    /// Waits for the oldest outstanding confirm; `None` when none is left.
+    pub async fn next(&mut self) -> Option<(T, Result<(), PublishError>)> {
+        let (tag, pending) = self.pending.pop_front()?;
+        Some((tag, pending.wait().await))
+    }
+
+    /// Confirms outstanding.
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// No confirm outstanding.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
     }
 }

@@ -18,6 +18,7 @@ use sha2::Sha256;
 pub struct Secret(Arc<str>);
 
 impl Secret {
+    /// Wraps a secret; from here on it prints as `***`.
     pub fn new(value: impl Into<String>) -> Self {
         Secret(Arc::from(value.into()))
     }
@@ -51,13 +52,61 @@ impl std::str::FromStr for Secret {
 /// never a token.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenFileError {
+    /// The file could not be read.
     #[error("cannot read page token file {path}: {source}")]
     Read {
+        /// The file as given.
         path: String,
+        /// Why it could not be read.
         source: std::io::Error,
     },
+    /// The file is not a JSON object of page id → token strings.
     #[error("page token file {path} is not a JSON object of page_id → token strings ({problem}); expected e.g. {{\"9876543210\": \"<token>\"}}")]
-    Format { path: String, problem: String },
+    Format {
+        /// The file as given.
+        path: String,
+        /// What is wrong (the JSON error, or the page with a bad value).
+        problem: String,
+    },
+}
+
+/// A token or secret that cannot be right as given. The message names the
+/// setting (or page), never the value.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// Nothing left after trimming white space.
+    #[error("{what} is empty")]
+    Empty {
+        /// The setting or page, e.g. `MMSEND_ACCESS_TOKEN`.
+        what: String,
+    },
+    /// White space or a control character inside the value.
+    #[error("{what} has a space or a control character inside it, which no access token or app secret has; check that it was copied whole and on one line")]
+    Inner {
+        /// The setting or page, e.g. `MMSEND_ACCESS_TOKEN`.
+        what: String,
+    },
+}
+
+/// A token (or app secret) as an operator gave it. Whitespace around it is
+/// a common mistake, above all the trailing newline of a Kubernetes Secret
+/// created from a file, and it would make every request fail as a builder
+/// error that looks transient; it is trimmed, and the `bool` says so (the
+/// caller logs it, naming `what`, not the value). Whitespace or control
+/// characters inside cannot be repaired and are refused.
+pub fn clean_token(raw: &str, what: &str) -> Result<(Secret, bool), TokenError> {
+    let trimmed = raw.trim();
+    if trimmed.is_empty() {
+        return Err(TokenError::Empty {
+            what: what.to_string(),
+        });
+    }
+    if trimmed.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(TokenError::Inner {
+            what: what.to_string(),
+        });
+    }
+    Ok((Secret::new(trimmed), trimmed.len() != raw.len()))
 }
 
 /// Which token to use for a page: a per-page token if the file names the
@@ -66,6 +115,8 @@ pub enum TokenFileError {
 pub struct TokenStore {
     default: Option<Secret>,
     pages: HashMap<String, Secret>,
+    /// Pages of the token file whose token had whitespace around it.
+    trimmed: Vec<String>,
 }
 
 impl std::fmt::Debug for TokenStore {
@@ -78,10 +129,13 @@ impl std::fmt::Debug for TokenStore {
 }
 
 impl TokenStore {
+    /// A store with only a default token (`None`: none yet); add per-page
+    /// tokens with [`TokenStore::load_pages`].
     pub fn new(default: Option<Secret>) -> Self {
         TokenStore {
             default,
             pages: HashMap::new(),
+            trimmed: Vec::new(),
         }
     }
 
@@ -110,8 +164,10 @@ impl TokenStore {
                     e.classify()
                 ),
             })?;
-        for (page, token) in map {
-            if page.is_empty() || !page.bytes().all(|b| b.is_ascii_digit()) || token.is_empty() {
+        let mut pages: Vec<_> = map.into_iter().collect();
+        pages.sort();
+        for (page, token) in pages {
+            if page.is_empty() || !page.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(TokenFileError::Format {
                     path: shown,
                     problem: format!(
@@ -119,9 +175,22 @@ impl TokenStore {
                     ),
                 });
             }
-            self.pages.insert(page, Secret::new(token));
+            let (token, trimmed) = clean_token(&token, &format!("the token of page {page}"))
+                .map_err(|e| TokenFileError::Format {
+                    path: shown.clone(),
+                    problem: e.to_string(),
+                })?;
+            if trimmed {
+                self.trimmed.push(page.clone());
+            }
+            self.pages.insert(page, token);
         }
         Ok(self)
+    }
+
+    /// Pages whose token in the file had whitespace around it (trimmed).
+    pub fn trimmed_pages(&self) -> &[String] {
+        &self.trimmed
     }
 
     /// The token for `page_id`, if any.
@@ -129,11 +198,7 @@ impl TokenStore {
         self.pages.get(page_id).or(self.default.as_ref())
     }
 
-    /// Every secret held, for redaction checks.
-    pub fn all(&self) -> impl Iterator<Item = &Secret> {
-        self.default.iter().chain(self.pages.values())
-    }
-
+    /// No token at all; `mmsend worker` refuses to start with such a store.
     pub fn is_empty(&self) -> bool {
         self.default.is_none() && self.pages.is_empty()
     }
@@ -176,6 +241,24 @@ mod tests {
             proof,
             "e941110e3d2bfe82621f0e3e1434730d7305d106c5f68c87165d0b27a4611a4a"
         );
+    }
+
+    #[test]
+    fn whitespace_around_a_token_is_trimmed_and_inside_refused() {
+        let (t, trimmed) = clean_token("EAAB-tok\n", "MMSEND_ACCESS_TOKEN").unwrap();
+        assert_eq!((t.expose(), trimmed), ("EAAB-tok", true));
+        let (t, trimmed) = clean_token("EAAB-tok", "x").unwrap();
+        assert_eq!((t.expose(), trimmed), ("EAAB-tok", false));
+        for bad in ["EAAB tok", "EAAB\ntok", "EAAB\u{0}tok"] {
+            let e = clean_token(bad, "MMSEND_ACCESS_TOKEN")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("MMSEND_ACCESS_TOKEN") && !e.contains("EAAB"),
+                "{e}"
+            );
+        }
+        assert!(clean_token(" \n", "x").is_err());
     }
 
     #[test]

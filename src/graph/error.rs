@@ -5,6 +5,13 @@
 //! overloaded front ends also send HTML, empty or cut-off bodies. Parsing
 //! never fails loudly: anything that is not a Graph error object yields
 //! `None` and the caller falls back to the HTTP status.
+//!
+//! Every wait a response asks for (`Retry-After`, the BUC header's
+//! `estimated_time_to_regain_access`, and any hint field added later) is
+//! clamped to [`MAX_HINT`] here, where it enters the process: a hint is
+//! data from the network, and an absurd one (`Retry-After:
+//! 10000000000000`) must neither overflow time arithmetic downstream nor
+//! park a scope for centuries.
 
 use std::time::Duration;
 
@@ -15,20 +22,29 @@ use serde_json::Value;
 /// because real responses omit any of them.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct GraphError {
+    /// The developer-facing message.
     #[serde(default)]
     pub message: Option<String>,
+    /// The JSON `type`, e.g. `OAuthException`.
     #[serde(rename = "type", default)]
     pub kind: Option<String>,
+    /// The error code (190, 4, 2300005, …), the first thing classification
+    /// looks at.
     #[serde(default)]
     pub code: Option<i64>,
+    /// Narrows `code` (e.g. 463 under 190: token expired).
     #[serde(default)]
     pub error_subcode: Option<i64>,
+    /// A title meant for the end user, when Meta gives one.
     #[serde(default)]
     pub error_user_title: Option<String>,
+    /// A message meant for the end user, when Meta gives one.
     #[serde(default)]
     pub error_user_msg: Option<String>,
+    /// Meta's trace id, to quote to Meta's support.
     #[serde(default)]
     pub fbtrace_id: Option<String>,
+    /// Meta's own hint that trying again may work.
     #[serde(default)]
     pub is_transient: Option<bool>,
 }
@@ -74,11 +90,25 @@ impl GraphError {
     }
 }
 
+/// The longest wait a hint from the network may ask for: one day. No Graph
+/// throttle we know of asks for more (Meta's BUC waits are minutes to
+/// hours); a longer hint is taken as one day, after which one probe asks
+/// the API again.
+pub const MAX_HINT: Duration = Duration::from_secs(24 * 3600);
+
+/// A wait asked for by the network, clamped to [`MAX_HINT`].
+pub fn clamp_hint(wait: Duration) -> Duration {
+    wait.min(MAX_HINT)
+}
+
 /// Usage counters as Meta reports them (percent of the allowed budget).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Usage {
+    /// Calls made, percent of the allowed calls.
     pub call_count: f64,
+    /// CPU time used, percent of the allowed CPU time.
     pub total_cputime: f64,
+    /// Wall time used, percent of the allowed time.
     pub total_time: f64,
 }
 
@@ -109,18 +139,25 @@ impl UsageHint {
         }
     }
 
-    /// The longest wait the hints ask for, if any.
+    /// The longest wait the hints ask for, if any, never more than
+    /// [`MAX_HINT`] (also for a hint built by hand rather than read by
+    /// [`UsageHint::from_headers`]).
     pub fn wait(&self) -> Option<Duration> {
-        match (self.retry_after, self.regain_access) {
+        let longest = match (self.retry_after, self.regain_access) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
-        }
+        };
+        longest.map(clamp_hint)
     }
 }
 
-/// `Retry-After: <seconds>`. (The HTTP-date form is not used by Graph.)
+/// `Retry-After: <seconds>`, at most [`MAX_HINT`]. (The HTTP-date form is
+/// not used by Graph.)
 fn parse_retry_after(v: &str) -> Option<Duration> {
-    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+    v.trim()
+        .parse::<u64>()
+        .ok()
+        .map(|s| clamp_hint(Duration::from_secs(s)))
 }
 
 fn usage_of(v: &Value) -> Option<Usage> {
@@ -166,7 +203,11 @@ fn parse_buc_regain(v: &str) -> Option<Duration> {
         .iter()
         .filter_map(|e| e.get("estimated_time_to_regain_access")?.as_f64())
         .filter(|m| *m > 0.0 && m.is_finite())
-        .map(|m| Duration::from_secs_f64((m * 60.0).min(7.0 * 86400.0)))
+        .map(|m| {
+            clamp_hint(Duration::from_secs_f64(
+                (m * 60.0).min(MAX_HINT.as_secs_f64()),
+            ))
+        })
         .max()
 }
 
@@ -222,6 +263,40 @@ mod tests {
         assert_eq!(hint.app.unwrap().total_time, 40.0);
         assert_eq!(hint.business.unwrap().call_count, 95.0);
         assert_eq!(hint.wait(), Some(Duration::from_secs(180)));
+    }
+
+    #[test]
+    fn absurd_hints_are_clamped_to_one_day() {
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", HeaderValue::from_static("10000000000000"));
+        h.insert(
+            "x-business-use-case-usage",
+            HeaderValue::from_static(
+                r#"{"1":[{"call_count":100,"estimated_time_to_regain_access":1e300}]}"#,
+            ),
+        );
+        let hint = UsageHint::from_headers(&h);
+        assert_eq!(hint.retry_after, Some(MAX_HINT));
+        assert_eq!(hint.regain_access, Some(MAX_HINT));
+        assert_eq!(hint.wait(), Some(MAX_HINT));
+        // u64::MAX seconds, and a hint built by hand
+        h.insert(
+            "retry-after",
+            HeaderValue::from_static("18446744073709551615"),
+        );
+        assert_eq!(UsageHint::from_headers(&h).retry_after, Some(MAX_HINT));
+        let by_hand = UsageHint {
+            retry_after: Some(Duration::MAX),
+            ..Default::default()
+        };
+        assert_eq!(by_hand.wait(), Some(MAX_HINT));
+        // ordinary hints pass unchanged
+        h.insert("retry-after", HeaderValue::from_static("120"));
+        h.remove("x-business-use-case-usage");
+        assert_eq!(
+            UsageHint::from_headers(&h).wait(),
+            Some(Duration::from_secs(120))
+        );
     }
 
     #[test]

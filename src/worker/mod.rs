@@ -2,7 +2,7 @@
 //! out of order.
 //!
 //! One connection, two channels: one consumes, one publishes retry and dead
-//! copies in confirm mode. Each delivery gets a task ([`process`]); tasks
+//! copies in confirm mode. Each delivery gets a task (`process`); tasks
 //! finish and ack in any order.
 //!
 //! Concurrency and prefetch: at most `concurrency` jobs are processed at
@@ -12,28 +12,56 @@
 //! for its ack to reach the quorum queue and a new delivery to come back, a
 //! few milliseconds each time, which costs ~15 % of throughput against a
 //! 50 ms API. Spare deliveries have not been sent to the API, so a crash
-//! repeats no send because of them; on shutdown they are returned to the
-//! queue at once (nack with requeue).
+//! repeats no send because of them.
 //!
 //! Connection loss: the session ends, in-flight tasks are dropped (their
 //! deliveries were never acked, so RabbitMQ redelivers them with the
 //! `redelivered` flag; an ack on the dead channel is refused by lapin, never
 //! sent twice), and the worker reconnects with exponential backoff and
 //! jitter (`backon`), redeclares the topology and subscribes again. A
-//! server-side consumer cancel (queue deleted) is handled the same way.
+//! server-side consumer cancel (queue deleted) is handled the same way. The
+//! backoff starts over only after a session that consumed for
+//! [`HEALTHY_SESSION`]: a session that dies young, whatever killed it,
+//! keeps backing off, so nothing can turn reconnecting into a hot loop.
 //!
-//! Shutdown (SIGINT/SIGTERM, or the token passed to [`run`]): stop consuming
-//! (basic.cancel), let in-flight jobs finish within `shutdown_grace`, then
-//! close the channels; anything still unsettled is requeued by RabbitMQ as
-//! the channel closes. Nothing is lost on SIGKILL either: unacked deliveries
-//! return to the queue.
+//! A broken publish path ends the session too: the publish channel closed
+//! (the broker closes it on a channel error: an exchange deleted under it,
+//! a message over the size limit) or a copy came back unroutable (a tier or
+//! the DLQ deleted; reconnecting redeclares them). Readiness drops, the
+//! consumer is cancelled, calls in flight run to their end and settle what
+//! they can (a sent job is acked on the consuming channel), every other
+//! delivery goes back to the queue, and the worker reconnects after its
+//! backoff. A copy the broker refused (`Nacked`: a full queue) is held and
+//! published again with backoff instead, never requeued at once: a requeued
+//! job is called again, and a hot loop of calls is what this prevents.
+//!
+//! Shutdown (SIGINT/SIGTERM, or the token passed to [`run`]): readiness
+//! drops, the consumer is cancelled (basic.cancel) and the worker finishes
+//! what it holds, spare deliveries included, within `shutdown_grace`. Spares
+//! are processed rather than returned because every return counts toward
+//! the work queue's `x-delivery-limit` on RabbitMQ ≤ 4.2 (and a channel
+//! close does on every version): a job returned by one shutdown after
+//! another would end in the DLQ as `delivery_limit` without ever having
+//! failed. When the grace period is over, jobs that have not started their
+//! API call go back to the queue, but a call in flight is never cut: it runs
+//! to its own request timeout and settles (Meta may already have processed
+//! it; cutting it would send it twice). So a stop takes at most
+//! `shutdown_grace` + the request timeout + a few seconds. Nothing is lost
+//! on SIGKILL either: unacked deliveries return to the queue.
+//!
+//! Every broker step has a time limit and gives way to the shutdown signal:
+//! connecting ([`broker::CONNECT_TIMEOUT`] per node), declaring, opening
+//! channels, cancelling and closing.
 
+mod coordination;
 pub mod gates;
 pub mod pacing;
 mod process;
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
@@ -45,20 +73,29 @@ use tracing::{info, warn};
 
 use crate::broker::{self, Publisher, Topology};
 use crate::classify::{CodeTable, RetryPolicy};
-use crate::graph::{self, ClientConfig, TokenStore};
+use crate::fleet::{Fleet, FleetConfig};
+use crate::graph::{self, ClientConfig, Outcome, Secret, SendRequest, TokenStore};
 use crate::metrics::Metrics;
-use gates::{GateTimes, Gates};
-use pacing::{Pacer, PacingConfig};
+use coordination::Coordination;
+use gates::GateTimes;
+use pacing::PacingConfig;
 
 /// Everything a worker needs, validated.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
+    /// RabbitMQ: one URL or a comma-separated list of cluster nodes.
     pub amqp_url: String,
+    /// The queues to consume from and settle into.
     pub topology: Topology,
+    /// How to reach the Graph API.
     pub graph: ClientConfig,
+    /// The access tokens, by page.
     pub tokens: TokenStore,
+    /// The classification table.
     pub table: CodeTable,
+    /// The retry schedule and limits.
     pub policy: RetryPolicy,
+    /// Per-page and global pacing (fleet-wide with `fleet`).
     pub pacing: PacingConfig,
     /// Scope gates on (default) or off.
     pub gates: bool,
@@ -69,9 +106,32 @@ pub struct WorkerConfig {
     /// Deliveries held unacked (≥ concurrency); 0 = automatic, see
     /// [`WorkerConfig::effective_prefetch`].
     pub prefetch: u16,
+    /// On a graceful stop, how long jobs that wait may still start; a call
+    /// in flight always runs to its request timeout.
     pub shutdown_grace: Duration,
-    /// Written to `x-mmsend-worker` of dead letters.
+    /// Written to `x-mmsend-worker` of dead letters; the send ledger's
+    /// owner of a claim.
     pub worker_id: String,
+    /// Redis for the send ledger and fleet-wide pacing and gates; `None`
+    /// keeps them per process.
+    pub fleet: Option<FleetConfig>,
+    /// Run on each delivery's body inside its job task, just before the
+    /// job is processed; `None` (always, outside tests). Tests use it to
+    /// inject faults that no input can cause, such as a panic.
+    pub job_hook: Option<JobHook>,
+}
+
+/// See [`WorkerConfig::job_hook`].
+#[derive(Clone)]
+pub struct JobHook(pub Arc<HookFn>);
+
+/// The function of a [`JobHook`]: it gets the delivery's body.
+pub type HookFn = dyn Fn(&[u8]) + Send + Sync;
+
+impl std::fmt::Debug for JobHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JobHook")
+    }
 }
 
 impl WorkerConfig {
@@ -116,6 +176,8 @@ impl WorkerConfig {
             prefetch: 0,
             shutdown_grace: Duration::from_secs(30),
             worker_id: default_worker_id(),
+            fleet: None,
+            job_hook: None,
         }
     }
 }
@@ -134,15 +196,105 @@ pub fn default_worker_id() -> String {
 /// Shared by every job task.
 pub(crate) struct Ctx {
     pub topology: Topology,
-    pub client: graph::Client,
+    pub client: Api,
     pub tokens: TokenStore,
     pub table: CodeTable,
     pub policy: RetryPolicy,
-    pub gates: Gates,
-    pub pacer: Pacer,
+    pub coord: Coordination,
     pub metrics: Arc<Metrics>,
     pub worker_id: String,
+    pub job_hook: Option<JobHook>,
 }
+
+/// A problem that retrying cannot fix; the worker stops.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The Graph client cannot be built (bad base URL, TLS setup).
+    #[error(transparent)]
+    Client(#[from] graph::ClientError),
+    /// The topology clashes with what the broker has, or is misconfigured.
+    #[error(transparent)]
+    Topology(#[from] broker::TopologyError),
+    /// The Redis URL cannot be used.
+    #[error(transparent)]
+    Fleet(#[from] crate::fleet::FleetError),
+    /// The RabbitMQ URL list cannot be used.
+    #[error(transparent)]
+    Url(#[from] broker::UrlError),
+    /// Connecting failed in a way retrying cannot fix.
+    #[error(transparent)]
+    Connect(#[from] broker::ConnectError),
+}
+
+tokio::task_local! {
+    /// Set by [`Api::send`] in the job task that calls: from then on the
+    /// task runs to its end, whatever the grace period says.
+    static CALLING: Arc<AtomicBool>;
+}
+
+/// The Graph client as job tasks use it. [`Api::send`] marks the task as
+/// calling before the request leaves, so that a graceful stop knows which
+/// jobs it may still put back (not called yet) and which it must let finish
+/// (a call in flight may already have been processed by Meta).
+pub(crate) struct Api(graph::Client);
+
+impl Api {
+    pub(crate) async fn send(&self, token: &Secret, req: &SendRequest<'_>) -> Outcome {
+        let _ = CALLING.try_with(|calling| calling.store(true, Ordering::SeqCst));
+        self.0.send(token, req).await
+    }
+}
+
+impl std::ops::Deref for Api {
+    type Target = graph::Client;
+    fn deref(&self) -> &graph::Client {
+        &self.0
+    }
+}
+
+/// Runs a job task's future with its "calling" flag in scope.
+pub(crate) fn track_calls<F: Future>(
+    calling: Arc<AtomicBool>,
+    job: F,
+) -> impl Future<Output = F::Output> {
+    CALLING.scope(calling, job)
+}
+
+/// What one session's job tasks share with its loop.
+#[derive(Default)]
+pub(crate) struct SessionCtl {
+    /// Cancelled when publishing copies no longer works: the session ends
+    /// and the worker reconnects.
+    publisher_lost: CancellationToken,
+    /// Why, for the log.
+    lost_because: Mutex<Option<String>>,
+    /// Cancelled when the session is ending: a copy that cannot be
+    /// published is no longer held and tried again.
+    pub stopping: CancellationToken,
+    /// Cancelled when jobs that have not called the API should go back to
+    /// the queue: the grace period is over, or the publish path broke.
+    pub grace_over: CancellationToken,
+}
+
+impl SessionCtl {
+    /// Ends the session because publishing copies no longer works.
+    pub(crate) fn publisher_lost(&self, why: String) {
+        let mut because = self.lost_because.lock().unwrap_or_else(|p| p.into_inner());
+        because.get_or_insert(why);
+        self.publisher_lost.cancel();
+    }
+}
+
+/// A session that consumed at least this long was healthy: the reconnect
+/// backoff starts over after it.
+pub const HEALTHY_SESSION: Duration = Duration::from_secs(30);
+/// Time limits of the broker steps of a session.
+const DECLARE_TIMEOUT: Duration = Duration::from_secs(30);
+const CHANNEL_TIMEOUT: Duration = Duration::from_secs(10);
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// After the last call in flight may have timed out, time left to settle
+/// (publish the copy, ack) before the task is dropped.
+const SETTLE_MARGIN: Duration = Duration::from_secs(10);
 
 /// Runs a worker until `shutdown` is cancelled. Returns an error only for
 /// problems that retrying cannot fix (bad topology arguments, a bad Graph
@@ -151,20 +303,42 @@ pub async fn run(
     config: WorkerConfig,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), WorkerError> {
+    // a bad URL list is a configuration error: stop now, do not retry it
+    let urls = broker::parse_urls(&config.amqp_url)?;
     let mut graph_config = config.graph.clone();
     graph_config.pool_max_idle_per_host = usize::from(config.concurrency).max(1);
-    let client = graph::Client::new(graph_config)?;
+    let client = Api(graph::Client::new(graph_config)?);
+    let fleet = match &config.fleet {
+        Some(fleet) => Some(Arc::new(Fleet::new(
+            fleet.clone(),
+            &config.topology.prefix,
+            &config.worker_id,
+            metrics.clone(),
+        )?)),
+        None => None,
+    };
+    match &fleet {
+        Some(f) => info!(fleet = ?f, fail_mode = f.config().fail_mode.as_str(), "send ledger, pacing and gates shared through Redis"),
+        None => info!("MMSEND_REDIS_URL is not set: pacing and gates are per process and there is no send ledger"),
+    }
     let ctx = Arc::new(Ctx {
         topology: config.topology.clone(),
         client,
         tokens: config.tokens.clone(),
         table: config.table.clone(),
         policy: config.policy.clone(),
-        gates: Gates::new(config.gate_times.clone(), config.gates, metrics.clone()),
-        pacer: Pacer::new(&config.pacing),
+        coord: Coordination::new(
+            config.pacing.clone(),
+            config.gate_times.clone(),
+            config.gates,
+            config.graph.request_timeout,
+            fleet,
+            metrics.clone(),
+        ),
         metrics: metrics.clone(),
         worker_id: config.worker_id.clone(),
+        job_hook: config.job_hook.clone(),
     });
 
     let housekeeping = {
@@ -172,20 +346,20 @@ pub async fn run(
         let stop = shutdown.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(10));
-            let mut last = (0, 0, 0);
+            let mut last = crate::metrics::SettledCounts::default();
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tick.tick() => {}
                 }
-                ctx.pacer.shrink();
-                let now = settled_counts(&ctx.metrics);
+                ctx.coord.housekeeping().await;
+                let now = ctx.metrics.settled_counts();
                 if now != last {
                     info!(
-                        sent = now.0 - last.0,
-                        retried = now.1 - last.1,
-                        dead = now.2 - last.2,
-                        inflight = ctx.metrics.inflight.get(),
+                        sent = now.sent - last.sent,
+                        retried = now.retried - last.retried,
+                        dead = now.dead - last.dead,
+                        inflight = ctx.metrics.inflight(),
                         "settled in the last 10 s"
                     );
                     last = now;
@@ -201,22 +375,22 @@ pub async fn run(
             break Ok(());
         }
         if !first {
-            metrics.amqp_reconnects.inc();
+            metrics.reconnected();
         }
         first = false;
-        match session(&config, &ctx, &shutdown).await {
-            Ok(()) => break Ok(()),
+        match session(&config, &urls, &ctx, &shutdown).await {
+            Ok(()) | Err(SessionError::Stopped) => break Ok(()),
             Err(SessionError::Fatal(e)) => break Err(e),
-            Err(SessionError::Lost(e, was_consuming)) => {
+            Err(SessionError::Lost(e, healthy)) => {
                 metrics.set_ready(false);
-                if was_consuming {
+                if healthy {
                     backoff = reconnect_backoff();
                 }
                 if shutdown.is_cancelled() {
                     break Ok(());
                 }
                 let wait = backoff.next().unwrap_or(Duration::from_secs(30));
-                warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "lost RabbitMQ; reconnecting");
+                warn!(error = %format!("{e:#}"), retry_in_ms = wait.as_millis() as u64, "lost RabbitMQ; reconnecting");
                 tokio::select! {
                     _ = shutdown.cancelled() => break Ok(()),
                     _ = tokio::time::sleep(wait) => {}
@@ -239,39 +413,52 @@ fn reconnect_backoff() -> impl Iterator<Item = Duration> {
         .build()
 }
 
-fn settled_counts(m: &Metrics) -> (u64, u64, u64) {
-    let mut out = (0, 0, 0);
-    for family in prometheus::core::Collector::collect(&m.jobs) {
-        for metric in family.get_metric() {
-            let outcome = metric
-                .get_label()
-                .iter()
-                .find(|l| l.name() == "outcome")
-                .map(|l| l.value().to_string())
-                .unwrap_or_default();
-            let v = metric.get_counter().get_value() as u64;
-            match outcome.as_str() {
-                "sent" => out.0 += v,
-                "retried" => out.1 += v,
-                "dead" => out.2 += v,
-                _ => {}
-            }
-        }
-    }
-    out
-}
-
 enum SessionError {
     /// Retrying will not help.
-    Fatal(anyhow::Error),
-    /// The connection or channel went away; reconnect. `true` when the
-    /// session had been consuming (the backoff starts over).
+    Fatal(WorkerError),
+    /// The connection, a channel or the publish path went away; reconnect.
+    /// `true` when the session had been healthy for [`HEALTHY_SESSION`]
+    /// (the backoff starts over).
     Lost(anyhow::Error, bool),
+    /// The shutdown signal came while connecting or declaring.
+    Stopped,
+}
+
+/// One broker step, bounded by `limit` and by the shutdown signal.
+async fn step<T>(
+    what: &str,
+    limit: Duration,
+    shutdown: &CancellationToken,
+    fut: impl Future<Output = T>,
+) -> Result<T, SessionError> {
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => Err(SessionError::Stopped),
+        r = tokio::time::timeout(limit, fut) => r.map_err(|_| {
+            SessionError::Lost(
+                anyhow::anyhow!("{what}: no answer from RabbitMQ within {} s", limit.as_secs()),
+                false,
+            )
+        }),
+    }
+}
+
+/// Closing, bounded: a broker that does not answer cannot hold us.
+async fn bounded_close<F: Future>(fut: F) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, fut).await;
+}
+
+/// How the consuming part of a session ended.
+enum End {
+    Shutdown,
+    PublisherLost,
+    ConsumerLost(anyhow::Error),
 }
 
 /// One connection's life: connect, declare, consume until shutdown or loss.
 async fn session(
     config: &WorkerConfig,
+    urls: &[broker::AmqpUrl],
     ctx: &Arc<Ctx>,
     shutdown: &CancellationToken,
 ) -> Result<(), SessionError> {
@@ -279,35 +466,91 @@ async fn session(
         let what = what.to_string();
         move |e: lapin::Error| SessionError::Lost(anyhow::anyhow!("{what}: {e}"), false)
     };
-    let conn = broker::connect(&config.amqp_url, &format!("worker {}", ctx.worker_id))
-        .await
-        .map_err(|e| SessionError::Lost(e.into(), false))?;
-    config.topology.declare(&conn).await.map_err(|e| match e {
-        broker::TopologyError::Inequivalent { .. } | broker::TopologyError::Config(_) => {
-            SessionError::Fatal(e.into())
-        }
-        other => SessionError::Lost(other.into(), false),
+    let role = format!("worker {}", ctx.worker_id);
+    // connect tries each node for at most CONNECT_TIMEOUT
+    let connect_limit = broker::CONNECT_TIMEOUT * (urls.len() as u32) + Duration::from_secs(1);
+    let conn = step(
+        "connect",
+        connect_limit,
+        shutdown,
+        broker::connect_to(urls, &role),
+    )
+    .await?
+    .map_err(|e| match e.is_retryable() {
+        true => SessionError::Lost(e.into(), false),
+        false => SessionError::Fatal(e.into()),
     })?;
-    let publisher = Publisher::open(&conn, config.topology.exchange())
-        .await
+    let setup = async {
+        step(
+            "declare the topology",
+            DECLARE_TIMEOUT,
+            shutdown,
+            config.topology.declare(&conn),
+        )
+        .await?
+        .map_err(|e| match e {
+            broker::TopologyError::Inequivalent { .. } | broker::TopologyError::Config(_) => {
+                SessionError::Fatal(e.into())
+            }
+            other => SessionError::Lost(other.into(), false),
+        })?;
+        let publisher = step(
+            "open the publish channel",
+            CHANNEL_TIMEOUT,
+            shutdown,
+            Publisher::open(&conn, config.topology.exchange()),
+        )
+        .await?
         .map_err(lost("open publish channel"))?;
-    let prefetch = config.effective_prefetch();
-    let channel = conn.create_channel().await.map_err(lost("open channel"))?;
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await
+        let channel = step(
+            "open the consume channel",
+            CHANNEL_TIMEOUT,
+            shutdown,
+            conn.create_channel(),
+        )
+        .await?
+        .map_err(lost("open channel"))?;
+        step(
+            "set the prefetch",
+            CHANNEL_TIMEOUT,
+            shutdown,
+            channel.basic_qos(config.effective_prefetch(), BasicQosOptions::default()),
+        )
+        .await?
         .map_err(lost("set prefetch"))?;
+        Ok((publisher, channel))
+    };
+    let (publisher, channel) = match setup.await {
+        Ok(p) => p,
+        Err(e) => {
+            bounded_close(conn.close(200, "setup failed".into())).await;
+            return Err(e);
+        }
+    };
     let tag = format!("mmsend-{}", ctx.worker_id);
-    let mut consumer = channel
-        .basic_consume(
+    let consume = step(
+        "consume",
+        CHANNEL_TIMEOUT,
+        shutdown,
+        channel.basic_consume(
             config.topology.send_queue().as_str().into(),
             tag.as_str().into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
-        )
-        .await
-        .map_err(lost("consume"))?;
+        ),
+    )
+    .await
+    .and_then(|r| r.map_err(lost("consume")));
+    let mut consumer = match consume {
+        Ok(c) => c,
+        Err(e) => {
+            bounded_close(conn.close(200, "setup failed".into())).await;
+            return Err(e);
+        }
+    };
+    let prefetch = config.effective_prefetch();
     ctx.metrics.set_ready(true);
+    let consuming_since = Instant::now();
     info!(
         queue = %config.topology.send_queue(),
         concurrency = config.concurrency,
@@ -317,19 +560,38 @@ async fn session(
     let slots = Arc::new(tokio::sync::Semaphore::new(usize::from(
         config.concurrency.max(1),
     )));
+    let ctl = Arc::new(SessionCtl::default());
+    let spawn = |tasks: &mut JoinSet<()>, delivery| {
+        tasks.spawn(process::handle(
+            ctx.clone(),
+            publisher.clone(),
+            slots.clone(),
+            delivery,
+            ctl.clone(),
+        ));
+    };
 
     let mut tasks = JoinSet::new();
+    // the publish channel can also die while no copy is being published
+    let mut watch = tokio::time::interval(Duration::from_secs(1));
     let end = loop {
         tokio::select! {
-            _ = shutdown.cancelled() => break Ok(()),
-            next = consumer.next() => match next {
-                Some(Ok(delivery)) => {
-                    tasks.spawn(process::handle(ctx.clone(), publisher.clone(), slots.clone(), delivery));
+            _ = shutdown.cancelled() => break End::Shutdown,
+            _ = ctl.publisher_lost.cancelled() => break End::PublisherLost,
+            _ = watch.tick() => {
+                if !channel.status().connected() {
+                    break End::ConsumerLost(anyhow::anyhow!("the consume channel was closed"));
                 }
-                Some(Err(e)) => break Err(SessionError::Lost(anyhow::anyhow!("consumer: {e}"), true)),
-                None => break Err(SessionError::Lost(anyhow::anyhow!(
+                if !publisher.channel().status().connected() {
+                    ctl.publisher_lost("the publish channel was closed".into());
+                }
+            }
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => spawn(&mut tasks, delivery),
+                Some(Err(e)) => break End::ConsumerLost(anyhow::anyhow!("consumer: {e}")),
+                None => break End::ConsumerLost(anyhow::anyhow!(
                     "the broker cancelled the consumer (queue deleted or moved?)"
-                ), true)),
+                )),
             },
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                 if let Err(e) = done {
@@ -339,42 +601,113 @@ async fn session(
         }
     };
     ctx.metrics.set_ready(false);
+    let healthy = consuming_since.elapsed() >= HEALTHY_SESSION;
+    // a publish channel that died with the whole connection is a lost
+    // connection: nothing can be acked any more, so nothing is waited for
+    let end = match end {
+        End::PublisherLost if !channel.status().connected() => End::ConsumerLost(anyhow::anyhow!(
+            "the connection was lost (both channels closed)"
+        )),
+        other => other,
+    };
+    let close_all = || async {
+        bounded_close(channel.close(200, "shutdown".into())).await;
+        bounded_close(publisher.channel().close(200, "shutdown".into())).await;
+        bounded_close(conn.close(200, "shutdown".into())).await;
+    };
     match end {
-        Ok(()) => {
-            // Graceful: no new deliveries, finish what we hold.
-            let _ = channel
-                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+        End::ConsumerLost(e) => {
+            // whatever is in flight cannot be acked on this channel
+            tasks.shutdown().await;
+            bounded_close(conn.close(200, "reconnecting".into())).await;
+            Err(SessionError::Lost(e, healthy))
+        }
+        End::Shutdown => {
+            // no new deliveries; those already on their way are handled
+            // like the spares: finished within the grace period
+            bounded_close(channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()))
                 .await;
-            // deliveries still waiting for a slot go back to the queue now
-            slots.close();
-            let inflight = tasks.len();
+            take_the_rest(&mut consumer, |d| spawn(&mut tasks, d)).await;
+            ctl.stopping.cancel();
             info!(
-                inflight,
+                jobs = tasks.len(),
                 grace_s = config.shutdown_grace.as_secs(),
-                "stopping: finishing in-flight jobs"
+                "stopping: finishing the jobs held, spares included"
             );
-            let drained = tokio::time::timeout(config.shutdown_grace, async {
-                while tasks.join_next().await.is_some() {}
-            })
-            .await;
-            if drained.is_err() {
-                warn!(
-                    unfinished = tasks.len(),
-                    "grace period over; unfinished jobs return to the queue"
-                );
-                tasks.shutdown().await;
-            }
-            let _ = channel.close(200, "shutdown".into()).await;
-            let _ = publisher.channel().close(200, "shutdown".into()).await;
-            let _ = conn.close(200, "shutdown".into()).await;
+            drain(&mut tasks, config, &ctl).await;
+            close_all().await;
             info!("stopped cleanly");
             Ok(())
         }
-        Err(e) => {
-            // Lost: whatever is in flight cannot be acked on this channel.
-            tasks.shutdown().await;
-            let _ = conn.close(200, "reconnecting".into()).await;
-            Err(e)
+        End::PublisherLost => {
+            let why = ctl
+                .lost_because
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .unwrap_or_default();
+            warn!(reason = %why, "cannot publish copies; ending the session: calls in flight finish, other jobs go back to the queue");
+            bounded_close(channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()))
+                .await;
+            slots.close();
+            ctl.stopping.cancel();
+            ctl.grace_over.cancel();
+            take_the_rest(&mut consumer, |d| spawn(&mut tasks, d)).await;
+            drain(&mut tasks, config, &ctl).await;
+            close_all().await;
+            // never a fresh backoff: a publish path that breaks again right
+            // away must not become a loop of calls
+            Err(SessionError::Lost(
+                anyhow::anyhow!("publishing copies failed: {why}"),
+                false,
+            ))
         }
+    }
+}
+
+/// After basic.cancel: the deliveries the broker had already sent, until
+/// the consumer stream ends (bounded).
+async fn take_the_rest(
+    consumer: &mut lapin::Consumer,
+    mut handle: impl FnMut(lapin::message::Delivery),
+) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        while let Some(Ok(delivery)) = consumer.next().await {
+            handle(delivery);
+        }
+    })
+    .await;
+}
+
+async fn join_all(tasks: &mut JoinSet<()>) {
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Waits for the job tasks: all of them within the grace period; then the
+/// ones whose call is in flight, for at most the request timeout and a
+/// margin to settle (the others put their deliveries back on `grace_over`).
+async fn drain(tasks: &mut JoinSet<()>, config: &WorkerConfig, ctl: &SessionCtl) {
+    if !ctl.grace_over.is_cancelled()
+        && tokio::time::timeout(config.shutdown_grace, join_all(tasks))
+            .await
+            .is_ok()
+    {
+        return;
+    }
+    ctl.grace_over.cancel();
+    if tasks.is_empty() {
+        return;
+    }
+    info!(
+        jobs = tasks.len(),
+        "grace period over: jobs that have not called the API go back to the queue; calls in flight run to their end"
+    );
+    let limit = config.graph.request_timeout + SETTLE_MARGIN;
+    if tokio::time::timeout(limit, join_all(tasks)).await.is_err() {
+        warn!(
+            unfinished = tasks.len(),
+            "jobs still unsettled after the request timeout; they return to the queue"
+        );
+        tasks.shutdown().await;
     }
 }

@@ -4,10 +4,9 @@
 //! bounded by the prefetch: at most `concurrency` jobs wait here (holding
 //! the worker's slots) and the spare prefetched ones wait for a slot.
 //!
-//! The limits are per worker process. To pace a fleet of N workers, set the
-//! per-page (and global) rate to the fleet's budget divided by N, or shard
-//! pages across work queues (one prefix per shard) so a page is served by
-//! one worker; see the README's "Scaling out".
+//! These limits are per worker process. With Redis (`MMSEND_REDIS_URL`)
+//! the same `[pacing]` rates hold for the whole fleet instead (`fleet`),
+//! and these serve while Redis is unreachable.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -50,7 +49,17 @@ fn quota(rate: u32) -> Option<Quota> {
     NonZeroU32::new(rate).map(Quota::per_second)
 }
 
+impl PacingConfig {
+    /// The rate of `page_id`, messages/s (0 = not paced).
+    pub fn page_rate(&self, page_id: &str) -> u32 {
+        self.pages.get(page_id).copied().unwrap_or(self.per_page)
+    }
+}
+
 impl Pacer {
+    /// The buckets of `config`: pages with a rate of their own get their
+    /// own bucket, the others one each at `per_page`, plus the global one;
+    /// a rate of 0 is no bucket (never waits).
     pub fn new(config: &PacingConfig) -> Pacer {
         Pacer {
             per_page: quota(config.per_page).map(RateLimiter::keyed),

@@ -1,75 +1,126 @@
 //! One delivery, start to settle: read the story → validate → pick the token
-//! → check the deadline → gate and pace → call Graph → classify → settle.
+//! → check the deadline → gates, pacing and the send ledger → call Graph →
+//! classify once and route → settle.
 //!
 //! Settling is exactly one of: ack (sent); publish a copy to a delay tier,
 //! wait for the confirm, ack (retry); publish a copy to the dead-letter
-//! queue, wait for the confirm, ack (dead). If the copy is not confirmed the
-//! original is nacked with requeue, so the job is tried again rather than
-//! lost. The copy carries the original body byte for byte (unknown fields
-//! and all) and the original properties, with the `x-mmsend-*` headers
-//! updated.
+//! queue, wait for the confirm, ack (dead). The copy carries the original
+//! body byte for byte (unknown fields and all) and the original properties,
+//! with the `x-mmsend-*` headers updated ([`Story::restamp`]).
+//!
+//! A copy that is not confirmed never loses the job, and never makes a hot
+//! loop of API calls: the original stays unacked while the copy is
+//! published again with backoff (the broker refused it: a full queue), or
+//! the session ends because the publish path is broken (channel closed,
+//! copy unroutable), and only then does the original go back to the queue
+//! (nack with requeue; the failures are counted in
+//! `mmsend_publish_failures_total`).
+//!
+//! A job whose processing panics is settled too, never left held: the
+//! panic is caught, counted (`mmsend_job_panics_total`) and treated as a
+//! failed attempt, so the job is retried through the transient tiers and,
+//! after `max_attempts`, dead-lettered as `retries_exhausted` with the
+//! panic as its last error. That bound does not depend on RabbitMQ's
+//! delivery limit, which a requeue would rely on and which RabbitMQ 4.3+
+//! no longer counts for a `basic.nack`.
 //!
 //! Logging: sent and retried jobs are logged at debug level (a healthy
 //! worker settles thousands a second; per-job info lines would drown the
 //! logs); dead letters at info, with their reason and error. The worker logs
 //! an info summary of its counts every few seconds instead.
 
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use futures_util::FutureExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
-use lapin::BasicProperties;
+use lapin::{Acker, BasicProperties};
 use tokio::sync::Semaphore;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 
-use super::Ctx;
+use super::coordination::{After, Ahead};
+use super::{Ctx, SessionCtl};
 use crate::broker::headers::{LastError, Story};
-use crate::broker::Publisher;
-use crate::classify::{Attempt, Class, DeadReason, Route};
+use crate::broker::{PublishError, Publisher};
+use crate::classify::{self, Attempt, Class, CodeLabel, DeadReason, Route};
 use crate::graph::{Failure, FailureKind, Outcome, SendRequest};
 use crate::job::Job;
+use crate::metrics::{PublishFailure, Settled};
+use crate::results::{ResultEvent, ResultOutcome};
 
-/// How a delivery is to be settled, with the story to write.
-enum Settle {
-    Sent {
-        tracking_id: Option<String>,
-    },
-    Retry {
-        class: Class,
-        delay: Duration,
-        story: Story,
-    },
-    Dead {
-        class: Option<Class>,
-        reason: DeadReason,
-        story: Story,
-    },
+/// The decision for one delivery: the route, the story to write on a copy,
+/// and the tracking id of a send.
+struct Decided {
+    route: Route,
+    story: Story,
+    tracking_id: Option<String>,
 }
 
-/// Processes and settles one delivery. Never panics on message content.
+impl Decided {
+    /// A route taken without a call (invalid job, no token, expired, gated).
+    fn without_call(ctx: &Ctx, route: Route, mut story: Story, message: String) -> Decided {
+        let class = match route {
+            Route::Retry { class, .. } => Some(class),
+            Route::Dead { class, .. } => class,
+            Route::Sent { .. } | Route::Duplicate => None,
+        };
+        story.set_last_error(
+            class,
+            LastError {
+                message: Some(message),
+                ..Default::default()
+            },
+        );
+        Decided::new(ctx, route, story, None)
+    }
+
+    fn new(ctx: &Ctx, route: Route, mut story: Story, tracking_id: Option<String>) -> Decided {
+        if let Route::Dead { reason, .. } = route {
+            story.dead_reason = Some(reason.as_str().to_string());
+            story.dead_at = Some(Utc::now());
+            story.worker = Some(ctx.worker_id.clone());
+        }
+        Decided {
+            route,
+            story,
+            tracking_id,
+        }
+    }
+}
+
+/// The longest a delivery is held while its copy is refused by the broker
+/// (a full queue), trying again with backoff, before it goes back to the
+/// queue.
+const HOLD_REFUSED_COPY: Duration = Duration::from_secs(60);
+
+/// Processes and settles one delivery; whatever happens to the job's
+/// processing (a panic included) the delivery is settled or given back.
 pub(crate) async fn handle(
     ctx: Arc<Ctx>,
     publisher: Publisher,
     slots: Arc<Semaphore>,
     delivery: Delivery,
+    ctl: Arc<SessionCtl>,
 ) {
-    // a spare prefetched delivery waits here for one of `concurrency` slots;
-    // on shutdown the slots close and it goes back to the queue untouched
-    let Ok(_slot) = slots.acquire().await else {
-        let _ = delivery
-            .acker
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..Default::default()
-            })
-            .await;
+    // A spare prefetched delivery waits here for one of `concurrency`
+    // slots. It has not been handed to the API: when the grace period is
+    // over, or the session ends, it goes back to the queue untouched.
+    let slot = tokio::select! {
+        biased;
+        slot = slots.acquire() => slot.ok(),
+        _ = ctl.grace_over.cancelled() => None,
+    };
+    let Some(_slot) = slot else {
+        requeue(&delivery.acker).await;
         return;
     };
-    let _inflight = Inflight::new(&ctx);
+    let _inflight = ctx.metrics.inflight_guard();
     if delivery.redelivered {
-        ctx.metrics.redelivered.inc();
+        ctx.metrics.redelivered();
     }
     let story = Story::read(delivery.properties.headers().as_ref());
     let span = tracing::debug_span!(
@@ -77,35 +128,149 @@ pub(crate) async fn handle(
         job_id = tracing::field::Empty,
         campaign = tracing::field::Empty,
         page_id = tracing::field::Empty,
-        attempt = story.attempt + 1,
+        attempt = story.attempt.saturating_add(1),
         class = tracing::field::Empty,
+        tracking_id = tracing::field::Empty,
     );
+    let acker = delivery.acker.clone();
+    let redelivered = delivery.redelivered;
     async move {
         let enqueued_at = story
             .enqueued_at
             .or_else(|| amqp_timestamp(&delivery.properties));
-        let settle = decide(&ctx, &delivery.data, story).await;
-        settle_delivery(&ctx, &publisher, delivery, settle, enqueued_at).await;
+        let calling = Arc::new(AtomicBool::new(false));
+        let decided = {
+            let job = super::track_calls(
+                calling.clone(),
+                AssertUnwindSafe(async {
+                    if let Some(hook) = &ctx.job_hook {
+                        (hook.0)(&delivery.data);
+                    }
+                    decide(&ctx, &delivery.data, story, redelivered).await
+                })
+                .catch_unwind(),
+            );
+            tokio::pin!(job);
+            tokio::select! {
+                biased;
+                done = &mut job => Some(done),
+                _ = ctl.grace_over.cancelled() => {
+                    if calling.load(Ordering::SeqCst) {
+                        // a call in flight is never cut: Meta may have it
+                        Some(job.await)
+                    } else {
+                        None
+                    }
+                }
+            }
+        };
+        let decided = match decided {
+            None => {
+                debug!("not called before the grace period ended; back to the queue");
+                requeue(&delivery.acker).await;
+                return;
+            }
+            Some(Ok(decided)) => decided,
+            Some(Err(panic)) => panicked(&ctx, &delivery.properties, &*panic),
+        };
+        let settled = AssertUnwindSafe(settle_delivery(
+            &ctx,
+            &publisher,
+            delivery,
+            decided,
+            enqueued_at,
+            &ctl,
+        ))
+        .catch_unwind()
+        .await;
+        if let Err(panic) = settled {
+            // only a bug can get here; the delivery is not left held
+            error!(
+                panic = panic_text(&*panic),
+                "settling a job panicked; it goes back to the queue"
+            );
+            ctx.metrics.job_panicked();
+            requeue(&acker).await;
+        }
     }
     .instrument(span)
     .await
 }
 
-/// Everything up to the decision; no broker I/O.
-async fn decide(ctx: &Ctx, body: &[u8], mut story: Story) -> Settle {
+/// The settlement of a job whose processing panicked: a failed attempt,
+/// retried through the transient tiers up to `max_attempts`, then dead as
+/// `retries_exhausted`, with the panic message as the last error.
+fn panicked(
+    ctx: &Ctx,
+    properties: &BasicProperties,
+    panic: &(dyn std::any::Any + Send),
+) -> Decided {
+    let message = panic_text(panic);
+    ctx.metrics.job_panicked();
+    let now = Utc::now();
+    let mut story = Story::read(properties.headers().as_ref());
+    story.attempt = story.attempt.saturating_add(1);
+    let first_attempt_at = *story.first_attempt_at.get_or_insert(now);
+    error!(
+        panic = %message,
+        attempt = story.attempt,
+        "processing the job panicked; it counts as a failed attempt"
+    );
+    let attempt = Attempt {
+        number: story.attempt,
+        first_attempt_at,
+        now,
+        not_after: None,
+        maybe_sent: false,
+    };
+    // the transient schedule, up to max_attempts
+    let route = ctx.policy.route_gated(
+        Class::Transient,
+        ctx.policy.transient_delay(story.attempt),
+        &attempt,
+    );
+    Decided::without_call(
+        ctx,
+        route,
+        story,
+        format!("the worker panicked processing this job (a bug in mmsend; please report it): {message}"),
+    )
+}
+
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
+}
+
+/// Gives a delivery back to the queue (nack with requeue).
+async fn requeue(acker: &Acker) {
+    if let Err(e) = acker
+        .nack(BasicNackOptions {
+            requeue: true,
+            multiple: false,
+        })
+        .await
+    {
+        warn!(error = %e, "nack failed; RabbitMQ will redeliver when the channel closes");
+    }
+}
+
+/// Everything up to the decision; no broker I/O. One straight line: parse,
+/// token, deadline, gates, pace, call, classify and route (once).
+async fn decide(ctx: &Ctx, body: &[u8], mut story: Story, redelivered: bool) -> Decided {
     let now = Utc::now();
     let span = tracing::Span::current();
+    let dead = |reason| Route::Dead {
+        class: None,
+        reason,
+    };
     let job = match Job::parse(body) {
         Ok(job) => job,
         Err(e) => {
-            story.set_last_error(
-                None,
-                LastError {
-                    message: Some(e.to_string()),
-                    ..Default::default()
-                },
-            );
-            return dead(ctx, story, None, DeadReason::InvalidJob, now);
+            return Decided::without_call(ctx, dead(DeadReason::InvalidJob), story, e.to_string())
         }
     };
     span.record("job_id", job.job_id.as_str());
@@ -114,129 +279,112 @@ async fn decide(ctx: &Ctx, body: &[u8], mut story: Story) -> Settle {
         span.record("campaign", c.as_str());
     }
     let Some(token) = ctx.tokens.token_for(&job.page_id).cloned() else {
-        story.set_last_error(
-            None,
-            LastError {
-                message: Some(format!(
-                    "no access token for page {}; set MMSEND_ACCESS_TOKEN or add the page to MMSEND_PAGE_TOKENS_FILE, then replay",
-                    job.page_id
-                )),
-                ..Default::default()
-            },
+        let message = format!(
+            "no access token for page {}; set MMSEND_ACCESS_TOKEN or add the page to MMSEND_PAGE_TOKENS_FILE, then replay",
+            job.page_id
         );
-        return dead(ctx, story, None, DeadReason::NoToken, now);
+        return Decided::without_call(ctx, dead(DeadReason::NoToken), story, message);
     };
     if let Err(e) = job.check_not_after(now) {
-        story.set_last_error(
-            None,
-            LastError {
-                message: Some(format!("{e}; not sent")),
-                ..Default::default()
-            },
+        return Decided::without_call(
+            ctx,
+            dead(DeadReason::Expired),
+            story,
+            format!("{e}; not sent"),
         );
-        return dead(ctx, story, None, DeadReason::Expired, now);
     }
 
     // Age limits count from the first time a worker took the job, whether
     // it was tried then or held back by a gate.
-    story.first_attempt_at.get_or_insert(now);
+    let first_attempt_at = *story.first_attempt_at.get_or_insert(now);
+    let mut attempt = Attempt {
+        number: story.attempt,
+        first_attempt_at,
+        now,
+        not_after: job.not_after,
+        // the last call may have been a send, or the worker that held this
+        // delivery died (mid-call, perhaps)
+        maybe_sent: story.last_error.ambiguous || redelivered,
+    };
 
-    // A closed gate sends the job straight back to wait, without a call.
-    if let Some((scope, class, wait)) = ctx.gates.closed_for(&job, Instant::now()) {
-        debug!(scope = %scope, wait_s = wait.as_secs(), "scope gated; not calling the API");
-        story.set_last_error(
-            Some(class),
-            LastError {
-                message: Some(format!(
-                    "held back without a call: {scope} is gated after a {class} answer"
-                )),
-                ..Default::default()
-            },
-        );
-        let attempt = Attempt {
-            number: story.attempt,
-            first_attempt_at: story.first_attempt_at.unwrap_or(now),
-            now,
-            not_after: job.not_after,
-        };
-        return match ctx.policy.route_gated(class, wait, &attempt) {
-            Route::Retry { class, delay } => Settle::Retry {
-                class,
-                delay,
-                story,
-            },
-            Route::Dead { class, reason } => dead(ctx, story, Some(class), reason, now),
-            Route::Sent => unreachable!("route_gated never answers Sent"),
-        };
-    }
-    ctx.pacer.until_ready(&job.page_id).await;
+    // Gates, pacing and the send ledger: local, or the fleet's.
+    let claimed = match ctx.coord.before(&job).await {
+        Ahead::Call {
+            maybe_sent,
+            claimed,
+        } => {
+            attempt.maybe_sent |= maybe_sent;
+            claimed
+        }
+        Ahead::AlreadySent { tracking_id } => {
+            debug!(tracking_id = %tracking_id, "already sent (send ledger); acked without a call");
+            return Decided::new(ctx, Route::Duplicate, story, Some(tracking_id));
+        }
+        Ahead::Wait { delay, why } => {
+            let route = ctx.policy.route_gated(Class::Transient, delay, &attempt);
+            return Decided::without_call(ctx, route, story, why);
+        }
+        // A closed gate sends the job straight back to wait, without a call.
+        Ahead::Held(held) => {
+            debug!(scope = %held.scope, wait_s = held.wait.as_secs(), "scope gated; not calling the API");
+            let route = ctx.policy.route_gated(held.class, held.wait, &attempt);
+            let message = format!(
+                "held back without a call: {} is gated after a {} answer ({})",
+                held.scope, held.class, held.label
+            );
+            let mut decided = Decided::without_call(ctx, route, story, message);
+            // the dead letter of a held job groups under the code that held it
+            if let CodeLabel::Code(code) = held.label {
+                decided.story.last_error.code = Some(code);
+            }
+            return decided;
+        }
+    };
 
-    story.attempt += 1;
+    story.attempt = story.attempt.saturating_add(1);
     span.record("attempt", story.attempt);
     let started = Instant::now();
     let outcome = ctx.client.send(&token, &SendRequest::from(&job)).await;
-    ctx.metrics
-        .graph_request_duration
-        .observe(started.elapsed().as_secs_f64());
-    record_usage(ctx, &outcome);
+    ctx.metrics.graph_call(started.elapsed());
+    attempt.number = story.attempt;
+    attempt.now = Utc::now();
 
-    let failure = match &outcome {
-        Outcome::Sent { tracking_id, .. } => {
-            ctx.gates.opened(&job);
-            return Settle::Sent {
-                tracking_id: tracking_id.clone(),
-            };
+    match outcome {
+        Outcome::Sent { tracking_id, hint } => {
+            ctx.metrics.record_usage(&hint);
+            ctx.coord
+                .after(&job, claimed, After::Sent(&tracking_id))
+                .await;
+            span.record("tracking_id", tracking_id.as_str());
+            let route = Route::Sent { suspected: false };
+            Decided::new(ctx, route, story, Some(tracking_id))
         }
-        Outcome::Failed(f) => f,
-    };
-    let verdict = ctx.table.classify(failure);
-    span.record("class", verdict.class.as_str());
-    ctx.metrics
-        .graph_errors
-        .with_label_values(&[verdict.class.as_str(), &verdict.code_label])
-        .inc();
-    if verdict.ambiguous {
-        ctx.metrics.ambiguous.inc();
-    }
-    ctx.gates.observe(
-        &job,
-        verdict.class,
-        verdict.code_label.parse().ok(),
-        failure.hint.wait(),
-        Instant::now(),
-    );
-    story.set_last_error(Some(verdict.class), last_error(failure));
-    let attempt = Attempt {
-        number: story.attempt,
-        first_attempt_at: story.first_attempt_at.unwrap_or(now),
-        now: Utc::now(),
-        not_after: job.not_after,
-    };
-    match ctx.policy.route(&outcome, &ctx.table, &attempt) {
-        Route::Retry { class, delay } => Settle::Retry {
-            class,
-            delay,
-            story,
-        },
-        Route::Dead { class, reason } => dead(ctx, story, Some(class), reason, now),
-        Route::Sent => Settle::Sent { tracking_id: None },
-    }
-}
-
-fn dead(
-    ctx: &Ctx,
-    mut story: Story,
-    class: Option<Class>,
-    reason: DeadReason,
-    now: DateTime<Utc>,
-) -> Settle {
-    story.dead_reason = Some(reason.as_str().to_string());
-    story.dead_at = Some(now);
-    story.worker = Some(ctx.worker_id.clone());
-    Settle::Dead {
-        class,
-        reason,
-        story,
+        Outcome::Failed(failure) => {
+            ctx.metrics.record_usage(&failure.hint);
+            let classify::Decision { verdict, route } =
+                classify::decide(&failure, &ctx.table, &ctx.policy, &attempt);
+            span.record("class", verdict.class.as_str());
+            ctx.metrics.graph_error(&verdict);
+            ctx.coord
+                .after(
+                    &job,
+                    claimed,
+                    After::Failed {
+                        verdict: &verdict,
+                        route,
+                    },
+                )
+                .await;
+            story.set_last_error(Some(verdict.class), last_error(&failure));
+            if let Route::Sent { suspected: true } = route {
+                ctx.metrics.suspected_duplicate();
+                info!(
+                    code = %verdict.label,
+                    "an earlier call may have been the send and Meta says it was; settled as sent, not retried"
+                );
+            }
+            Decided::new(ctx, route, story, None)
+        }
     }
 }
 
@@ -258,123 +406,208 @@ fn last_error(f: &Failure) -> LastError {
     }
 }
 
-fn record_usage(ctx: &Ctx, outcome: &Outcome) {
-    let hint = match outcome {
-        Outcome::Sent { hint, .. } => hint,
-        Outcome::Failed(f) => &f.hint,
-    };
-    let g = &ctx.metrics.graph_usage;
-    if let Some(u) = &hint.app {
-        g.with_label_values(&["app_call_count"]).set(u.call_count);
-        g.with_label_values(&["app_total_cputime"])
-            .set(u.total_cputime);
-        g.with_label_values(&["app_total_time"]).set(u.total_time);
-    }
-    if let Some(u) = &hint.business {
-        g.with_label_values(&["buc_call_count"]).set(u.call_count);
-        g.with_label_values(&["buc_total_cputime"])
-            .set(u.total_cputime);
-        g.with_label_values(&["buc_total_time"]).set(u.total_time);
-    }
-}
-
 /// Publishes the copy (if any), then acks; nacks with requeue if the copy
 /// was not confirmed.
 async fn settle_delivery(
     ctx: &Ctx,
     publisher: &Publisher,
     delivery: Delivery,
-    settle: Settle,
+    decided: Decided,
     enqueued_at: Option<DateTime<Utc>>,
+    ctl: &SessionCtl,
 ) {
-    let m = &ctx.metrics;
-    let (outcome, class_label) = match &settle {
-        Settle::Sent { .. } => ("sent", "none"),
-        Settle::Retry { class, .. } => ("retried", class.as_str()),
-        Settle::Dead { class, .. } => ("dead", class.map_or("none", Class::as_str)),
-    };
-    let copy = match &settle {
-        Settle::Sent { tracking_id } => {
-            debug!(tracking_id = tracking_id.as_deref().unwrap_or(""), "sent");
-            None
-        }
-        Settle::Retry {
-            class,
-            delay,
-            story,
-        } => {
-            let tier = ctx.topology.tier_for(*delay);
-            debug!(class = %class, wanted_s = delay.as_secs(), tier = %tier.name, "retry later");
-            Some((
-                ctx.topology.tier_queue(tier),
-                story,
-                Some(tier.name.clone()),
-            ))
-        }
-        Settle::Dead { reason, story, .. } => {
-            info!(
-                reason = %reason,
-                class = class_label,
-                error = story.last_error.message.as_deref().unwrap_or(""),
-                "dead-lettered"
+    let Decided {
+        route,
+        story,
+        tracking_id,
+    } = decided;
+    let (outcome, class) = match route {
+        Route::Sent { suspected } => {
+            debug!(
+                tracking_id = tracking_id.as_deref().unwrap_or(""),
+                suspected, "sent"
             );
-            Some((ctx.topology.dead_queue(), story, None))
+            // the class of the last failure before the send, if any
+            let class = story
+                .last_error
+                .class
+                .as_deref()
+                .and_then(|c| c.parse().ok());
+            (Settled::Sent, class)
         }
-    };
-    if let Some((queue, story, tier)) = copy {
-        let props = story.restamp(&delivery.properties);
-        if let Err(e) = publisher.publish(&queue, &delivery.data, props).await {
-            warn!(error = %e, queue = %queue, "could not hand the job on; requeueing the original");
-            if let Err(e) = delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    multiple: false,
-                })
-                .await
-            {
-                warn!(error = %e, "nack failed; RabbitMQ will redeliver when the channel closes");
+        Route::Duplicate => {
+            // sent before: ack, and count it apart from the sends
+            ctx.metrics.duplicate_suppressed();
+            if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+                warn!(error = %e, "ack failed; RabbitMQ will redeliver this job (and the ledger suppress it again)");
             }
             return;
         }
-        match tier {
-            Some(tier) => m.retries.with_label_values(&[&tier]).inc(),
-            None => {
-                if let Settle::Dead { reason, .. } = &settle {
-                    m.dead_letters.with_label_values(&[reason.as_str()]).inc();
-                }
+        Route::Retry { class, delay } => {
+            let tier = ctx.topology.tier_for(delay);
+            debug!(class = %class, wanted_s = delay.as_secs(), tier = %tier.name, "retry later");
+            let queue = ctx.topology.tier_queue(tier);
+            if !copy(ctx, publisher, &delivery, &queue, &story, ctl).await {
+                return;
             }
+            ctx.metrics.retried_to(&tier.name);
+            (Settled::Retried, Some(class))
         }
+        Route::Dead { class, reason } => {
+            info!(
+                reason = %reason,
+                class = class.map_or("none", Class::as_str),
+                error = story.last_error.message.as_deref().unwrap_or(""),
+                "dead-lettered"
+            );
+            let queue = ctx.topology.dead_queue();
+            if !copy(ctx, publisher, &delivery, &queue, &story, ctl).await {
+                return;
+            }
+            ctx.metrics.dead_lettered(reason);
+            (Settled::Dead, class)
+        }
+    };
+    if ctx.topology.results.is_some() && outcome != Settled::Retried {
+        publish_result(ctx, publisher, &delivery, &story, route, tracking_id).await;
     }
     match delivery.acker.ack(BasicAckOptions::default()).await {
         Ok(true) => {}
         Ok(false) => warn!("channel closed before the ack; RabbitMQ will redeliver this job"),
         Err(e) => warn!(error = %e, "ack failed; RabbitMQ will redeliver this job"),
     }
-    m.jobs.with_label_values(&[outcome, class_label]).inc();
-    if let Some(t) = enqueued_at {
-        let secs = (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0;
-        m.job_latency.with_label_values(&[outcome]).observe(secs);
+    let latency = enqueued_at.and_then(|t| (Utc::now() - t).to_std().ok());
+    ctx.metrics.settled(outcome, class, latency);
+}
+
+/// Publishes a settled job's event on the results stream, confirmed, before
+/// its delivery is acked; a failure is counted and logged, never holds the
+/// job (see `crate::results`).
+async fn publish_result(
+    ctx: &Ctx,
+    publisher: &Publisher,
+    delivery: &Delivery,
+    story: &Story,
+    route: Route,
+    tracking_id: Option<String>,
+) {
+    let body: serde_json::Value = serde_json::from_slice(&delivery.data).unwrap_or_default();
+    let text = |k: &str| body.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+    let e = &story.last_error;
+    let event = ResultEvent {
+        v: 1,
+        job_id: text("job_id")
+            .or_else(|| {
+                delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|m| m.to_string())
+            })
+            .unwrap_or_default(),
+        campaign: text("campaign"),
+        outcome: match route {
+            Route::Dead { .. } => ResultOutcome::Dead,
+            _ => ResultOutcome::Sent,
+        },
+        class: e.class.clone(),
+        reason: story.dead_reason.clone(),
+        code: e.subcode.or(e.code),
+        tracking_id,
+        suspected: matches!(route, Route::Sent { suspected: true }),
+        attempts: story.attempt,
+        at: Utc::now(),
+    };
+    let Ok(bytes) = serde_json::to_vec(&event) else {
+        return;
+    };
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_message_id(event.job_id.as_str().into());
+    if let Err(e) = publisher
+        .publish(&ctx.topology.results_stream(), &bytes, props)
+        .await
+    {
+        ctx.metrics.publish_failed(match e {
+            PublishError::Returned { .. } => PublishFailure::Returned,
+            PublishError::Nacked { .. } => PublishFailure::Nacked,
+            PublishError::Amqp { .. } => PublishFailure::Error,
+        });
+        warn!(error = %e, "could not publish the job's result event; the job is settled anyway");
+    }
+}
+
+/// Publishes the delivery's copy with `story` to `queue`; when it cannot
+/// be published, gives the delivery back to the queue and answers `false`.
+async fn copy(
+    ctx: &Ctx,
+    publisher: &Publisher,
+    delivery: &Delivery,
+    queue: &str,
+    story: &Story,
+    ctl: &SessionCtl,
+) -> bool {
+    let props = story.restamp(&delivery.properties);
+    if publish_copy(ctx, publisher, queue, &delivery.data, props, ctl).await {
+        return true;
+    }
+    requeue(&delivery.acker).await;
+    false
+}
+
+/// Publishes a copy and waits for its confirm. `false` when it could not
+/// be published, after a backoff: a copy the broker refused (`Nacked`, a
+/// full queue) is tried again for up to [`HOLD_REFUSED_COPY`] while the
+/// delivery stays held; an unroutable copy (`Returned`: a tier or the DLQ
+/// is missing) or a dead channel ends the session, whose reconnect
+/// redeclares the topology after the reconnect backoff.
+async fn publish_copy(
+    ctx: &Ctx,
+    publisher: &Publisher,
+    queue: &str,
+    body: &[u8],
+    props: BasicProperties,
+    ctl: &SessionCtl,
+) -> bool {
+    let started = Instant::now();
+    let mut wait = Duration::from_secs(1);
+    loop {
+        let e = match publisher.publish(queue, body, props.clone()).await {
+            Ok(()) => return true,
+            Err(e) => e,
+        };
+        let channel_ok = publisher.channel().status().connected();
+        let reason = match &e {
+            PublishError::Returned { .. } => PublishFailure::Returned,
+            PublishError::Nacked { .. } => PublishFailure::Nacked,
+            PublishError::Amqp { .. } if channel_ok => PublishFailure::Error,
+            PublishError::Amqp { .. } => PublishFailure::ChannelClosed,
+        };
+        ctx.metrics.publish_failed(reason);
+        match reason {
+            PublishFailure::Returned | PublishFailure::ChannelClosed => {
+                warn!(error = %e, queue, "could not publish the copy; ending the session to reconnect and redeclare");
+                ctl.publisher_lost(e.to_string());
+                return false;
+            }
+            _ if ctl.stopping.is_cancelled() || started.elapsed() + wait > HOLD_REFUSED_COPY => {
+                warn!(error = %e, queue, held_s = started.elapsed().as_secs(), "could not publish the copy; the job goes back to the queue");
+                return false;
+            }
+            _ => {
+                warn!(error = %e, queue, retry_in_s = wait.as_secs(), "could not publish the copy; holding the job and trying again");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = ctl.stopping.cancelled() => return false,
+                }
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+        }
     }
 }
 
 fn amqp_timestamp(props: &BasicProperties) -> Option<DateTime<Utc>> {
     let ts = (*props.timestamp())?;
     DateTime::from_timestamp(i64::try_from(ts).ok()?, 0)
-}
-
-/// Keeps `mmsend_inflight` right however the task ends.
-struct Inflight(prometheus::IntGauge);
-
-impl Inflight {
-    fn new(ctx: &Ctx) -> Self {
-        ctx.metrics.inflight.inc();
-        Inflight(ctx.metrics.inflight.clone())
-    }
-}
-
-impl Drop for Inflight {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
 }

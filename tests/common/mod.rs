@@ -1,16 +1,16 @@
 //! Shared test harness: a private topology (random prefix, short tiers) on
-//! the real RabbitMQ, the in-process Graph API simulator, and an in-process
-//! worker. Everything is deleted at the end of each test.
-#![allow(dead_code)]
+//! the real RabbitMQ, the in-process Graph API simulator, an in-process
+//! worker, and the `mmsend` binary pointed at them. Everything is deleted at
+//! the end of each test.
+#![allow(dead_code, unused_macros, unused_imports)]
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{BasicGetOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection};
-use mmsend::broker::headers::Story;
 use mmsend::broker::{self, Topology};
 use mmsend::classify::RetryPolicy;
 use mmsend::graph::{ClientConfig, Secret, TokenStore};
@@ -26,8 +26,51 @@ pub fn amqp_url() -> String {
     std::env::var("MMSEND_AMQP_URL").unwrap_or_else(|_| broker::DEFAULT_AMQP_URL.to_string())
 }
 
+pub fn redis_url() -> String {
+    std::env::var("MMSEND_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
+}
+
+/// Deletes every Redis key of a prefix (`{<prefix>}…`); Redis errors are
+/// ignored (a test that stopped its own Redis has nothing to clean).
+pub async fn delete_redis_keys(url: &str, prefix: &str) {
+    let config = mmsend::fleet::FleetConfig::new(url);
+    if let Ok(fleet) = mmsend::fleet::Fleet::new(config, prefix, "cleanup", Metrics::new()) {
+        let _ = fleet.delete_all().await;
+    }
+}
+
+/// Closes, from the broker's side, every connection whose name contains
+/// `needle`. Returns how many were closed.
+pub fn close_connections(needle: &str) -> usize {
+    use std::process::Command;
+    let out = Command::new("rabbitmqctl")
+        .args(["list_connections", "pid", "client_properties", "-q"])
+        .output()
+        .expect("rabbitmqctl is installed with RabbitMQ");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut closed = 0;
+    for line in text.lines().filter(|l| l.contains(needle)) {
+        let pid = line.split('\t').next().unwrap_or_default();
+        let ok = Command::new("rabbitmqctl")
+            .args(["close_connection", pid, "fault test"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(ok, "rabbitmqctl close_connection {pid} failed");
+        closed += 1;
+    }
+    closed
+}
+
 pub fn random_prefix(name: &str) -> String {
     format!("mmsend-test-{name}-{:08x}", rand::random::<u32>())
+}
+
+/// A new, empty directory of the test's own (`mmsend-<name>-<random>`);
+/// the test removes it.
+pub fn tmpdir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("mmsend-{name}-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
 }
 
 /// Short delays so retries come back within a test.
@@ -43,18 +86,96 @@ pub fn fast_policy() -> RetryPolicy {
         recipient_capped_delay: ms(300),
         recipient_capped_max_age: Duration::from_secs(2),
         gated_max_age: Duration::from_secs(10),
+        ..RetryPolicy::default()
+    }
+}
+
+/// Polls a condition (any expression, `.await` allowed) every 20 ms until it
+/// holds; after `timeout` the test fails with the message, formatted at that
+/// moment so it can show the state that was wrong.
+///
+/// ```ignore
+/// eventually!(Duration::from_secs(20), h.sim.stats().sent >= 30, "sent {:?}", h.sim.stats());
+/// ```
+macro_rules! eventually {
+    ($timeout:expr, $cond:expr, $($msg:tt)+) => {{
+        let timeout: std::time::Duration = $timeout;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if $cond {
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                panic!("not within {:?}: {}", timeout, format!($($msg)+));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }};
+}
+pub(crate) use eventually;
+
+/// [`eventually!`] for code that cannot await (starting a process, a
+/// `Drop`): polls `condition` every 20 ms, fails the test after `timeout`.
+pub fn eventually_blocking(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "not within {timeout:?}: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Deletes a test's topology when dropped, also when the test fails or
+/// panics half-way, so a failed run leaves no queues behind on a shared
+/// broker. [`TopologyGuard::disarm`] after a clean delete.
+pub struct TopologyGuard {
+    topology: Option<Topology>,
+}
+
+impl TopologyGuard {
+    pub fn new(topology: &Topology) -> TopologyGuard {
+        TopologyGuard {
+            topology: Some(topology.clone()),
+        }
+    }
+
+    pub fn disarm(&mut self) {
+        self.topology = None;
+    }
+}
+
+impl Drop for TopologyGuard {
+    fn drop(&mut self) {
+        let Some(topology) = self.topology.take() else {
+            return;
+        };
+        // Drop cannot await, and the test's runtime may be gone: delete from
+        // a thread of our own with a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async {
+                let conn = broker::connect(&amqp_url(), "test cleanup").await.ok()?;
+                let _ = topology.delete(&conn).await;
+                let _ = conn.close(200, "cleanup".into()).await;
+                Some(())
+            })
+        })
+        .join();
     }
 }
 
 pub struct Harness {
     pub topology: Topology,
+    guard: TopologyGuard,
     pub conn: Connection,
     publish: lapin::Channel,
     pub sim: SimHandle,
     pub metrics: Arc<Metrics>,
     pub config: WorkerConfig,
     shutdown: CancellationToken,
-    worker: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    worker: Option<tokio::task::JoinHandle<Result<(), worker::WorkerError>>>,
 }
 
 pub struct Opts {
@@ -66,6 +187,10 @@ pub struct Opts {
     pub concurrency: u16,
     pub start_worker: bool,
     pub gates: bool,
+    /// Share the send ledger, pacing and gates through this Redis.
+    pub redis: Option<String>,
+    /// Declare the results stream and publish an event per settled job.
+    pub results: bool,
 }
 
 impl Opts {
@@ -79,13 +204,27 @@ impl Opts {
             concurrency: 16,
             start_worker: true,
             gates: true,
+            redis: None,
+            results: false,
+        }
+    }
+
+    /// [`Opts::new`] without the in-process worker: the test fills the
+    /// queues first, or runs the `mmsend` binary instead.
+    pub fn idle(name: &'static str) -> Opts {
+        Opts {
+            start_worker: false,
+            ..Opts::new(name)
         }
     }
 }
 
 impl Harness {
     pub async fn start(opts: Opts) -> Harness {
-        let topology = Topology::new(&random_prefix(opts.name), &opts.tiers, 5).unwrap();
+        let mut topology = Topology::new(&random_prefix(opts.name), &opts.tiers, 5).unwrap();
+        if opts.results {
+            topology.results = Some(Duration::from_secs(3600));
+        }
         let conn = broker::connect(&amqp_url(), "test").await.expect(
             "RabbitMQ must run on 127.0.0.1:5672 for the integration tests (deploy/local/ensure-rabbitmq.sh)",
         );
@@ -113,8 +252,16 @@ impl Harness {
         config.gate_times.throttle = Duration::from_millis(300);
         config.gate_times.probe_wait = Duration::from_millis(200);
         config.shutdown_grace = Duration::from_secs(10);
-        config.worker_id = format!("test-{}", opts.name);
+        // unique per run: fault tests find the worker's connection by this name,
+        // and several test runs may share one broker
+        config.worker_id = format!("test-{}", topology.prefix);
+        config.fleet = opts.redis.as_deref().map(|url| {
+            let mut fleet = mmsend::fleet::FleetConfig::new(url);
+            fleet.lease_margin = Duration::from_millis(500);
+            fleet
+        });
         let mut h = Harness {
+            guard: TopologyGuard::new(&topology),
             topology,
             conn,
             publish,
@@ -139,6 +286,69 @@ impl Harness {
         )));
     }
 
+    /// Another worker of the same fleet (same topology, config and Redis),
+    /// with metrics of its own.
+    pub fn extra_worker(&self, id: &str) -> Worker {
+        let mut config = self.config.clone();
+        config.worker_id = format!("{}-{id}", self.config.worker_id);
+        let metrics = Metrics::new();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(worker::run(config, metrics.clone(), stop.clone()));
+        Worker {
+            metrics,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// Writes a config file (`mmsend.toml` in `dir`) that makes the binary see
+    /// this harness's topology (tiers, delivery limit) with pacing off, plus
+    /// `extra` TOML; returns its path.
+    pub fn write_config(&self, dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
+        let tiers: Vec<String> = self
+            .topology
+            .tiers
+            .iter()
+            .map(|t| format!("{:?}", t.name))
+            .collect();
+        let path = dir.join("mmsend.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[topology]\ntiers = [{}]\ndelivery_limit = {}\n[pacing]\nper_page = 0\n{extra}",
+                tiers.join(", "),
+                self.topology.delivery_limit
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    /// The `mmsend` binary with `args`, pointed at this harness's broker
+    /// and topology (`MMSEND_AMQP_URL`, `MMSEND_PREFIX`), no config file.
+    pub fn mmsend(&self, args: &[&str]) -> std::process::Command {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_mmsend"));
+        c.args(args)
+            .env("MMSEND_AMQP_URL", amqp_url())
+            .env("MMSEND_PREFIX", &self.topology.prefix)
+            .env_remove("MMSEND_CONFIG");
+        c
+    }
+
+    /// `mmsend worker` for this harness: its broker and topology (the
+    /// config file of [`Harness::write_config`] in `dir`, with `extra`
+    /// TOML), its simulator and token, metrics on a free port, stdout
+    /// discarded. The caller adds concurrency, logging and stderr.
+    pub fn worker_command(&self, dir: &std::path::Path, extra: &str) -> std::process::Command {
+        let mut c = self.mmsend(&["worker"]);
+        c.env("MMSEND_CONFIG", self.write_config(dir, extra))
+            .env("MMSEND_GRAPH_BASE_URL", self.sim.base_url())
+            .env("MMSEND_ACCESS_TOKEN", TOKEN)
+            .env("MMSEND_METRICS_ADDR", "127.0.0.1:0")
+            .stdout(std::process::Stdio::null());
+        c
+    }
+
     pub async fn stop_worker(&mut self) {
         self.shutdown.cancel();
         if let Some(w) = self.worker.take() {
@@ -149,27 +359,65 @@ impl Harness {
     /// Publishes like any AMQP client would: exchange `<prefix>`, routing
     /// key `<prefix>.send`, no mmsend headers.
     pub async fn publish_raw(&self, body: &[u8], headers: FieldTable) {
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_timestamp(chrono::Utc::now().timestamp() as u64)
+            .with_headers(headers);
+        self.publish_with(body, props).await;
+    }
+
+    /// Publishes `body` to `<prefix>.send` with exactly these properties
+    /// and checks the broker confirmed it.
+    pub async fn publish_with(&self, body: &[u8], props: BasicProperties) {
+        let send = self.topology.send_queue();
         let confirm = self
-            .publish
+            .publish_to(self.topology.exchange(), &send, body, props)
+            .await;
+        assert!(confirm.is_ack());
+    }
+
+    /// Publishes `body` (mandatory) to `exchange` with `routing_key` and
+    /// waits for the broker's confirm.
+    pub async fn publish_to(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> lapin::Confirmation {
+        self.publish
             .basic_publish(
-                self.topology.exchange().into(),
-                self.topology.send_queue().as_str().into(),
+                exchange.into(),
+                routing_key.into(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..Default::default()
                 },
                 body,
-                BasicProperties::default()
-                    .with_content_type("application/json".into())
-                    .with_delivery_mode(2)
-                    .with_timestamp(chrono::Utc::now().timestamp() as u64)
-                    .with_headers(headers),
+                props,
             )
             .await
             .unwrap()
             .await
+            .unwrap()
+    }
+
+    /// Takes one delivery from the work queue and closes its channel
+    /// without an ack, as a consumer that crashes would: RabbitMQ requeues
+    /// the job and counts the delivery. Whether there was one to take.
+    pub async fn crash_holding_one(&self) -> bool {
+        let ch = self.conn.create_channel().await.unwrap();
+        ch.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+        let got = ch
+            .basic_get(
+                self.topology.send_queue().as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await
             .unwrap();
-        assert!(confirm.is_ack());
+        let _ = ch.close(200, "crash".into()).await;
+        got.is_some()
     }
 
     pub async fn publish_job(&self, job: &Value) {
@@ -185,28 +433,21 @@ impl Harness {
             .unwrap()
     }
 
-    /// Settled jobs (sent + dead) as the worker counted them.
+    /// Messages waiting in the work queue and the delay tiers (everywhere
+    /// but the DLQ).
+    pub async fn waiting(&self) -> u32 {
+        let info = self.topology.show(&self.conn).await.unwrap();
+        info.iter()
+            .filter(|q| q.name != self.topology.dead_queue())
+            .map(|q| q.messages)
+            .sum()
+    }
+
+    /// Settled jobs (sent + dead) as the worker counted them; a delivery
+    /// the send ledger acked as already sent counts as sent.
     pub fn settled(&self) -> (u64, u64) {
-        let mut sent = 0;
-        let mut dead = 0;
-        for fam in prometheus::core::Collector::collect(&self.metrics.jobs) {
-            for m in fam.get_metric() {
-                let outcome = m
-                    .get_label()
-                    .iter()
-                    .find(|l| l.name() == "outcome")
-                    .unwrap()
-                    .value()
-                    .to_string();
-                let v = m.get_counter().get_value() as u64;
-                match outcome.as_str() {
-                    "sent" => sent += v,
-                    "dead" => dead += v,
-                    _ => {}
-                }
-            }
-        }
-        (sent, dead)
+        let c = self.metrics.settled_counts();
+        (c.sent + self.metrics.duplicates_suppressed(), c.dead)
     }
 
     /// Waits until `sent + dead == n` and nothing waits in any queue but the DLQ.
@@ -214,16 +455,8 @@ impl Harness {
         let deadline = Instant::now() + timeout;
         loop {
             let (s, d) = self.settled();
-            if s + d >= n && self.metrics.inflight.get() == 0 {
-                let info = self.topology.show(&self.conn).await.unwrap();
-                let waiting: u32 = info
-                    .iter()
-                    .filter(|q| q.name != self.topology.dead_queue())
-                    .map(|q| q.messages)
-                    .sum();
-                if waiting == 0 {
-                    return;
-                }
+            if s + d >= n && self.metrics.inflight() == 0 && self.waiting().await == 0 {
+                return;
             }
             if Instant::now() >= deadline {
                 let depths: Vec<String> = self
@@ -236,7 +469,7 @@ impl Harness {
                     .collect();
                 panic!(
                     "not settled in {timeout:?}: sent {s}, dead {d}, want {n}, inflight {}; queues {depths:?}; sim {:?}",
-                    self.metrics.inflight.get(),
+                    self.metrics.inflight(),
                     self.sim.stats()
                 );
             }
@@ -244,8 +477,8 @@ impl Harness {
         }
     }
 
-    /// Takes every message out of the DLQ.
-    pub async fn drain_dlq(&self) -> Vec<DeadLetter> {
+    /// Takes every message out of the DLQ, as the DLQ tools see them.
+    pub async fn drain_dlq(&self) -> Vec<mmsend::dlq::DeadLetter> {
         let ch = self.conn.create_channel().await.unwrap();
         let mut out = Vec::new();
         while let Some(msg) = ch
@@ -256,38 +489,60 @@ impl Harness {
             .await
             .unwrap()
         {
-            let d = &msg.delivery;
-            out.push(DeadLetter {
-                body: d.data.clone(),
-                story: Story::read(d.properties.headers().as_ref()),
-                headers: d.properties.headers().clone().unwrap_or_default(),
-            });
+            let d = msg.delivery;
+            out.push(mmsend::dlq::DeadLetter::new(d.data, d.properties));
         }
         let _ = ch.close(200, "done".into()).await;
         out
     }
 
+    /// The reason of every letter in the DLQ, as the DLQ tools show it, in
+    /// queue order (a peek: the letters stay).
+    pub async fn dead_reasons(&self) -> Vec<String> {
+        let mut reasons = Vec::new();
+        mmsend::dlq::scan(
+            &self.conn,
+            &self.topology,
+            mmsend::dlq::Filter::default(),
+            &mmsend::dlq::ScanOptions::peek(),
+            &mut |d: &mmsend::dlq::DeadLetter| reasons.push(d.reason_label()),
+        )
+        .await
+        .unwrap();
+        reasons
+    }
+
     pub async fn finish(mut self) {
         self.stop_worker().await;
         self.topology.delete(&self.conn).await.unwrap();
+        self.guard.disarm();
+        if let Some(fleet) = &self.config.fleet {
+            delete_redis_keys(&fleet.url, &self.topology.prefix).await;
+        }
         let _ = self.conn.close(200, "done".into()).await;
         self.sim.shutdown().await;
     }
 }
 
-pub struct DeadLetter {
-    pub body: Vec<u8>,
-    pub story: Story,
-    pub headers: FieldTable,
+/// A worker started with [`Harness::extra_worker`].
+pub struct Worker {
+    pub metrics: Arc<Metrics>,
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<Result<(), worker::WorkerError>>>,
 }
 
-impl DeadLetter {
-    pub fn job_id(&self) -> String {
-        serde_json::from_slice::<Value>(&self.body)
-            .ok()
-            .and_then(|v| v["job_id"].as_str().map(str::to_owned))
-            .unwrap_or_default()
+impl Worker {
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.task.take() {
+            t.await.unwrap().unwrap();
+        }
     }
+}
+
+/// A dead letter's AMQP headers.
+pub fn headers(d: &mmsend::dlq::DeadLetter) -> FieldTable {
+    d.properties.headers().clone().unwrap_or_default()
 }
 
 pub fn job(id: &str, token: &str) -> Value {

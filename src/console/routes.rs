@@ -1,0 +1,715 @@
+//! The console's HTTP side: the axum router, the guard every request
+//! passes (host, origin, token or session, CSRF identity, security headers)
+//! and one handler per page. Handlers read the shared snapshot and never
+//! touch the broker: the only ways to the DLQ are a snapshot refresh and an
+//! action, both in the background.
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET | `/` | overview: queue depths, groups of every dimension |
+//! | GET | `/groups?dim=` | every group of a dimension, paged |
+//! | GET | `/group?dim=&key=&page=` | a group's letters, 50 a page |
+//! | GET | `/letter?job=&fp=` | one letter's story |
+//! | GET | `/confirm?kind=&dim=&key=` or `&job=&fp=` | the exact set, asking for confirmation |
+//! | POST | `/actions` | start (or find) the action of a confirmed set |
+//! | GET | `/actions`, `/actions/{id}` | actions, one action's progress and result |
+//! | POST | `/refresh` | a new snapshot now |
+//! | GET, POST | `/login`; POST `/logout` | the token's login form |
+
+use std::sync::Arc;
+
+use askama::Template;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Form, Router};
+use serde::Deserialize;
+
+use super::actions::{Kind, Plan, Scope};
+use super::auth::{self, Auth, Identity};
+use super::views::{self, Chrome, SnapshotLine};
+use super::Shared;
+use crate::dlq::Dimension;
+
+const CSS: &str = include_str!("static/console.css");
+const JS: &str = include_str!("static/console.js");
+
+const CSP: &str = "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/", get(overview))
+        .route("/groups", get(groups))
+        .route("/group", get(group))
+        .route("/letter", get(letter))
+        .route("/confirm", get(confirm))
+        .route("/actions", get(actions).post(start))
+        .route("/actions/{id}", get(action))
+        .route("/refresh", post(refresh))
+        .route("/login", get(login_form).post(login))
+        .route("/logout", post(logout))
+        .route(
+            "/console.css",
+            get(|| async { asset("text/css; charset=utf-8", CSS) }),
+        )
+        .route(
+            "/console.js",
+            get(|| async { asset("text/javascript; charset=utf-8", JS) }),
+        )
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(shared.clone(), guard))
+        .with_state(shared)
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "public, max-age=3600"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+fn text(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+/// Checks every request before its handler; see the module docs of
+/// [`super::auth`].
+async fn guard(State(st): State<Arc<Shared>>, mut req: Request, next: Next) -> Response {
+    let headers = req.headers();
+    let get = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    let host = get(header::HOST).unwrap_or_default().to_string();
+    if !st.auth.required() && !auth::loopback_host(&host) {
+        return text(
+            StatusCode::MISDIRECTED_REQUEST,
+            format!("This console has no token and answers only to loopback names (127.0.0.1, localhost, [::1]), not to Host {host:?}. Open it as http://127.0.0.1:{}/ or set MMSEND_CONSOLE_TOKEN.\n", st.port),
+        );
+    }
+    if req.method() == Method::POST {
+        let cross_origin = get(header::ORIGIN).is_some_and(|o| !auth::same_origin(o, &host));
+        let cross_site =
+            get(header::HeaderName::from_static("sec-fetch-site")) == Some("cross-site");
+        if cross_origin || cross_site {
+            return text(
+                StatusCode::FORBIDDEN,
+                "Refused: this form was sent from another site.\n".into(),
+            );
+        }
+    }
+    let public = matches!(req.uri().path(), "/login" | "/console.css" | "/console.js");
+    let secure = get(header::HeaderName::from_static("x-forwarded-proto")) == Some("https");
+    let html = get(header::ACCEPT).is_some_and(|a| a.contains("text/html"));
+    let mut new_cookie = None;
+    let identity = if let Some(authorization) = get(header::AUTHORIZATION) {
+        match st.auth.bearer(authorization) {
+            Some(id) => id,
+            None => {
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    [(header::WWW_AUTHENTICATE, "Bearer")],
+                    "Refused: that is not the console token.\n",
+                )
+                    .into_response()
+            }
+        }
+    } else {
+        let session = get(header::COOKIE)
+            .and_then(auth::cookie_value)
+            .and_then(|c| st.auth.session(c));
+        match session {
+            Some(s) if s.authenticated || !st.auth.required() || public => s.identity(),
+            _ if !st.auth.required() || public => {
+                let (s, cookie) = st.auth.issue(false);
+                new_cookie = Some(cookie);
+                s.identity()
+            }
+            _ if html && req.method() == Method::GET => {
+                let next = req
+                    .uri()
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .to_string();
+                return Redirect::to(&format!("/login{}", views::query(&[("next", &next)])))
+                    .into_response();
+            }
+            _ => {
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    [(header::WWW_AUTHENTICATE, "Bearer")],
+                    "Refused: sign in at /login, or send Authorization: Bearer <MMSEND_CONSOLE_TOKEN>.\n",
+                )
+                    .into_response()
+            }
+        }
+    };
+    req.extensions_mut().insert(identity);
+    let mut resp = next.run(req).await;
+    let h = resp.headers_mut();
+    if let Some(c) = new_cookie {
+        if let Ok(v) = HeaderValue::from_str(&Auth::set_cookie(&c, secure)) {
+            h.append(header::SET_COOKIE, v);
+        }
+    }
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    // not `no-referrer`: Chromium then sends `Origin: null` with the forms'
+    // POSTs, which the origin check above must refuse
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    if !h.contains_key(header::CACHE_CONTROL) {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    resp
+}
+
+/// The frame of a page: the snapshot line, the running actions.
+fn chrome(st: &Shared, id: &Identity, title: impl Into<String>, back: &str) -> Chrome {
+    let snapshot = st.snapshots.current();
+    let status = st.snapshots.status();
+    Chrome {
+        title: title.into(),
+        prefix: st.access.topology.prefix.clone(),
+        csrf: st.auth.csrf(id),
+        read_only: st.read_only,
+        nav: true,
+        signed_in: st.auth.required() && id.authenticated && !id.bearer,
+        snapshot: SnapshotLine::new(&snapshot, &status, &st.access.topology.dead_queue()),
+        running: st
+            .actions
+            .unfinished()
+            .iter()
+            .map(|a| (format!("/actions/{}", a.id), views::action_title(a)))
+            .collect(),
+        back: back.to_string(),
+        auto_refresh: None,
+    }
+}
+
+fn page(status: StatusCode, t: &impl Template) -> Response {
+    match t.render() {
+        Ok(body) => (
+            status,
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            body,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "console: a page failed to render");
+            text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "This page failed to render; the console's log has the reason.\n".into(),
+            )
+        }
+    }
+}
+
+fn message(
+    st: &Shared,
+    id: &Identity,
+    status: StatusCode,
+    heading: &str,
+    text: String,
+    link: Option<(String, String)>,
+) -> Response {
+    let class = if status.is_client_error() || status.is_server_error() {
+        "bad"
+    } else {
+        "info"
+    };
+    page(
+        status,
+        &views::Message {
+            chrome: chrome(st, id, heading, "/"),
+            heading: heading.into(),
+            text,
+            class,
+            link,
+        },
+    )
+}
+
+/// A view of the snapshot: starts a refresh in the background when one is due.
+fn viewed(st: &Shared) {
+    st.snapshots.refresh(&st.access, false);
+}
+
+async fn overview(State(st): State<Arc<Shared>>, Extension(id): Extension<Identity>) -> Response {
+    viewed(&st);
+    let s = st.snapshots.current();
+    let mut c = chrome(&st, &id, "Overview", "/");
+    if s.taken_at.is_none() {
+        c.auto_refresh = Some(2);
+    }
+    let status = st.snapshots.status();
+    page(
+        StatusCode::OK,
+        &views::Overview::new(c, &s, &status, &st.access.topology.dead_queue()),
+    )
+}
+
+#[derive(Deserialize)]
+struct GroupsQuery {
+    #[serde(default)]
+    dim: String,
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
+    page: Option<String>,
+}
+
+fn page_number(p: &Option<String>) -> usize {
+    p.as_deref().and_then(|p| p.parse().ok()).unwrap_or(1)
+}
+
+fn dimension(st: &Shared, id: &Identity, dim: &str) -> Result<Dimension, Box<Response>> {
+    dim.parse().map_err(|e: String| {
+        Box::new(message(
+            st,
+            id,
+            StatusCode::BAD_REQUEST,
+            "Unknown dimension",
+            e,
+            Some(("/".into(), "Overview".into())),
+        ))
+    })
+}
+
+async fn groups(
+    State(st): State<Arc<Shared>>,
+    Extension(id): Extension<Identity>,
+    Query(q): Query<GroupsQuery>,
+) -> Response {
+    viewed(&st);
+    let d = match dimension(&st, &id, &q.dim) {
+        Ok(d) => d,
+        Err(r) => return *r,
+    };
+    let s = st.snapshots.current();
+    let back = format!("/groups{}", views::query(&[("dim", d.as_str())]));
+    let c = chrome(&st, &id, format!("Groups by {d}"), &back);
+    page(
+        StatusCode::OK,
+        &views::Groups::new(c, &s, d, page_number(&q.page)),
+    )
+}
+
+async fn group(
+    State(st): State<Arc<Shared>>,
+    Extension(id): Extension<Identity>,
+    Query(q): Query<GroupsQuery>,
+) -> Response {
+    viewed(&st);
+    let d = match dimension(&st, &id, &q.dim) {
+        Ok(d) => d,
+        Err(r) => return *r,
+    };
+    let key = q.key.unwrap_or_default();
+    let s = st.snapshots.current();
+    let (Some(g), Some(members)) = (s.group(d, &key), s.members(d, &key)) else {
+        return message(
+            &st,
+            &id,
+            StatusCode::NOT_FOUND,
+            "No such group",
+            format!(
+                "The snapshot of {} UTC has no group {d} = {key} (it may have emptied since).",
+                views::time(s.taken_at)
+            ),
+            Some(("/".into(), "Overview".into())),
+        );
+    };
+    let back = views::group_href(d, &key);
+    let c = chrome(&st, &id, format!("{d} = {key}"), &back);
+    page(
+        StatusCode::OK,
+        &views::GroupPage::new(c, &s, d, g, members, page_number(&q.page)),
+    )
+}
+
+#[derive(Deserialize)]
+struct LetterQuery {
+    #[serde(default)]
+    job: String,
+    #[serde(default)]
+    fp: String,
+}
+
+async fn letter(
+    State(st): State<Arc<Shared>>,
+    Extension(id): Extension<Identity>,
+    Query(q): Query<LetterQuery>,
+) -> Response {
+    viewed(&st);
+    let s = st.snapshots.current();
+    let Some(l) = s.letter(&q.job, &q.fp) else {
+        return message(
+            &st,
+            &id,
+            StatusCode::NOT_FOUND,
+            "No such letter",
+            format!("The snapshot of {} UTC has no letter {} with fingerprint {} (replayed or purged since?).", views::time(s.taken_at), q.job, q.fp),
+            Some(("/".into(), "Overview".into())),
+        );
+    };
+    let back = views::letter_href(l);
+    let c = chrome(&st, &id, format!("Letter {}", l.job_id), &back);
+    page(StatusCode::OK, &views::LetterPage::new(c, l))
+}
+
+#[derive(Deserialize)]
+struct ConfirmQuery {
+    #[serde(default)]
+    kind: String,
+    dim: Option<String>,
+    key: Option<String>,
+    job: Option<String>,
+    fp: Option<String>,
+}
+
+fn read_only(st: &Shared, id: &Identity) -> Response {
+    message(
+        st,
+        id,
+        StatusCode::FORBIDDEN,
+        "Read-only console",
+        "This console was started with --read-only: it shows the DLQ and changes nothing. Use mmsend dlq replay / purge, or a console without --read-only.".into(),
+        Some(("/".into(), "Overview".into())),
+    )
+}
+
+async fn confirm(
+    State(st): State<Arc<Shared>>,
+    Extension(id): Extension<Identity>,
+    Query(q): Query<ConfirmQuery>,
+) -> Response {
+    if st.read_only {
+        return read_only(&st, &id);
+    }
+    let kind: Kind = match q.kind.parse() {
+        Ok(k) => k,
+        Err(e) => return message(&st, &id, StatusCode::BAD_REQUEST, "Unknown action", e, None),
+    };
+    let s = st.snapshots.current();
+    let (scope, members): (Scope, Vec<u32>) = match (&q.dim, &q.key, &q.job, &q.fp) {
+        (Some(dim), Some(key), None, None) => {
+            let d = match dimension(&st, &id, dim) {
+                Ok(d) => d,
+                Err(r) => return *r,
+            };
+            (
+                Scope::Group {
+                    dimension: d,
+                    key: key.clone(),
+                },
+                s.members(d, key).map(<[u32]>::to_vec).unwrap_or_default(),
+            )
+        }
+        (None, None, Some(job), Some(fp)) => (
+            Scope::Letter {
+                job_id: job.clone(),
+                fingerprint: fp.clone(),
+            },
+            s.letter_index(job, fp).into_iter().collect(),
+        ),
+        _ => {
+            return message(
+                &st,
+                &id,
+                StatusCode::BAD_REQUEST,
+                "What to act on?",
+                "Give dim and key (a group) or job and fp (a letter).".into(),
+                None,
+            )
+        }
+    };
+    if members.is_empty() {
+        return message(
+            &st,
+            &id,
+            StatusCode::NOT_FOUND,
+            "Nothing to act on",
+            format!(
+                "The snapshot of {} UTC has no letters in {scope}.",
+                views::time(s.taken_at)
+            ),
+            Some(("/".into(), "Overview".into())),
+        );
+    }
+    let keys = members
+        .iter()
+        .map(|&i| s.letters[i as usize].key())
+        .collect();
+    let plan = Plan::new(kind, scope.clone(), keys, s.taken_at);
+    let plan_id = plan.id.clone();
+    st.actions.propose(plan);
+    let c = chrome(&st, &id, format!("Confirm {}", kind.as_str()), "/");
+    page(
+        StatusCode::OK,
+        &views::Confirm::new(
+            c,
+            &s,
+            kind,
+            &scope,
+            &members,
+            plan_id,
+            st.replay_rate,
+            &st.access.topology.send_queue(),
+        ),
+    )
+}
+
+#[derive(Deserialize)]
+struct StartForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    plan: String,
+    #[serde(default)]
+    rate: String,
+}
+
+fn csrf_refused(st: &Shared, id: &Identity) -> Response {
+    message(
+        st,
+        id,
+        StatusCode::FORBIDDEN,
+        "Refused",
+        "This form has no valid CSRF token (it was not sent from this console's own page, or the session changed). Open the page again and resend.".into(),
+        Some(("/".into(), "Overview".into())),
+    )
+}
+
+async fn start(
+    State(st): State<Arc<Shared>>,
+    Extension(id): Extension<Identity>,
+    Form(f): Form<StartForm>,
+) -> Response {
+    if !st.auth.csrf_ok(&id, &f.csrf) {
+        return csrf_refused(&st, &id);
+    }
+    if st.read_only {
+        return read_only(&st, &id);
+    }
+    let rate = match f.rate.trim() {
+        "" => st.replay_rate,
+        r => match r.parse::<u32>() {
+            Ok(r) => r,
+            Err(_) => {
+                return message(
+                    &st,
+                    &id,
+                    StatusCode::BAD_REQUEST,
+                    "Bad rate",
+                    format!("{r:?} is not a number of letters per second (0 = no limit)."),
+                    None,
+                )
+            }
+        },
+    };
+    match st.actions.start(&f.plan, rate, &st.access, &st.snapshots) {
+        Ok(action) => Redirect::to(&format!("/actions/{action}")).into_response(),
+        Err(e) => message(
+            &st,
+            &id,
+            StatusCode::CONFLICT,
+            "Confirmation expired",
+            e.to_string(),
+            Some(("/".into(), "Overview".into())),
+        ),
+    }
+}
+
+async fn actions(State(st): State<Arc<Shared>>, Extension(id): Extension<Identity>) -> Response {
+    let list = st.actions.list();
+    let mut c = chrome(&st, &id, "Actions", "/actions");
+    if list.iter().any(|a| !a.state.finished()) {
+        c.auto_refresh = Some(2);
+    }
+    page(StatusCode::OK, &views::ActionsPage::new(c, &list))
+}
+
+async fn action(
+    State(st): State<Arc<Shared>>,
+    Extension(id): Extension<Identity>,
+    Path(action_id): Path<String>,
+) -> Response {
+    let Some(a) = st.actions.get(&action_id) else {
+        return message(
+            &st,
+            &id,
+            StatusCode::NOT_FOUND,
+            "No such action",
+            format!("No action {action_id} since the console started."),
+            Some(("/actions".into(), "Actions".into())),
+        );
+    };
+    let mut c = chrome(
+        &st,
+        &id,
+        views::action_title(&a),
+        &format!("/actions/{action_id}"),
+    );
+    if !a.state.finished() {
+        c.auto_refresh = Some(1);
+    }
+    page(StatusCode::OK, &views::ActionPage::new(c, &a))
+}
+
+#[derive(Deserialize)]
+struct RefreshForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    back: String,
+}
+
+/// Only a path of this console (`/…`, not `//host`).
+fn local_path(p: &str) -> &str {
+    if p.starts_with('/') && !p.starts_with("//") && !p.contains('\\') {
+        p
+    } else {
+        "/"
+    }
+}
+
+async fn refresh(
+    State(st): State<Arc<Shared>>,
+    Extension(id): Extension<Identity>,
+    Form(f): Form<RefreshForm>,
+) -> Response {
+    if !st.auth.csrf_ok(&id, &f.csrf) {
+        return csrf_refused(&st, &id);
+    }
+    st.snapshots.refresh(&st.access, true);
+    Redirect::to(local_path(&f.back)).into_response()
+}
+
+#[derive(Deserialize)]
+struct NextQuery {
+    #[serde(default)]
+    next: String,
+}
+
+fn login_page(st: &Shared, id: &Identity, next: &str, error: Option<String>) -> Response {
+    let mut c = chrome(st, id, "Sign in", "/");
+    c.nav = false;
+    let status = if error.is_some() {
+        StatusCode::UNAUTHORIZED
+    } else {
+        StatusCode::OK
+    };
+    page(
+        status,
+        &views::Login {
+            chrome: c,
+            next: local_path(next).to_string(),
+            error,
+        },
+    )
+}
+
+async fn login_form(
+    State(st): State<Arc<Shared>>,
+    Extension(id): Extension<Identity>,
+    Query(q): Query<NextQuery>,
+) -> Response {
+    if id.authenticated || !st.auth.required() {
+        return Redirect::to(local_path(&q.next)).into_response();
+    }
+    login_page(&st, &id, &q.next, None)
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    token: String,
+    #[serde(default)]
+    next: String,
+}
+
+async fn login(
+    State(st): State<Arc<Shared>>,
+    Extension(id): Extension<Identity>,
+    headers: HeaderMap,
+    Form(f): Form<LoginForm>,
+) -> Response {
+    if !st.auth.csrf_ok(&id, &f.csrf) {
+        return login_page(
+            &st,
+            &id,
+            &f.next,
+            Some("This form expired; sign in again.".into()),
+        );
+    }
+    if !st.auth.login_allowed() {
+        return text(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many sign-in attempts; wait a minute.\n".into(),
+        );
+    }
+    if !st.auth.token_matches(&f.token) {
+        tracing::warn!("console: a sign-in with a wrong token");
+        return login_page(
+            &st,
+            &id,
+            &f.next,
+            Some("That is not the console token.".into()),
+        );
+    }
+    let (_, cookie) = st.auth.issue(true);
+    let secure = headers
+        .get("x-forwarded-proto")
+        .is_some_and(|v| v.as_bytes() == b"https");
+    let mut resp = Redirect::to(local_path(&f.next)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&Auth::set_cookie(&cookie, secure)) {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    resp
+}
+
+async fn logout(
+    State(st): State<Arc<Shared>>,
+    Extension(id): Extension<Identity>,
+    Form(f): Form<RefreshForm>,
+) -> Response {
+    if !st.auth.csrf_ok(&id, &f.csrf) {
+        return csrf_refused(&st, &id);
+    }
+    let mut resp = Redirect::to("/login").into_response();
+    if let Ok(v) = HeaderValue::from_str(&Auth::clear_cookie()) {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    resp
+}
+
+async fn not_found(State(st): State<Arc<Shared>>, Extension(id): Extension<Identity>) -> Response {
+    message(
+        &st,
+        &id,
+        StatusCode::NOT_FOUND,
+        "Not found",
+        "This console has no such page.".into(),
+        Some(("/".into(), "Overview".into())),
+    )
+}

@@ -1,0 +1,863 @@
+//! What each page shows: the page models handed to the templates
+//! (`templates/*.html`, compiled in by askama, HTML-escaped), built from
+//! the snapshot and the actions. Everything is formatted here (counts,
+//! times, links), so the templates only place text; a page is built from
+//! at most one page of rows, whatever the DLQ's size.
+
+use std::time::Duration;
+
+use askama::Template;
+use chrono::{DateTime, Utc};
+
+use super::actions::{Action, Kind, Scope, State};
+use super::snapshot::{Letter, Notice, Snapshot, Status};
+use crate::dlq::{Dimension, Group, Stop};
+
+/// Rows per page of letters or groups.
+pub(crate) const PAGE_ROWS: usize = 50;
+/// Groups per dimension on the overview.
+pub(crate) const OVERVIEW_GROUPS: usize = 20;
+
+/// `12,345`.
+pub(crate) fn count(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::with_capacity(s.len() + s.len() / 3);
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `2026-11-26 12:09:33`, or `-`.
+pub(crate) fn time(t: Option<DateTime<Utc>>) -> String {
+    t.map_or_else(|| "-".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+}
+
+/// `4 s`, `3 min`, `2 h 5 min`.
+pub(crate) fn age(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=89 => format!("{s} s"),
+        90..=5399 => format!("{} min", (s + 30) / 60),
+        _ => format!("{} h {} min", s / 3600, (s % 3600) / 60),
+    }
+}
+
+fn seconds(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+/// A query string, percent-encoded.
+pub fn query(pairs: &[(&str, &str)]) -> String {
+    let mut out = String::new();
+    for (i, (k, v)) in pairs.iter().enumerate() {
+        out.push(if i == 0 { '?' } else { '&' });
+        encode_into(&mut out, k);
+        out.push('=');
+        encode_into(&mut out, v);
+    }
+    out
+}
+
+fn encode_into(out: &mut String, s: &str) {
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+}
+
+pub(crate) fn group_href(d: Dimension, key: &str) -> String {
+    format!("/group{}", query(&[("dim", d.as_str()), ("key", key)]))
+}
+
+pub(crate) fn letter_href(l: &Letter) -> String {
+    format!(
+        "/letter{}",
+        query(&[("job", &l.job_id), ("fp", &l.fingerprint_hex())])
+    )
+}
+
+fn confirm_group_href(kind: Kind, d: Dimension, key: &str) -> String {
+    format!(
+        "/confirm{}",
+        query(&[("kind", kind.as_str()), ("dim", d.as_str()), ("key", key)])
+    )
+}
+
+/// What every page has around its content.
+pub(crate) struct Chrome {
+    pub(crate) title: String,
+    pub(crate) prefix: String,
+    pub(crate) csrf: String,
+    pub(crate) read_only: bool,
+    /// Show the navigation and the snapshot line (not on the login page).
+    pub(crate) nav: bool,
+    /// Signed in with the token through a cookie (offer to sign out).
+    pub(crate) signed_in: bool,
+    pub(crate) snapshot: SnapshotLine,
+    /// Unfinished actions: (link, text).
+    pub(crate) running: Vec<(String, String)>,
+    /// Where the refresh button returns to.
+    pub(crate) back: String,
+    pub(crate) auto_refresh: Option<u32>,
+}
+
+/// "snapshot of N letters at T" and what the reader must know about it.
+pub(crate) struct SnapshotLine {
+    /// The snapshot's number (0: none yet).
+    pub(crate) id: u64,
+    pub(crate) text: String,
+    pub(crate) refreshing: Option<String>,
+    /// (css class, text)
+    pub(crate) notes: Vec<(&'static str, String)>,
+}
+
+impl SnapshotLine {
+    pub(crate) fn new(s: &Snapshot, status: &Status, dead_queue: &str) -> SnapshotLine {
+        let text = match s.taken_at {
+            None => "No snapshot yet.".to_string(),
+            Some(t) => {
+                let ago = (Utc::now() - t).to_std().unwrap_or_default();
+                format!(
+                    "Snapshot of {} letters at {} UTC ({} ago, read in {}).",
+                    count(s.letters.len()),
+                    t.format("%Y-%m-%d %H:%M:%S"),
+                    age(ago),
+                    seconds(s.took)
+                )
+            }
+        };
+        let refreshing = status.refreshing.map(|since| match &status.progress {
+            Some(p) => format!(
+                "Taking a new snapshot: read {} of {} ({}).",
+                count(p.read),
+                count(p.depth_at_start as usize),
+                age(since.elapsed())
+            ),
+            None => format!(
+                "Taking a new snapshot (waiting for the DLQ, {}).",
+                age(since.elapsed())
+            ),
+        });
+        let mut notes = Vec::new();
+        match &status.notice {
+            Some(Notice::Busy { consumers, at }) => notes.push((
+                "warn",
+                format!(
+                    "At {} UTC {consumers} other consumer(s) were reading {dead_queue} (a mmsend dlq run or another console?), so no new snapshot could be taken; this is the last complete one. It is refreshed again when the DLQ is free.",
+                    at.format("%H:%M:%S")
+                ),
+            )),
+            Some(Notice::Failed { message, at }) => notes.push((
+                "bad",
+                format!(
+                    "The last refresh failed at {} UTC: {message}.{}",
+                    at.format("%H:%M:%S"),
+                    if s.taken_at.is_some() { " Showing the last complete snapshot." } else { "" }
+                ),
+            )),
+            None => {}
+        }
+        if let Some(d) = &s.depth_note {
+            notes.push(("info", format!("Queue depths unavailable: {d}.")));
+        }
+        if status.stale {
+            notes.push((
+                "info",
+                "An action changed the DLQ after this snapshot; a new one is on its way.".into(),
+            ));
+        }
+        if let Some(r) = &s.report {
+            if !r.counted_all() {
+                let why = match r.stop {
+                    Stop::HoldLimit => "the console's --max-letters bound",
+                    Stop::Interrupted => "the console was stopping",
+                    _ => "the scan stopped early",
+                };
+                notes.push((
+                    "warn",
+                    format!(
+                        "This snapshot holds the first {} of the {} letters ({why}): counts cover those only.",
+                        count(r.read),
+                        count(r.depth_at_start as usize)
+                    ),
+                ));
+            }
+        }
+        SnapshotLine {
+            id: s.id,
+            text,
+            refreshing,
+            notes,
+        }
+    }
+}
+
+pub(crate) struct GroupRow {
+    pub(crate) key: String,
+    pub(crate) href: String,
+    pub(crate) count: String,
+    pub(crate) oldest: String,
+    pub(crate) newest: String,
+    pub(crate) error: String,
+    pub(crate) replay_href: String,
+    pub(crate) purge_href: String,
+}
+
+impl GroupRow {
+    pub(crate) fn new(d: Dimension, g: &Group) -> GroupRow {
+        GroupRow {
+            key: g.key.clone(),
+            href: group_href(d, &g.key),
+            count: count(g.count),
+            oldest: time(g.oldest),
+            newest: time(g.newest),
+            error: g.latest_error.clone().unwrap_or_default(),
+            replay_href: confirm_group_href(Kind::Replay, d, &g.key),
+            purge_href: confirm_group_href(Kind::Purge, d, &g.key),
+        }
+    }
+}
+
+pub(crate) struct DimTable {
+    pub(crate) name: &'static str,
+    pub(crate) groups: Vec<GroupRow>,
+    pub(crate) more: Option<(String, String)>,
+}
+
+pub(crate) struct QueueRow {
+    pub(crate) name: String,
+    pub(crate) role: String,
+    pub(crate) messages: String,
+    pub(crate) consumers: String,
+    pub(crate) dead: bool,
+}
+
+#[derive(Template)]
+#[template(path = "overview.html", config = "src/console/askama.toml")]
+pub(crate) struct Overview {
+    pub(crate) chrome: Chrome,
+    pub(crate) total: String,
+    pub(crate) queues: Vec<QueueRow>,
+    pub(crate) dims: Vec<DimTable>,
+    pub(crate) empty: bool,
+    pub(crate) empty_text: String,
+}
+
+impl Overview {
+    pub(crate) fn new(chrome: Chrome, s: &Snapshot, status: &Status, dead_queue: &str) -> Overview {
+        let dims = Dimension::ALL
+            .iter()
+            .map(|&d| {
+                let all = s.stats.groups(d);
+                DimTable {
+                    name: d.as_str(),
+                    groups: all
+                        .iter()
+                        .take(OVERVIEW_GROUPS)
+                        .map(|g| GroupRow::new(d, g))
+                        .collect(),
+                    more: (all.len() > OVERVIEW_GROUPS).then(|| {
+                        (
+                            format!("/groups{}", query(&[("dim", d.as_str())])),
+                            format!("all {} groups by {d}", count(all.len())),
+                        )
+                    }),
+                }
+            })
+            .collect();
+        let empty_text = if s.taken_at.is_none() && status.refreshing.is_some() {
+            "The first snapshot is being taken; this page refreshes by itself.".to_string()
+        } else if s.taken_at.is_none() {
+            "No snapshot yet: see above why.".to_string()
+        } else {
+            format!("{dead_queue} held no dead letter at the time of the snapshot.")
+        };
+        Overview {
+            chrome,
+            total: count(s.letters.len()),
+            queues: s
+                .queues
+                .iter()
+                .map(|q| QueueRow {
+                    name: q.name.clone(),
+                    role: q.role.clone(),
+                    messages: count(q.messages as usize),
+                    consumers: count(q.consumers as usize),
+                    dead: q.name == dead_queue,
+                })
+                .collect(),
+            dims,
+            empty: s.letters.is_empty(),
+            empty_text,
+        }
+    }
+}
+
+pub(crate) struct Pager {
+    pub(crate) text: String,
+    pub(crate) first: Option<String>,
+    pub(crate) prev: Option<String>,
+    pub(crate) next: Option<String>,
+    pub(crate) last: Option<String>,
+}
+
+impl Pager {
+    /// Page `page` (1-based, clamped) of `total` rows; `href(n)` links page n.
+    /// Returns the pager and the row range to show.
+    pub(crate) fn new(
+        page: usize,
+        total: usize,
+        what: &str,
+        href: impl Fn(usize) -> String,
+    ) -> (Pager, std::ops::Range<usize>) {
+        let pages = total.div_ceil(PAGE_ROWS).max(1);
+        let page = page.clamp(1, pages);
+        let start = (page - 1) * PAGE_ROWS;
+        let end = (start + PAGE_ROWS).min(total);
+        let text = if total == 0 {
+            format!("no {what}")
+        } else {
+            format!(
+                "{what} {}–{} of {} (page {} of {})",
+                count(start + 1),
+                count(end),
+                count(total),
+                count(page),
+                count(pages)
+            )
+        };
+        let link = |cond: bool, n: usize| cond.then(|| href(n));
+        (
+            Pager {
+                text,
+                first: link(page > 2, 1),
+                prev: link(page > 1, page - 1),
+                next: link(page < pages, page + 1),
+                last: link(page + 1 < pages, pages),
+            },
+            start..end,
+        )
+    }
+}
+
+#[derive(Template)]
+#[template(path = "groups.html", config = "src/console/askama.toml")]
+pub(crate) struct Groups {
+    pub(crate) chrome: Chrome,
+    pub(crate) d: DimTable,
+    pub(crate) pager: Pager,
+}
+
+impl Groups {
+    pub(crate) fn new(chrome: Chrome, s: &Snapshot, d: Dimension, page: usize) -> Groups {
+        let all = s.stats.groups(d);
+        let (pager, range) = Pager::new(page, all.len(), "groups", |n| {
+            format!(
+                "/groups{}",
+                query(&[("dim", d.as_str()), ("page", &n.to_string())])
+            )
+        });
+        Groups {
+            chrome,
+            d: DimTable {
+                name: d.as_str(),
+                groups: all[range].iter().map(|g| GroupRow::new(d, g)).collect(),
+                more: None,
+            },
+            pager,
+        }
+    }
+}
+
+pub(crate) struct LetterRow {
+    pub(crate) job_id: String,
+    pub(crate) href: String,
+    pub(crate) campaign: String,
+    pub(crate) page: String,
+    pub(crate) class: String,
+    pub(crate) code: String,
+    pub(crate) attempts: String,
+    pub(crate) replays: String,
+    pub(crate) dead_at: String,
+    pub(crate) error: String,
+}
+
+fn or_dash(s: &Option<std::sync::Arc<str>>) -> String {
+    s.as_deref().unwrap_or("-").to_string()
+}
+
+impl LetterRow {
+    pub(crate) fn new(l: &Letter) -> LetterRow {
+        LetterRow {
+            job_id: l.job_id.to_string(),
+            href: letter_href(l),
+            campaign: or_dash(&l.campaign),
+            page: or_dash(&l.page),
+            class: or_dash(&l.class),
+            code: l.code.map_or_else(|| "-".into(), |c| c.to_string()),
+            attempts: count(l.attempts as usize),
+            replays: count(l.replays as usize),
+            dead_at: time(l.dead_at),
+            error: l.error.as_deref().unwrap_or("").to_string(),
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "group.html", config = "src/console/askama.toml")]
+pub(crate) struct GroupPage {
+    pub(crate) chrome: Chrome,
+    pub(crate) dim: &'static str,
+    pub(crate) key: String,
+    pub(crate) count: String,
+    pub(crate) oldest: String,
+    pub(crate) newest: String,
+    pub(crate) error: String,
+    pub(crate) replay_href: String,
+    pub(crate) purge_href: String,
+    pub(crate) rows: Vec<LetterRow>,
+    pub(crate) pager: Pager,
+}
+
+impl GroupPage {
+    pub(crate) fn new(
+        chrome: Chrome,
+        s: &Snapshot,
+        d: Dimension,
+        g: &Group,
+        members: &[u32],
+        page: usize,
+    ) -> GroupPage {
+        let (pager, range) = Pager::new(page, members.len(), "letters", |n| {
+            format!(
+                "/group{}",
+                query(&[
+                    ("dim", d.as_str()),
+                    ("key", &g.key),
+                    ("page", &n.to_string())
+                ])
+            )
+        });
+        GroupPage {
+            chrome,
+            dim: d.as_str(),
+            key: g.key.clone(),
+            count: format!("{} letters", count(g.count)),
+            oldest: time(g.oldest),
+            newest: time(g.newest),
+            error: g.latest_error.clone().unwrap_or_default(),
+            replay_href: confirm_group_href(Kind::Replay, d, &g.key),
+            purge_href: confirm_group_href(Kind::Purge, d, &g.key),
+            rows: members[range]
+                .iter()
+                .map(|&i| LetterRow::new(&s.letters[i as usize]))
+                .collect(),
+            pager,
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "letter.html", config = "src/console/askama.toml")]
+pub(crate) struct LetterPage {
+    pub(crate) chrome: Chrome,
+    pub(crate) job_id: String,
+    pub(crate) fingerprint: String,
+    /// (dimension, key, link)
+    pub(crate) groups: Vec<(&'static str, String, String)>,
+    pub(crate) attempts: String,
+    pub(crate) replays: String,
+    pub(crate) dead_at: String,
+    pub(crate) error: String,
+    pub(crate) replay_href: String,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: String,
+    pub(crate) body_note: String,
+}
+
+impl LetterPage {
+    pub(crate) fn new(chrome: Chrome, l: &Letter) -> LetterPage {
+        let code = l.code.map_or_else(|| "-".into(), |c| c.to_string());
+        let values = [
+            (Dimension::Reason, l.reason.to_string()),
+            (Dimension::Class, or_dash(&l.class)),
+            (Dimension::Code, code),
+            (Dimension::Campaign, or_dash(&l.campaign)),
+            (Dimension::Page, or_dash(&l.page)),
+        ];
+        let mut body_note = format!(
+            "{} bytes{}, recipient and access tokens masked",
+            count(l.body_bytes as usize),
+            if l.body_json { ", JSON" } else { ", not JSON" }
+        );
+        if l.body_cut {
+            body_note += "; the start only";
+        }
+        LetterPage {
+            chrome,
+            job_id: l.job_id.to_string(),
+            fingerprint: l.fingerprint_hex(),
+            groups: values
+                .into_iter()
+                .map(|(d, v)| (d.as_str(), v.clone(), group_href(d, &v)))
+                .collect(),
+            attempts: count(l.attempts as usize),
+            replays: count(l.replays as usize),
+            dead_at: time(l.dead_at),
+            error: l.error.as_deref().unwrap_or("").to_string(),
+            replay_href: format!(
+                "/confirm{}",
+                query(&[
+                    ("kind", "replay"),
+                    ("job", &l.job_id),
+                    ("fp", &l.fingerprint_hex())
+                ])
+            ),
+            headers: l
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: l.body.to_string(),
+            body_note,
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "confirm.html", config = "src/console/askama.toml")]
+pub(crate) struct Confirm {
+    pub(crate) chrome: Chrome,
+    pub(crate) kind: &'static str,
+    pub(crate) verb: &'static str,
+    pub(crate) danger: bool,
+    pub(crate) scope: String,
+    pub(crate) count: String,
+    pub(crate) count_n: usize,
+    pub(crate) snapshot_at: String,
+    pub(crate) effect: String,
+    pub(crate) plan: String,
+    pub(crate) rate: u32,
+    pub(crate) replayed_before: usize,
+    pub(crate) rows: Vec<LetterRow>,
+    pub(crate) more: Option<(String, String)>,
+    pub(crate) cancel_href: String,
+}
+
+impl Confirm {
+    /// `members`: the set's letters in the snapshot.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        chrome: Chrome,
+        s: &Snapshot,
+        kind: Kind,
+        scope: &Scope,
+        members: &[u32],
+        plan: String,
+        rate: u32,
+        send_queue: &str,
+    ) -> Confirm {
+        let n = members.len();
+        let (verb, effect) = match kind {
+            Kind::Replay => (
+                "Replay",
+                format!("Each letter goes back to {send_queue} with its attempts reset (x-mmsend-replays + 1), and leaves the DLQ once RabbitMQ has confirmed its copy."),
+            ),
+            Kind::Purge => (
+                "Purge",
+                "Each letter is deleted from the DLQ. This cannot be undone: export them first (mmsend dlq export) if they may be needed.".to_string(),
+            ),
+        };
+        let (more, cancel_href) = match scope {
+            Scope::Group { dimension, key } => (
+                (n > PAGE_ROWS).then(|| {
+                    (
+                        group_href(*dimension, key),
+                        format!("all {} on the group's pages", count(n)),
+                    )
+                }),
+                group_href(*dimension, key),
+            ),
+            Scope::Letter {
+                job_id,
+                fingerprint,
+            } => (
+                None,
+                format!("/letter{}", query(&[("job", job_id), ("fp", fingerprint)])),
+            ),
+        };
+        Confirm {
+            chrome,
+            kind: kind.as_str(),
+            verb,
+            danger: kind == Kind::Purge,
+            scope: match scope {
+                Scope::Group { dimension, key } => {
+                    format!("The letters of group {dimension} = {key}")
+                }
+                Scope::Letter { job_id, .. } => format!("Letter {job_id}"),
+            },
+            count: count(n),
+            count_n: n,
+            snapshot_at: format!("{} UTC", time(s.taken_at)),
+            effect,
+            plan,
+            rate,
+            replayed_before: members
+                .iter()
+                .filter(|&&i| s.letters[i as usize].replays > 0)
+                .count(),
+            rows: members
+                .iter()
+                .take(PAGE_ROWS)
+                .map(|&i| LetterRow::new(&s.letters[i as usize]))
+                .collect(),
+            more,
+            cancel_href,
+        }
+    }
+}
+
+/// How an action is described in a line.
+pub(crate) fn action_title(a: &Action) -> String {
+    let verb = match a.kind {
+        Kind::Replay => "Replay",
+        Kind::Purge => "Purge",
+    };
+    let what = match &a.scope {
+        Scope::Group { dimension, key } => format!("group {dimension} = {key}"),
+        Scope::Letter { job_id, .. } => format!("letter {job_id}"),
+    };
+    format!("{verb} of {what} ({} letters)", count(a.count))
+}
+
+/// (text, css class) of an action's state.
+pub(crate) fn action_state(a: &Action) -> (String, &'static str) {
+    let verb = match a.kind {
+        Kind::Replay => "replayed",
+        Kind::Purge => "purged",
+    };
+    match &a.state {
+        State::Queued => (
+            "Queued: waiting for the DLQ (a snapshot or another action is reading it).".into(),
+            "info",
+        ),
+        State::Waiting { why } => (format!("Waiting: {why}."), "warn"),
+        State::Running(p) => (
+            format!(
+                "Running: {} of {} {verb}, {} letters of the DLQ read ({}).",
+                count(p.moved),
+                count(a.count),
+                count(p.read),
+                age(p.elapsed)
+            ),
+            "info",
+        ),
+        State::Done(r) => {
+            let moved = r.replayed + r.purged;
+            let mut text = format!("Finished: {} of {} {verb}", count(moved), count(a.count));
+            if r.missing > 0 {
+                text += &format!(", {} already gone", count(r.missing));
+            }
+            if r.failed > 0 {
+                text += &format!(", {} failed (still in the DLQ)", count(r.failed));
+            }
+            if r.stop == Stop::Interrupted {
+                text += " (interrupted: the console was stopping; the rest are still in the DLQ)";
+            }
+            text.push('.');
+            let class = if r.failed > 0 || r.stop == Stop::Interrupted {
+                "warn"
+            } else {
+                "good"
+            };
+            (text, class)
+        }
+        State::Failed { moved, .. } => (format!("Failed after {} {verb}.", count(*moved)), "bad"),
+    }
+}
+
+#[derive(Template)]
+#[template(path = "action.html", config = "src/console/askama.toml")]
+pub(crate) struct ActionPage {
+    pub(crate) chrome: Chrome,
+    pub(crate) title: String,
+    pub(crate) state: String,
+    pub(crate) state_class: &'static str,
+    pub(crate) finished: bool,
+    pub(crate) progress_max: usize,
+    pub(crate) progress_value: usize,
+    pub(crate) message: Option<String>,
+    /// (label, value, machine name)
+    pub(crate) numbers: Vec<(&'static str, String, &'static str)>,
+    pub(crate) repeats: u32,
+}
+
+impl ActionPage {
+    pub(crate) fn new(chrome: Chrome, a: &Action) -> ActionPage {
+        let (state, state_class) = action_state(a);
+        let mut numbers = vec![
+            ("confirmed letters", count(a.count), "confirmed"),
+            (
+                "from the snapshot of",
+                format!("{} UTC", time(a.snapshot_at)),
+                "snapshot",
+            ),
+            (
+                "requested",
+                format!("{} UTC", time(Some(a.requested_at))),
+                "requested",
+            ),
+        ];
+        if a.kind == Kind::Replay {
+            let rate = if a.rate == 0 {
+                "no limit".to_string()
+            } else {
+                format!("{} / s", count(a.rate as usize))
+            };
+            numbers.push(("rate", rate, "rate"));
+        }
+        let mut progress_value = 0;
+        let mut message = None;
+        match &a.state {
+            State::Running(p) => {
+                progress_value = p.moved;
+                numbers.push(("moved", count(p.moved), "moved"));
+                numbers.push((
+                    "read of the DLQ",
+                    format!("{} of {}", count(p.read), count(p.depth_at_start as usize)),
+                    "read",
+                ));
+                numbers.push(("failed", count(p.failed), "failed"));
+            }
+            State::Done(r) => {
+                numbers.push(("moved", count(r.replayed + r.purged), "moved"));
+                numbers.push(("missing (already gone)", count(r.missing), "missing"));
+                numbers.push(("failed (still in the DLQ)", count(r.failed), "failed"));
+                numbers.push((
+                    "letters read",
+                    format!("{} of {}", count(r.read), count(r.depth_at_start as usize)),
+                    "read",
+                ));
+                numbers.push(("took", format!("{:.1} s", r.seconds), "took"));
+            }
+            State::Failed { message: m, moved } => {
+                numbers.push(("moved", count(*moved), "moved"));
+                message = Some(m.clone());
+            }
+            State::Queued | State::Waiting { .. } => {}
+        }
+        if let Some(t) = a.finished_at {
+            numbers.push(("finished", format!("{} UTC", time(Some(t))), "finished"));
+        }
+        ActionPage {
+            chrome,
+            title: action_title(a),
+            state,
+            state_class,
+            finished: a.state.finished(),
+            progress_max: a.count.max(1),
+            progress_value,
+            message,
+            numbers,
+            repeats: a.repeats,
+        }
+    }
+}
+
+pub(crate) struct ActionRow {
+    pub(crate) href: String,
+    pub(crate) title: String,
+    pub(crate) state: String,
+    pub(crate) state_class: &'static str,
+    pub(crate) requested: String,
+}
+
+#[derive(Template)]
+#[template(path = "actions.html", config = "src/console/askama.toml")]
+pub(crate) struct ActionsPage {
+    pub(crate) chrome: Chrome,
+    pub(crate) rows: Vec<ActionRow>,
+}
+
+impl ActionsPage {
+    pub(crate) fn new(chrome: Chrome, actions: &[Action]) -> ActionsPage {
+        ActionsPage {
+            chrome,
+            rows: actions
+                .iter()
+                .map(|a| {
+                    let (state, state_class) = action_state(a);
+                    ActionRow {
+                        href: format!("/actions/{}", a.id),
+                        title: action_title(a),
+                        state,
+                        state_class,
+                        requested: time(Some(a.requested_at)),
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "login.html", config = "src/console/askama.toml")]
+pub(crate) struct Login {
+    pub(crate) chrome: Chrome,
+    pub(crate) next: String,
+    pub(crate) error: Option<String>,
+}
+
+#[derive(Template)]
+#[template(path = "message.html", config = "src/console/askama.toml")]
+pub(crate) struct Message {
+    pub(crate) chrome: Chrome,
+    pub(crate) heading: String,
+    pub(crate) text: String,
+    pub(crate) class: &'static str,
+    pub(crate) link: Option<(String, String)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_times_and_links_read_well() {
+        assert_eq!(count(0), "0");
+        assert_eq!(count(999), "999");
+        assert_eq!(count(1_000), "1,000");
+        assert_eq!(count(1_234_567), "1,234,567");
+        assert_eq!(age(Duration::from_secs(5)), "5 s");
+        assert_eq!(age(Duration::from_secs(600)), "10 min");
+        assert_eq!(age(Duration::from_secs(7300)), "2 h 1 min");
+        assert_eq!(time(None), "-");
+        assert_eq!(
+            query(&[("dim", "campaign"), ("key", "a b&c/é")]),
+            "?dim=campaign&key=a%20b%26c%2F%C3%A9"
+        );
+    }
+
+    #[test]
+    fn pages_are_clamped_and_link_their_neighbours() {
+        let (p, r) = Pager::new(1, 120, "letters", |n| format!("/x?page={n}"));
+        assert_eq!(r, 0..50);
+        assert_eq!(p.prev, None);
+        assert_eq!(p.next.as_deref(), Some("/x?page=2"));
+        assert_eq!(p.last.as_deref(), Some("/x?page=3"));
+        assert_eq!(p.text, "letters 1–50 of 120 (page 1 of 3)");
+        let (p, r) = Pager::new(99, 120, "letters", |n| format!("/x?page={n}"));
+        assert_eq!(r, 100..120);
+        assert_eq!(p.next, None);
+        let (p, r) = Pager::new(1, 0, "letters", |n| format!("{n}"));
+        assert_eq!((r, p.text.as_str()), (0..0, "no letters"));
+    }
+}

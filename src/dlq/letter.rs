@@ -1,0 +1,413 @@
+//! One dead letter: the job body, its `x-mmsend-*` story, and the views the
+//! tools show of it.
+//!
+//! [`DeadLetter`] is the whole message as read from the queue (body and
+//! AMQP properties); it lives only while the scan looks at it. What a caller
+//! keeps is a [`LetterSummary`] (a few short fields, bounded in size whatever
+//! the body) or the export record. [`LetterKey`] names a letter across scans
+//! (job id + a fingerprint of body and story), so a caller that showed a set
+//! of letters to a person can act on exactly that set later.
+//!
+//! A letter without `x-mmsend-dead-reason` was dead-lettered by RabbitMQ
+//! itself (the work queue's `x-delivery-limit`): its reason reads as
+//! `delivery_limit`.
+
+use chrono::{DateTime, Utc};
+use lapin::BasicProperties;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::broker::headers::{self, Story};
+use crate::classify::{Class, DeadReason};
+
+/// Longest text kept in a [`LetterSummary`] field (job id, campaign, error).
+const SUMMARY_TEXT_CHARS: usize = 200;
+
+/// One dead letter, decoded as far as it goes.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// The message body as it sits in the queue (normally the job JSON,
+    /// but anything a producer sent, e.g. an `invalid_job`).
+    pub body: Vec<u8>,
+    /// The job fields the tools group and filter by (the rest of the body
+    /// is parsed only for an export).
+    fields: JobFields,
+    /// Its `x-mmsend-*` headers, typed.
+    pub story: Story,
+    /// The AMQP properties (headers, `message_id`, …), kept whole so a
+    /// replay copies them.
+    pub properties: BasicProperties,
+}
+
+/// The few fields of a job body the DLQ tools look at: a scan parses only
+/// these (skipping the rest), which keeps it cheap per letter.
+#[derive(Debug, Clone, Default, Deserialize)]
+struct JobFields {
+    #[serde(default, deserialize_with = "scalar")]
+    job_id: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
+    campaign: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
+    page_id: Option<String>,
+}
+
+/// The job fields of a body that is a JSON object (serde would also read a
+/// struct from an array, by position).
+fn job_fields(body: &[u8]) -> JobFields {
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => serde_json::from_slice(body).unwrap_or_default(),
+        _ => JobFields::default(),
+    }
+}
+
+/// A string, or any other JSON value rendered (`42`, `true`); `null` = none.
+fn scalar<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::Null => None,
+        Value::String(s) => Some(s),
+        other => Some(other.to_string()),
+    })
+}
+
+/// Names one letter across scans: its job id and a fingerprint of its body
+/// and story. Two letters share a key only if they are byte-for-byte the same
+/// job with the same story (a duplicate); a set of keys counts such twins.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct LetterKey {
+    /// The job id (see [`DeadLetter::job_id`]); empty when the letter has none.
+    pub job_id: String,
+    /// 16 hex digits of SHA-256 over the body and the `x-mmsend-*` headers.
+    pub fingerprint: String,
+}
+
+impl std::fmt::Display for LetterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.job_id, self.fingerprint)
+    }
+}
+
+/// What a list shows of a letter: small and bounded whatever the body.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LetterSummary {
+    /// Names the letter for a later replay or purge of exactly it.
+    pub key: LetterKey,
+    /// The job's `campaign`, at most 200 characters.
+    pub campaign: Option<String>,
+    /// The job's `page_id`, at most 200 characters.
+    pub page_id: Option<String>,
+    /// `x-mmsend-dead-reason`, or `delivery_limit` when RabbitMQ moved it.
+    pub reason: String,
+    /// The last failure's class (as written; a newer mmsend may know more).
+    pub class: Option<String>,
+    /// The marketing code when Meta gave one (in `code` or `error_subcode`), else the code.
+    pub code: Option<i64>,
+    /// Sends tried before it died.
+    pub attempts: u32,
+    /// Times it was replayed before.
+    pub replays: u32,
+    /// When a worker dead-lettered it; `None` when RabbitMQ did.
+    pub dead_at: Option<DateTime<Utc>>,
+    /// The last error message, at most 200 characters.
+    pub error: Option<String>,
+}
+
+impl DeadLetter {
+    /// Decodes a message read from the DLQ; never fails (an odd body or
+    /// header just reads as absent).
+    pub fn new(body: Vec<u8>, properties: BasicProperties) -> DeadLetter {
+        DeadLetter {
+            fields: job_fields(&body),
+            story: Story::read(properties.headers().as_ref()),
+            body,
+            properties,
+        }
+    }
+
+    /// The job id from the body, else the AMQP `message_id`.
+    pub fn job_id(&self) -> Option<String> {
+        self.fields
+            .job_id
+            .clone()
+            .or_else(|| self.properties.message_id().as_ref().map(|m| m.to_string()))
+    }
+
+    /// The job's `campaign` label, if the body has one.
+    pub fn campaign(&self) -> Option<String> {
+        self.fields.campaign.clone()
+    }
+
+    /// The job's `page_id`, if the body has one.
+    pub fn page_id(&self) -> Option<String> {
+        self.fields.page_id.clone()
+    }
+
+    /// Borrowed views for counting without allocating.
+    pub(crate) fn campaign_str(&self) -> Option<&str> {
+        self.fields.campaign.as_deref()
+    }
+
+    pub(crate) fn page_str(&self) -> Option<&str> {
+        self.fields.page_id.as_deref()
+    }
+
+    pub(crate) fn reason_str(&self) -> &str {
+        self.story
+            .dead_reason
+            .as_deref()
+            .unwrap_or(DeadReason::DeliveryLimit.as_str())
+    }
+
+    /// The dead reason, if it is one this build knows.
+    pub fn reason(&self) -> Option<DeadReason> {
+        self.reason_label().parse().ok()
+    }
+
+    /// The dead reason as written; `delivery_limit` when RabbitMQ moved it.
+    pub fn reason_label(&self) -> String {
+        self.story.dead_reason_or_broker()
+    }
+
+    /// The last failure's class, if it is one this build knows.
+    pub fn class(&self) -> Option<Class> {
+        self.class_label()?.parse().ok()
+    }
+
+    /// The last failure's class as written.
+    pub fn class_label(&self) -> Option<&str> {
+        self.story.last_error.class.as_deref()
+    }
+
+    /// The marketing code if Meta gave one in either field, else the code.
+    pub fn code(&self) -> Option<i64> {
+        let e = &self.story.last_error;
+        e.subcode.filter(|c| *c >= 2_300_000).or(e.code)
+    }
+
+    /// Whether `code` is the error code or the subcode.
+    pub fn has_code(&self, code: i64) -> bool {
+        let e = &self.story.last_error;
+        e.code == Some(code) || e.subcode == Some(code)
+    }
+
+    /// The letter's name across scans.
+    pub fn key(&self) -> LetterKey {
+        let mut h = Sha256::new();
+        h.update((self.body.len() as u64).to_le_bytes());
+        h.update(&self.body);
+        if let Some(table) = self.properties.headers() {
+            // BTreeMap: sorted by name, so the order a client wrote them in
+            // does not matter; broker headers (x-delivery-count) are left out.
+            for (k, v) in table.inner() {
+                if k.as_str().starts_with("x-mmsend-") {
+                    h.update(k.as_str().as_bytes());
+                    h.update([0]);
+                    h.update(headers::as_text(v).unwrap_or_default().as_bytes());
+                    h.update([0]);
+                }
+            }
+        }
+        let digest = h.finalize();
+        // The job id as a summary shows it (bounded, however long the body's
+        // is): the fingerprint already covers the whole body, and a key a
+        // caller took from a summary must name the same letter.
+        LetterKey {
+            job_id: truncate(&self.job_id().unwrap_or_default(), SUMMARY_TEXT_CHARS),
+            fingerprint: hex::encode(&digest[..8]),
+        }
+    }
+
+    /// The bounded view a list keeps.
+    pub fn summary(&self) -> LetterSummary {
+        let s = &self.story;
+        let cut = |t: Option<String>| t.map(|t| truncate(&t, SUMMARY_TEXT_CHARS));
+        LetterSummary {
+            key: self.key(),
+            campaign: cut(self.campaign()),
+            page_id: cut(self.page_id()),
+            reason: truncate(&self.reason_label(), SUMMARY_TEXT_CHARS),
+            class: cut(self.class_label().map(str::to_owned)),
+            code: self.code(),
+            attempts: s.attempt,
+            replays: s.replays,
+            dead_at: s.dead_at,
+            error: cut(s.last_error.message.clone()),
+        }
+    }
+
+    /// The export record: the job and the mmsend headers. `mmsend enqueue`
+    /// reads it back (it takes the `job`).
+    pub fn to_export(&self) -> Value {
+        let mut hdrs = Map::new();
+        if let Some(h) = self.properties.headers() {
+            for (k, v) in h.inner() {
+                if k.as_str().starts_with("x-mmsend-") {
+                    let value = headers::as_int(v)
+                        .map(Value::from)
+                        .or_else(|| headers::as_text(v).map(Value::from))
+                        .unwrap_or(Value::Null);
+                    hdrs.insert(k.as_str().to_string(), value);
+                }
+            }
+        }
+        hdrs.insert(headers::DEAD_REASON.into(), self.reason_label().into());
+        let job = serde_json::from_slice::<Value>(&self.body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&self.body).into_owned()));
+        json!({"job": job, "headers": hdrs})
+    }
+
+    /// The properties of the copy that `replay` sends back to work: a fresh
+    /// start (attempts and first try cleared, dead-letter headers removed),
+    /// one more replay, the last error kept for history.
+    pub fn replay_properties(&self, now: DateTime<Utc>) -> BasicProperties {
+        replay_story(&self.story, now).restamp(&self.properties)
+    }
+}
+
+/// The story of a replayed job: a fresh start, one more replay.
+pub(crate) fn replay_story(old: &Story, now: DateTime<Utc>) -> Story {
+    Story {
+        attempt: 0,
+        first_attempt_at: None,
+        enqueued_at: old.enqueued_at,
+        last_error: old.last_error.clone(),
+        dead_reason: None,
+        dead_at: None,
+        worker: None,
+        replays: old.replays.saturating_add(1),
+        replayed_at: Some(now),
+    }
+}
+
+fn truncate(s: &str, max_chars: usize) -> String {
+    match s.char_indices().nth(max_chars) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::broker::headers::LastError;
+    use lapin::types::{AMQPValue, FieldTable};
+
+    /// A dead letter as a worker writes it.
+    pub(crate) fn letter(
+        reason: Option<&str>,
+        class: &str,
+        code: i64,
+        campaign: &str,
+    ) -> DeadLetter {
+        let story = Story {
+            dead_reason: reason.map(str::to_owned),
+            dead_at: Some("2026-11-24T10:00:00Z".parse().unwrap()),
+            last_error: LastError {
+                class: Some(class.into()),
+                code: Some(100),
+                subcode: Some(code),
+                message: Some(format!("error {code}")),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut h = FieldTable::default();
+        story.write(&mut h);
+        let body = json!({"v":1,"job_id":"j","campaign":campaign,"page_id":"42"});
+        DeadLetter::new(
+            serde_json::to_vec(&body).unwrap(),
+            BasicProperties::default().with_headers(h),
+        )
+    }
+
+    #[test]
+    fn replay_resets_attempts_and_counts_replays() {
+        let old = Story {
+            attempt: 7,
+            first_attempt_at: Some(Utc::now()),
+            dead_reason: Some("retries_exhausted".into()),
+            replays: u32::MAX,
+            ..Default::default()
+        };
+        let new = replay_story(&old, Utc::now());
+        assert_eq!(new.attempt, 0);
+        assert_eq!(new.first_attempt_at, None);
+        assert_eq!(new.dead_reason, None);
+        assert_eq!(new.replays, u32::MAX, "saturates, never wraps");
+        assert!(new.replayed_at.is_some());
+    }
+
+    #[test]
+    fn export_keeps_invalid_bodies_as_text() {
+        let d = DeadLetter::new(b"not json".to_vec(), BasicProperties::default());
+        let e = d.to_export();
+        assert_eq!(e["job"], "not json");
+        assert_eq!(e["headers"]["x-mmsend-dead-reason"], "delivery_limit");
+        assert_eq!(d.reason(), Some(DeadReason::DeliveryLimit));
+        assert_eq!(d.job_id(), None);
+    }
+
+    #[test]
+    fn keys_ignore_the_broker_counter_and_tell_different_stories_apart() {
+        let a = letter(Some("terminal"), "region", 2300018, "bf");
+        let mut counted = a.properties.headers().clone().unwrap();
+        counted.insert("x-delivery-count".into(), AMQPValue::LongLongInt(3));
+        let b = DeadLetter::new(a.body.clone(), a.properties.clone().with_headers(counted));
+        assert_eq!(a.key(), b.key(), "a peek does not change the key");
+        let c = letter(Some("terminal"), "region", 2300030, "bf");
+        assert_ne!(a.key(), c.key());
+        assert_eq!(a.key().job_id, "j");
+        assert_eq!(a.key().fingerprint.len(), 16);
+    }
+
+    #[test]
+    fn job_fields_take_strings_and_render_other_scalars() {
+        let d = DeadLetter::new(
+            br#"{"job_id": 17, "campaign": null, "page_id": "42", "message": {"text": "x"}}"#
+                .to_vec(),
+            BasicProperties::default().with_message_id("m-1".into()),
+        );
+        assert_eq!(d.job_id().as_deref(), Some("17"));
+        assert_eq!(d.campaign(), None);
+        assert_eq!(d.page_id().as_deref(), Some("42"));
+        let not_an_object = DeadLetter::new(
+            b"[1,2]".to_vec(),
+            BasicProperties::default().with_message_id("m-1".into()),
+        );
+        assert_eq!(not_an_object.job_id().as_deref(), Some("m-1"));
+        assert_eq!(not_an_object.to_export()["job"], serde_json::json!([1, 2]));
+    }
+
+    #[test]
+    fn a_summary_names_its_letter_even_with_a_huge_job_id() {
+        let body = json!({"v": 1, "job_id": "j".repeat(10_000)});
+        let d = DeadLetter::new(
+            serde_json::to_vec(&body).unwrap(),
+            BasicProperties::default(),
+        );
+        let s = d.summary();
+        assert_eq!(
+            s.key,
+            d.key(),
+            "a key taken from a summary selects the letter"
+        );
+        assert_eq!(s.key.job_id.chars().count(), SUMMARY_TEXT_CHARS + 1);
+        let mut set: crate::dlq::LetterSet = [s.key.clone()].into_iter().collect();
+        assert_eq!(set.len(), 1);
+        let mut selector = crate::dlq::filter::Selector::new(std::mem::take(&mut set).into());
+        assert!(selector.take(&d));
+    }
+
+    #[test]
+    fn summaries_are_bounded_and_typed_views_parse() {
+        let mut d = letter(Some("terminal"), "region", 2300018, &"c".repeat(10_000));
+        d.story.last_error.message = Some("é".repeat(5_000));
+        let s = d.summary();
+        assert_eq!(s.campaign.unwrap().chars().count(), SUMMARY_TEXT_CHARS + 1);
+        assert_eq!(s.error.unwrap().chars().count(), SUMMARY_TEXT_CHARS + 1);
+        assert_eq!(d.class(), Some(Class::Region));
+        assert_eq!(d.reason(), Some(DeadReason::Terminal));
+        assert_eq!(d.code(), Some(2300018));
+        assert!(d.has_code(100) && d.has_code(2300018));
+    }
+}

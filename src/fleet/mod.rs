@@ -1,0 +1,538 @@
+//! What a fleet of workers shares through Redis (`MMSEND_REDIS_URL`): the
+//! **send ledger**, **fleet-wide pacing** and **shared gates**.
+//!
+//! Each job costs at most two round trips, each one atomic Lua script:
+//!
+//! - [`Fleet::before`] (`before.lua`), before a call: is the job already
+//!   sent (ack it without a call: a suppressed duplicate)? in flight under
+//!   another worker's live lease (wait, look again later)? held by a closed
+//!   gate of its app, ad account, page or campaign (no claim, no call; once
+//!   a gate's time is up, one worker at a time probes it, under a probe
+//!   lock with a lease)? Otherwise it reserves the job's slot in its page's
+//!   GCRA (and the fleet's, with global pacing), and claims the job as
+//!   `sending` by this worker with a lease covering that wait plus the
+//!   request timeout. A claim over an expired lease means the holder died
+//!   mid-call: the answer says the earlier call may have been the send.
+//! - [`Fleet::after`] (`after.lua`), after the call: `sent` with the tracking
+//!   id and time (kept for the ledger retention, 14 days by default), or
+//!   the claim released (a retry or a dead letter, so a retry or a replay
+//!   can send); a success opens the job's gates, a failure closes the scope
+//!   its verdict holds, for the whole fleet; a page rate limit halves the
+//!   page's rate for everyone for a while.
+//!
+//! Keys live under the topology prefix with one hash tag, `{<prefix>}`, so
+//! every script touches one Redis Cluster slot: the layout is
+//! Cluster-safe, at the price that one prefix is served by one shard
+//! ([`Keys`]). Redis's clock (`TIME`) is the only clock the scripts use, so
+//! workers' clocks never disagree about a lease.
+//!
+//! Redis trouble is handled by the worker (`worker::coordination`), not
+//! here: these calls return [`FleetError`] and the worker falls back as
+//! configured ([`FailMode`]).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+use serde::Deserialize;
+
+use crate::broker::redact_url;
+use crate::classify::{Class, CodeLabel, ScopeKind};
+use crate::job::Job;
+use crate::metrics::{Metrics, RedisOp};
+use crate::worker::gates::{Held, Scope};
+
+/// What the worker does when Redis cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    /// Per-process pacing and gates and no ledger, loudly, until Redis is
+    /// back (a crash in that time can repeat in-flight sends, as without
+    /// Redis).
+    Local,
+    /// Jobs wait in a delay tier until Redis is back: no send without the
+    /// ledger.
+    Hold,
+}
+
+impl FailMode {
+    /// The name in config and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailMode::Local => "local",
+            FailMode::Hold => "hold",
+        }
+    }
+}
+
+/// How the fleet layer is set up.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// `redis://[:password@]host:port/db` or `rediss://…` (TLS).
+    pub url: String,
+    /// What to do while Redis is unreachable.
+    pub fail_mode: FailMode,
+    /// How long a `sent` record is kept: at least as long as a job can live
+    /// (its delay tiers and retries) plus a replay window.
+    pub ledger_retention: Duration,
+    /// Added to the request timeout for a claim's lease.
+    pub lease_margin: Duration,
+    /// Longest a Redis command may take before it counts as a failure.
+    pub op_timeout: Duration,
+    /// How long a page's lowered rate (after a page rate limit) lasts.
+    pub lowered_rate_for: Duration,
+}
+
+impl FleetConfig {
+    /// The defaults around a URL.
+    pub fn new(url: &str) -> FleetConfig {
+        FleetConfig {
+            url: url.to_string(),
+            fail_mode: FailMode::Local,
+            ledger_retention: Duration::from_secs(14 * 24 * 3600),
+            lease_margin: Duration::from_secs(5),
+            op_timeout: Duration::from_millis(500),
+            lowered_rate_for: Duration::from_secs(600),
+        }
+    }
+}
+
+/// A Redis problem. Its message never contains a password.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    /// The URL cannot be used.
+    #[error("MMSEND_REDIS_URL {url} is not a usable Redis URL ({reason}); write redis://[:password@]host:6379/0 or rediss:// for TLS")]
+    Url {
+        /// The URL, password redacted.
+        url: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A command failed or timed out.
+    #[error("Redis {op} failed: {message}")]
+    Command {
+        /// Which call.
+        op: &'static str,
+        /// Redis's or the client's message.
+        message: String,
+    },
+    /// Redis answered something the scripts never return (another
+    /// program's keys under our prefix?).
+    #[error("Redis {op} answered {answer:?}, which mmsend does not understand")]
+    Answer {
+        /// Which call.
+        op: &'static str,
+        /// The answer.
+        answer: String,
+    },
+}
+
+/// The keys of one job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Keys {
+    ledger: String,
+    gates: [String; 4],
+    probes: [String; 4],
+    pace_page: String,
+    pace_global: String,
+    rate_page: String,
+    gate_index: String,
+}
+
+/// Scope order in the scripts' KEYS (2..5 gates, 6..9 probes).
+const SCOPES: [ScopeKind; 4] = [
+    ScopeKind::App,
+    ScopeKind::AdAccount,
+    ScopeKind::Page,
+    ScopeKind::Campaign,
+];
+
+impl Keys {
+    /// The keys of `job` under `prefix`: `{<prefix>}:job:<job_id>`,
+    /// `{<prefix>}:gate:<scope>:<id>`, `{<prefix>}:probe:…`,
+    /// `{<prefix>}:pace:page:<page_id>`, `{<prefix>}:pace:global`,
+    /// `{<prefix>}:rate:page:<page_id>`, `{<prefix>}:gates`.
+    pub fn of(prefix: &str, job: &Job) -> Keys {
+        let tag = format!("{{{prefix}}}");
+        let scope_key = |what: &str, kind: ScopeKind| {
+            let id = Scope::of(job, kind).map(|s| s.id).unwrap_or_default();
+            format!("{tag}:{what}:{kind}:{id}")
+        };
+        Keys {
+            ledger: format!("{tag}:job:{}", job.job_id),
+            gates: SCOPES.map(|k| scope_key("gate", k)),
+            probes: SCOPES.map(|k| scope_key("probe", k)),
+            pace_page: format!("{tag}:pace:page:{}", job.page_id),
+            pace_global: format!("{tag}:pace:global"),
+            rate_page: format!("{tag}:rate:page:{}", job.page_id),
+            gate_index: Keys::gate_index(prefix),
+        }
+    }
+
+    fn gate_index(prefix: &str) -> String {
+        format!("{{{prefix}}}:gates")
+    }
+
+    fn all(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.ledger.as_str())
+            .chain(self.gates.iter().map(String::as_str))
+            .chain(self.probes.iter().map(String::as_str))
+            .chain([
+                self.pace_page.as_str(),
+                self.pace_global.as_str(),
+                self.rate_page.as_str(),
+                self.gate_index.as_str(),
+            ])
+    }
+}
+
+/// What the fleet says before a call.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Before {
+    /// The job was sent already: ack it without a call.
+    AlreadySent {
+        /// The tracking id of the send.
+        tracking_id: String,
+    },
+    /// Another worker holds a live claim: its call is in flight.
+    Busy {
+        /// That worker.
+        worker: String,
+        /// How long its lease still runs.
+        remaining: Duration,
+    },
+    /// A closed gate holds the job: no claim was taken.
+    Gated(Held),
+    /// Claimed: call after `pace_wait`.
+    Go {
+        /// An earlier claim expired under a worker that died (maybe mid-call).
+        maybe_sent: bool,
+        /// The job's pacing slot is this far away.
+        pace_wait: Duration,
+    },
+}
+
+/// What the worker asks with [`Fleet::before`].
+#[derive(Debug, Clone)]
+pub struct Ask {
+    /// The Graph request timeout (the lease covers it).
+    pub request_timeout: Duration,
+    /// The page's rate, messages/s; 0 = off.
+    pub page_rate: f64,
+    /// The fleet's rate, messages/s; 0 = off.
+    pub global_rate: f64,
+    /// How long a job waits while its gate's probe is in flight.
+    pub probe_wait: Duration,
+    /// How long a probe may stay unanswered.
+    pub probe_lock: Duration,
+    /// Gates on.
+    pub gates: bool,
+}
+
+/// How the ledger records a call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Record<'a> {
+    /// Sent, with Meta's tracking id.
+    Sent(&'a str),
+    /// Settled as sent on evidence (2300035 after a maybe-sent call).
+    Suspected,
+    /// Not sent: release the claim (retry or dead letter).
+    Release,
+}
+
+/// What the worker tells with [`Fleet::after`].
+#[derive(Debug, Clone)]
+pub struct Tell<'a> {
+    /// The ledger record.
+    pub record: Record<'a>,
+    /// The call was a send (opens the job's gates).
+    pub success: bool,
+    /// The scope the verdict holds, its class and code, and for how long.
+    pub close: Option<(ScopeKind, Class, CodeLabel, Duration)>,
+    /// A page rate limit: halve the page's rate for a while.
+    pub lower_page_rate: bool,
+    /// The page's configured rate (the start of the halving).
+    pub page_rate: f64,
+    /// Gates on.
+    pub gates: bool,
+    /// Extra life of a gate key after its time: the probe lock plus the
+    /// probe wait, so a gate nobody probes expires by itself.
+    pub gate_grace: Duration,
+}
+
+/// The Redis side of a fleet of workers. Cheap to share (`Arc`).
+pub struct Fleet {
+    conn: ConnectionManager,
+    prefix: String,
+    worker: String,
+    config: FleetConfig,
+    before: Script,
+    after: Script,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("url", &redact_url(&self.config.url))
+            .field("prefix", &self.prefix)
+            .field("worker", &self.worker)
+            .finish()
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Fleet {
+    /// Sets up the client. The connection is made lazily on the first call
+    /// and remade by itself after a failure, so a worker starts while Redis
+    /// is down (and falls back as configured). Only a malformed URL fails.
+    pub fn new(
+        config: FleetConfig,
+        prefix: &str,
+        worker: &str,
+        metrics: Arc<Metrics>,
+    ) -> Result<Fleet, FleetError> {
+        let url_error = |reason: String| FleetError::Url {
+            url: redact_url(&config.url),
+            reason,
+        };
+        let client = redis::Client::open(config.url.as_str())
+            // the client's message may quote the URL: keep only its kind
+            .map_err(|e| url_error(format!("{:?}", e.kind())))?;
+        let manager = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(config.op_timeout))
+            .set_connection_timeout(Some(config.op_timeout.max(Duration::from_secs(1))))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = ConnectionManager::new_lazy_with_config(client, manager)
+            .map_err(|e| url_error(format!("{:?}", e.kind())))?;
+        Ok(Fleet {
+            conn,
+            prefix: prefix.to_string(),
+            worker: worker.to_string(),
+            config,
+            before: Script::new(include_str!("before.lua")),
+            after: Script::new(include_str!("after.lua")),
+            metrics,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &FleetConfig {
+        &self.config
+    }
+
+    async fn timed<T>(
+        &self,
+        op: RedisOp,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, FleetError> {
+        let started = Instant::now();
+        // the client's own response timeout covers a command; this one also
+        // covers waiting for a reconnect
+        let result = tokio::time::timeout(self.config.op_timeout * 2, call).await;
+        self.metrics
+            .redis_call(op, started.elapsed(), matches!(result, Ok(Ok(_))));
+        match result {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(FleetError::Command {
+                op: op.as_str(),
+                message: redact_url(&e.to_string()),
+            }),
+            Err(_) => Err(FleetError::Command {
+                op: op.as_str(),
+                message: format!("no answer within {:?}", self.config.op_timeout * 2),
+            }),
+        }
+    }
+
+    /// The one round trip before a call.
+    pub async fn before(&self, job: &Job, ask: &Ask) -> Result<Before, FleetError> {
+        let keys = Keys::of(&self.prefix, job);
+        let mut inv = self.before.prepare_invoke();
+        for k in keys.all() {
+            inv.key(k);
+        }
+        inv.arg(&self.worker)
+            .arg(ms(ask.request_timeout + self.config.lease_margin))
+            .arg(ask.page_rate)
+            .arg(ask.global_rate)
+            .arg(ms(ask.probe_wait))
+            .arg(ms(ask.probe_lock))
+            .arg(u8::from(ask.gates))
+            .arg(1u8)
+            .arg(ms(self.config.ledger_retention));
+        let mut conn = self.conn.clone();
+        let answer: Vec<String> = self
+            .timed(RedisOp::Before, inv.invoke_async(&mut conn))
+            .await?;
+        parse_before(job, &answer)
+    }
+
+    /// The one round trip after a call.
+    pub async fn after(&self, job: &Job, tell: &Tell<'_>) -> Result<(), FleetError> {
+        let keys = Keys::of(&self.prefix, job);
+        let mut inv = self.after.prepare_invoke();
+        for k in keys.all() {
+            inv.key(k);
+        }
+        let (outcome, tracking) = match tell.record {
+            Record::Sent(id) => ("sent", id),
+            Record::Suspected => ("suspected", ""),
+            Record::Release => ("release", ""),
+        };
+        let (index, class, code, wait) = match tell.close {
+            Some((kind, class, label, wait)) => (
+                SCOPES.iter().position(|k| *k == kind).map_or(0, |i| i + 1),
+                class.as_str(),
+                label.to_string(),
+                wait,
+            ),
+            None => (0, "", String::new(), Duration::ZERO),
+        };
+        inv.arg(outcome)
+            .arg(tracking)
+            .arg(ms(self.config.ledger_retention))
+            .arg(&self.worker)
+            .arg(1u8)
+            .arg(u8::from(tell.gates))
+            .arg(u8::from(tell.success))
+            .arg(index)
+            .arg(class)
+            .arg(code)
+            .arg(ms(wait))
+            .arg(ms(tell.gate_grace))
+            .arg(u8::from(tell.lower_page_rate))
+            .arg(tell.page_rate)
+            .arg(ms(self.config.lowered_rate_for));
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .timed(RedisOp::After, inv.invoke_async(&mut conn))
+            .await?;
+        Ok(())
+    }
+
+    /// The gates open in the whole fleet now: (scope kind, class) each.
+    pub async fn gate_census(&self) -> Result<Vec<(ScopeKind, Class)>, FleetError> {
+        let index = Keys::gate_index(&self.prefix);
+        let mut conn = self.conn.clone();
+        let keys: Vec<String> = self
+            .timed(RedisOp::Census, async {
+                // drop the index entries of gates that expired by themselves
+                let _: i64 = conn.zrembyscore(&index, "-inf", now_ms_approx()).await?;
+                conn.zrange(&index, 0, -1).await
+            })
+            .await?;
+        let mut out = Vec::new();
+        for key in keys {
+            let class: Option<String> = self
+                .timed(RedisOp::Census, conn.hget(&key, "class"))
+                .await?;
+            let kind = key
+                .split(':')
+                .nth(2)
+                .and_then(|k| k.parse::<ScopeKind>().ok());
+            if let (Some(kind), Some(class)) = (kind, class.and_then(|c| c.parse().ok())) {
+                out.push((kind, class));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes every key of this prefix (a throw-away topology's, after a
+    /// demo or a test): SCAN in batches, never KEYS. Returns how many.
+    pub async fn delete_all(&self) -> Result<u64, FleetError> {
+        let mut conn = self.conn.clone();
+        let pattern = format!("{{{}}}*", self.prefix);
+        let mut cursor: u64 = 0;
+        let mut deleted = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = self
+                .timed(
+                    RedisOp::Ping,
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut conn),
+                )
+                .await?;
+            if !keys.is_empty() {
+                let n: u64 = self
+                    .timed(
+                        RedisOp::Ping,
+                        redis::cmd("DEL").arg(&keys).query_async(&mut conn),
+                    )
+                    .await?;
+                deleted += n;
+            }
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
+    }
+
+    /// Whether Redis answers.
+    pub async fn ping(&self) -> Result<(), FleetError> {
+        let mut conn = self.conn.clone();
+        let _: String = self
+            .timed(RedisOp::Ping, redis::cmd("PING").query_async(&mut conn))
+            .await?;
+        Ok(())
+    }
+}
+
+/// Milliseconds since the epoch by this host's clock (only to prune the gate
+/// index, where a little skew does not matter).
+fn now_ms_approx() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(ms)
+        .unwrap_or(0)
+}
+
+fn parse_before(job: &Job, answer: &[String]) -> Result<Before, FleetError> {
+    let bad = || FleetError::Answer {
+        op: RedisOp::Before.as_str(),
+        answer: answer.join(" "),
+    };
+    let millis = |s: &String| {
+        s.parse::<u64>()
+            .map(Duration::from_millis)
+            .map_err(|_| bad())
+    };
+    match answer {
+        [kind, tracking, _at] if kind == "sent" => Ok(Before::AlreadySent {
+            tracking_id: tracking.clone(),
+        }),
+        [kind, worker, remaining] if kind == "busy" => Ok(Before::Busy {
+            worker: worker.clone(),
+            remaining: millis(remaining)?,
+        }),
+        [kind, index, class, code, wait] if kind == "gated" => {
+            let kind = index
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| SCOPES.get(i.checked_sub(1)?))
+                .ok_or_else(bad)?;
+            Ok(Before::Gated(Held {
+                scope: Scope::of(job, *kind).ok_or_else(bad)?,
+                class: class.parse().map_err(|_| bad())?,
+                label: code.parse().unwrap_or(CodeLabel::Other),
+                wait: millis(wait)?,
+            }))
+        }
+        [kind, maybe_sent, wait] if kind == "go" => Ok(Before::Go {
+            maybe_sent: maybe_sent == "1",
+            pace_wait: millis(wait)?,
+        }),
+        _ => Err(bad()),
+    }
+}

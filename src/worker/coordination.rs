@@ -1,0 +1,270 @@
+//! Where a worker's pacing, gates and send ledger live: in this process, or
+//! shared by the fleet through Redis ([`crate::fleet`]), with the fallback
+//! while Redis cannot be reached.
+//!
+//! [`Coordination::before`] is asked once before a call and answers what
+//! to do ([`Ahead`]); [`Coordination::after`] is told once after the call.
+//! Without Redis: local gates, local token buckets, no ledger. With Redis:
+//! one round trip each way, and the local gates and buckets stand by.
+//!
+//! **Redis trouble is never job trouble.** A failed or slow Redis call
+//! marks Redis down (`mmsend_redis_up` 0, one warning) and the worker falls
+//! back as configured: `local` (per-process pacing and gates, no ledger —
+//! what mmsend does without Redis) or `hold` (no send without the ledger:
+//! jobs wait in a delay tier, `/readyz` answers 503). While down, at most
+//! one call a second tries Redis again, so a dead Redis costs no latency;
+//! the first success marks it up again. What each failure costs is in the
+//! README ("Fleet coordination on Redis").
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use super::gates::{GateTimes, Gates, Held, PROBE_TIMEOUT};
+use super::pacing::{Pacer, PacingConfig};
+use crate::classify::{Class, Route, ScopeKind, Verdict};
+use crate::fleet::{Ask, Before, FailMode, Fleet, Record, Tell};
+use crate::job::Job;
+use crate::metrics::Metrics;
+
+/// What to do before the call.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Ahead {
+    /// Call the API. `maybe_sent`: an earlier call for this job may have
+    /// been the send. `claimed`: the ledger holds our claim, so
+    /// [`Coordination::after`] must report.
+    Call { maybe_sent: bool, claimed: bool },
+    /// The ledger says the job was sent: ack without a call.
+    AlreadySent { tracking_id: String },
+    /// A closed gate holds the job.
+    Held(Held),
+    /// Not now: in flight on another worker, or waiting for Redis.
+    Wait { delay: Duration, why: String },
+}
+
+/// How a call ended, for [`Coordination::after`].
+pub(crate) enum After<'a> {
+    /// Sent, with Meta's tracking id.
+    Sent(&'a str),
+    /// The call failed as `verdict` says and the job goes `route`.
+    Failed { verdict: &'a Verdict, route: Route },
+}
+
+/// The local backend and, with Redis, the fleet's.
+pub(crate) struct Coordination {
+    gates: Gates,
+    pacer: Pacer,
+    pacing: PacingConfig,
+    gate_times: GateTimes,
+    gates_on: bool,
+    request_timeout: Duration,
+    fleet: Option<Arc<Fleet>>,
+    fail_mode: FailMode,
+    /// Redis answered the last time it was asked.
+    up: AtomicBool,
+    /// While down: when (ms since `epoch`) Redis may be tried again.
+    retry_at: AtomicU64,
+    epoch: Instant,
+    metrics: Arc<Metrics>,
+}
+
+impl Coordination {
+    pub(crate) fn new(
+        pacing: PacingConfig,
+        gate_times: GateTimes,
+        gates_on: bool,
+        request_timeout: Duration,
+        fleet: Option<Arc<Fleet>>,
+        metrics: Arc<Metrics>,
+    ) -> Coordination {
+        let fail_mode = fleet
+            .as_ref()
+            .map_or(FailMode::Local, |f| f.config().fail_mode);
+        metrics.set_redis_up(true);
+        Coordination {
+            gates: Gates::new(gate_times.clone(), gates_on, metrics.clone()),
+            pacer: Pacer::new(&pacing),
+            pacing,
+            gate_times,
+            gates_on,
+            request_timeout,
+            fleet,
+            fail_mode,
+            up: AtomicBool::new(true),
+            retry_at: AtomicU64::new(0),
+            epoch: Instant::now(),
+            metrics,
+        }
+    }
+
+    /// The fleet, if Redis is configured and worth asking now.
+    fn fleet(&self) -> Option<&Fleet> {
+        let fleet = self.fleet.as_deref()?;
+        if self.up.load(Ordering::Relaxed) {
+            return Some(fleet);
+        }
+        // down: one caller a second tries again
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let at = self.retry_at.load(Ordering::Relaxed);
+        (now >= at
+            && self
+                .retry_at
+                .compare_exchange(at, now + 1000, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok())
+        .then_some(fleet)
+    }
+
+    fn redis_ok(&self) {
+        if !self.up.swap(true, Ordering::Relaxed) {
+            info!("Redis answers again; pacing, gates and the send ledger are fleet-wide again");
+            self.metrics.set_redis_up(true);
+            self.metrics.set_holding(false);
+        }
+    }
+
+    fn redis_failed(&self, error: &crate::fleet::FleetError) {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.retry_at.store(now + 1000, Ordering::Relaxed);
+        if self.up.swap(false, Ordering::Relaxed) {
+            self.metrics.set_redis_up(false);
+            self.metrics.set_holding(self.fail_mode == FailMode::Hold);
+            match self.fail_mode {
+                FailMode::Local => warn!(
+                    error = %error,
+                    "Redis is unreachable: falling back to per-process pacing and gates with NO send ledger until it answers (fail_mode = local)"
+                ),
+                FailMode::Hold => warn!(
+                    error = %error,
+                    "Redis is unreachable: jobs wait in a delay tier until it answers (fail_mode = hold)"
+                ),
+            }
+        }
+    }
+
+    /// Asks before a call; waits out the job's pacing slot when it is a go.
+    pub(crate) async fn before(&self, job: &Job) -> Ahead {
+        if let Some(fleet) = self.fleet() {
+            let ask = Ask {
+                request_timeout: self.request_timeout,
+                page_rate: f64::from(self.pacing.page_rate(&job.page_id)),
+                global_rate: f64::from(self.pacing.global),
+                probe_wait: self.gate_times.probe_wait,
+                probe_lock: PROBE_TIMEOUT,
+                gates: self.gates_on,
+            };
+            match fleet.before(job, &ask).await {
+                Ok(answer) => {
+                    self.redis_ok();
+                    return match answer {
+                        Before::AlreadySent { tracking_id } => Ahead::AlreadySent { tracking_id },
+                        Before::Busy { worker, remaining } => Ahead::Wait {
+                            delay: remaining.max(self.gate_times.probe_wait),
+                            why: format!(
+                                "in flight on worker {worker} (its lease runs {}s more); looked at again later, not called",
+                                remaining.as_secs()
+                            ),
+                        },
+                        Before::Gated(held) => Ahead::Held(held),
+                        Before::Go {
+                            maybe_sent,
+                            pace_wait,
+                        } => {
+                            self.metrics.paced(pace_wait);
+                            if !pace_wait.is_zero() {
+                                tokio::time::sleep(pace_wait).await;
+                            }
+                            Ahead::Call {
+                                maybe_sent,
+                                claimed: true,
+                            }
+                        }
+                    };
+                }
+                Err(e) => self.redis_failed(&e),
+            }
+        }
+        if self.fleet.is_some() && self.fail_mode == FailMode::Hold {
+            // look again soon: the shortest wait a gate's probe gets
+            return Ahead::Wait {
+                delay: self.gate_times.probe_wait,
+                why: "waiting for Redis (fail_mode = hold): no send without the send ledger".into(),
+            };
+        }
+        if let Some(held) = self.gates.closed_for(job, Instant::now()) {
+            return Ahead::Held(held);
+        }
+        let started = Instant::now();
+        self.pacer.until_ready(&job.page_id).await;
+        self.metrics.paced(started.elapsed());
+        Ahead::Call {
+            maybe_sent: false,
+            claimed: false,
+        }
+    }
+
+    /// Tells how a call ended (`claimed` as [`Ahead::Call`] said).
+    pub(crate) async fn after(&self, job: &Job, claimed: bool, after: After<'_>) {
+        let (verdict, record) = match &after {
+            After::Sent(id) => (None, Record::Sent(id)),
+            After::Failed {
+                verdict,
+                route: Route::Sent { .. },
+            } => (Some(*verdict), Record::Suspected),
+            After::Failed { verdict, .. } => (Some(*verdict), Record::Release),
+        };
+        if claimed {
+            if let Some(fleet) = self.fleet.as_deref() {
+                let tell = Tell {
+                    record,
+                    success: verdict.is_none(),
+                    close: verdict.and_then(|v| {
+                        (v.scope != ScopeKind::None)
+                            .then(|| (v.scope, v.class, v.label, self.gate_times.wait_for(v)))
+                    }),
+                    lower_page_rate: verdict
+                        .is_some_and(|v| v.class == Class::Throttled && v.scope == ScopeKind::Page),
+                    page_rate: f64::from(self.pacing.page_rate(&job.page_id)),
+                    gates: self.gates_on,
+                    gate_grace: PROBE_TIMEOUT + self.gate_times.probe_wait,
+                };
+                match fleet.after(job, &tell).await {
+                    Ok(()) => {
+                        self.redis_ok();
+                        return;
+                    }
+                    // the ledger keeps our claim until its lease runs out:
+                    // a redelivery after that is treated as maybe sent
+                    Err(e) => self.redis_failed(&e),
+                }
+            }
+        }
+        match verdict {
+            None => self.gates.opened(job),
+            Some(v) => self.gates.observe(job, v, Instant::now()),
+        }
+    }
+
+    /// Every few seconds: local housekeeping, and the fleet's gate count
+    /// (or a ping while Redis is down, so it is seen back without traffic).
+    pub(crate) async fn housekeeping(&self) {
+        self.pacer.shrink();
+        self.gates.sweep(Instant::now());
+        let Some(fleet) = self.fleet.as_deref() else {
+            return;
+        };
+        let result = if self.up.load(Ordering::Relaxed) {
+            fleet
+                .gate_census()
+                .await
+                .map(|open| self.metrics.set_gates(&open))
+        } else {
+            fleet.ping().await
+        };
+        match result {
+            Ok(()) => self.redis_ok(),
+            Err(e) => self.redis_failed(&e),
+        }
+    }
+}

@@ -1,0 +1,1209 @@
+//! The dead-letter console against the real RabbitMQ, driven by a real
+//! headless Chromium (Debian's `chromium` and `chromium-driver`, through
+//! WebDriver with `thirtyfour`) where a person would click, and by a plain
+//! HTTP client where the test is about the protocol (auth, CSRF, exact
+//! sets). Each test fills its own topology with a few hundred to a few
+//! thousand letters; `benches/console.rs` measures pages at 100,000.
+//!
+//! Without Chromium and chromedriver on the PATH the browser tests say so
+//! and skip, unless `MMSEND_REQUIRE_CHROMIUM=1` (set by
+//! `deploy/local/test.sh` once it has installed them) makes that a failure.
+//! `MMSEND_UPDATE_SCREENSHOT=1` writes the overview's screenshot to
+//! `docs/console.png` (always to `target/console-overview.png`).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{eventually, job, Harness, Opts};
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
+use mmsend::broker::headers::{LastError, Story};
+use mmsend::console::{self, ConsoleConfig, ConsoleError};
+use mmsend::graph::Secret;
+use serde_json::{json, Value};
+use thirtyfour::prelude::*;
+use thirtyfour::ChromiumLikeCapabilities;
+use tokio_util::sync::CancellationToken;
+
+const TOKEN: &str = "console-test-token-5f1c2a9e7d";
+
+/// One dead letter as a worker writes it.
+#[derive(Clone)]
+struct Dead {
+    id: String,
+    reason: Option<&'static str>,
+    class: &'static str,
+    code: i64,
+    message: &'static str,
+    campaign: &'static str,
+    page: &'static str,
+}
+
+impl Dead {
+    fn token(&self) -> String {
+        format!("recipient-{}-{}", self.id, "q".repeat(32))
+    }
+}
+
+/// `n` letters of five kinds, three campaigns and two pages.
+fn mixed(n: usize, prefix: &str) -> Vec<Dead> {
+    const KINDS: [(Option<&str>, &str, i64, &str); 5] = [
+        (
+            Some("terminal"),
+            "mismatch",
+            2300005,
+            "PAGE_ID_MISMATCH: the page id does not match the page of the subscription token",
+        ),
+        (
+            Some("terminal"),
+            "region",
+            2300018,
+            "Marketing messages are not available in the business's region.",
+        ),
+        (
+            Some("expired"),
+            "budget",
+            2300015,
+            "held back without a call: campaign budget reached (2300015)",
+        ),
+        (
+            Some("retries_exhausted"),
+            "transient",
+            2,
+            "Service temporarily unavailable",
+        ),
+        (None, "transient", 1, "An unknown error occurred"),
+    ];
+    const CAMPAIGNS: [&str; 3] = ["black-friday", "cyber-monday", "xmas"];
+    const PAGES: [&str; 2] = ["9876543210", "9876543211"];
+    (0..n)
+        .map(|i| {
+            let (reason, class, code, message) = KINDS[i % KINDS.len()];
+            Dead {
+                id: format!("{prefix}{i:05}"),
+                reason,
+                class,
+                code,
+                message,
+                campaign: CAMPAIGNS[i % CAMPAIGNS.len()],
+                page: PAGES[i % PAGES.len()],
+            }
+        })
+        .collect()
+}
+
+/// Puts dead letters straight into the DLQ, confirms pipelined.
+async fn fill(h: &Harness, letters: &[Dead]) {
+    let ch = h.conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let mut pending = Vec::new();
+    for d in letters {
+        let story = Story {
+            attempt: 3,
+            dead_reason: d.reason.map(str::to_owned),
+            dead_at: Some(chrono::Utc::now()),
+            worker: Some("worker-7:4242".into()),
+            last_error: LastError {
+                class: Some(d.class.into()),
+                code: Some(d.code),
+                message: Some(d.message.into()),
+                http_status: Some(400),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut headers = FieldTable::default();
+        story.write(&mut headers);
+        let mut body = job(&d.id, &d.token());
+        body["campaign"] = json!(d.campaign);
+        body["page_id"] = json!(d.page);
+        pending.push(
+            ch.basic_publish(
+                h.topology.exchange().into(),
+                h.topology.dead_queue().as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &serde_json::to_vec(&body).unwrap(),
+                BasicProperties::default()
+                    .with_message_id(d.id.as_str().into())
+                    .with_delivery_mode(2)
+                    .with_headers(headers),
+            )
+            .await
+            .unwrap(),
+        );
+        if pending.len() >= 256 {
+            for p in pending.drain(..) {
+                assert!(p.await.unwrap().is_ack());
+            }
+        }
+    }
+    for p in pending {
+        assert!(p.await.unwrap().is_ack());
+    }
+    let _ = ch.close(200, "ok".into()).await;
+}
+
+fn no_worker(name: &'static str) -> Opts {
+    let mut o = Opts::new(name);
+    o.start_worker = false;
+    o
+}
+
+/// A console served in-process on a free port.
+struct Console {
+    addr: SocketAddr,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), ConsoleError>>,
+}
+
+impl Console {
+    async fn start(h: &Harness, tweak: impl FnOnce(&mut ConsoleConfig)) -> Console {
+        let mut config = ConsoleConfig::new(&common::amqp_url(), h.topology.clone());
+        config.listen = "127.0.0.1:0".into();
+        // only the first snapshot and the ones a test asks for
+        config.refresh = Duration::from_secs(3600);
+        tweak(&mut config);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(console::serve(config, stop.clone(), move |a| {
+            let _ = tx.send(a);
+        }));
+        let addr = rx.await.expect("the console starts");
+        Console { addr, stop, task }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.addr.port())
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// A plain HTTP client that keeps the console's session cookie.
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    cookie: Option<String>,
+    bearer: Option<String>,
+}
+
+struct Answer {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: String,
+}
+
+impl Answer {
+    fn location(&self) -> &str {
+        self.headers
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Client {
+    fn new(c: &Console) -> Client {
+        Client {
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+            base: c.url(""),
+            cookie: None,
+            bearer: None,
+        }
+    }
+
+    async fn send(&mut self, mut req: reqwest::RequestBuilder) -> Answer {
+        if let Some(c) = &self.cookie {
+            req = req.header("cookie", format!("mmsend_console={c}"));
+        }
+        if let Some(b) = &self.bearer {
+            req = req.header("authorization", format!("Bearer {b}"));
+        }
+        let resp = req.send().await.unwrap();
+        for v in resp.headers().get_all("set-cookie") {
+            let v = v.to_str().unwrap();
+            if let Some(rest) = v.strip_prefix("mmsend_console=") {
+                let value = rest.split(';').next().unwrap_or_default();
+                self.cookie = (!value.is_empty()).then(|| value.to_string());
+            }
+        }
+        Answer {
+            status: resp.status().as_u16(),
+            headers: resp.headers().clone(),
+            body: resp.text().await.unwrap(),
+        }
+    }
+
+    async fn get(&mut self, path: &str) -> Answer {
+        let req = self.http.get(format!("{}{path}", self.base));
+        self.send(req).await
+    }
+
+    async fn post(&mut self, path: &str, form: &[(&str, &str)]) -> Answer {
+        let body = console::query(form).trim_start_matches('?').to_string();
+        let req = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body);
+        self.send(req).await
+    }
+
+    /// Waits until the console shows a snapshot newer than `after`; returns its id.
+    async fn snapshot_after(&mut self, after: u64) -> u64 {
+        let mut id;
+        eventually!(
+            Duration::from_secs(60),
+            {
+                id = snapshot_id(&self.get("/").await.body);
+                id > after
+            },
+            "no snapshot after #{after}"
+        );
+        id
+    }
+}
+
+/// The value of the first `name="<field>"` input of a page.
+fn field(page: &str, name: &str) -> String {
+    let needle = format!("name=\"{name}\" value=\"");
+    let start = page
+        .find(&needle)
+        .unwrap_or_else(|| panic!("no {name} field in {page}"))
+        + needle.len();
+    page[start..]
+        .split('"')
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn snapshot_id(page: &str) -> u64 {
+    page.split("data-snapshot=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `mmsend dlq stats --json` as dimension → key → count.
+fn cli_stats(h: &Harness) -> BTreeMap<String, BTreeMap<String, usize>> {
+    let out = Command::new(env!("CARGO_BIN_EXE_mmsend"))
+        .args(["dlq", "stats", "--json", "--prefix", &h.topology.prefix])
+        .env("MMSEND_AMQP_URL", common::amqp_url())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut m = BTreeMap::new();
+    for d in ["reason", "class", "code", "campaign", "page"] {
+        let groups = v[format!("by_{d}")].as_array().unwrap();
+        m.insert(
+            d.to_string(),
+            groups
+                .iter()
+                .map(|g| {
+                    (
+                        g["key"].as_str().unwrap().to_string(),
+                        g["count"].as_u64().unwrap() as usize,
+                    )
+                })
+                .collect(),
+        );
+    }
+    m
+}
+
+fn count_of(text: &str) -> usize {
+    text.trim().replace(',', "").parse().unwrap()
+}
+
+// ---------------------------------------------------------------- browser
+
+/// A headless Chromium under chromedriver, with a fresh profile.
+struct Browser {
+    driver: Option<WebDriver>,
+    chromedriver: Child,
+    profile: PathBuf,
+}
+
+fn on_path(names: &[&str]) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    names.iter().find_map(|n| {
+        std::env::split_paths(&path)
+            .map(|d| d.join(n))
+            .find(|p| p.is_file())
+    })
+}
+
+impl Browser {
+    /// `None` (after saying why) when Chromium or chromedriver is missing
+    /// and not required.
+    async fn start() -> Option<Browser> {
+        let chrome = on_path(&["chromium", "chromium-browser", "google-chrome"]);
+        let driver = on_path(&["chromedriver"]);
+        let (Some(chrome), Some(driver)) = (chrome, driver) else {
+            let why = "Chromium and chromedriver are not on the PATH (Debian: apt-get install chromium chromium-driver; deploy/local/test.sh installs them when run as root)";
+            if std::env::var("MMSEND_REQUIRE_CHROMIUM").as_deref() == Ok("1") {
+                panic!("MMSEND_REQUIRE_CHROMIUM=1 but {why}");
+            }
+            eprintln!("SKIPPED: this browser test did not run: {why}");
+            return None;
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let chromedriver = Command::new(driver)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver starts");
+        let profile = std::env::temp_dir().join(format!(
+            "mmsend-console-chromium-{:08x}",
+            rand::random::<u32>()
+        ));
+        let url = format!("http://127.0.0.1:{port}");
+        let status = format!("{url}/status");
+        eventually!(
+            Duration::from_secs(20),
+            reqwest::get(&status).await.is_ok(),
+            "chromedriver answers on {status}"
+        );
+        let mut caps = DesiredCapabilities::chrome();
+        caps.set_binary(chrome.to_str().unwrap()).unwrap();
+        // outbound connections are refused here: nothing may phone home
+        for arg in [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            "--force-device-scale-factor=1",
+            "--window-size=1200,860",
+            &format!("--user-data-dir={}", profile.display()),
+        ] {
+            caps.add_arg(arg).unwrap();
+        }
+        let driver = WebDriver::new(&url, caps)
+            .await
+            .expect("a Chromium session");
+        Some(Browser {
+            driver: Some(driver),
+            chromedriver,
+            profile,
+        })
+    }
+
+    fn d(&self) -> &WebDriver {
+        self.driver.as_ref().unwrap()
+    }
+
+    async fn quit(mut self) {
+        if let Some(d) = self.driver.take() {
+            d.quit().await.unwrap();
+        }
+    }
+
+    /// The text of the first element matching `css`, waiting for it.
+    async fn text(&self, css: &str) -> String {
+        let mut text = String::new();
+        eventually!(
+            Duration::from_secs(20),
+            match self.d().find(By::Css(css)).await {
+                Ok(e) => match e.text().await {
+                    Ok(t) => {
+                        text = t;
+                        true
+                    }
+                    Err(_) => false,
+                },
+                Err(_) => false,
+            },
+            "no {css} on {:?}",
+            self.d().current_url().await.map(|u| u.to_string())
+        );
+        text
+    }
+
+    /// Waits until the text of `css` satisfies `pred` (pages that refresh
+    /// themselves are read again and again).
+    async fn wait_text(&self, css: &str, pred: impl Fn(&str) -> bool, timeout: Duration) -> String {
+        let mut text = String::new();
+        eventually!(
+            timeout,
+            {
+                if let Ok(e) = self.d().find(By::Css(css)).await {
+                    text = e.text().await.unwrap_or_default();
+                }
+                pred(&text)
+            },
+            "{css} never right; last {text:?} at {:?}: {}",
+            self.d().current_url().await.map(|u| u.to_string()),
+            self.d().source().await.unwrap_or_default()
+        );
+        text
+    }
+
+    async fn click(&self, css: &str) {
+        let e = self
+            .d()
+            .find(By::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("{css}: {e}"));
+        e.click().await.unwrap();
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.chromedriver.kill();
+        let _ = self.chromedriver.wait();
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+/// Every group row of the overview as dimension → key → count.
+async fn overview_counts(b: &Browser) -> BTreeMap<String, BTreeMap<String, usize>> {
+    let mut m = BTreeMap::new();
+    for table in b.d().find_all(By::Css("table.groups")).await.unwrap() {
+        let dim = table.attr("data-dimension").await.unwrap().unwrap();
+        let mut groups = BTreeMap::new();
+        for row in table.find_all(By::Css("tbody tr")).await.unwrap() {
+            let key = row.attr("data-key").await.unwrap().unwrap();
+            let n = count_of(
+                &row.find(By::Css("td.count"))
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap(),
+            );
+            groups.insert(key, n);
+        }
+        m.insert(dim, groups);
+    }
+    m
+}
+
+#[tokio::test]
+async fn the_overview_counts_what_dlq_stats_counts_and_a_letter_tells_its_story() {
+    let h = Harness::start(no_worker("console-view")).await;
+    let letters = mixed(1_200, "v");
+    fill(&h, &letters).await;
+    let want = cli_stats(&h);
+    assert_eq!(want["code"]["2300005"], 240);
+    let c = Console::start(&h, |_| {}).await;
+    let Some(b) = Browser::start().await else {
+        c.stop().await;
+        h.finish().await;
+        return;
+    };
+    b.d().goto(c.url("/")).await.unwrap();
+    b.wait_text(
+        "#snapshot .snapline",
+        |t| t.contains("Snapshot of 1,200 letters"),
+        Duration::from_secs(30),
+    )
+    .await;
+    b.d().refresh().await.unwrap();
+    assert_eq!(b.text("h1 .count").await, "1,200");
+    let shown = overview_counts(&b).await;
+    assert_eq!(
+        shown, want,
+        "the overview's groups are `dlq stats --json`'s"
+    );
+    // nothing is fetched from anywhere else
+    let source = b.d().source().await.unwrap();
+    for attr in ["src=\"", "href=\""] {
+        for value in source.split(attr).skip(1) {
+            assert!(
+                value.starts_with('/'),
+                "{attr}{}",
+                &value[..value.len().min(60)]
+            );
+        }
+    }
+    let shot = b.d().screenshot_as_png().await.unwrap();
+    let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target");
+    std::fs::write(target.join("console-overview.png"), &shot).unwrap();
+    if std::env::var("MMSEND_UPDATE_SCREENSHOT").as_deref() == Ok("1") {
+        let docs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs");
+        std::fs::create_dir_all(&docs).unwrap();
+        std::fs::write(docs.join("console.png"), &shot).unwrap();
+    }
+
+    // open a group: 50 letters a page, all of that group
+    b.click("table[data-dimension=\"code\"] tr[data-key=\"2300005\"] td.key a")
+        .await;
+    let h1 = b.text("h1").await;
+    assert!(
+        h1.contains("code = 2300005") && h1.contains("240 letters"),
+        "{h1}"
+    );
+    assert!(b
+        .text("nav.pager .range")
+        .await
+        .starts_with("letters 1–50 of 240"));
+    let rows = b
+        .d()
+        .find_all(By::Css("table.letters tbody tr"))
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 50);
+    for row in &rows {
+        assert_eq!(
+            row.find(By::Css("td:nth-child(5)"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap(),
+            "2300005"
+        );
+    }
+    b.click("nav.pager a[rel=next]").await;
+    assert!(b
+        .text("nav.pager .range")
+        .await
+        .starts_with("letters 51–100 of 240"));
+
+    // open a letter: its whole story, the recipient masked
+    let first = b
+        .d()
+        .find(By::Css("table.letters tbody tr td.key a"))
+        .await
+        .unwrap();
+    let job_id = first.text().await.unwrap();
+    first.click().await.unwrap();
+    assert_eq!(b.text("h1 .key").await, job_id);
+    let letter = letters.iter().find(|d| d.id == job_id).unwrap();
+    let headers = b.text("#headers").await.replace('\t', " ");
+    for want in [
+        "x-mmsend-dead-reason terminal",
+        "x-mmsend-class mismatch",
+        "x-mmsend-error-code 2300005",
+        "x-mmsend-attempt 3",
+        "x-mmsend-worker worker-7:4242",
+        "x-mmsend-http-status 400",
+    ] {
+        assert!(headers.contains(want), "{want} not in {headers}");
+    }
+    let body = b.text("#body").await;
+    assert!(
+        body.contains(&format!("\"job_id\": \"{job_id}\"")),
+        "{body}"
+    );
+    assert!(
+        body.contains("\"subscription_token\": \"reci•••("),
+        "{body}"
+    );
+    let page = b.d().source().await.unwrap();
+    assert!(
+        !page.contains(&letter.token()),
+        "the recipient token reached the page"
+    );
+    b.quit().await;
+    c.stop().await;
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn replaying_a_group_in_the_browser_moves_exactly_that_group_once() {
+    let h = Harness::start(Opts::new("console-replay")).await;
+    let letters = mixed(300, "r");
+    fill(&h, &letters).await;
+    let group: Vec<&Dead> = letters.iter().filter(|d| d.code == 2300005).collect();
+    assert_eq!(group.len(), 60);
+    let c = Console::start(&h, |_| {}).await;
+    let Some(b) = Browser::start().await else {
+        c.stop().await;
+        h.finish().await;
+        return;
+    };
+    b.d().goto(c.url("/")).await.unwrap();
+    b.wait_text(
+        "#snapshot .snapline",
+        |t| t.contains("Snapshot of 300 letters"),
+        Duration::from_secs(30),
+    )
+    .await;
+    b.d().refresh().await.unwrap();
+    b.click("table[data-dimension=\"code\"] tr[data-key=\"2300005\"] td.key a")
+        .await;
+    b.click("p.actions a.button").await;
+    assert_eq!(b.text("h1").await, "Replay 60 letters?");
+    let confirm_url = b.d().current_url().await.unwrap().to_string();
+    // a second operator (or a second tab) on the same confirmation
+    let tab_a = b.d().window().await.unwrap();
+    let tab_b = b.d().new_tab().await.unwrap();
+    b.d().switch_to_window(tab_b.clone()).await.unwrap();
+    b.d().goto(&confirm_url).await.unwrap();
+    assert_eq!(b.text("h1").await, "Replay 60 letters?");
+
+    b.d().switch_to_window(tab_a).await.unwrap();
+    b.click("#confirm").await;
+    let state = b
+        .wait_text(
+            "#state",
+            |t| t.starts_with("Finished"),
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(state, "Finished: 60 of 60 replayed.");
+    assert_eq!(b.text("td[data-name=moved]").await, "60");
+    let action_url = b.d().current_url().await.unwrap().to_string();
+    assert!(action_url.contains("/actions/"), "{action_url}");
+
+    // a worker sends them, each once; the DLQ shrank by exactly the group
+    eventually!(
+        Duration::from_secs(30),
+        h.sim.stats().sent >= 60,
+        "sent {:?}",
+        h.sim.stats()
+    );
+    assert_eq!(h.depth(&h.topology.dead_queue()).await, 240);
+
+    // the second confirmation starts nothing: it shows the same action
+    b.d().switch_to_window(tab_b).await.unwrap();
+    b.click("#confirm").await;
+    b.wait_text(
+        "#state",
+        |t| t.starts_with("Finished"),
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(b.d().current_url().await.unwrap().to_string(), action_url);
+    assert!(b
+        .d()
+        .source()
+        .await
+        .unwrap()
+        .contains("Asked for again 1 time(s)"));
+    b.d().goto(c.url("/actions")).await.unwrap();
+    let rows = b
+        .d()
+        .find_all(By::Css("table.actions-list tbody tr"))
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1, "one action for one set");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stats = h.sim.stats();
+    assert_eq!(stats.sent, 60);
+    assert_eq!(stats.duplicates, 0);
+    let sent: Vec<&String> = stats.sends_by_recipient.keys().collect();
+    let mut want: Vec<String> = group.iter().map(|d| d.token()).collect();
+    want.sort();
+    assert_eq!(
+        sent,
+        want.iter().collect::<Vec<_>>(),
+        "exactly the group's recipients"
+    );
+    assert_eq!(h.depth(&h.topology.dead_queue()).await, 240);
+
+    // the snapshot follows the action
+    b.d().goto(c.url("/")).await.unwrap();
+    b.wait_text(
+        "#snapshot .snapline",
+        |t| t.contains("Snapshot of 240 letters"),
+        Duration::from_secs(30),
+    )
+    .await;
+    b.quit().await;
+    c.stop().await;
+    let left: Vec<String> = h
+        .drain_dlq()
+        .await
+        .iter()
+        .map(|d| d.job_id().unwrap_or_default())
+        .collect();
+    let kept: Vec<String> = letters
+        .iter()
+        .filter(|d| d.code != 2300005)
+        .map(|d| d.id.clone())
+        .collect();
+    assert_eq!(left, kept, "the rest stay, in their order");
+    h.finish().await;
+}
+
+// ------------------------------------------------------------- protocol
+
+#[tokio::test]
+async fn viewing_pages_many_times_leaves_every_letter_in_place() {
+    let h = Harness::start(no_worker("console-peek")).await;
+    let letters = mixed(2_000, "p");
+    fill(&h, &letters).await;
+    // refresh as often as the console allows (three times the last scan)
+    let c = Console::start(&h, |c| c.refresh = Duration::ZERO).await;
+    let mut cl = Client::new(&c);
+    let mut last = cl.snapshot_after(0).await;
+    let letter = &letters[7];
+    let pages = [
+        "/".to_string(),
+        "/group?dim=code&key=2300018".to_string(),
+        "/group?dim=campaign&key=xmas&page=3".to_string(),
+        "/groups?dim=page".to_string(),
+        "/actions".to_string(),
+    ];
+    let mut snapshots = 1;
+    for round in 0..8 {
+        for p in &pages {
+            let a = cl.get(p).await;
+            assert_eq!(a.status, 200, "{p}");
+        }
+        if round % 2 == 0 {
+            let page = cl.get("/").await.body;
+            let a = cl
+                .post(
+                    "/refresh",
+                    &[("csrf", &field(&page, "csrf")), ("back", "/")],
+                )
+                .await;
+            assert_eq!(a.status, 303);
+        }
+        let id = cl.snapshot_after(last).await;
+        let page = cl.get("/").await.body;
+        assert!(page.contains("Snapshot of 2,000 letters"), "snapshot #{id}");
+        snapshots += 1;
+        last = id;
+        // a letter's page is found in every snapshot
+        let fp = cl
+            .get(&format!("/group?dim=code&key={}", letter.code))
+            .await
+            .body
+            .split(&format!("/letter?job={}&#38;fp=", letter.id))
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .map(str::to_owned)
+            .unwrap();
+        let a = cl.get(&format!("/letter?job={}&fp={fp}", letter.id)).await;
+        assert_eq!(a.status, 200);
+    }
+    assert!(snapshots >= 9, "{snapshots} snapshots");
+    c.stop().await;
+    let left: Vec<String> = h
+        .drain_dlq()
+        .await
+        .iter()
+        .map(|d| d.job_id().unwrap_or_default())
+        .collect();
+    let want: Vec<String> = letters.iter().map(|d| d.id.clone()).collect();
+    assert_eq!(
+        left, want,
+        "every letter once, in order, after {snapshots} snapshots"
+    );
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn purge_touches_the_confirmed_set_only_and_one_letter_can_be_replayed() {
+    let h = Harness::start(no_worker("console-exact")).await;
+    let letters = mixed(100, "e");
+    fill(&h, &letters).await;
+    let c = Console::start(&h, |_| {}).await;
+    let mut cl = Client::new(&c);
+    cl.snapshot_after(0).await;
+    let page = cl.get("/confirm?kind=purge&dim=code&key=2300005").await;
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("Purge 20 letters?"), "{}", page.body);
+    let (plan, csrf) = (field(&page.body, "plan"), field(&page.body, "csrf"));
+    // five more letters join the group after the confirmation was shown
+    let late: Vec<Dead> = mixed(25, "late")
+        .into_iter()
+        .filter(|d| d.code == 2300005)
+        .collect();
+    assert_eq!(late.len(), 5);
+    fill(&h, &late).await;
+    let a = cl
+        .post(
+            "/actions",
+            &[("csrf", &csrf), ("plan", &plan), ("rate", "0")],
+        )
+        .await;
+    assert_eq!(a.status, 303);
+    let action = a.location().to_string();
+    let mut body;
+    eventually!(
+        Duration::from_secs(30),
+        {
+            body = cl.get(&action).await.body;
+            body.contains("Finished")
+        },
+        "{body}"
+    );
+    assert!(body.contains("Finished: 20 of 20 purged."), "{body}");
+    assert_eq!(h.depth(&h.topology.dead_queue()).await, 85);
+
+    // one letter, replayed
+    let mut cl2 = Client::new(&c);
+    cl2.snapshot_after(1).await;
+    let one = &letters[1];
+    let group = cl2
+        .get(&format!("/group?dim=code&key={}", one.code))
+        .await
+        .body;
+    let fp = group
+        .split(&format!("/letter?job={}&#38;fp=", one.id))
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap()
+        .to_string();
+    let page = cl2
+        .get(&format!("/confirm?kind=replay&job={}&fp={fp}", one.id))
+        .await;
+    assert!(page.body.contains("Replay 1 letter?"), "{}", page.body);
+    let a = cl2
+        .post(
+            "/actions",
+            &[
+                ("csrf", &field(&page.body, "csrf")),
+                ("plan", &field(&page.body, "plan")),
+                ("rate", "5"),
+            ],
+        )
+        .await;
+    let action = a.location().to_string();
+    eventually!(
+        Duration::from_secs(30),
+        {
+            body = cl2.get(&action).await.body;
+            body.contains("Finished")
+        },
+        "{body}"
+    );
+    assert!(body.contains("Finished: 1 of 1 replayed."), "{body}");
+    assert!(body.contains("5 / s"), "the rate asked for: {body}");
+    // a snapshot refresh follows every action and holds the letters while it
+    // reads them: the depth shows them again when it is done
+    eventually!(
+        Duration::from_secs(30),
+        h.depth(&h.topology.dead_queue()).await == 84,
+        "84 letters left in the DLQ"
+    );
+    assert_eq!(h.depth(&h.topology.send_queue()).await, 1);
+    c.stop().await;
+    let left: Vec<String> = h
+        .drain_dlq()
+        .await
+        .iter()
+        .map(|d| d.job_id().unwrap_or_default())
+        .collect();
+    let mut want: Vec<String> = letters
+        .iter()
+        .filter(|d| d.code != 2300005 && d.id != one.id)
+        .map(|d| d.id.clone())
+        .collect();
+    want.extend(late.iter().map(|d| d.id.clone()));
+    assert_eq!(left, want, "late arrivals untouched, the rest in order");
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn a_busy_dlq_keeps_the_last_snapshot_and_an_action_waits_for_it() {
+    let h = Harness::start(no_worker("console-busy")).await;
+    let letters = mixed(50, "b");
+    fill(&h, &letters).await;
+    let c = Console::start(&h, |_| {}).await;
+    let mut cl = Client::new(&c);
+    let first = cl.snapshot_after(0).await;
+    // another reader takes the DLQ
+    let ch = h.conn.create_channel().await.unwrap();
+    ch.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+    let _reader = ch
+        .basic_consume(
+            h.topology.dead_queue().as_str().into(),
+            "someone-else".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let page = cl.get("/").await.body;
+    cl.post(
+        "/refresh",
+        &[("csrf", &field(&page, "csrf")), ("back", "/")],
+    )
+    .await;
+    let mut body;
+    eventually!(
+        Duration::from_secs(20),
+        {
+            body = cl.get("/").await.body;
+            body.contains("other consumer(s) were reading")
+        },
+        "{body}"
+    );
+    assert_eq!(snapshot_id(&body), first, "the last snapshot stays");
+    assert!(body.contains("Snapshot of 50 letters"));
+    // an action confirmed meanwhile waits, and says why
+    let page = cl
+        .get("/confirm?kind=purge&dim=code&key=2300018")
+        .await
+        .body;
+    let a = cl
+        .post(
+            "/actions",
+            &[
+                ("csrf", &field(&page, "csrf")),
+                ("plan", &field(&page, "plan")),
+            ],
+        )
+        .await;
+    let action = a.location().to_string();
+    eventually!(
+        Duration::from_secs(20),
+        {
+            body = cl.get(&action).await.body;
+            body.contains("Waiting:")
+        },
+        "{body}"
+    );
+    // the other reader goes away: the action runs, the snapshot follows
+    ch.close(200, "done".into()).await.unwrap();
+    eventually!(
+        Duration::from_secs(30),
+        {
+            body = cl.get(&action).await.body;
+            body.contains("Finished")
+        },
+        "{body}"
+    );
+    assert!(body.contains("Finished: 10 of 10 purged."), "{body}");
+    let id = cl.snapshot_after(first).await;
+    assert!(
+        cl.get("/").await.body.contains("Snapshot of 40 letters"),
+        "#{id}"
+    );
+    c.stop().await;
+    assert_eq!(h.depth(&h.topology.dead_queue()).await, 40);
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn off_loopback_a_token_is_required_and_every_post_needs_its_csrf_token() {
+    let h = Harness::start(no_worker("console-auth")).await;
+    fill(&h, &mixed(20, "a")).await;
+    let run = |args: &[&str], token: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mmsend"));
+        cmd.arg("console")
+            .args(args)
+            .args(["--prefix", &h.topology.prefix])
+            .env("MMSEND_AMQP_URL", common::amqp_url())
+            .env_remove("MMSEND_CONSOLE_TOKEN")
+            .env_remove("MMSEND_CONSOLE_LISTEN");
+        if let Some(t) = token {
+            cmd.env("MMSEND_CONSOLE_TOKEN", t);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // a non-loopback address without a token: refused before listening
+    let (code, err) = run(&["--listen", "0.0.0.0:0"], None);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("refusing to listen on 0.0.0.0:0 without MMSEND_CONSOLE_TOKEN"),
+        "{err}"
+    );
+    let (code, err) = run(&["--listen", "0.0.0.0:0"], Some("tiny-9f"));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("too short") && !err.contains("tiny-9f"),
+        "{err}"
+    );
+
+    // with a token, on every address
+    let c = Console::start(&h, |c| {
+        c.listen = "0.0.0.0:0".into();
+        c.token = Some(Secret::new(TOKEN));
+    })
+    .await;
+    let mut anon = Client::new(&c);
+    let a = anon.get("/").await;
+    assert_eq!(a.status, 401, "no token, no page");
+    assert!(!a.body.contains("Dead letters"));
+    for path in [
+        "/group?dim=code&key=2300005",
+        "/actions",
+        "/confirm?kind=purge&dim=code&key=2300005",
+    ] {
+        assert_eq!(anon.get(path).await.status, 401, "{path}");
+    }
+    let a = anon
+        .send(
+            anon.http
+                .get(c.url("/group?dim=code&key=1"))
+                .header("accept", "text/html"),
+        )
+        .await;
+    assert_eq!(
+        (a.status, a.location()),
+        (303, "/login?next=%2Fgroup%3Fdim%3Dcode%26key%3D1")
+    );
+    assert_eq!(anon.post("/refresh", &[("back", "/")]).await.status, 401);
+    anon.bearer = Some(format!("{TOKEN}x"));
+    assert_eq!(anon.get("/").await.status, 401, "a wrong bearer token");
+
+    // bearer: pages yes, a POST without the CSRF token no
+    let mut bearer = Client::new(&c);
+    bearer.bearer = Some(TOKEN.into());
+    bearer.snapshot_after(0).await;
+    let page = bearer.get("/").await;
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("Snapshot of 20 letters"));
+    assert!(!page.body.contains(TOKEN), "the token never reaches a page");
+    assert_eq!(bearer.post("/refresh", &[("back", "/")]).await.status, 403);
+    assert_eq!(
+        bearer
+            .post("/refresh", &[("csrf", "0000"), ("back", "/")])
+            .await
+            .status,
+        403
+    );
+    let csrf = field(&page.body, "csrf");
+    assert_eq!(
+        bearer
+            .post("/refresh", &[("csrf", &csrf), ("back", "/")])
+            .await
+            .status,
+        303
+    );
+    let confirm = bearer
+        .get("/confirm?kind=purge&dim=code&key=2300005")
+        .await
+        .body;
+    let plan = field(&confirm, "plan");
+    assert_eq!(
+        bearer.post("/actions", &[("plan", &plan)]).await.status,
+        403
+    );
+    // from another site, even with the token: refused
+    let a = bearer
+        .send(
+            bearer
+                .http
+                .post(c.url("/actions"))
+                .header("origin", "http://evil.example")
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(format!("csrf={csrf}&plan={plan}")),
+        )
+        .await;
+    assert_eq!(a.status, 403);
+    assert!(
+        bearer.get("/actions").await.body.contains("No action yet"),
+        "nothing started"
+    );
+
+    // the login form: its own CSRF token, the token, then a cookie
+    let mut person = Client::new(&c);
+    let form = person.get("/login").await;
+    assert_eq!(form.status, 200);
+    let login_csrf = field(&form.body, "csrf");
+    let a = person
+        .post("/login", &[("token", TOKEN), ("next", "/")])
+        .await;
+    assert_eq!(a.status, 401, "a login without its CSRF token");
+    let a = person
+        .post(
+            "/login",
+            &[
+                ("csrf", &login_csrf),
+                ("token", "not-the-token-at-all"),
+                ("next", "/"),
+            ],
+        )
+        .await;
+    assert_eq!(a.status, 401);
+    assert!(a.body.contains("That is not the console token."));
+    let a = person
+        .post(
+            "/login",
+            &[
+                ("csrf", &login_csrf),
+                ("token", TOKEN),
+                ("next", "/actions"),
+            ],
+        )
+        .await;
+    assert_eq!((a.status, a.location()), (303, "/actions"));
+    let page = person.get("/").await;
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("Sign out"));
+    // a CSRF token of another session does not do
+    assert_eq!(
+        person
+            .post("/actions", &[("csrf", &csrf), ("plan", &plan)])
+            .await
+            .status,
+        403
+    );
+    let mine = field(&page.body, "csrf");
+    assert_eq!(person.post("/logout", &[("csrf", &mine)]).await.status, 303);
+    assert_eq!(person.get("/").await.status, 401, "signed out");
+    c.stop().await;
+
+    // without a token: loopback names only (a rebound DNS name is refused)
+    let c = Console::start(&h, |c| c.read_only = true).await;
+    let mut local = Client::new(&c);
+    let a = local
+        .send(local.http.get(c.url("/")).header("host", "evil.example"))
+        .await;
+    assert_eq!(a.status, 421);
+    let page = local.get("/").await;
+    assert_eq!(page.status, 200);
+    // read-only: no action is offered, none can be started
+    local.snapshot_after(0).await;
+    let page = local.get("/").await.body;
+    assert!(
+        page.contains("read-only") && !page.contains("Replay…"),
+        "{page}"
+    );
+    assert_eq!(
+        local
+            .get("/confirm?kind=purge&dim=code&key=2300005")
+            .await
+            .status,
+        403
+    );
+    let a = local
+        .post(
+            "/actions",
+            &[("csrf", &field(&page, "csrf")), ("plan", &plan)],
+        )
+        .await;
+    assert_eq!(a.status, 403);
+    c.stop().await;
+    assert_eq!(
+        h.depth(&h.topology.dead_queue()).await,
+        20,
+        "nothing was touched"
+    );
+    h.finish().await;
+}

@@ -1,0 +1,277 @@
+//! The fleet layer against the real Redis: the send ledger's transitions,
+//! shared gates with one probe at a time, fleet-wide pacing, and the page
+//! rate that a page rate limit lowers. Each test uses its own key prefix and
+//! deletes its keys at the end.
+
+mod common;
+
+use std::time::Duration;
+
+use mmsend::classify::{Class, CodeLabel, ScopeKind};
+use mmsend::fleet::{Ask, Before, Fleet, FleetConfig, Record, Tell};
+use mmsend::job::Job;
+use mmsend::metrics::Metrics;
+
+use common::redis_url;
+
+/// Two workers of one fleet on a private prefix; the keys go at the end.
+struct Two {
+    prefix: String,
+    a: Fleet,
+    b: Fleet,
+}
+
+impl Two {
+    fn new(name: &str, config: FleetConfig) -> Two {
+        let prefix = common::random_prefix(name);
+        let fleet = |worker: &str| {
+            Fleet::new(config.clone(), &prefix, worker, Metrics::new()).expect("a valid URL")
+        };
+        Two {
+            a: fleet("worker-a"),
+            b: fleet("worker-b"),
+            prefix,
+        }
+    }
+
+    async fn cleanup(self) {
+        let client = redis::Client::open(redis_url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{{{}}}*", self.prefix))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            let _: i64 = redis::cmd("DEL")
+                .arg(&keys)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+fn job(id: &str, page: &str, campaign: &str) -> Job {
+    Job::parse(
+        format!(
+            r#"{{"v":1,"job_id":"{id}","ad_account_id":"1","page_id":"{page}","message_id":"{campaign}","subscription_token":"s"}}"#
+        )
+        .as_bytes(),
+    )
+    .unwrap()
+}
+
+fn ask() -> Ask {
+    Ask {
+        request_timeout: Duration::from_secs(5),
+        page_rate: 0.0,
+        global_rate: 0.0,
+        probe_wait: Duration::from_millis(50),
+        probe_lock: Duration::from_secs(5),
+        gates: true,
+    }
+}
+
+fn tell(record: Record<'_>) -> Tell<'_> {
+    Tell {
+        record,
+        success: matches!(record, Record::Sent(_) | Record::Suspected),
+        close: None,
+        lower_page_rate: false,
+        page_rate: 0.0,
+        gates: true,
+        gate_grace: Duration::from_secs(1),
+    }
+}
+
+fn go(b: &Before) -> Option<(bool, Duration)> {
+    match b {
+        Before::Go {
+            maybe_sent,
+            pace_wait,
+        } => Some((*maybe_sent, *pace_wait)),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn the_ledger_claims_records_and_suppresses() {
+    let mut config = FleetConfig::new(&redis_url());
+    config.lease_margin = Duration::ZERO;
+    let t = Two::new("ledger", config);
+    let j = job("j1", "7", "c");
+    // first claim: go, nothing sent before
+    assert_eq!(
+        go(&t.a.before(&j, &ask()).await.unwrap()),
+        Some((false, Duration::ZERO))
+    );
+    // a live lease of a: b must not call
+    match t.b.before(&j, &ask()).await.unwrap() {
+        Before::Busy { worker, remaining } => {
+            assert_eq!(worker, "worker-a");
+            assert!(remaining > Duration::from_secs(4) && remaining <= Duration::from_secs(5));
+        }
+        other => panic!("{other:?}"),
+    }
+    // sent: every later delivery is acked without a call
+    t.a.after(&j, &tell(Record::Sent("mm.42"))).await.unwrap();
+    for f in [&t.a, &t.b] {
+        assert_eq!(
+            f.before(&j, &ask()).await.unwrap(),
+            Before::AlreadySent {
+                tracking_id: "mm.42".into()
+            }
+        );
+    }
+
+    // a retry releases the claim: the next delivery calls again, and it is
+    // not a maybe-sent call
+    let r = job("j2", "7", "c");
+    assert!(go(&t.a.before(&r, &ask()).await.unwrap()).is_some());
+    t.a.after(&r, &tell(Record::Release)).await.unwrap();
+    assert_eq!(
+        go(&t.b.before(&r, &ask()).await.unwrap()),
+        Some((false, Duration::ZERO))
+    );
+
+    // a claim whose lease ran out: its worker died mid-call, so the next
+    // call may repeat a send
+    let d = job("j3", "7", "c");
+    let short = Ask {
+        request_timeout: Duration::from_millis(100),
+        ..ask()
+    };
+    assert!(go(&t.a.before(&d, &short).await.unwrap()).is_some());
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(
+        go(&t.b.before(&d, &ask()).await.unwrap()),
+        Some((true, Duration::ZERO))
+    );
+    // settled as sent on evidence: suppressed from then on
+    t.b.after(&d, &tell(Record::Suspected)).await.unwrap();
+    assert!(matches!(
+        t.a.before(&d, &ask()).await.unwrap(),
+        Before::AlreadySent { .. }
+    ));
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_gate_closed_by_one_worker_holds_the_fleet_and_one_probes() {
+    let t = Two::new("gates", FleetConfig::new(&redis_url()));
+    let first = job("g0", "7", "camp");
+    assert!(go(&t.a.before(&first, &ask()).await.unwrap()).is_some());
+    let mut closing = tell(Record::Release);
+    closing.close = Some((
+        ScopeKind::Campaign,
+        Class::Budget,
+        CodeLabel::Code(2300015),
+        Duration::from_millis(400),
+    ));
+    t.a.after(&first, &closing).await.unwrap();
+
+    // worker b holds the campaign's other jobs without a claim
+    let other = job("g1", "7", "camp");
+    match t.b.before(&other, &ask()).await.unwrap() {
+        Before::Gated(held) => {
+            assert_eq!(held.scope.kind, ScopeKind::Campaign);
+            assert_eq!(held.class, Class::Budget);
+            assert_eq!(held.label, CodeLabel::Code(2300015));
+            assert!(held.wait <= Duration::from_millis(400));
+        }
+        other => panic!("{other:?}"),
+    }
+    // another campaign is free
+    assert!(go(&t.b.before(&job("g2", "7", "other"), &ask()).await.unwrap()).is_some());
+
+    // time up: exactly one probe for the whole fleet
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let probe = job("g3", "7", "camp");
+    assert!(go(&t.a.before(&probe, &ask()).await.unwrap()).is_some());
+    match t.b.before(&job("g4", "7", "camp"), &ask()).await.unwrap() {
+        Before::Gated(held) => assert_eq!(held.wait, Duration::from_millis(50), "the probe wait"),
+        other => panic!("{other:?}"),
+    }
+    // the probe succeeds: the campaign is open for everyone
+    t.a.after(&probe, &tell(Record::Sent("mm.1")))
+        .await
+        .unwrap();
+    assert!(go(&t.b.before(&job("g5", "7", "camp"), &ask()).await.unwrap()).is_some());
+    assert!(t.a.gate_census().await.unwrap().is_empty());
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn pacing_is_fleet_wide_and_a_page_rate_limit_halves_it() {
+    let t = Two::new("pacing", FleetConfig::new(&redis_url()));
+    let paced = Ask {
+        page_rate: 10.0,
+        ..ask()
+    };
+    // 30 sends for one page from two workers: a second's worth at once,
+    // then one every 100 ms, whoever asks
+    let mut waits = Vec::new();
+    for i in 0..30 {
+        let f = if i % 2 == 0 { &t.a } else { &t.b };
+        let (_, wait) = go(&f
+            .before(&job(&format!("p{i}"), "101", "c"), &paced)
+            .await
+            .unwrap())
+        .unwrap();
+        waits.push(wait);
+    }
+    assert!(
+        waits[..10].iter().all(|w| *w < Duration::from_millis(20)),
+        "{waits:?}"
+    );
+    // the 30th slot is 20 intervals after the burst
+    let last = waits[29];
+    assert!(
+        last > Duration::from_millis(1900) && last < Duration::from_millis(2100),
+        "{waits:?}"
+    );
+    // another page has its own bucket
+    let (_, other) = go(&t.a.before(&job("q", "102", "c"), &paced).await.unwrap()).unwrap();
+    assert!(other < Duration::from_millis(20));
+
+    // a page rate limit (2300078) halves page2's rate for the whole fleet
+    let j = job("r0", "102", "c");
+    let mut limited = tell(Record::Release);
+    limited.lower_page_rate = true;
+    limited.page_rate = 10.0;
+    t.a.after(&j, &limited).await.unwrap();
+    let mut waits = Vec::new();
+    for i in 0..12 {
+        let (_, w) = go(&t
+            .b
+            .before(&job(&format!("r{i}"), "102", "c"), &paced)
+            .await
+            .unwrap())
+        .unwrap();
+        waits.push(w);
+    }
+    // burst of 5 (one second at 5/s, one slot already taken), then 200 ms apart
+    let step = waits[11].saturating_sub(waits[10]);
+    assert!(
+        step > Duration::from_millis(180) && step < Duration::from_millis(220),
+        "{waits:?}"
+    );
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_bad_url_is_refused_without_its_password() {
+    for url in [
+        "redis//:hunter2@host:6379",
+        "http://:hunter2@host/",
+        "redis://:hunter2@[::1",
+    ] {
+        let e = Fleet::new(FleetConfig::new(url), "7", "w", Metrics::new())
+            .err()
+            .map(|e| e.to_string());
+        let e = e.unwrap_or_else(|| panic!("{url} accepted"));
+        assert!(!e.contains("hunter2"), "{e}");
+        assert!(e.contains("MMSEND_REDIS_URL"), "{e}");
+    }
+}

@@ -1,0 +1,248 @@
+//! The fleet on Redis with real workers: one page paced for three workers
+//! together, a budget gate closed by one worker holding the whole fleet, the
+//! broker closing a worker's connection mid-run with the recipient cap on
+//! (no recipient gets a second send), and Redis stopped and started mid-run
+//! (nothing lost or stuck, in both fail modes).
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{eventually, job, Harness, Opts};
+use mmsend::fleet::FailMode;
+use mmsend::simulator::Latency;
+
+const T: Duration = Duration::from_secs(60);
+
+fn fleet_opts(name: &'static str) -> Opts {
+    let mut opts = Opts::new(name);
+    opts.redis = Some(common::redis_url());
+    opts
+}
+
+#[tokio::test]
+async fn three_workers_pace_one_page_together() {
+    let mut opts = fleet_opts("pace3");
+    opts.start_worker = false;
+    let mut h = Harness::start(opts).await;
+    h.config.pacing.per_page = 20;
+    let n = 100;
+    for i in 0..n {
+        h.publish_job(&job(&format!("p{i}"), &format!("r{i}")))
+            .await;
+    }
+    h.start_worker();
+    let b = h.extra_worker("b");
+    let c = h.extra_worker("c");
+    eventually!(
+        T,
+        h.sim.distinct_sent() >= n,
+        "all sent: {:?}",
+        h.sim.stats().sent
+    );
+    let stats = h.sim.stats();
+    assert_eq!(stats.duplicates, 0);
+    // a second's worth at once, then 20/s for the whole fleet
+    let by_second = &stats.sends_by_second;
+    eprintln!("sends by second: {by_second:?}");
+    assert!(by_second[0] <= 40 + 2, "{by_second:?}");
+    for (s, count) in by_second.iter().enumerate().skip(1) {
+        assert!(*count <= 22, "second {s}: {count} sends; {by_second:?}");
+    }
+    assert!(
+        by_second.len() >= (n - 40) / 20,
+        "the run takes as long as the rate implies: {by_second:?}"
+    );
+    b.stop().await;
+    c.stop().await;
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn a_budget_answer_holds_the_campaign_for_the_whole_fleet() {
+    let mut opts = fleet_opts("budget3");
+    // the campaign's budget is reached for 3 s after its first request
+    opts.sim.budget_window = Duration::from_secs(3);
+    opts.policy.budget_max_age = Duration::from_secs(60);
+    opts.start_worker = false;
+    let mut h = Harness::start(opts).await;
+    h.config.gate_times.budget = Duration::from_millis(500);
+    h.start_worker();
+    h.publish_job(&job("first", "r-first")).await;
+    eventually!(
+        T,
+        h.sim.stats().errors.get("2300015") == Some(&1),
+        "the first answer closes the campaign"
+    );
+    let b = h.extra_worker("b");
+    let c = h.extra_worker("c");
+    for i in 0..60 {
+        h.publish_job(&job(&format!("j{i}"), &format!("r{i}")))
+            .await;
+    }
+    eventually!(
+        T,
+        h.sim.distinct_sent() >= 61,
+        "all sent: {:?}",
+        h.sim.stats()
+    );
+    let stats = h.sim.stats();
+    // after the first answer, one probe per gate interval for the fleet:
+    // 3 s / 0.5 s, give or take one at each end
+    let failed = stats.errors["2300015"];
+    eprintln!("budget answers: {failed}; requests {}", stats.requests);
+    assert!(failed <= 1 + 6 + 2, "{failed} budget answers: {stats:?}");
+    assert_eq!(stats.duplicates, 0);
+    b.stop().await;
+    c.stop().await;
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn a_closed_connection_mid_run_sends_nobody_twice() {
+    let mut opts = fleet_opts("ledgerclose");
+    opts.sim.latency = Latency::Fixed(Duration::from_millis(50));
+    opts.sim.cap_window = Some(Duration::from_secs(3600));
+    opts.policy.recipient_capped_max_age = Duration::from_secs(3600);
+    opts.concurrency = 32;
+    let h = Harness::start(opts).await;
+    let n = 600;
+    for i in 0..n {
+        h.publish_job(&job(&format!("c{i}"), &format!("cr{i}")))
+            .await;
+    }
+    eventually!(T, h.sim.stats().sent >= 100, "the worker got going");
+    assert_eq!(common::close_connections(&h.config.worker_id), 1);
+    eventually!(
+        T,
+        h.sim.distinct_sent() >= n,
+        "not all sent: {:?}",
+        h.sim.stats().sent
+    );
+    h.wait_settled(n as u64, T).await;
+    let stats = h.sim.stats();
+    eprintln!(
+        "redelivered {}, suppressed {}, suspected {}, requests {}, sent {}",
+        h.metrics.redelivered_count(),
+        h.metrics.duplicates_suppressed(),
+        h.metrics.suspected_duplicates(),
+        stats.requests,
+        stats.sent
+    );
+    assert_eq!(stats.duplicates, 0, "no recipient got a second send");
+    assert!(h.drain_dlq().await.is_empty());
+    h.finish().await;
+}
+
+/// A Redis of the test's own on a free port (the shared one must not stop).
+struct PrivateRedis {
+    port: u16,
+    child: Option<Child>,
+    dir: std::path::PathBuf,
+}
+
+impl PrivateRedis {
+    fn start() -> PrivateRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("mmsend-redis-{port}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut r = PrivateRedis {
+            port,
+            child: None,
+            dir,
+        };
+        r.up();
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn up(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (deploy/local/ensure-redis.sh)");
+        self.child = Some(child);
+        let port = self.port;
+        common::eventually_blocking(Duration::from_secs(10), "redis-server starts", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    }
+
+    fn down(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.down();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn redis_stops_mid_run(name: &'static str, mode: FailMode) {
+    let mut redis = PrivateRedis::start();
+    let mut opts = Opts::new(name);
+    opts.redis = Some(redis.url());
+    // 16 jobs in flight, 100 ms each: 160 sends a second
+    opts.sim.latency = Latency::Fixed(Duration::from_millis(100));
+    opts.start_worker = false;
+    let mut h = Harness::start(opts).await;
+    if let Some(f) = h.config.fleet.as_mut() {
+        f.fail_mode = mode;
+        f.op_timeout = Duration::from_millis(200);
+    }
+    let n = 800;
+    for i in 0..n {
+        h.publish_job(&job(&format!("k{i}"), &format!("kr{i}")))
+            .await;
+    }
+    h.start_worker();
+    eventually!(T, h.sim.stats().sent >= 100, "the worker got going");
+    assert!(h.sim.stats().sent < 400, "Redis stops mid-run");
+    redis.down();
+    eventually!(T, !h.metrics.redis_up(), "the worker noticed");
+    let at_down = h.sim.stats().sent;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = h.sim.stats().sent - at_down;
+    eprintln!("{mode:?}: {during} sends while Redis was down");
+    match mode {
+        // per-process pacing and gates, no ledger: sending goes on
+        FailMode::Local => assert!(during >= 50, "sent {during} while Redis was down"),
+        // no send without the ledger: only calls already under way finish
+        FailMode::Hold => assert!(during <= 16, "sent {during} while Redis was down"),
+    }
+    redis.up();
+    eventually!(T, h.metrics.redis_up(), "the worker noticed Redis is back");
+    h.wait_settled(n as u64, T).await;
+    let stats = h.sim.stats();
+    assert_eq!(h.sim.distinct_sent(), n, "zero lost");
+    assert_eq!(stats.duplicates, 0);
+    assert!(h.drain_dlq().await.is_empty(), "zero dead, zero stuck");
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn redis_stopped_mid_run_in_local_mode_loses_nothing() {
+    redis_stops_mid_run("redislocal", FailMode::Local).await;
+}
+
+#[tokio::test]
+async fn redis_stopped_mid_run_in_hold_mode_holds_then_sends() {
+    redis_stops_mid_run("redishold", FailMode::Hold).await;
+}
