@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Profiles the worker's CPU per job: the release binary drains N pre-published
+# jobs against the simulator at 0 ms, concurrency 64, and the script prints the
+# worker's CPU time (user + system, from /proc) divided by the jobs. With
+# PROFILE=perf it records the drain with `perf record` and prints the top
+# symbols; with PROFILE=callgrind it runs the worker under valgrind's callgrind
+# (instruction counts, repeatable on a noisy machine; ~50x slower, so use a few
+# thousand jobs).
+#
+#   benches/profile-worker.sh                 # 30,000 jobs, CPU µs/job
+#   JOBS=20000 PROFILE=perf benches/profile-worker.sh
+#   JOBS=3000 PROFILE=callgrind benches/profile-worker.sh
+#   REDIS=redis://127.0.0.1:6379 benches/profile-worker.sh   # with the send ledger
+#
+# Needs RabbitMQ (MMSEND_AMQP_URL, default the local one); output goes to
+# target/profile/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+JOBS=${JOBS:-30000}
+CONCURRENCY=${CONCURRENCY:-64}
+PROFILE=${PROFILE:-none}
+OUT=target/profile
+mkdir -p "$OUT"
+cargo build --release --quiet
+BIN=target/release/mmsend
+PREFIX="mmsend-prof-$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')"
+SIM_PORT=$((20000 + RANDOM % 20000))
+METRICS_PORT=$((SIM_PORT + 1))
+export MMSEND_PREFIX="$PREFIX" MMSEND_LOG=warn
+export MMSEND_GRAPH_BASE_URL="http://127.0.0.1:$SIM_PORT" MMSEND_ACCESS_TOKEN=profile-token
+export MMSEND_METRICS_ADDR="127.0.0.1:$METRICS_PORT" MMSEND_CONCURRENCY="$CONCURRENCY"
+cat >"$OUT/mmsend.toml" <<'EOF'
+[pacing]
+per_page = 0
+EOF
+export MMSEND_CONFIG="$OUT/mmsend.toml"
+if [ -n "${REDIS:-}" ]; then export MMSEND_REDIS_URL="$REDIS"; fi
+
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    # the bench topology's queues (rabbitmqctl, when this user may run it)
+    "$BIN" topology show --json 2>/dev/null | python3 -c 'import json,sys; [print(q["name"]) for q in json.load(sys.stdin)["queues"]]' 2>/dev/null |
+        while read -r q; do rabbitmqctl delete_queue "$q" >/dev/null 2>&1 || true; done
+}
+trap cleanup EXIT
+
+"$BIN" simulate --listen "127.0.0.1:$SIM_PORT" >/dev/null 2>&1 &
+pids+=($!)
+python3 - "$JOBS" >"$OUT/jobs.jsonl" <<'EOF'
+import json, sys
+for i in range(int(sys.argv[1])):
+    print(json.dumps({"v": 1, "job_id": f"p{i}", "ad_account_id": "1234567890",
+        "page_id": "9876543210", "message_id": "120210000000000000",
+        "subscription_token": f"r{i}", "message": {"text": "Hi {{first_name}}, new deals are in!"},
+        "campaign": "profile"}))
+EOF
+"$BIN" enqueue --json "$OUT/jobs.jsonl" >/dev/null
+
+case "$PROFILE" in
+perf) "$BIN" worker & wpid=$!; sleep 0.2
+      perf record -F 1999 -g -o "$OUT/perf.data" -p "$wpid" 2>/dev/null & ppid=$! ;;
+callgrind) valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" "$BIN" worker 2>"$OUT/valgrind.log" & wpid=$! ;;
+*) "$BIN" worker & wpid=$! ;;
+esac
+pids+=("$wpid")
+
+depth() { "$BIN" topology show --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["queues"][0]["messages"])'; }
+start=$(date +%s.%N)
+while [ "$(depth)" != 0 ]; do sleep 0.2; done
+# the last jobs' acks
+sleep 1
+end=$(date +%s.%N)
+read -r utime stime < <(awk '{print $14, $15}' "/proc/$wpid/stat")
+tick=$(getconf CLK_TCK)
+kill -TERM "$wpid"; wait "$wpid" 2>/dev/null || true
+if [ "$PROFILE" = perf ]; then wait "$ppid" 2>/dev/null || true; fi
+python3 - "$utime" "$stime" "$tick" "$JOBS" "$start" "$end" <<'EOF'
+import sys
+u, s, tick, jobs, t0, t1 = (float(x) for x in sys.argv[1:])
+cpu = (u + s) / tick
+print(f"worker: {jobs:.0f} jobs in {t1 - t0:.1f} s (including start-up and a 1 s tail); "
+      f"CPU {cpu:.2f} s = {cpu / jobs * 1e6:.1f} µs/job (user {u / tick:.2f} s, system {s / tick:.2f} s)")
+EOF
+case "$PROFILE" in
+perf) perf report -i "$OUT/perf.data" --no-children --sort symbol --stdio 2>/dev/null | grep -v '^#' | grep '%' | head -40 ;;
+callgrind) callgrind_annotate "$OUT/callgrind.out" 2>/dev/null | head -60 ;;
+esac
