@@ -3,7 +3,9 @@
 //!
 //! One connection, two channels: one consumes, one publishes retry and dead
 //! copies in confirm mode. Each delivery gets a task (`process`); tasks
-//! finish and ack in any order.
+//! finish in any order and hand their settled deliveries to `acks`, which
+//! writes them within 2 ms, one `multiple` ack for every contiguous run of
+//! tags (an ack is still written only after the outcome is durable).
 //!
 //! Concurrency and prefetch: at most `concurrency` jobs are processed at
 //! once (a semaphore), but the prefetch is a little larger (by default
@@ -53,6 +55,7 @@
 //! connecting ([`broker::CONNECT_TIMEOUT`] per node), declaring, opening
 //! channels, cancelling and closing.
 
+mod acks;
 mod coordination;
 pub mod gates;
 pub mod pacing;
@@ -261,8 +264,9 @@ pub(crate) fn track_calls<F: Future>(
 }
 
 /// What one session's job tasks share with its loop.
-#[derive(Default)]
 pub(crate) struct SessionCtl {
+    /// The consume channel's acks and requeues (batched acks).
+    pub acks: acks::Acks,
     /// Cancelled when publishing copies no longer works: the session ends
     /// and the worker reconnects.
     publisher_lost: CancellationToken,
@@ -277,6 +281,16 @@ pub(crate) struct SessionCtl {
 }
 
 impl SessionCtl {
+    fn new(acks: acks::Acks) -> SessionCtl {
+        SessionCtl {
+            acks,
+            publisher_lost: CancellationToken::new(),
+            lost_because: Mutex::new(None),
+            stopping: CancellationToken::new(),
+            grace_over: CancellationToken::new(),
+        }
+    }
+
     /// Ends the session because publishing copies no longer works.
     pub(crate) fn publisher_lost(&self, why: String) {
         let mut because = self.lost_because.lock().unwrap_or_else(|p| p.into_inner());
@@ -560,7 +574,8 @@ async fn session(
     let slots = Arc::new(tokio::sync::Semaphore::new(usize::from(
         config.concurrency.max(1),
     )));
-    let ctl = Arc::new(SessionCtl::default());
+    let ctl = Arc::new(SessionCtl::new(acks::Acks::new(channel.clone())));
+    let flusher = tokio::spawn(ctl.acks.clone().run());
     let spawn = |tasks: &mut JoinSet<()>, delivery| {
         tasks.spawn(process::handle(
             ctx.clone(),
@@ -587,7 +602,10 @@ async fn session(
                 }
             }
             next = consumer.next() => match next {
-                Some(Ok(delivery)) => spawn(&mut tasks, delivery),
+                Some(Ok(delivery)) => {
+                    ctl.acks.delivered(delivery.delivery_tag);
+                    spawn(&mut tasks, delivery);
+                }
                 Some(Err(e)) => break End::ConsumerLost(anyhow::anyhow!("consumer: {e}")),
                 None => break End::ConsumerLost(anyhow::anyhow!(
                     "the broker cancelled the consumer (queue deleted or moved?)"
@@ -611,6 +629,10 @@ async fn session(
         other => other,
     };
     let close_all = || async {
+        // the acks settled jobs queued, before the channel closes
+        bounded_close(ctl.acks.flush()).await;
+        flusher.abort();
+        ctl.acks.summary();
         bounded_close(channel.close(200, "shutdown".into())).await;
         bounded_close(publisher.channel().close(200, "shutdown".into())).await;
         bounded_close(conn.close(200, "shutdown".into())).await;
@@ -619,6 +641,7 @@ async fn session(
         End::ConsumerLost(e) => {
             // whatever is in flight cannot be acked on this channel
             tasks.shutdown().await;
+            flusher.abort();
             bounded_close(conn.close(200, "reconnecting".into())).await;
             Err(SessionError::Lost(e, healthy))
         }
@@ -627,7 +650,11 @@ async fn session(
             // like the spares: finished within the grace period
             bounded_close(channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()))
                 .await;
-            take_the_rest(&mut consumer, |d| spawn(&mut tasks, d)).await;
+            take_the_rest(&mut consumer, |d| {
+                ctl.acks.delivered(d.delivery_tag);
+                spawn(&mut tasks, d)
+            })
+            .await;
             ctl.stopping.cancel();
             info!(
                 jobs = tasks.len(),
@@ -652,7 +679,11 @@ async fn session(
             slots.close();
             ctl.stopping.cancel();
             ctl.grace_over.cancel();
-            take_the_rest(&mut consumer, |d| spawn(&mut tasks, d)).await;
+            take_the_rest(&mut consumer, |d| {
+                ctl.acks.delivered(d.delivery_tag);
+                spawn(&mut tasks, d)
+            })
+            .await;
             drain(&mut tasks, config, &ctl).await;
             close_all().await;
             // never a fresh backoff: a publish path that breaks again right

@@ -37,8 +37,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use futures_util::FutureExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
-use lapin::{Acker, BasicProperties};
+use lapin::BasicProperties;
 use tokio::sync::Semaphore;
 use tracing::{debug, error, info, warn, Instrument};
 
@@ -115,7 +114,7 @@ pub(crate) async fn handle(
         _ = ctl.grace_over.cancelled() => None,
     };
     let Some(_slot) = slot else {
-        requeue(&delivery.acker).await;
+        ctl.acks.requeue(delivery.delivery_tag).await;
         return;
     };
     let _inflight = ctx.metrics.inflight_guard();
@@ -132,7 +131,7 @@ pub(crate) async fn handle(
         class = tracing::field::Empty,
         tracking_id = tracing::field::Empty,
     );
-    let acker = delivery.acker.clone();
+    let tag = delivery.delivery_tag;
     let redelivered = delivery.redelivered;
     async move {
         let enqueued_at = story
@@ -167,7 +166,7 @@ pub(crate) async fn handle(
         let decided = match decided {
             None => {
                 debug!("not called before the grace period ended; back to the queue");
-                requeue(&delivery.acker).await;
+                ctl.acks.requeue(delivery.delivery_tag).await;
                 return;
             }
             Some(Ok(decided)) => decided,
@@ -190,7 +189,7 @@ pub(crate) async fn handle(
                 "settling a job panicked; it goes back to the queue"
             );
             ctx.metrics.job_panicked();
-            requeue(&acker).await;
+            ctl.acks.requeue(tag).await;
         }
     }
     .instrument(span)
@@ -243,19 +242,6 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".to_string())
-}
-
-/// Gives a delivery back to the queue (nack with requeue).
-async fn requeue(acker: &Acker) {
-    if let Err(e) = acker
-        .nack(BasicNackOptions {
-            requeue: true,
-            multiple: false,
-        })
-        .await
-    {
-        warn!(error = %e, "nack failed; RabbitMQ will redeliver when the channel closes");
-    }
 }
 
 /// Everything up to the decision; no broker I/O. One straight line: parse,
@@ -438,9 +424,7 @@ async fn settle_delivery(
         Route::Duplicate => {
             // sent before: ack, and count it apart from the sends
             ctx.metrics.duplicate_suppressed();
-            if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
-                warn!(error = %e, "ack failed; RabbitMQ will redeliver this job (and the ledger suppress it again)");
-            }
+            ctl.acks.ack(delivery.delivery_tag);
             return;
         }
         Route::Retry { class, delay } => {
@@ -471,11 +455,7 @@ async fn settle_delivery(
     if ctx.topology.results.is_some() && outcome != Settled::Retried {
         publish_result(ctx, publisher, &delivery, &story, route, tracking_id).await;
     }
-    match delivery.acker.ack(BasicAckOptions::default()).await {
-        Ok(true) => {}
-        Ok(false) => warn!("channel closed before the ack; RabbitMQ will redeliver this job"),
-        Err(e) => warn!(error = %e, "ack failed; RabbitMQ will redeliver this job"),
-    }
+    ctl.acks.ack(delivery.delivery_tag);
     let latency = enqueued_at.and_then(|t| (Utc::now() - t).to_std().ok());
     ctx.metrics.settled(outcome, class, latency);
 }
@@ -552,7 +532,7 @@ async fn copy(
     if publish_copy(ctx, publisher, queue, &delivery.data, props, ctl).await {
         return true;
     }
-    requeue(&delivery.acker).await;
+    ctl.acks.requeue(delivery.delivery_tag).await;
     false
 }
 
