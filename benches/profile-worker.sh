@@ -21,12 +21,13 @@ CONCURRENCY=${CONCURRENCY:-64}
 PROFILE=${PROFILE:-none}
 OUT=target/profile
 mkdir -p "$OUT"
-cargo build --release --quiet
-BIN=target/release/mmsend
+# MMSEND_BIN=<path>: profile another build (e.g. a copy of an earlier one)
+if [ -z "${MMSEND_BIN:-}" ]; then cargo build --release --quiet; fi
+BIN=${MMSEND_BIN:-target/release/mmsend}
 PREFIX="mmsend-prof-$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')"
 SIM_PORT=$((20000 + RANDOM % 20000))
 METRICS_PORT=$((SIM_PORT + 1))
-export MMSEND_PREFIX="$PREFIX" MMSEND_LOG=warn
+export MMSEND_PREFIX="$PREFIX" MMSEND_LOG=${MMSEND_LOG:-warn}
 export MMSEND_GRAPH_BASE_URL="http://127.0.0.1:$SIM_PORT" MMSEND_ACCESS_TOKEN=profile-token
 export MMSEND_METRICS_ADDR="127.0.0.1:$METRICS_PORT" MMSEND_CONCURRENCY="$CONCURRENCY"
 cat >"$OUT/mmsend.toml" <<'EOF'
@@ -59,7 +60,7 @@ EOF
 
 case "$PROFILE" in
 perf) "$BIN" worker & wpid=$!; sleep 0.2
-      perf record -F 1999 -g -o "$OUT/perf.data" -p "$wpid" 2>/dev/null & ppid=$! ;;
+      perf record -F ${PERF_HZ:-1999} ${PERF_CALLGRAPH:--g} -o "$OUT/perf.data" -p "$wpid" 2>/dev/null & ppid=$! ;;
 callgrind) valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" "$BIN" worker 2>"$OUT/valgrind.log" & wpid=$! ;;
 *) "$BIN" worker & wpid=$! ;;
 esac

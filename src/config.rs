@@ -79,6 +79,8 @@ pub mod defaults {
     pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
     /// Jobs a worker processes at once.
     pub const CONCURRENCY: u16 = 64;
+    /// Threads a worker runs its jobs on (1: all on the main thread).
+    pub const WORKER_THREADS: usize = 1;
     /// Where a worker serves /metrics, /healthz and /readyz.
     pub const METRICS_ADDR: &str = "0.0.0.0:9464";
 }

@@ -133,11 +133,17 @@ impl Job {
         }
         let value: Value =
             serde_json::from_slice(body).map_err(|e| JobError::NotJson(e.to_string()))?;
-        Self::from_value(value)
+        // a message is never longer, written compactly, than the body it
+        // came in: a small body needs no measuring
+        Self::validate(value, body.len() <= MAX_MESSAGE_BYTES)
     }
 
     /// Validates an already-decoded JSON value.
     pub fn from_value(value: Value) -> Result<Job, JobError> {
+        Self::validate(value, false)
+    }
+
+    fn validate(value: Value, message_fits: bool) -> Result<Job, JobError> {
         let mut map = match value {
             Value::Object(map) => map,
             other => return Err(JobError::NotObject(type_name(&other))),
@@ -162,9 +168,12 @@ impl Job {
         let message = match map.remove("message") {
             None | Some(Value::Null) => None,
             Some(Value::Object(m)) => {
-                let size = serde_json::to_vec(&m)
-                    .map(|b| b.len())
-                    .unwrap_or(usize::MAX);
+                let size = match message_fits {
+                    true => 0,
+                    false => serde_json::to_vec(&m)
+                        .map(|b| b.len())
+                        .unwrap_or(usize::MAX),
+                };
                 if size > MAX_MESSAGE_BYTES {
                     return Err(JobError::Invalid {
                         field: "message",

@@ -6,12 +6,20 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     mmsend::report::exit_quietly_on_closed_pipe();
     let cli = mmsend::cli::Cli::parse();
     mmsend::cli::init_logging(&cli);
-    match mmsend::cli::run(cli).await {
+    let runtime = match mmsend::cli::runtime(&cli) {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = mmsend::report::eprint(format_args!(
+                "error: cannot start the async runtime: {e} (out of threads or memory?)"
+            ));
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(mmsend::cli::run(cli)) {
         Ok(code) => code,
         Err(e) if mmsend::report::is_closed_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {

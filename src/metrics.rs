@@ -231,6 +231,10 @@ pub struct Metrics {
     amqp_connected: IntGauge,
     amqp_reconnects: IntCounter,
     graph_usage: prometheus::GaugeVec,
+    /// `graph_usage`'s series, [app, buc] × [call_count, total_cputime,
+    /// total_time], looked up once (and only once reported: an unknown
+    /// usage has no series rather than 0).
+    usage_gauges: [[std::sync::OnceLock<prometheus::Gauge>; 3]; 2],
     redelivered: IntCounter,
     ambiguous: IntCounter,
     duplicates_suppressed: IntCounter,
@@ -441,6 +445,7 @@ impl Metrics {
             amqp_connected,
             amqp_reconnects,
             graph_usage,
+            usage_gauges: Default::default(),
             redelivered,
             ambiguous,
             duplicates_suppressed,
@@ -619,16 +624,20 @@ impl Metrics {
     /// Records the usage headers of an answer, as ratios (Meta reports
     /// percent of the allowance).
     pub fn record_usage(&self, hint: &UsageHint) {
-        let g = &self.graph_usage;
-        for (prefix, usage) in [("app", &hint.app), ("buc", &hint.business)] {
+        let sources = [("app", &hint.app), ("buc", &hint.business)];
+        for (gauges, (prefix, usage)) in self.usage_gauges.iter().zip(sources) {
             let Some(u) = usage else { continue };
-            for (what, percent) in [
+            let values = [
                 ("call_count", u.call_count),
                 ("total_cputime", u.total_cputime),
                 ("total_time", u.total_time),
-            ] {
-                g.with_label_values(&[&format!("{prefix}_{what}")])
-                    .set(percent / 100.0);
+            ];
+            for (g, (what, percent)) in gauges.iter().zip(values) {
+                g.get_or_init(|| {
+                    self.graph_usage
+                        .with_label_values(&[&format!("{prefix}_{what}")])
+                })
+                .set(percent / 100.0);
             }
         }
     }

@@ -294,6 +294,12 @@ impl Client {
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true)
             .http1_only()
+            // a paid POST is never sent again by the client itself: mmsend
+            // owns retries, and a redirect (a proxy, a wrong base URL) is an
+            // answer to classify, not a new request (reqwest would turn the
+            // POST into a GET); both also save work per call
+            .redirect(reqwest::redirect::Policy::none())
+            .retry(reqwest::retry::never())
             .user_agent(concat!("mmsend/", env!("CARGO_PKG_VERSION")))
             .build()?;
         let url_prefix = format!(

@@ -129,13 +129,20 @@ pub struct UsageHint {
 
 impl UsageHint {
     /// Reads the hint headers; malformed headers are ignored, never an error.
+    ///
+    /// Meta sends the usage headers on every answer and their values change
+    /// slowly, so the last value of each header and what it parsed to are
+    /// kept (per thread) and a repeated value is not parsed again.
     pub fn from_headers(headers: &http::HeaderMap) -> UsageHint {
         let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let app = get("x-app-usage").and_then(|v| cached(&LAST_APP, v, parse_app_usage));
+        let (regain_access, business) = get("x-business-use-case-usage")
+            .map_or((None, None), |v| cached(&LAST_BUC, v, parse_buc));
         UsageHint {
             retry_after: get("retry-after").and_then(parse_retry_after),
-            app: get("x-app-usage").and_then(parse_app_usage),
-            regain_access: get("x-business-use-case-usage").and_then(parse_buc_regain),
-            business: get("x-business-use-case-usage").and_then(parse_buc_usage),
+            app,
+            regain_access,
+            business,
         }
     }
 
@@ -173,9 +180,37 @@ fn parse_app_usage(v: &str) -> Option<Usage> {
     usage_of(&serde_json::from_str::<Value>(v).ok()?)
 }
 
-/// Every entry of `{"<business id>": [{…}, …], …}`.
-fn buc_entries(v: &str) -> Vec<Value> {
-    match serde_json::from_str::<Value>(v) {
+type Cache<T> = std::cell::RefCell<Option<(String, T)>>;
+
+thread_local! {
+    static LAST_APP: Cache<Option<Usage>> = const { std::cell::RefCell::new(None) };
+    static LAST_BUC: Cache<(Option<Duration>, Option<Usage>)> = const { std::cell::RefCell::new(None) };
+}
+
+/// `parse(raw)`, or what it gave the last time this thread saw `raw`.
+fn cached<T: Clone + 'static>(
+    cache: &'static std::thread::LocalKey<Cache<T>>,
+    raw: &str,
+    parse: fn(&str) -> T,
+) -> T {
+    cache.with(|c| {
+        let mut c = c.borrow_mut();
+        match c.as_ref() {
+            Some((last, value)) if last == raw => value.clone(),
+            _ => {
+                let value = parse(raw);
+                *c = Some((raw.to_owned(), value.clone()));
+                value
+            }
+        }
+    })
+}
+
+/// `X-Business-Use-Case-Usage`, `{"<business id>": [{…}, …], …}`: the
+/// longest `estimated_time_to_regain_access` and the highest of each
+/// counter over every entry.
+fn parse_buc(v: &str) -> (Option<Duration>, Option<Usage>) {
+    let entries: Vec<Value> = match serde_json::from_str::<Value>(v) {
         Ok(Value::Object(map)) => map
             .into_iter()
             .flat_map(|(_, list)| match list {
@@ -184,22 +219,8 @@ fn buc_entries(v: &str) -> Vec<Value> {
             })
             .collect(),
         _ => Vec::new(),
-    }
-}
-
-fn parse_buc_usage(v: &str) -> Option<Usage> {
-    buc_entries(v)
-        .iter()
-        .filter_map(usage_of)
-        .reduce(|a, b| Usage {
-            call_count: a.call_count.max(b.call_count),
-            total_cputime: a.total_cputime.max(b.total_cputime),
-            total_time: a.total_time.max(b.total_time),
-        })
-}
-
-fn parse_buc_regain(v: &str) -> Option<Duration> {
-    buc_entries(v)
+    };
+    let regain = entries
         .iter()
         .filter_map(|e| e.get("estimated_time_to_regain_access")?.as_f64())
         .filter(|m| *m > 0.0 && m.is_finite())
@@ -208,7 +229,13 @@ fn parse_buc_regain(v: &str) -> Option<Duration> {
                 (m * 60.0).min(MAX_HINT.as_secs_f64()),
             ))
         })
-        .max()
+        .max();
+    let usage = entries.iter().filter_map(usage_of).reduce(|a, b| Usage {
+        call_count: a.call_count.max(b.call_count),
+        total_cputime: a.total_cputime.max(b.total_cputime),
+        total_time: a.total_time.max(b.total_time),
+    });
+    (regain, usage)
 }
 
 #[cfg(test)]

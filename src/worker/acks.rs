@@ -53,6 +53,18 @@ struct Inner {
     wake: Notify,
 }
 
+/// How to write the `queued` acks while `open` deliveries are unsettled:
+/// one `multiple` ack up to the highest queued tag below the lowest open
+/// one (with how many tags it settles), and a plain ack for each of the
+/// others.
+fn plan(open: &BTreeSet<Tag>, queued: BTreeSet<Tag>) -> (Option<(Tag, u64)>, Vec<Tag>) {
+    let (below, above): (Vec<Tag>, Vec<Tag>) = match open.first() {
+        Some(&low) => queued.into_iter().partition(|&t| t < low),
+        None => (queued.into_iter().collect(), Vec::new()),
+    };
+    (below.last().map(|&t| (t, below.len() as u64)), above)
+}
+
 /// The acks of one consume channel (cheap to clone).
 #[derive(Clone)]
 pub(crate) struct Acks {
@@ -130,14 +142,10 @@ impl Acks {
                 return true;
             }
             let queued = std::mem::take(&mut s.queued);
-            // below the lowest open tag everything is settled: one frame
-            let (below, above): (Vec<Tag>, Vec<Tag>) = match s.open.first() {
-                Some(&low) => queued.into_iter().partition(|&t| t < low),
-                None => (queued.into_iter().collect(), Vec::new()),
-            };
-            s.frames += u64::from(!below.is_empty()) + above.len() as u64;
-            s.acked += (below.len() + above.len()) as u64;
-            (below.last().copied(), above)
+            let (multiple, singles) = plan(&s.open, queued);
+            s.frames += u64::from(multiple.is_some()) + singles.len() as u64;
+            s.acked += multiple.map_or(0, |(_, n)| n) + singles.len() as u64;
+            (multiple.map(|(tag, _)| tag), singles)
         };
         let channel = &self.inner.channel;
         let mut result = Ok(());
@@ -169,5 +177,26 @@ impl Acks {
             frames = s.frames,
             "acks of this session (batched)"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(tags: &[Tag]) -> BTreeSet<Tag> {
+        tags.iter().copied().collect()
+    }
+
+    #[test]
+    fn a_multiple_ack_never_covers_an_open_delivery() {
+        // 1-4 settled, 5 still running, 6 and 8 settled, 7 running
+        let (multiple, singles) = plan(&set(&[5, 7]), set(&[1, 2, 3, 4, 6, 8]));
+        assert_eq!(multiple, Some((4, 4)));
+        assert_eq!(singles, vec![6, 8]);
+        // nothing open: one frame for everything
+        assert_eq!(plan(&set(&[]), set(&[3, 9, 10])), (Some((10, 3)), vec![]));
+        // the lowest delivery still runs: no multiple ack at all
+        assert_eq!(plan(&set(&[1]), set(&[2, 3])), (None, vec![2, 3]));
     }
 }

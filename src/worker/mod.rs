@@ -577,13 +577,15 @@ async fn session(
     let ctl = Arc::new(SessionCtl::new(acks::Acks::new(channel.clone())));
     let flusher = tokio::spawn(ctl.acks.clone().run());
     let spawn = |tasks: &mut JoinSet<()>, delivery| {
-        tasks.spawn(process::handle(
+        // boxed: the task then holds a pointer, not the whole (large)
+        // future, which tokio would copy when it starts and ends the task
+        tasks.spawn(Box::pin(process::handle(
             ctx.clone(),
             publisher.clone(),
             slots.clone(),
             delivery,
             ctl.clone(),
-        ));
+        )));
     };
 
     let mut tasks = JoinSet::new();
