@@ -15,12 +15,13 @@
 //! and written to `target/bench-console.json`. Under `cargo test` (no
 //! `--bench`) it is a smoke run on 1,000 letters.
 
-use std::collections::VecDeque;
+#[path = "common/fill.rs"]
+mod fill;
+
 use std::time::{Duration, Instant};
 
-use lapin::options::BasicPublishOptions;
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection};
+use lapin::BasicProperties;
 use mmsend::broker::headers::{LastError, Story};
 use mmsend::broker::{self, Topology};
 use mmsend::console::{self, ConsoleConfig};
@@ -105,46 +106,6 @@ fn letter(i: usize) -> (Vec<u8>, BasicProperties) {
     )
 }
 
-/// Publishes `n` letters to the DLQ with confirms, 1,024 in flight.
-async fn fill(conn: &Connection, topology: &Topology, n: usize) -> f64 {
-    let started = Instant::now();
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(Default::default())
-        .await
-        .expect("confirms");
-    let mut pending = VecDeque::new();
-    for i in 0..n {
-        let (body, props) = letter(i);
-        pending.push_back(
-            ch.basic_publish(
-                topology.exchange().into(),
-                topology.dead_queue().as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &body,
-                props,
-            )
-            .await
-            .expect("publish"),
-        );
-        if pending.len() >= 1024 {
-            let c = pending
-                .pop_front()
-                .expect("pending")
-                .await
-                .expect("confirm");
-            assert!(c.is_ack(), "fill not confirmed");
-        }
-    }
-    for c in pending {
-        assert!(c.await.expect("confirm").is_ack());
-    }
-    let _ = ch.close(200, "filled".into()).await;
-    started.elapsed().as_secs_f64()
-}
-
 /// This process's resident set, in bytes (Linux).
 fn rss() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
@@ -221,7 +182,7 @@ async fn main() {
     );
     let topology = Topology::new(&prefix, &["1s"], 10).expect("topology");
     topology.declare(&conn).await.expect("declare");
-    let fill_s = fill(&conn, &topology, n).await;
+    let fill_s = fill::fill(&conn, &topology, n, letter).await;
     println!("     filled in {fill_s:.1} s");
 
     let rss_before = rss();

@@ -29,6 +29,9 @@
 //! `target/bench-dlq.json`. Under `cargo test` (no `--bench`) it is a smoke
 //! run of S, L and R on 2,000 letters.
 
+#[path = "common/fill.rs"]
+mod fill;
+
 use std::collections::HashSet;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -102,46 +105,6 @@ fn letter(i: usize) -> (Vec<u8>, BasicProperties) {
             .with_delivery_mode(2)
             .with_headers(headers),
     )
-}
-
-/// Publishes `n` letters to the DLQ with confirms, 1,024 in flight.
-async fn fill(conn: &Connection, topology: &Topology, n: usize) -> f64 {
-    let started = Instant::now();
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(Default::default())
-        .await
-        .expect("confirms");
-    let mut pending = std::collections::VecDeque::new();
-    for i in 0..n {
-        let (body, props) = letter(i);
-        pending.push_back(
-            ch.basic_publish(
-                topology.exchange().into(),
-                topology.dead_queue().as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &body,
-                props,
-            )
-            .await
-            .expect("publish"),
-        );
-        if pending.len() >= 1024 {
-            let c = pending
-                .pop_front()
-                .expect("pending")
-                .await
-                .expect("confirm");
-            assert!(c.is_ack(), "fill not confirmed");
-        }
-    }
-    for c in pending {
-        assert!(c.await.expect("confirm").is_ack());
-    }
-    let _ = ch.close(200, "filled".into()).await;
-    started.elapsed().as_secs_f64()
 }
 
 async fn depth(conn: &Connection, queue: &str) -> u32 {
@@ -525,7 +488,7 @@ async fn main() {
     topology.declare(&conn).await.expect("declare");
     let mut results = Results::default();
 
-    let fill_s = fill(&conn, &topology, n).await;
+    let fill_s = fill::fill(&conn, &topology, n, letter).await;
     println!(
         "     filled {n} letters in {fill_s:.1} s ({:.0}/s)",
         n as f64 / fill_s

@@ -20,9 +20,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{eventually, job, Harness, Opts};
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lapin::BasicProperties;
 use mmsend::broker::headers::{LastError, Story};
 use mmsend::console::{self, ConsoleConfig, ConsoleError};
 use mmsend::graph::Secret;
@@ -100,9 +99,7 @@ fn mixed(n: usize, prefix: &str) -> Vec<Dead> {
 
 /// Puts dead letters straight into the DLQ, confirms pipelined.
 async fn fill(h: &Harness, letters: &[Dead]) {
-    let ch = h.conn.create_channel().await.unwrap();
-    ch.confirm_select(Default::default()).await.unwrap();
-    let mut pending = Vec::new();
+    let mut letters_out = Vec::new();
     for d in letters {
         let story = Story {
             attempt: 3,
@@ -123,33 +120,9 @@ async fn fill(h: &Harness, letters: &[Dead]) {
         let mut body = job(&d.id, &d.token());
         body["campaign"] = json!(d.campaign);
         body["page_id"] = json!(d.page);
-        pending.push(
-            ch.basic_publish(
-                h.topology.exchange().into(),
-                h.topology.dead_queue().as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &serde_json::to_vec(&body).unwrap(),
-                BasicProperties::default()
-                    .with_message_id(d.id.as_str().into())
-                    .with_delivery_mode(2)
-                    .with_headers(headers),
-            )
-            .await
-            .unwrap(),
-        );
-        if pending.len() >= 256 {
-            for p in pending.drain(..) {
-                assert!(p.await.unwrap().is_ack());
-            }
-        }
+        letters_out.push((d.id.clone(), body, headers));
     }
-    for p in pending {
-        assert!(p.await.unwrap().is_ack());
-    }
-    let _ = ch.close(200, "ok".into()).await;
+    h.fill_dlq(letters_out).await;
 }
 
 fn no_worker(name: &'static str) -> Opts {

@@ -14,9 +14,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::{job, Harness, Opts};
-use lapin::options::{BasicConsumeOptions, BasicGetOptions, BasicPublishOptions};
+use lapin::options::{BasicConsumeOptions, BasicGetOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::BasicProperties;
 use mmsend::broker::headers::{LastError, Story};
 use mmsend::broker::TopologyWarning;
 use mmsend::classify::{Class, DeadReason};
@@ -55,9 +54,7 @@ fn dead<'a>(
 
 /// Puts dead letters straight into the DLQ, confirms pipelined.
 async fn fill(h: &Harness, letters: &[Dead<'_>]) {
-    let ch = h.conn.create_channel().await.unwrap();
-    ch.confirm_select(Default::default()).await.unwrap();
-    let mut pending = Vec::new();
+    let mut letters_out = Vec::new();
     for d in letters {
         let story = Story {
             attempt: 1,
@@ -75,33 +72,9 @@ async fn fill(h: &Harness, letters: &[Dead<'_>]) {
         story.write(&mut headers);
         let mut body = job(&d.id, &format!("ok-{}", d.id));
         body["campaign"] = json!(d.campaign);
-        pending.push(
-            ch.basic_publish(
-                h.topology.exchange().into(),
-                h.topology.dead_queue().as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &serde_json::to_vec(&body).unwrap(),
-                BasicProperties::default()
-                    .with_message_id(d.id.as_str().into())
-                    .with_delivery_mode(2)
-                    .with_headers(headers),
-            )
-            .await
-            .unwrap(),
-        );
-        if pending.len() >= 256 {
-            for p in pending.drain(..) {
-                assert!(p.await.unwrap().is_ack());
-            }
-        }
+        letters_out.push((d.id.clone(), body, headers));
     }
-    for p in pending {
-        assert!(p.await.unwrap().is_ack());
-    }
-    let _ = ch.close(200, "ok".into()).await;
+    h.fill_dlq(letters_out).await;
 }
 
 /// A terminal page mismatch (2300005).

@@ -367,6 +367,42 @@ impl Harness {
         self.publish_with(body, props).await;
     }
 
+    /// Puts dead letters (message id, job body, `x-mmsend-*` story) straight
+    /// into the DLQ, confirms pipelined 256 at a time.
+    pub async fn fill_dlq(&self, letters: impl IntoIterator<Item = (String, Value, FieldTable)>) {
+        let ch = self.conn.create_channel().await.unwrap();
+        ch.confirm_select(Default::default()).await.unwrap();
+        let mut pending = Vec::new();
+        for (id, body, headers) in letters {
+            pending.push(
+                ch.basic_publish(
+                    self.topology.exchange().into(),
+                    self.topology.dead_queue().as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &serde_json::to_vec(&body).unwrap(),
+                    BasicProperties::default()
+                        .with_message_id(id.as_str().into())
+                        .with_delivery_mode(2)
+                        .with_headers(headers),
+                )
+                .await
+                .unwrap(),
+            );
+            if pending.len() >= 256 {
+                for p in pending.drain(..) {
+                    assert!(p.await.unwrap().is_ack());
+                }
+            }
+        }
+        for p in pending {
+            assert!(p.await.unwrap().is_ack());
+        }
+        let _ = ch.close(200, "ok".into()).await;
+    }
+
     /// Publishes `body` to `<prefix>.send` with exactly these properties
     /// and checks the broker confirmed it.
     pub async fn publish_with(&self, body: &[u8], props: BasicProperties) {
