@@ -42,7 +42,7 @@ cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     # the bench topology's queues (rabbitmqctl, when this user may run it)
     "$BIN" topology show --json 2>/dev/null | python3 -c 'import json,sys; [print(q["name"]) for q in json.load(sys.stdin)["queues"]]' 2>/dev/null |
-        while read -r q; do rabbitmqctl delete_queue "$q" >/dev/null 2>&1 || true; done
+        while read -r q; do rabbitmqctl delete_queue "$q" </dev/null >/dev/null 2>&1 || true; done
 }
 trap cleanup EXIT
 
