@@ -31,6 +31,8 @@
 
 #[path = "common/fill.rs"]
 mod fill;
+#[path = "common/select.rs"]
+mod select;
 
 use std::collections::HashSet;
 use std::process::{Command, Stdio};
@@ -449,16 +451,9 @@ fn mib(v: &Value) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let all: Vec<String> = std::env::args().skip(1).collect();
-    let smoke = !all.iter().any(|a| a == "--bench");
-    let args: Vec<String> = all.into_iter().filter(|a| !a.starts_with('-')).collect();
-    let want = |id: &str| {
-        if smoke {
-            ["S", "L", "R"].contains(&id)
-        } else {
-            args.is_empty() || args.iter().any(|a| a == id)
-        }
-    };
+    let select = select::Select::from_args(&["S", "L", "R"]);
+    let smoke = select.smoke;
+    let want = |id: &str| select.want(id);
     let n: usize = if smoke {
         2_000
     } else {

@@ -23,12 +23,10 @@
 //! HTTP/1.1 to a server that offers HTTP/2. `cargo test --all-targets` runs a
 //! small smoke round of all of it.
 
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mmsend::graph::{Client, ClientConfig, Outcome, Secret, SendRequest};
@@ -97,22 +95,7 @@ async fn serve(tls: rustls::ServerConfig, latency: Duration) -> Server {
                 } else {
                     h1.fetch_add(1, Ordering::Relaxed);
                 }
-                let reset = Arc::new(Notify::new());
-                let service = hyper::service::service_fn(
-                    move |mut req: http::Request<hyper::body::Incoming>| {
-                        req.extensions_mut().insert(reset.clone());
-                        let router = router.clone();
-                        async move {
-                            use tower::ServiceExt;
-                            Ok::<_, Infallible>(
-                                router
-                                    .oneshot(req.map(Body::new))
-                                    .await
-                                    .unwrap_or_else(|e| match e {}),
-                            )
-                        }
-                    },
-                );
+                let service = Simulator::connection_service(router, Arc::new(Notify::new()));
                 let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                 tokio::select! {
                     _ = builder.serve_connection(TokioIo::new(stream), service) => {}

@@ -30,6 +30,9 @@
 //! each target checked against the numbers of the same run, and written to
 //! `target/bench-pipeline.json`.
 
+#[path = "common/select.rs"]
+mod select;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -743,18 +746,9 @@ const C1_PREFETCH: [u16; 5] = [64, 128, 256, 512, 1024];
 
 #[tokio::main]
 async fn main() {
-    let all: Vec<String> = std::env::args().skip(1).collect();
-    // `cargo bench` passes --bench; `cargo test --all-targets` runs this
-    // binary without it: then only a small smoke run of the fast parts.
-    let smoke = !all.iter().any(|a| a == "--bench");
-    let args: Vec<String> = all.into_iter().filter(|a| !a.starts_with('-')).collect();
-    let want = |id: &str| {
-        if smoke {
-            ["C1", "C2", "W", "P"].contains(&id)
-        } else {
-            args.is_empty() || args.iter().any(|a| a == id)
-        }
-    };
+    let select = select::Select::from_args(&["C1", "C2", "W", "P"]);
+    let smoke = select.smoke;
+    let want = |id: &str| select.want(id);
     let n = if smoke { 300 } else { jobs() };
     if smoke {
         println!("smoke run (cargo test): C1, C2, W, P on {n} jobs; `cargo bench --bench pipeline` measures");

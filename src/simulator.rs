@@ -305,6 +305,34 @@ impl Simulator {
     pub fn router(config: SimConfig) -> Router {
         app(config).0
     }
+
+    /// The hyper service of one connection to `router`: each request
+    /// carries `reset` (see [`Simulator::router`]), which the server of that
+    /// connection drops it on.
+    pub fn connection_service(
+        router: Router,
+        reset: Arc<Notify>,
+    ) -> impl hyper::service::Service<
+        Request<hyper::body::Incoming>,
+        Response = Response,
+        Error = Infallible,
+        Future = impl std::future::Future<Output = Result<Response, Infallible>> + Send,
+    > + Clone
+           + Send {
+        hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(reset.clone());
+            let router = router.clone();
+            async move {
+                use tower::ServiceExt;
+                Ok::<_, Infallible>(
+                    router
+                        .oneshot(req.map(Body::new))
+                        .await
+                        .unwrap_or_else(|e| match e {}),
+                )
+            }
+        })
+    }
 }
 
 fn app(config: SimConfig) -> (Router, Arc<Sim>) {
@@ -340,21 +368,7 @@ async fn accept_loop(listener: tokio::net::TcpListener, router: Router, stop: Ca
         let stop = stop.clone();
         conns.spawn(async move {
             let reset = Arc::new(Notify::new());
-            let kill = reset.clone();
-            let service =
-                hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(kill.clone());
-                    let router = router.clone();
-                    async move {
-                        use tower::ServiceExt;
-                        Ok::<_, Infallible>(
-                            router
-                                .oneshot(req.map(Body::new))
-                                .await
-                                .unwrap_or_else(|e| match e {}),
-                        )
-                    }
-                });
+            let service = Simulator::connection_service(router, reset.clone());
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             tokio::select! {

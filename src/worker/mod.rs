@@ -576,7 +576,9 @@ async fn session(
     )));
     let ctl = Arc::new(SessionCtl::new(acks::Acks::new(channel.clone())));
     let flusher = tokio::spawn(ctl.acks.clone().run());
-    let spawn = |tasks: &mut JoinSet<()>, delivery| {
+    let spawn = |tasks: &mut JoinSet<()>, delivery: lapin::message::Delivery| {
+        // open until settled: no batched ack may cover it before
+        ctl.acks.delivered(delivery.delivery_tag);
         // boxed: the task then holds a pointer, not the whole (large)
         // future, which tokio would copy when it starts and ends the task
         tasks.spawn(Box::pin(process::handle(
@@ -604,10 +606,7 @@ async fn session(
                 }
             }
             next = consumer.next() => match next {
-                Some(Ok(delivery)) => {
-                    ctl.acks.delivered(delivery.delivery_tag);
-                    spawn(&mut tasks, delivery);
-                }
+                Some(Ok(delivery)) => spawn(&mut tasks, delivery),
                 Some(Err(e)) => break End::ConsumerLost(anyhow::anyhow!("consumer: {e}")),
                 None => break End::ConsumerLost(anyhow::anyhow!(
                     "the broker cancelled the consumer (queue deleted or moved?)"
@@ -652,11 +651,7 @@ async fn session(
             // like the spares: finished within the grace period
             bounded_close(channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()))
                 .await;
-            take_the_rest(&mut consumer, |d| {
-                ctl.acks.delivered(d.delivery_tag);
-                spawn(&mut tasks, d)
-            })
-            .await;
+            take_the_rest(&mut consumer, |d| spawn(&mut tasks, d)).await;
             ctl.stopping.cancel();
             info!(
                 jobs = tasks.len(),
@@ -681,11 +676,7 @@ async fn session(
             slots.close();
             ctl.stopping.cancel();
             ctl.grace_over.cancel();
-            take_the_rest(&mut consumer, |d| {
-                ctl.acks.delivered(d.delivery_tag);
-                spawn(&mut tasks, d)
-            })
-            .await;
+            take_the_rest(&mut consumer, |d| spawn(&mut tasks, d)).await;
             drain(&mut tasks, config, &ctl).await;
             close_all().await;
             // never a fresh backoff: a publish path that breaks again right
