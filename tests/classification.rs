@@ -244,3 +244,64 @@ async fn a_2300035_after_a_maybe_sent_call_settles_the_job_as_sent() {
     );
     h.finish().await;
 }
+
+#[tokio::test]
+async fn a_redirect_is_an_answer_never_a_second_request() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    use axum::routing::{any, post};
+    use mmsend::graph::{Client, ClientConfig, Outcome, Secret, SendRequest};
+
+    // a proxy or a wrong base URL that redirects: the client must not
+    // follow it (reqwest would turn the POST into a GET, or send it again)
+    let followed = Arc::new(AtomicU64::new(0));
+    let hits = followed.clone();
+    let app = axum::Router::new()
+        .route(
+            "/v24.0/act_1234567890/messages",
+            post(|| async {
+                (
+                    axum::http::StatusCode::TEMPORARY_REDIRECT,
+                    [("location", "/elsewhere")],
+                )
+            }),
+        )
+        .route(
+            "/elsewhere",
+            any(move || async move {
+                hits.fetch_add(1, Ordering::SeqCst);
+                axum::Json(json!({"success": true, "marketing_message_tracking_id": "x"}))
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let client = Client::new(ClientConfig {
+        base_url: format!("http://{addr}"),
+        ..ClientConfig::default()
+    })
+    .unwrap();
+    let outcome = client
+        .send(
+            &Secret::new("test-token"),
+            &SendRequest {
+                ad_account_id: "1234567890",
+                message_id: "120210000000000000",
+                subscription_token: "r1",
+                message: None,
+                min_conversation_gap_seconds: None,
+            },
+        )
+        .await;
+    let Outcome::Failed(failure) = outcome else {
+        panic!("a 307 must not be a send: {outcome:?}");
+    };
+    assert_eq!(failure.status(), Some(307));
+    assert_eq!(
+        followed.load(Ordering::SeqCst),
+        0,
+        "the redirect was followed"
+    );
+    server.abort();
+}
