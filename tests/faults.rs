@@ -46,9 +46,15 @@ async fn worker_reconnects_after_the_broker_closes_its_connection() {
     );
     let stats = h.sim.stats();
     assert_eq!(stats.sends_by_recipient.len(), n, "every job sent");
+    // A job repeats only if its ack had not reached the broker at the close:
+    // one still in flight (at most `concurrency`), or one already sent whose
+    // ack waited in the batching window or on the wire. At 50 ms latency the
+    // 16 tasks finish in step, so a close inside the window can catch a whole
+    // round settled but unacked and the next round in flight: 2 × concurrency.
+    let bound = 2 * u64::from(h.config.concurrency);
     assert!(
-        stats.duplicates <= 16,
-        "only jobs in flight at the close may repeat: {}",
+        stats.duplicates <= bound,
+        "only jobs in flight or settled within the ack window at the close may repeat: {} > {bound}",
         stats.duplicates
     );
     assert!(h.metrics.redelivered_count() >= stats.duplicates);
