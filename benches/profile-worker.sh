@@ -43,11 +43,16 @@ cleanup() {
     # the bench topology's queues (rabbitmqctl, when this user may run it)
     "$BIN" topology show --json 2>/dev/null | python3 -c 'import json,sys; [print(q["name"]) for q in json.load(sys.stdin)["queues"]]' 2>/dev/null |
         while read -r q; do rabbitmqctl delete_queue "$q" </dev/null >/dev/null 2>&1 || true; done
+    # the send ledger's keys of this run
+    if [ -n "${REDIS:-}" ] && command -v redis-cli >/dev/null; then
+        redis-cli -u "$REDIS" --scan --pattern "{$PREFIX}*" | xargs -r redis-cli -u "$REDIS" del >/dev/null || true
+    fi
 }
 trap cleanup EXIT
 
 "$BIN" simulate --listen "127.0.0.1:$SIM_PORT" >/dev/null 2>&1 &
-pids+=($!)
+simpid=$!
+pids+=($simpid)
 python3 - "$JOBS" >"$OUT/jobs.jsonl" <<'EOF'
 import json, sys
 for i in range(int(sys.argv[1])):
@@ -61,24 +66,45 @@ EOF
 case "$PROFILE" in
 perf) "$BIN" worker & wpid=$!; sleep 0.2
       perf record -F ${PERF_HZ:-1999} ${PERF_CALLGRAPH:--g} -o "$OUT/perf.data" -p "$wpid" 2>/dev/null & ppid=$! ;;
+strace) strace -c -f -o "$OUT/strace.txt" "$BIN" worker & wpid=$! ;;
 callgrind) valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" "$BIN" worker 2>"$OUT/valgrind.log" & wpid=$! ;;
 *) "$BIN" worker & wpid=$! ;;
 esac
 pids+=("$wpid")
 
+# CPU ticks of a process (user + system), to show where the rest of the CPU goes
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+others() {
+    for name in beam.smp redis-server; do
+        for p in $(pgrep -x "$name" 2>/dev/null); do echo "$name $p $(ticks "$p")"; done
+    done
+    echo "simulator $simpid $(ticks "$simpid")"
+}
 depth() { "$BIN" topology show --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["queues"][0]["messages"])'; }
+others >"$OUT/others.start"
 start=$(date +%s.%N)
 while [ "$(depth)" != 0 ]; do sleep 0.2; done
 # the last jobs' acks
 sleep 1
 end=$(date +%s.%N)
 read -r utime stime < <(awk '{print $14, $15}' "/proc/$wpid/stat")
+others >"$OUT/others.end"
 tick=$(getconf CLK_TCK)
 kill -TERM "$wpid"; wait "$wpid" 2>/dev/null || true
 if [ "$PROFILE" = perf ]; then wait "$ppid" 2>/dev/null || true; fi
-python3 - "$utime" "$stime" "$tick" "$JOBS" "$start" "$end" <<'EOF'
+python3 - "$utime" "$stime" "$tick" "$JOBS" "$start" "$end" "$OUT" <<'EOF'
 import sys
-u, s, tick, jobs, t0, t1 = (float(x) for x in sys.argv[1:])
+u, s, tick, jobs, t0, t1 = (float(x) for x in sys.argv[1:7])
+def read(name):
+    out = {}
+    for line in open(f"{sys.argv[7]}/others.{name}"):
+        what, pid, t = line.split()
+        out[(what, pid)] = float(t)
+    return out
+a, b = read("start"), read("end")
+for key in sorted(b):
+    if key in a and b[key] > a[key]:
+        print(f"{key[0]}: {(b[key] - a[key]) / tick / jobs * 1e6:.1f} µs/job during the drain")
 cpu = (u + s) / tick
 print(f"worker: {jobs:.0f} jobs in {t1 - t0:.1f} s (including start-up and a 1 s tail); "
       f"CPU {cpu:.2f} s = {cpu / jobs * 1e6:.1f} µs/job (user {u / tick:.2f} s, system {s / tick:.2f} s)")

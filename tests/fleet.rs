@@ -19,17 +19,21 @@ struct Two {
     prefix: String,
     a: Fleet,
     b: Fleet,
+    /// a's metrics (its Redis round trips)
+    a_metrics: std::sync::Arc<Metrics>,
 }
 
 impl Two {
     fn new(name: &str, config: FleetConfig) -> Two {
         let prefix = common::random_prefix(name);
-        let fleet = |worker: &str| {
-            Fleet::new(config.clone(), &prefix, worker, Metrics::new()).expect("a valid URL")
+        let fleet = |worker: &str, metrics| {
+            Fleet::new(config.clone(), &prefix, worker, metrics).expect("a valid URL")
         };
+        let a_metrics = Metrics::new();
         Two {
-            a: fleet("worker-a"),
-            b: fleet("worker-b"),
+            a: fleet("worker-a", a_metrics.clone()),
+            b: fleet("worker-b", Metrics::new()),
+            a_metrics,
             prefix,
         }
     }
@@ -154,6 +158,65 @@ async fn the_ledger_claims_records_and_suppresses() {
         t.a.before(&d, &ask()).await.unwrap(),
         Before::AlreadySent { .. }
     ));
+    t.cleanup().await;
+}
+
+/// Jobs that ask or tell at the same time share one script call; each
+/// still gets its own answer, as if it had asked alone.
+#[tokio::test]
+async fn jobs_asking_together_share_round_trips_and_get_their_own_answers() {
+    use futures_util::future::join_all;
+    use mmsend::metrics::RedisOp;
+    let t = Two::new("batch", FleetConfig::new(&redis_url()));
+    let jobs: Vec<Job> = (0..150).map(|i| job(&format!("b{i}"), "7", "c")).collect();
+    let ask = ask();
+    // a claims them all at once: every job is a go, none maybe sent
+    let answers = join_all(jobs.iter().map(|j| t.a.before(j, &ask))).await;
+    for answer in answers {
+        assert_eq!(go(&answer.unwrap()), Some((false, Duration::ZERO)));
+    }
+    let asked = t.a_metrics.redis_calls(RedisOp::Before);
+    assert!(
+        (2..150).contains(&asked),
+        "150 jobs asking at once took {asked} round trips (at most 128 jobs a call)"
+    );
+    // b sees each claim
+    let answers = join_all(jobs.iter().map(|j| t.b.before(j, &ask))).await;
+    for answer in answers {
+        assert!(matches!(answer.unwrap(), Before::Busy { worker, .. } if worker == "worker-a"));
+    }
+    // a records every send with its own tracking id, at once; even jobs
+    // are sent, odd ones released
+    let ids: Vec<String> = (0..150).map(|i| format!("mm.{i}")).collect();
+    let tells: Vec<Tell<'_>> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            tell(if i % 2 == 0 {
+                Record::Sent(id)
+            } else {
+                Record::Release
+            })
+        })
+        .collect();
+    let told = join_all(jobs.iter().zip(&tells).map(|(j, tl)| t.a.after(j, tl))).await;
+    assert!(told.iter().all(Result::is_ok), "{told:?}");
+    assert!(t.a_metrics.redis_calls(RedisOp::After) < 150);
+    // each job's record is its own
+    let answers = join_all(jobs.iter().map(|j| t.b.before(j, &ask))).await;
+    for (i, answer) in answers.into_iter().enumerate() {
+        let answer = answer.unwrap();
+        if i % 2 == 0 {
+            assert_eq!(
+                answer,
+                Before::AlreadySent {
+                    tracking_id: format!("mm.{i}")
+                }
+            );
+        } else {
+            assert_eq!(go(&answer), Some((false, Duration::ZERO)), "job {i}");
+        }
+    }
     t.cleanup().await;
 }
 

@@ -1,66 +1,33 @@
--- mmsend: everything a worker asks the fleet before a Graph call, in one
--- round trip. Every key shares the {prefix} hash tag (one Redis Cluster slot).
+-- mmsend: everything a worker asks the fleet before a Graph call, for one
+-- or more jobs in one round trip (the worker gathers the jobs that asked
+-- while its previous call was in flight). Every key shares the {prefix}
+-- hash tag (one Redis Cluster slot). The jobs are taken in order, each as
+-- if by a script of its own.
 --
--- KEYS[1]      ledger hash of the job
--- KEYS[2..5]   gate hashes: app, ad account, page, campaign
--- KEYS[6..9]   probe locks of those gates, same order
--- KEYS[10]     GCRA state of the page
--- KEYS[11]     GCRA state of the whole fleet (global pacing)
--- KEYS[12]     lowered rate of the page (after a page rate limit)
--- KEYS[13]     index of open gates (sorted set, score = expiry)
--- ARGV[1] worker id         ARGV[2] lease ms (request timeout + margin)
--- ARGV[3] page rate /s      ARGV[4] global rate /s (0 = off)
--- ARGV[5] probe wait ms     ARGV[6] probe lock ms
--- ARGV[7] gates on (1/0)    ARGV[8] ledger on (1/0)
--- ARGV[9] ledger retention ms
+-- Job j (from 0) has KEYS[13j + 1 .. 13j + 13] and ARGV[9j + 1 .. 9j + 9]:
+-- keys  1      ledger hash of the job
+--       2..5   gate hashes: app, ad account, page, campaign
+--       6..9   probe locks of those gates, same order
+--       10     GCRA state of the page
+--       11     GCRA state of the whole fleet (global pacing)
+--       12     lowered rate of the page (after a page rate limit)
+--       13     index of open gates (sorted set, score = expiry)
+-- args  1 worker id         2 lease ms (request timeout + margin)
+--       3 page rate /s      4 global rate /s (0 = off)
+--       5 probe wait ms     6 probe lock ms
+--       7 gates on (1/0)    8 ledger on (1/0)
+--       9 ledger retention ms
 --
--- Returns one of
+-- Returns, for each job, one of
 --   {'sent', tracking_id, sent_at_ms}          already sent: ack, no call
 --   {'busy', worker, remaining_ms}             in flight on another worker
 --   {'gated', scope_index, class, code, wait_ms}  held: no claim, no call
 --   {'go', maybe_sent, pace_wait_ms}           claimed: call after the wait
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local worker = ARGV[1]
+-- (prelude.lua in front: `now`, `any_gate`)
 
--- 1. the ledger: a job already sent is never called again; a live lease
---    of another worker means the call is in flight elsewhere
-local previous = false
-if ARGV[8] == '1' then
-  local st = redis.call('HMGET', KEYS[1], 'state', 'worker', 'until', 'tracking', 'at')
-  if st[1] == 'sent' then
-    return {'sent', st[4] or '', st[5] or '0'}
-  end
-  if st[1] == 'sending' then
-    local lease = tonumber(st[3]) or 0
-    if st[2] ~= worker and lease > now then
-      return {'busy', st[2] or '', tostring(lease - now)}
-    end
-    -- the holder died (or lost its broker connection) mid-call
-    previous = true
-  end
-end
-
--- 2. gates: a closed scope holds the job; once its time is up, one job
---    at a time goes through as the probe
-if ARGV[7] == '1' then
-  for i = 2, 5 do
-    local g = redis.call('HMGET', KEYS[i], 'class', 'code', 'until')
-    if g[1] then
-      local untl = tonumber(g[3]) or 0
-      if now < untl then
-        return {'gated', tostring(i - 1), g[1], g[2] or '', tostring(untl - now)}
-      end
-      if not redis.call('SET', KEYS[i + 4], worker, 'NX', 'PX', ARGV[6]) then
-        return {'gated', tostring(i - 1), g[1], g[2] or '', ARGV[5]}
-      end
-    end
-  end
-end
-
--- 3. pacing: GCRA with reservation. The job takes the next slot of its page
---    (and of the fleet) and is told how long to wait for it, so a paced job
---    needs no second round trip. Burst: one second's worth.
+-- GCRA with reservation. The job takes the next slot of its page (and of
+-- the fleet) and is told how long to wait for it, so a paced job needs no
+-- second round trip. Burst: one second's worth.
 local function reserve(key, rate)
   if rate <= 0 then return 0 end
   local interval = 1000 / rate
@@ -73,16 +40,68 @@ local function reserve(key, rate)
   redis.call('SET', key, tostring(new_tat), 'PX', math.ceil(new_tat - now + tau) + 1000)
   return wait
 end
-local page_rate = tonumber(ARGV[3]) or 0
-local lowered = tonumber(redis.call('GET', KEYS[12]) or '')
-if lowered and page_rate > 0 and lowered < page_rate then page_rate = lowered end
-local wait = math.max(reserve(KEYS[10], page_rate), reserve(KEYS[11], tonumber(ARGV[4]) or 0))
-wait = math.ceil(wait)
 
--- 4. the claim: sending, by this worker, for the wait plus a lease that
---    covers the request timeout
-if ARGV[8] == '1' then
-  redis.call('HSET', KEYS[1], 'state', 'sending', 'worker', worker, 'until', now + wait + tonumber(ARGV[2]))
-  redis.call('PEXPIRE', KEYS[1], ARGV[9])
+local function one(k, a)
+  local worker = ARGV[a + 1]
+
+  -- 1. the ledger: a job already sent is never called again; a live lease
+  --    of another worker means the call is in flight elsewhere
+  local previous = false
+  if ARGV[a + 8] == '1' then
+    local st = redis.call('HMGET', KEYS[k + 1], 'state', 'worker', 'until', 'tracking', 'at')
+    if st[1] == 'sent' then
+      return {'sent', st[4] or '', st[5] or '0'}
+    end
+    if st[1] == 'sending' then
+      local lease = tonumber(st[3]) or 0
+      if st[2] ~= worker and lease > now then
+        return {'busy', st[2] or '', tostring(lease - now)}
+      end
+      -- the holder died (or lost its broker connection) mid-call
+      previous = true
+    end
+  end
+
+  -- 2. gates: a closed scope holds the job; once its time is up, one job
+  --    at a time goes through as the probe
+  if ARGV[a + 7] == '1' and any_gate(KEYS[k + 13]) then
+    for i = 2, 5 do
+      local g = redis.call('HMGET', KEYS[k + i], 'class', 'code', 'until')
+      if g[1] then
+        local untl = tonumber(g[3]) or 0
+        if now < untl then
+          return {'gated', tostring(i - 1), g[1], g[2] or '', tostring(untl - now)}
+        end
+        if not redis.call('SET', KEYS[k + i + 4], worker, 'NX', 'PX', ARGV[a + 6]) then
+          return {'gated', tostring(i - 1), g[1], g[2] or '', ARGV[a + 5]}
+        end
+      end
+    end
+  end
+
+  -- 3. pacing: the page's slot (at its lowered rate after a page rate
+  --    limit) and the fleet's
+  local page_rate = tonumber(ARGV[a + 3]) or 0
+  if page_rate > 0 then
+    local lowered = tonumber(redis.call('GET', KEYS[k + 12]) or '')
+    if lowered and lowered < page_rate then page_rate = lowered end
+  end
+  local wait = math.max(reserve(KEYS[k + 10], page_rate),
+    reserve(KEYS[k + 11], tonumber(ARGV[a + 4]) or 0))
+  wait = math.ceil(wait)
+
+  -- 4. the claim: sending, by this worker, for the wait plus a lease that
+  --    covers the request timeout
+  if ARGV[a + 8] == '1' then
+    redis.call('HSET', KEYS[k + 1], 'state', 'sending', 'worker', worker,
+      'until', now + wait + tonumber(ARGV[a + 2]))
+    redis.call('PEXPIRE', KEYS[k + 1], ARGV[a + 9])
+  end
+  return {'go', previous and '1' or '0', tostring(wait)}
 end
-return {'go', previous and '1' or '0', tostring(wait)}
+
+local out = {}
+for j = 0, #KEYS / 13 - 1 do
+  out[j + 1] = one(13 * j, 9 * j)
+end
+return out

@@ -1,7 +1,10 @@
 //! What a fleet of workers shares through Redis (`MMSEND_REDIS_URL`): the
 //! **send ledger**, **fleet-wide pacing** and **shared gates**.
 //!
-//! Each job costs at most two round trips, each one atomic Lua script:
+//! Each job takes part in at most two round trips, each one atomic Lua
+//! script; the jobs that ask (or tell) while the previous call is in flight
+//! share the next one (group commit, `Batcher`), so under load a round
+//! trip carries many jobs:
 //!
 //! - [`Fleet::before`] (`before.lua`), before a call: is the job already
 //!   sent (ack it without a call: a suppressed duplicate)? in flight under
@@ -23,7 +26,7 @@
 //! Keys live under the topology prefix with one hash tag, `{<prefix>}`, so
 //! every script touches one Redis Cluster slot: the layout is
 //! Cluster-safe, at the price that one prefix is served by one shard
-//! ([`Keys`]). Redis's clock (`TIME`) is the only clock the scripts use, so
+//! (`push_keys`). Redis's clock (`TIME`) is the only clock the scripts use, so
 //! workers' clocks never disagree about a lease.
 //!
 //! Redis trouble is handled by the worker (`worker::coordination`), not
@@ -34,8 +37,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
-use redis::{AsyncCommands, Script};
+use redis::{AsyncCommands, ErrorKind, Script, ServerErrorKind};
 use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::broker::redact_url;
 use crate::classify::{Class, CodeLabel, ScopeKind};
@@ -99,7 +103,7 @@ impl FleetConfig {
 }
 
 /// A Redis problem. Its message never contains a password.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum FleetError {
     /// The URL cannot be used.
     #[error("MMSEND_REDIS_URL {url} is not a usable Redis URL ({reason}); write redis://[:password@]host:6379/0 or rediss:// for TLS")]
@@ -128,19 +132,46 @@ pub enum FleetError {
     },
 }
 
-/// The keys of one job.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Keys {
-    ledger: String,
-    gates: [String; 4],
-    probes: [String; 4],
-    pace_page: String,
-    pace_global: String,
-    rate_page: String,
-    gate_index: String,
+/// One job's part of a batched script call: its keys, then its
+/// arguments, written back to back into one buffer (a job's call costs two
+/// small allocations, not one per key and argument).
+#[derive(Debug, Default)]
+struct Part {
+    bytes: Vec<u8>,
+    /// Where each key, then each argument, ends in `bytes`.
+    ends: Vec<usize>,
 }
 
-/// Scope order in the scripts' KEYS (2..5 gates, 6..9 probes).
+impl Part {
+    fn new() -> Part {
+        Part {
+            bytes: Vec::with_capacity(640),
+            ends: Vec::with_capacity(KEYS_PER_JOB + 15),
+        }
+    }
+
+    fn push(&mut self, item: impl std::fmt::Display) -> &mut Part {
+        use std::io::Write as _;
+        // writing into a Vec cannot fail
+        let _ = write!(self.bytes, "{item}");
+        self.ends.push(self.bytes.len());
+        self
+    }
+
+    fn items(&self) -> impl Iterator<Item = &[u8]> {
+        let mut start = 0;
+        self.ends.iter().map(move |&end| {
+            let item = &self.bytes[start..end];
+            start = end;
+            item
+        })
+    }
+}
+
+/// Keys per job in the scripts' KEYS (see `before.lua`).
+const KEYS_PER_JOB: usize = 13;
+
+/// Scope order in the scripts' keys (2..5 gates, 6..9 probes).
 const SCOPES: [ScopeKind; 4] = [
     ScopeKind::App,
     ScopeKind::AdAccount,
@@ -148,43 +179,27 @@ const SCOPES: [ScopeKind; 4] = [
     ScopeKind::Campaign,
 ];
 
-impl Keys {
-    /// The keys of `job` under `prefix`: `{<prefix>}:job:<job_id>`,
-    /// `{<prefix>}:gate:<scope>:<id>`, `{<prefix>}:probe:…`,
-    /// `{<prefix>}:pace:page:<page_id>`, `{<prefix>}:pace:global`,
-    /// `{<prefix>}:rate:page:<page_id>`, `{<prefix>}:gates`.
-    pub fn of(prefix: &str, job: &Job) -> Keys {
-        let tag = format!("{{{prefix}}}");
-        let scope_key = |what: &str, kind: ScopeKind| {
-            let id = Scope::of(job, kind).map(|s| s.id).unwrap_or_default();
-            format!("{tag}:{what}:{kind}:{id}")
-        };
-        Keys {
-            ledger: format!("{tag}:job:{}", job.job_id),
-            gates: SCOPES.map(|k| scope_key("gate", k)),
-            probes: SCOPES.map(|k| scope_key("probe", k)),
-            pace_page: format!("{tag}:pace:page:{}", job.page_id),
-            pace_global: format!("{tag}:pace:global"),
-            rate_page: format!("{tag}:rate:page:{}", job.page_id),
-            gate_index: Keys::gate_index(prefix),
+/// Writes the keys of `job` under the hash tag `tag` (`{<prefix>}`):
+/// `{<prefix>}:job:<job_id>`, `{<prefix>}:gate:<scope>:<id>` for the four
+/// scopes, `{<prefix>}:probe:…` likewise, `{<prefix>}:pace:page:<page_id>`,
+/// `{<prefix>}:pace:global`, `{<prefix>}:rate:page:<page_id>` and the
+/// gate index `{<prefix>}:gates`, in the scripts' order.
+fn push_keys(part: &mut Part, tag: &str, job: &Job) {
+    part.push(format_args!("{tag}:job:{}", job.job_id));
+    for what in ["gate", "probe"] {
+        for kind in SCOPES {
+            let id = Scope::id_of(job, kind).unwrap_or_default();
+            part.push(format_args!("{tag}:{what}:{kind}:{id}"));
         }
     }
+    part.push(format_args!("{tag}:pace:page:{}", job.page_id))
+        .push(format_args!("{tag}:pace:global"))
+        .push(format_args!("{tag}:rate:page:{}", job.page_id))
+        .push(format_args!("{tag}:gates"));
+}
 
-    fn gate_index(prefix: &str) -> String {
-        format!("{{{prefix}}}:gates")
-    }
-
-    fn all(&self) -> impl Iterator<Item = &str> {
-        std::iter::once(self.ledger.as_str())
-            .chain(self.gates.iter().map(String::as_str))
-            .chain(self.probes.iter().map(String::as_str))
-            .chain([
-                self.pace_page.as_str(),
-                self.pace_global.as_str(),
-                self.rate_page.as_str(),
-                self.gate_index.as_str(),
-            ])
-    }
+fn gate_index(prefix: &str) -> String {
+    format!("{{{prefix}}}:gates")
 }
 
 /// What the fleet says before a call.
@@ -265,10 +280,12 @@ pub struct Tell<'a> {
 pub struct Fleet {
     conn: ConnectionManager,
     prefix: String,
+    /// `{<prefix>}`: the hash tag of every key.
+    tag: String,
     worker: String,
     config: FleetConfig,
-    before: Script,
-    after: Script,
+    before: Batcher<Vec<String>>,
+    after: Batcher<i64>,
     metrics: Arc<Metrics>,
 }
 
@@ -284,6 +301,175 @@ impl std::fmt::Debug for Fleet {
 
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Runs one Redis call under the op timeout and counts it.
+async fn timed<T>(
+    metrics: &Metrics,
+    op: RedisOp,
+    op_timeout: Duration,
+    call: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, FleetError> {
+    let started = Instant::now();
+    // the client's own response timeout covers a command; this one also
+    // covers waiting for a reconnect
+    let result = tokio::time::timeout(op_timeout * 2, call).await;
+    metrics.redis_call(op, started.elapsed(), matches!(result, Ok(Ok(_))));
+    match result {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(FleetError::Command {
+            op: op.as_str(),
+            message: redact_url(&e.to_string()),
+        }),
+        Err(_) => Err(FleetError::Command {
+            op: op.as_str(),
+            message: format!("no answer within {:?}", op_timeout * 2),
+        }),
+    }
+}
+
+/// The most jobs one script call carries.
+const MAX_BATCH: usize = 128;
+
+/// Group commit for one script: the jobs that ask while its call is in
+/// flight go together in the next call, one `EVALSHA` with each job's keys
+/// and arguments in turn (the scripts take the jobs in order, each as if
+/// alone). Nothing waits for a batch to fill: a lone job goes at once, and
+/// under load a batch holds what arrived during one round trip, so round
+/// trips, Redis's per-script work and the client's per-command work are
+/// paid per batch, not per job. One call of each script is in flight at a
+/// time; a job waits at most one round trip more for its turn.
+///
+/// The calls run in a task of their own, started on first use (and again
+/// if it ended with the runtime that ran it).
+struct Batcher<T> {
+    op: RedisOp,
+    script: Arc<Script>,
+    queue: std::sync::Mutex<Option<mpsc::UnboundedSender<Queued<T>>>>,
+}
+
+struct Queued<T> {
+    part: Part,
+    reply: oneshot::Sender<Result<T, FleetError>>,
+}
+
+/// What a batch's task needs of the fleet.
+#[derive(Clone)]
+struct Link {
+    conn: ConnectionManager,
+    metrics: Arc<Metrics>,
+    op_timeout: Duration,
+}
+
+impl<T: redis::FromRedisValue + Send + 'static> Batcher<T> {
+    fn new(op: RedisOp, source: &str) -> Batcher<T> {
+        Batcher {
+            op,
+            script: Arc::new(Script::new(source)),
+            queue: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// One job's call: its part joins the next batch.
+    async fn call(&self, link: &Link, part: Part) -> Result<T, FleetError> {
+        let (reply, answer) = oneshot::channel();
+        let mut queued = Queued { part, reply };
+        for _ in 0..2 {
+            let sender = {
+                let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+                queue
+                    .get_or_insert_with(|| {
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        tokio::spawn(batches(self.op, self.script.clone(), link.clone(), rx));
+                        tx
+                    })
+                    .clone()
+            };
+            match sender.send(queued) {
+                Ok(()) => break,
+                Err(mpsc::error::SendError(back)) => {
+                    // the task ended with the runtime that ran it: start another
+                    queued = back;
+                    *self.queue.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                }
+            }
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(FleetError::Command {
+                op: self.op.as_str(),
+                message: "the worker stopped before Redis answered".into(),
+            })
+        })
+    }
+}
+
+/// The task of one [`Batcher`]: takes every job queued, calls the script
+/// once for all of them, hands each its answer.
+async fn batches<T: redis::FromRedisValue + Send>(
+    op: RedisOp,
+    script: Arc<Script>,
+    mut link: Link,
+    mut queue: mpsc::UnboundedReceiver<Queued<T>>,
+) {
+    let mut batch = Vec::new();
+    while let Some(first) = queue.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let keys = batch.len() * KEYS_PER_JOB;
+        let bytes: usize = batch.iter().map(|q| q.part.bytes.len()).sum();
+        let items: usize = batch.iter().map(|q| q.part.ends.len()).sum();
+        let mut cmd = redis::Cmd::with_capacity(items + 3, bytes + 64);
+        cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys);
+        // every job's keys first, then every job's arguments
+        for q in &batch {
+            for key in q.part.items().take(KEYS_PER_JOB) {
+                cmd.arg(key);
+            }
+        }
+        for q in &batch {
+            for arg in q.part.items().skip(KEYS_PER_JOB) {
+                cmd.arg(arg);
+            }
+        }
+        let conn = &mut link.conn;
+        let answers: Result<Vec<T>, FleetError> =
+            timed(&link.metrics, op, link.op_timeout, async {
+                match cmd.query_async(conn).await {
+                    Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                        script.load_async(conn).await?;
+                        cmd.query_async(conn).await
+                    }
+                    other => other,
+                }
+            })
+            .await;
+        match answers {
+            Ok(answers) if answers.len() == batch.len() => {
+                for (q, answer) in batch.drain(..).zip(answers) {
+                    let _ = q.reply.send(Ok(answer));
+                }
+            }
+            Ok(answers) => {
+                let error = FleetError::Answer {
+                    op: op.as_str(),
+                    answer: format!("{} answers for {} jobs", answers.len(), batch.len()),
+                };
+                for q in batch.drain(..) {
+                    let _ = q.reply.send(Err(error.clone()));
+                }
+            }
+            Err(error) => {
+                for q in batch.drain(..) {
+                    let _ = q.reply.send(Err(error.clone()));
+                }
+            }
+        }
+    }
 }
 
 impl Fleet {
@@ -313,10 +499,17 @@ impl Fleet {
         Ok(Fleet {
             conn,
             prefix: prefix.to_string(),
+            tag: format!("{{{prefix}}}"),
             worker: worker.to_string(),
             config,
-            before: Script::new(include_str!("before.lua")),
-            after: Script::new(include_str!("after.lua")),
+            before: Batcher::new(
+                RedisOp::Before,
+                concat!(include_str!("prelude.lua"), include_str!("before.lua")),
+            ),
+            after: Batcher::new(
+                RedisOp::After,
+                concat!(include_str!("prelude.lua"), include_str!("after.lua")),
+            ),
             metrics,
         })
     }
@@ -326,60 +519,45 @@ impl Fleet {
         &self.config
     }
 
+    fn link(&self) -> Link {
+        Link {
+            conn: self.conn.clone(),
+            metrics: self.metrics.clone(),
+            op_timeout: self.config.op_timeout,
+        }
+    }
+
     async fn timed<T>(
         &self,
         op: RedisOp,
         call: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, FleetError> {
-        let started = Instant::now();
-        // the client's own response timeout covers a command; this one also
-        // covers waiting for a reconnect
-        let result = tokio::time::timeout(self.config.op_timeout * 2, call).await;
-        self.metrics
-            .redis_call(op, started.elapsed(), matches!(result, Ok(Ok(_))));
-        match result {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(FleetError::Command {
-                op: op.as_str(),
-                message: redact_url(&e.to_string()),
-            }),
-            Err(_) => Err(FleetError::Command {
-                op: op.as_str(),
-                message: format!("no answer within {:?}", self.config.op_timeout * 2),
-            }),
-        }
+        timed(&self.metrics, op, self.config.op_timeout, call).await
     }
 
-    /// The one round trip before a call.
+    /// What the fleet says before a call (one script call, shared with the
+    /// jobs that ask at the same time).
     pub async fn before(&self, job: &Job, ask: &Ask) -> Result<Before, FleetError> {
-        let keys = Keys::of(&self.prefix, job);
-        let mut inv = self.before.prepare_invoke();
-        for k in keys.all() {
-            inv.key(k);
-        }
-        inv.arg(&self.worker)
-            .arg(ms(ask.request_timeout + self.config.lease_margin))
-            .arg(ask.page_rate)
-            .arg(ask.global_rate)
-            .arg(ms(ask.probe_wait))
-            .arg(ms(ask.probe_lock))
-            .arg(u8::from(ask.gates))
-            .arg(1u8)
-            .arg(ms(self.config.ledger_retention));
-        let mut conn = self.conn.clone();
-        let answer: Vec<String> = self
-            .timed(RedisOp::Before, inv.invoke_async(&mut conn))
-            .await?;
+        let mut part = Part::new();
+        push_keys(&mut part, &self.tag, job);
+        part.push(&self.worker)
+            .push(ms(ask.request_timeout + self.config.lease_margin))
+            .push(ask.page_rate)
+            .push(ask.global_rate)
+            .push(ms(ask.probe_wait))
+            .push(ms(ask.probe_lock))
+            .push(u8::from(ask.gates))
+            .push(1u8)
+            .push(ms(self.config.ledger_retention));
+        let answer = self.before.call(&self.link(), part).await?;
         parse_before(job, &answer)
     }
 
-    /// The one round trip after a call.
+    /// Tells the fleet how a call ended (one script call, shared with the
+    /// jobs that tell at the same time).
     pub async fn after(&self, job: &Job, tell: &Tell<'_>) -> Result<(), FleetError> {
-        let keys = Keys::of(&self.prefix, job);
-        let mut inv = self.after.prepare_invoke();
-        for k in keys.all() {
-            inv.key(k);
-        }
+        let mut part = Part::new();
+        push_keys(&mut part, &self.tag, job);
         let (outcome, tracking) = match tell.record {
             Record::Sent(id) => ("sent", id),
             Record::Suspected => ("suspected", ""),
@@ -394,31 +572,28 @@ impl Fleet {
             ),
             None => (0, "", String::new(), Duration::ZERO),
         };
-        inv.arg(outcome)
-            .arg(tracking)
-            .arg(ms(self.config.ledger_retention))
-            .arg(&self.worker)
-            .arg(1u8)
-            .arg(u8::from(tell.gates))
-            .arg(u8::from(tell.success))
-            .arg(index)
-            .arg(class)
-            .arg(code)
-            .arg(ms(wait))
-            .arg(ms(tell.gate_grace))
-            .arg(u8::from(tell.lower_page_rate))
-            .arg(tell.page_rate)
-            .arg(ms(self.config.lowered_rate_for));
-        let mut conn = self.conn.clone();
-        let _: i64 = self
-            .timed(RedisOp::After, inv.invoke_async(&mut conn))
-            .await?;
+        part.push(outcome)
+            .push(tracking)
+            .push(ms(self.config.ledger_retention))
+            .push(&self.worker)
+            .push(1u8)
+            .push(u8::from(tell.gates))
+            .push(u8::from(tell.success))
+            .push(index)
+            .push(class)
+            .push(code)
+            .push(ms(wait))
+            .push(ms(tell.gate_grace))
+            .push(u8::from(tell.lower_page_rate))
+            .push(tell.page_rate)
+            .push(ms(self.config.lowered_rate_for));
+        self.after.call(&self.link(), part).await?;
         Ok(())
     }
 
     /// The gates open in the whole fleet now: (scope kind, class) each.
     pub async fn gate_census(&self) -> Result<Vec<(ScopeKind, Class)>, FleetError> {
-        let index = Keys::gate_index(&self.prefix);
+        let index = gate_index(&self.prefix);
         let mut conn = self.conn.clone();
         let keys: Vec<String> = self
             .timed(RedisOp::Census, async {

@@ -51,17 +51,21 @@ pub struct Scope {
 impl Scope {
     /// The job's scope of `kind`; `None` for [`ScopeKind::None`].
     pub fn of(job: &Job, kind: ScopeKind) -> Option<Scope> {
-        let id = match kind {
-            ScopeKind::None => return None,
-            ScopeKind::App => "",
-            ScopeKind::Campaign => &job.message_id,
-            ScopeKind::AdAccount => &job.ad_account_id,
-            ScopeKind::Page => &job.page_id,
-        };
-        Some(Scope {
+        Scope::id_of(job, kind).map(|id| Scope {
             kind,
             id: id.to_string(),
         })
+    }
+
+    /// The id of the job's scope of `kind`, without a copy.
+    pub fn id_of(job: &Job, kind: ScopeKind) -> Option<&str> {
+        match kind {
+            ScopeKind::None => None,
+            ScopeKind::App => Some(""),
+            ScopeKind::Campaign => Some(&job.message_id),
+            ScopeKind::AdAccount => Some(&job.ad_account_id),
+            ScopeKind::Page => Some(&job.page_id),
+        }
     }
 
     /// Every scope a job belongs to, widest first.
