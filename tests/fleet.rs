@@ -220,6 +220,75 @@ async fn jobs_asking_together_share_round_trips_and_get_their_own_answers() {
     t.cleanup().await;
 }
 
+/// Jobs of different pages and campaigns in one call: each group's scope
+/// keys and settings go once, and every job is still answered by its own.
+#[tokio::test]
+async fn jobs_of_many_scopes_in_one_call_keep_their_own_gates_and_records() {
+    use futures_util::future::join_all;
+    use mmsend::metrics::RedisOp;
+    let t = Two::new("groups", FleetConfig::new(&redis_url()));
+    // campaign cx is held for a minute
+    let closer = job("x", "7", "cx");
+    assert!(go(&t.a.before(&closer, &ask()).await.unwrap()).is_some());
+    let mut closing = tell(Record::Release);
+    closing.close = Some((
+        ScopeKind::Campaign,
+        Class::Budget,
+        CodeLabel::Code(2300015),
+        Duration::from_secs(60),
+    ));
+    t.a.after(&closer, &closing).await.unwrap();
+
+    let campaigns = ["cx", "cy", "cz"];
+    let jobs: Vec<Job> = (0..90)
+        .map(|i| {
+            let page = if i % 2 == 0 { "7" } else { "8" };
+            job(&format!("m{i}"), page, campaigns[i % 3])
+        })
+        .collect();
+    let ask = ask();
+    let before_calls = t.a_metrics.redis_calls(RedisOp::Before);
+    let answers = join_all(jobs.iter().map(|j| t.a.before(j, &ask))).await;
+    assert!(t.a_metrics.redis_calls(RedisOp::Before) - before_calls < 90);
+    for (i, (j, answer)) in jobs.iter().zip(answers).enumerate() {
+        match answer.unwrap() {
+            Before::Gated(held) => {
+                assert_eq!(j.message_id, "cx", "job {i} held");
+                assert_eq!(held.scope.kind, ScopeKind::Campaign);
+                assert_eq!(held.scope.id, "cx");
+                assert_eq!(held.class, Class::Budget);
+            }
+            other => {
+                assert_ne!(
+                    j.message_id, "cx",
+                    "job {i} of the held campaign: {other:?}"
+                );
+                assert_eq!(go(&other), Some((false, Duration::ZERO)), "job {i}");
+            }
+        }
+    }
+    // the jobs that went are recorded together, each with its own id; a
+    // success opens only its own scopes' gates, so cx stays held
+    let sent: Vec<&Job> = jobs.iter().filter(|j| j.message_id != "cx").collect();
+    let ids: Vec<String> = sent.iter().map(|j| format!("mm.{}", j.job_id)).collect();
+    let tells: Vec<Tell<'_>> = ids.iter().map(|id| tell(Record::Sent(id))).collect();
+    let told = join_all(sent.iter().zip(&tells).map(|(j, tl)| t.a.after(j, tl))).await;
+    assert!(told.iter().all(Result::is_ok), "{told:?}");
+    for j in &sent {
+        assert_eq!(
+            t.b.before(j, &ask).await.unwrap(),
+            Before::AlreadySent {
+                tracking_id: format!("mm.{}", j.job_id)
+            }
+        );
+    }
+    assert!(matches!(
+        t.b.before(&job("late", "8", "cx"), &ask).await.unwrap(),
+        Before::Gated(_)
+    ));
+    t.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_gate_closed_by_one_worker_holds_the_fleet_and_one_probes() {
     let t = Two::new("gates", FleetConfig::new(&redis_url()));

@@ -127,9 +127,15 @@ async fn sigkill_loses_nothing_and_duplicates_only_in_flight_jobs() {
     .await;
     let stats = h.sim.stats();
     assert_eq!(stats.sends_by_recipient.len(), 400, "every job sent");
+    // A job repeats only if its ack had not reached the broker at the kill:
+    // one still in flight (at most `concurrency`), or one already sent whose
+    // ack waited in the batching window or on the wire. At 100 ms latency the
+    // tasks finish in step, so a kill inside the window can catch a whole
+    // round settled but unacked and the next round in flight: 2 × concurrency.
+    let bound = 2 * concurrency as u64;
     assert!(
-        stats.duplicates <= concurrency as u64,
-        "{} duplicates, more than the {concurrency} in flight",
+        stats.duplicates <= bound,
+        "{} duplicates, more than the jobs in flight or settled within the ack window at the kill ({bound})",
         stats.duplicates
     );
     assert!(

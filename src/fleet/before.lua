@@ -4,26 +4,26 @@
 -- hash tag (one Redis Cluster slot). The jobs are taken in order, each as
 -- if by a script of its own.
 --
--- Job j (from 0) has KEYS[13j + 1 .. 13j + 13] and ARGV[9j + 1 .. 9j + 9]:
--- keys  1      ledger hash of the job
---       2..5   gate hashes: app, ad account, page, campaign
---       6..9   probe locks of those gates, same order
---       10     GCRA state of the page
---       11     GCRA state of the whole fleet (global pacing)
---       12     lowered rate of the page (after a page rate limit)
---       13     index of open gates (sorted set, score = expiry)
--- args  1 worker id         2 lease ms (request timeout + margin)
---       3 page rate /s      4 global rate /s (0 = off)
---       5 probe wait ms     6 probe lock ms
---       7 gates on (1/0)    8 ledger on (1/0)
---       9 ledger retention ms
+-- The call's layout is in prelude.lua (each_job); per job:
+-- scope keys  1..4   gate hashes: app, ad account, page, campaign
+--             5..8   probe locks of those gates, same order
+--             9      GCRA state of the page
+--             10     GCRA state of the whole fleet (global pacing)
+--             11     lowered rate of the page (after a page rate limit)
+--             12     index of open gates (sorted set, score = expiry)
+-- shared args 1 worker id         2 lease ms (request timeout + margin)
+--             3 page rate /s      4 global rate /s (0 = off)
+--             5 probe wait ms     6 probe lock ms
+--             7 gates on (1/0)    8 ledger on (1/0)
+--             9 ledger retention ms
+-- own args    none
 --
 -- Returns, for each job, one of
 --   {'sent', tracking_id, sent_at_ms}          already sent: ack, no call
 --   {'busy', worker, remaining_ms}             in flight on another worker
 --   {'gated', scope_index, class, code, wait_ms}  held: no claim, no call
 --   {'go', maybe_sent, pace_wait_ms}           claimed: call after the wait
--- (prelude.lua in front: `now`, `any_gate`)
+-- (prelude.lua in front: `now`, `each_job`, `any_gate`)
 
 -- GCRA with reservation. The job takes the next slot of its page (and of
 -- the fleet) and is told how long to wait for it, so a paced job needs no
@@ -41,14 +41,14 @@ local function reserve(key, rate)
   return wait
 end
 
-local function one(k, a)
+local function one(ledger, k, _, a)
   local worker = ARGV[a + 1]
 
   -- 1. the ledger: a job already sent is never called again; a live lease
   --    of another worker means the call is in flight elsewhere
   local previous = false
   if ARGV[a + 8] == '1' then
-    local st = redis.call('HMGET', KEYS[k + 1], 'state', 'worker', 'until', 'tracking', 'at')
+    local st = redis.call('HMGET', ledger, 'state', 'worker', 'until', 'tracking', 'at')
     if st[1] == 'sent' then
       return {'sent', st[4] or '', st[5] or '0'}
     end
@@ -64,16 +64,16 @@ local function one(k, a)
 
   -- 2. gates: a closed scope holds the job; once its time is up, one job
   --    at a time goes through as the probe
-  if ARGV[a + 7] == '1' and any_gate(KEYS[k + 13]) then
-    for i = 2, 5 do
+  if ARGV[a + 7] == '1' and any_gate(KEYS[k + 12]) then
+    for i = 1, 4 do
       local g = redis.call('HMGET', KEYS[k + i], 'class', 'code', 'until')
       if g[1] then
         local untl = tonumber(g[3]) or 0
         if now < untl then
-          return {'gated', tostring(i - 1), g[1], g[2] or '', tostring(untl - now)}
+          return {'gated', tostring(i), g[1], g[2] or '', tostring(untl - now)}
         end
         if not redis.call('SET', KEYS[k + i + 4], worker, 'NX', 'PX', ARGV[a + 6]) then
-          return {'gated', tostring(i - 1), g[1], g[2] or '', ARGV[a + 5]}
+          return {'gated', tostring(i), g[1], g[2] or '', ARGV[a + 5]}
         end
       end
     end
@@ -83,25 +83,21 @@ local function one(k, a)
   --    limit) and the fleet's
   local page_rate = tonumber(ARGV[a + 3]) or 0
   if page_rate > 0 then
-    local lowered = tonumber(redis.call('GET', KEYS[k + 12]) or '')
+    local lowered = tonumber(redis.call('GET', KEYS[k + 11]) or '')
     if lowered and lowered < page_rate then page_rate = lowered end
   end
-  local wait = math.max(reserve(KEYS[k + 10], page_rate),
-    reserve(KEYS[k + 11], tonumber(ARGV[a + 4]) or 0))
+  local wait = math.max(reserve(KEYS[k + 9], page_rate),
+    reserve(KEYS[k + 10], tonumber(ARGV[a + 4]) or 0))
   wait = math.ceil(wait)
 
   -- 4. the claim: sending, by this worker, for the wait plus a lease that
   --    covers the request timeout
   if ARGV[a + 8] == '1' then
-    redis.call('HSET', KEYS[k + 1], 'state', 'sending', 'worker', worker,
+    redis.call('HSET', ledger, 'state', 'sending', 'worker', worker,
       'until', now + wait + tonumber(ARGV[a + 2]))
-    redis.call('PEXPIRE', KEYS[k + 1], ARGV[a + 9])
+    redis.call('PEXPIRE', ledger, ARGV[a + 9])
   end
   return {'go', previous and '1' or '0', tostring(wait)}
 end
 
-local out = {}
-for j = 0, #KEYS / 13 - 1 do
-  out[j + 1] = one(13 * j, 9 * j)
-end
-return out
+return each_job(0, 9, one)

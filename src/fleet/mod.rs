@@ -26,13 +26,14 @@
 //! Keys live under the topology prefix with one hash tag, `{<prefix>}`, so
 //! every script touches one Redis Cluster slot: the layout is
 //! Cluster-safe, at the price that one prefix is served by one shard
-//! (`push_keys`). Redis's clock (`TIME`) is the only clock the scripts use, so
+//! (`push_scope_keys`). Redis's clock (`TIME`) is the only clock the scripts use, so
 //! workers' clocks never disagree about a lease.
 //!
 //! Redis trouble is handled by the worker (`worker::coordination`), not
 //! here: these calls return [`FleetError`] and the worker falls back as
 //! configured ([`FailMode`]).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -132,13 +133,17 @@ pub enum FleetError {
     },
 }
 
-/// One job's part of a batched script call: its keys, then its
-/// arguments, written back to back into one buffer (a job's call costs two
-/// small allocations, not one per key and argument).
+/// One job's part of a batched script call, written back to back into one
+/// buffer (a job's call costs two small allocations, not one per key and
+/// argument): first what it may share with other jobs of the call (its 12
+/// scope keys, then the script's shared arguments), then its own ledger key
+/// and its own arguments. Jobs whose shared items are equal (same app, ad
+/// account, page and campaign, same settings) send them once per call: see
+/// [`Layout`].
 #[derive(Debug, Default)]
 struct Part {
     bytes: Vec<u8>,
-    /// Where each key, then each argument, ends in `bytes`.
+    /// Where each item ends in `bytes`.
     ends: Vec<usize>,
 }
 
@@ -146,7 +151,7 @@ impl Part {
     fn new() -> Part {
         Part {
             bytes: Vec::with_capacity(640),
-            ends: Vec::with_capacity(KEYS_PER_JOB + 15),
+            ends: Vec::with_capacity(SCOPE_KEYS + 16),
         }
     }
 
@@ -166,12 +171,42 @@ impl Part {
             item
         })
     }
+
+    /// The first `n` items, as bytes and ends: equal for two jobs exactly
+    /// when their first `n` items are.
+    fn head(&self, n: usize) -> (&[u8], &[usize]) {
+        let ends = &self.ends[..n];
+        (&self.bytes[..ends.last().copied().unwrap_or(0)], ends)
+    }
 }
 
-/// Keys per job in the scripts' KEYS (see `before.lua`).
-const KEYS_PER_JOB: usize = 13;
+/// Scope keys per group in the scripts' KEYS (see `prelude.lua`).
+const SCOPE_KEYS: usize = 12;
 
-/// Scope order in the scripts' keys (2..5 gates, 6..9 probes).
+/// How a script's arguments split: `shared` are sent once per group of jobs
+/// with equal scope keys and shared arguments, `own` once per job. A call
+/// is laid out as (`prelude.lua`, `each_job`):
+///
+/// - KEYS: each job's ledger key, then each group's 12 scope keys;
+/// - ARGV: the number of jobs, each job's group (from 1), each job's own
+///   arguments, each group's shared arguments.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    shared: usize,
+    own: usize,
+}
+
+impl Layout {
+    /// Items of a part before its ledger key.
+    fn head(self) -> usize {
+        SCOPE_KEYS + self.shared
+    }
+}
+
+const BEFORE: Layout = Layout { shared: 9, own: 0 };
+const AFTER: Layout = Layout { shared: 7, own: 8 };
+
+/// Scope order in the scripts' keys (1..4 gates, 5..8 probes).
 const SCOPES: [ScopeKind; 4] = [
     ScopeKind::App,
     ScopeKind::AdAccount,
@@ -179,13 +214,13 @@ const SCOPES: [ScopeKind; 4] = [
     ScopeKind::Campaign,
 ];
 
-/// Writes the keys of `job` under the hash tag `tag` (`{<prefix>}`):
-/// `{<prefix>}:job:<job_id>`, `{<prefix>}:gate:<scope>:<id>` for the four
-/// scopes, `{<prefix>}:probe:…` likewise, `{<prefix>}:pace:page:<page_id>`,
-/// `{<prefix>}:pace:global`, `{<prefix>}:rate:page:<page_id>` and the
-/// gate index `{<prefix>}:gates`, in the scripts' order.
-fn push_keys(part: &mut Part, tag: &str, job: &Job) {
-    part.push(format_args!("{tag}:job:{}", job.job_id));
+/// Writes the scope keys of `job` under the hash tag `tag` (`{<prefix>}`):
+/// `{<prefix>}:gate:<scope>:<id>` for the four scopes, `{<prefix>}:probe:…`
+/// likewise, `{<prefix>}:pace:page:<page_id>`, `{<prefix>}:pace:global`,
+/// `{<prefix>}:rate:page:<page_id>` and the gate index `{<prefix>}:gates`,
+/// in the scripts' order. The job's own key, [`push_ledger_key`], comes
+/// after the shared arguments.
+fn push_scope_keys(part: &mut Part, tag: &str, job: &Job) {
     for what in ["gate", "probe"] {
         for kind in SCOPES {
             let id = Scope::id_of(job, kind).unwrap_or_default();
@@ -196,6 +231,11 @@ fn push_keys(part: &mut Part, tag: &str, job: &Job) {
         .push(format_args!("{tag}:pace:global"))
         .push(format_args!("{tag}:rate:page:{}", job.page_id))
         .push(format_args!("{tag}:gates"));
+}
+
+/// `{<prefix>}:job:<job_id>`: the job's ledger record.
+fn push_ledger_key(part: &mut Part, tag: &str, job: &Job) {
+    part.push(format_args!("{tag}:job:{}", job.job_id));
 }
 
 fn gate_index(prefix: &str) -> String {
@@ -344,6 +384,7 @@ const MAX_BATCH: usize = 128;
 /// if it ended with the runtime that ran it).
 struct Batcher<T> {
     op: RedisOp,
+    layout: Layout,
     script: Arc<Script>,
     queue: std::sync::Mutex<Option<mpsc::UnboundedSender<Queued<T>>>>,
 }
@@ -362,9 +403,10 @@ struct Link {
 }
 
 impl<T: redis::FromRedisValue + Send + 'static> Batcher<T> {
-    fn new(op: RedisOp, source: &str) -> Batcher<T> {
+    fn new(op: RedisOp, layout: Layout, source: &str) -> Batcher<T> {
         Batcher {
             op,
+            layout,
             script: Arc::new(Script::new(source)),
             queue: std::sync::Mutex::new(None),
         }
@@ -380,7 +422,13 @@ impl<T: redis::FromRedisValue + Send + 'static> Batcher<T> {
                 queue
                     .get_or_insert_with(|| {
                         let (tx, rx) = mpsc::unbounded_channel();
-                        tokio::spawn(batches(self.op, self.script.clone(), link.clone(), rx));
+                        tokio::spawn(batches(
+                            self.op,
+                            self.layout,
+                            self.script.clone(),
+                            link.clone(),
+                            rx,
+                        ));
                         tx
                     })
                     .clone()
@@ -407,6 +455,7 @@ impl<T: redis::FromRedisValue + Send + 'static> Batcher<T> {
 /// once for all of them, hands each its answer.
 async fn batches<T: redis::FromRedisValue + Send>(
     op: RedisOp,
+    layout: Layout,
     script: Arc<Script>,
     mut link: Link,
     mut queue: mpsc::UnboundedReceiver<Queued<T>>,
@@ -420,22 +469,7 @@ async fn batches<T: redis::FromRedisValue + Send>(
                 Err(_) => break,
             }
         }
-        let keys = batch.len() * KEYS_PER_JOB;
-        let bytes: usize = batch.iter().map(|q| q.part.bytes.len()).sum();
-        let items: usize = batch.iter().map(|q| q.part.ends.len()).sum();
-        let mut cmd = redis::Cmd::with_capacity(items + 3, bytes + 64);
-        cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys);
-        // every job's keys first, then every job's arguments
-        for q in &batch {
-            for key in q.part.items().take(KEYS_PER_JOB) {
-                cmd.arg(key);
-            }
-        }
-        for q in &batch {
-            for arg in q.part.items().skip(KEYS_PER_JOB) {
-                cmd.arg(arg);
-            }
-        }
+        let cmd = command(&script, layout, &batch);
         let conn = &mut link.conn;
         let answers: Result<Vec<T>, FleetError> =
             timed(&link.metrics, op, link.op_timeout, async {
@@ -472,6 +506,53 @@ async fn batches<T: redis::FromRedisValue + Send>(
     }
 }
 
+/// One `EVALSHA` for a batch, laid out as [`Layout`] says: the jobs with
+/// equal shared items form a group whose items are written once.
+fn command<T>(script: &Script, layout: Layout, batch: &[Queued<T>]) -> redis::Cmd {
+    let head = layout.head();
+    let mut groups: HashMap<(&[u8], &[usize]), usize> = HashMap::new();
+    // each job's group, and each group's first job
+    let mut group_of = Vec::with_capacity(batch.len());
+    let mut firsts = Vec::new();
+    for (j, q) in batch.iter().enumerate() {
+        let next = firsts.len();
+        let g = *groups.entry(q.part.head(head)).or_insert(next);
+        if g == next {
+            firsts.push(j);
+        }
+        group_of.push(g + 1);
+    }
+    let bytes: usize = batch.iter().map(|q| q.part.bytes.len()).sum();
+    let items = batch.len() * (2 + layout.own) + firsts.len() * head;
+    let mut cmd = redis::Cmd::with_capacity(items + 4, bytes + 64);
+    cmd.arg("EVALSHA")
+        .arg(script.get_hash())
+        .arg(batch.len() + firsts.len() * SCOPE_KEYS);
+    for q in batch {
+        cmd.arg(q.part.items().nth(head).unwrap_or_default());
+    }
+    for &j in &firsts {
+        for key in batch[j].part.items().take(SCOPE_KEYS) {
+            cmd.arg(key);
+        }
+    }
+    cmd.arg(batch.len());
+    for g in group_of {
+        cmd.arg(g);
+    }
+    for q in batch {
+        for arg in q.part.items().skip(head + 1) {
+            cmd.arg(arg);
+        }
+    }
+    for &j in &firsts {
+        for arg in batch[j].part.items().skip(SCOPE_KEYS).take(layout.shared) {
+            cmd.arg(arg);
+        }
+    }
+    cmd
+}
+
 impl Fleet {
     /// Sets up the client. The connection is made lazily on the first call
     /// and remade by itself after a failure, so a worker starts while Redis
@@ -504,10 +585,12 @@ impl Fleet {
             config,
             before: Batcher::new(
                 RedisOp::Before,
+                BEFORE,
                 concat!(include_str!("prelude.lua"), include_str!("before.lua")),
             ),
             after: Batcher::new(
                 RedisOp::After,
+                AFTER,
                 concat!(include_str!("prelude.lua"), include_str!("after.lua")),
             ),
             metrics,
@@ -539,7 +622,7 @@ impl Fleet {
     /// jobs that ask at the same time).
     pub async fn before(&self, job: &Job, ask: &Ask) -> Result<Before, FleetError> {
         let mut part = Part::new();
-        push_keys(&mut part, &self.tag, job);
+        push_scope_keys(&mut part, &self.tag, job);
         part.push(&self.worker)
             .push(ms(ask.request_timeout + self.config.lease_margin))
             .push(ask.page_rate)
@@ -549,6 +632,7 @@ impl Fleet {
             .push(u8::from(ask.gates))
             .push(1u8)
             .push(ms(self.config.ledger_retention));
+        push_ledger_key(&mut part, &self.tag, job);
         let answer = self.before.call(&self.link(), part).await?;
         parse_before(job, &answer)
     }
@@ -556,8 +640,6 @@ impl Fleet {
     /// Tells the fleet how a call ended (one script call, shared with the
     /// jobs that tell at the same time).
     pub async fn after(&self, job: &Job, tell: &Tell<'_>) -> Result<(), FleetError> {
-        let mut part = Part::new();
-        push_keys(&mut part, &self.tag, job);
         let (outcome, tracking) = match tell.record {
             Record::Sent(id) => ("sent", id),
             Record::Suspected => ("suspected", ""),
@@ -572,21 +654,24 @@ impl Fleet {
             ),
             None => (0, "", String::new(), Duration::ZERO),
         };
-        part.push(outcome)
-            .push(tracking)
-            .push(ms(self.config.ledger_retention))
+        let mut part = Part::new();
+        push_scope_keys(&mut part, &self.tag, job);
+        part.push(ms(self.config.ledger_retention))
             .push(&self.worker)
             .push(1u8)
             .push(u8::from(tell.gates))
+            .push(ms(tell.gate_grace))
+            .push(tell.page_rate)
+            .push(ms(self.config.lowered_rate_for));
+        push_ledger_key(&mut part, &self.tag, job);
+        part.push(outcome)
+            .push(tracking)
             .push(u8::from(tell.success))
             .push(index)
             .push(class)
             .push(code)
             .push(ms(wait))
-            .push(ms(tell.gate_grace))
-            .push(u8::from(tell.lower_page_rate))
-            .push(tell.page_rate)
-            .push(ms(self.config.lowered_rate_for));
+            .push(u8::from(tell.lower_page_rate));
         self.after.call(&self.link(), part).await?;
         Ok(())
     }

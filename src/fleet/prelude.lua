@@ -3,6 +3,26 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
+-- A call carries one or more jobs (the worker gathers the jobs that asked
+-- while its previous call was in flight). Jobs with the same 12 scope keys
+-- and the same shared arguments (same app, ad account, page and campaign,
+-- same settings) form a group, sent once:
+--   KEYS  each job's ledger key (n of them), then each group's 12 scope keys
+--   ARGV  n, each job's group (from 1), each job's `own` arguments, then
+--         each group's `shared` arguments
+-- each_job calls f(ledger_key, k, o, s) for the jobs in order, each as if
+-- by a script of its own: scope key i is KEYS[k + i], own argument i is
+-- ARGV[o + i], shared argument i is ARGV[s + i]. It returns f's answers.
+local function each_job(own, shared, f)
+  local n = tonumber(ARGV[1])
+  local out = {}
+  for j = 1, n do
+    local g = tonumber(ARGV[1 + j]) - 1
+    out[j] = f(KEYS[j], n + 12 * g, 1 + n + own * (j - 1), 1 + n + own * n + shared * g)
+  end
+  return out
+end
+
 -- whether any gate is closed at all: most of the time none is, and one
 -- ZCARD then stands for four lookups (a gate key always has its entry in
 -- the index; an entry may outlive its key, which only costs the lookups).
