@@ -185,7 +185,7 @@ impl Part {
 
     /// The first `n` items, as bytes and ends: equal for two jobs exactly
     /// when their first `n` items are.
-    fn head(&self, n: usize) -> (&[u8], &[usize]) {
+    fn head(&self, n: usize) -> Head<'_> {
         let ends = &self.ends[..n];
         (&self.bytes[..ends.last().copied().unwrap_or(0)], ends)
     }
@@ -517,17 +517,20 @@ async fn batches<T: redis::FromRedisValue + Send>(
     }
 }
 
+/// A part's shared items as bytes and ends ([`Part::head`]).
+type Head<'a> = (&'a [u8], &'a [usize]);
+
 /// One `EVALSHA` for a batch, laid out as [`Layout`] says: the jobs with
 /// equal shared items form a group whose items are written once.
 fn command<T>(script: &Script, layout: Layout, batch: &[Queued<T>]) -> redis::Cmd {
     let head = layout.head();
-    let mut groups: HashMap<(&[u8], &[usize]), usize> = HashMap::new();
+    let mut groups: HashMap<Head<'_>, usize> = HashMap::new();
     // each job's group, and each group's first job
     let mut group_of = Vec::with_capacity(batch.len());
     let mut firsts = Vec::new();
     // jobs of one campaign come in runs: the previous job's group is
     // compared first, and only a new head is hashed
-    let mut last: Option<((&[u8], &[usize]), usize)> = None;
+    let mut last: Option<(Head<'_>, usize)> = None;
     for (j, q) in batch.iter().enumerate() {
         let key = q.part.head(head);
         let g = match last {
