@@ -24,6 +24,20 @@ struct Two {
 }
 
 impl Two {
+    /// Worker a calls for `job` and is answered "budget reached": the job's
+    /// campaign closes for `wait`, fleet-wide.
+    async fn budget_closes_campaign(&self, job: &Job, wait: Duration) {
+        assert!(go(&self.a.before(job, &ask()).await.unwrap()).is_some());
+        let mut closing = tell(Record::Release);
+        closing.close = Some((
+            ScopeKind::Campaign,
+            Class::Budget,
+            CodeLabel::Code(2300015),
+            wait,
+        ));
+        self.a.after(job, &closing).await.unwrap();
+    }
+
     fn new(name: &str, config: FleetConfig) -> Two {
         let prefix = common::random_prefix(name);
         let fleet = |worker: &str, metrics| {
@@ -228,16 +242,8 @@ async fn jobs_of_many_scopes_in_one_call_keep_their_own_gates_and_records() {
     use mmsend::metrics::RedisOp;
     let t = Two::new("groups", FleetConfig::new(&redis_url()));
     // campaign cx is held for a minute
-    let closer = job("x", "7", "cx");
-    assert!(go(&t.a.before(&closer, &ask()).await.unwrap()).is_some());
-    let mut closing = tell(Record::Release);
-    closing.close = Some((
-        ScopeKind::Campaign,
-        Class::Budget,
-        CodeLabel::Code(2300015),
-        Duration::from_secs(60),
-    ));
-    t.a.after(&closer, &closing).await.unwrap();
+    t.budget_closes_campaign(&job("x", "7", "cx"), Duration::from_secs(60))
+        .await;
 
     let campaigns = ["cx", "cy", "cz"];
     let jobs: Vec<Job> = (0..90)
@@ -293,15 +299,8 @@ async fn jobs_of_many_scopes_in_one_call_keep_their_own_gates_and_records() {
 async fn a_gate_closed_by_one_worker_holds_the_fleet_and_one_probes() {
     let t = Two::new("gates", FleetConfig::new(&redis_url()));
     let first = job("g0", "7", "camp");
-    assert!(go(&t.a.before(&first, &ask()).await.unwrap()).is_some());
-    let mut closing = tell(Record::Release);
-    closing.close = Some((
-        ScopeKind::Campaign,
-        Class::Budget,
-        CodeLabel::Code(2300015),
-        Duration::from_millis(400),
-    ));
-    t.a.after(&first, &closing).await.unwrap();
+    t.budget_closes_campaign(&first, Duration::from_millis(400))
+        .await;
 
     // worker b holds the campaign's other jobs without a claim
     let other = job("g1", "7", "camp");
