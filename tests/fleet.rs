@@ -295,6 +295,71 @@ async fn jobs_of_many_scopes_in_one_call_keep_their_own_gates_and_records() {
     t.cleanup().await;
 }
 
+/// A sent record expires after the retention, whether it was recorded over
+/// this worker's claim, over a claim whose key was lost, or over a claim
+/// written with fewer fields and no expiry (as by another version).
+#[tokio::test]
+async fn every_sent_record_keeps_an_expiry() {
+    let mut config = FleetConfig::new(&redis_url());
+    config.ledger_retention = Duration::from_secs(3600);
+    let t = Two::new("expiry", config);
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let key = |j: &Job| format!("{{{}}}:job:{}", t.prefix, j.job_id);
+    let (claimed, lost, older) = (
+        job("e1", "7", "c"),
+        job("e2", "7", "c"),
+        job("e3", "7", "c"),
+    );
+    for j in [&claimed, &lost, &older] {
+        assert!(go(&t.a.before(j, &ask()).await.unwrap()).is_some());
+    }
+    // the key of one claim is lost; another is rewritten as an older
+    // mmsend claimed it (three fields, no expiry yet)
+    let _: () = redis::cmd("DEL")
+        .arg(key(&lost))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(key(&older))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(key(&older))
+        .arg(&[
+            "state",
+            "sending",
+            "worker",
+            "worker-a",
+            "until",
+            "9999999999999",
+        ])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for j in [&claimed, &lost, &older] {
+        let id = format!("mm.{}", j.job_id);
+        t.a.after(j, &tell(Record::Sent(&id))).await.unwrap();
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(key(j))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(
+            ttl > 3_500_000 && ttl <= 3_600_000,
+            "{}: {ttl} ms",
+            j.job_id
+        );
+        assert_eq!(
+            t.b.before(j, &ask()).await.unwrap(),
+            Before::AlreadySent { tracking_id: id }
+        );
+    }
+    t.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_gate_closed_by_one_worker_holds_the_fleet_and_one_probes() {
     let t = Two::new("gates", FleetConfig::new(&redis_url()));
