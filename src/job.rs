@@ -315,10 +315,15 @@ struct Typed<'a> {
 
 impl Typed<'_> {
     fn parse(body: &[u8], message_fits: bool) -> Option<Job> {
+        // a message that must be measured is the Value path's: a body that
+        // large is not parsed twice
+        if !message_fits {
+            return None;
+        }
         let t: Typed<'_> = serde_json::from_slice(body).ok()?;
-        // every value check of `validate`, without its error texts
-        let id = |s: &str| !s.trim().is_empty() && s.len() <= MAX_ID_LEN;
-        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        // the same checks as `validate`; their errors are worded there
+        let id = |s: &str| check_id("", s).is_ok();
+        let digits = |s: &str| check_digits("", s).is_ok();
         let ad_account_id = t
             .ad_account_id
             .strip_prefix("act_")
@@ -337,8 +342,7 @@ impl Typed<'_> {
             && t.not_after.as_deref().is_none_or(id)
             && digits(ad_account_id)
             && digits(&t.page_id)
-            && t.message.as_ref().is_none_or(|m| !m.is_empty())
-            && message_fits;
+            && t.message.as_ref().is_none_or(|m| !m.is_empty());
         if !ok {
             return None;
         }
@@ -387,18 +391,27 @@ fn optional_string(
 ) -> Result<Option<String>, JobError> {
     match map.remove(field) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if s.trim().is_empty() => Err(JobError::Empty(field)),
-        Some(Value::String(s)) if s.len() > MAX_ID_LEN => Err(JobError::Invalid {
-            field,
-            problem: format!("{} bytes, more than {MAX_ID_LEN}", s.len()),
-        }),
-        Some(Value::String(s)) => Ok(Some(s)),
+        Some(Value::String(s)) => check_id(field, &s).map(|()| Some(s)),
         Some(other) => Err(wrong_type(field, "a string", &other)),
     }
 }
 
 fn required_string(map: &mut Map<String, Value>, field: &'static str) -> Result<String, JobError> {
     optional_string(map, field)?.ok_or(JobError::Missing(field))
+}
+
+/// A string field's own checks: not blank, at most [`MAX_ID_LEN`] bytes.
+fn check_id(field: &'static str, value: &str) -> Result<(), JobError> {
+    if value.trim().is_empty() {
+        return Err(JobError::Empty(field));
+    }
+    if value.len() > MAX_ID_LEN {
+        return Err(JobError::Invalid {
+            field,
+            problem: format!("{} bytes, more than {MAX_ID_LEN}", value.len()),
+        });
+    }
+    Ok(())
 }
 
 fn check_digits(field: &'static str, value: &str) -> Result<(), JobError> {
