@@ -21,8 +21,10 @@
 //! | P  | `enqueue` (library producer) confirmed publish rate vs raw lapin confirmed publishing | |
 //! | M  | worker peak RSS (VmHWM) at concurrency 64 and 512 under load | M64 ≤ 64 MiB; M512 ≤ 128 MiB |
 //!
-//! The workers run as child processes so their CPU time and memory are
-//! their own (`MMSEND_BENCH_WORKER_LOG=<file>` keeps mmsend's debug log).
+//! The simulator serves on a thread of its own (one current-thread runtime,
+//! as `mmsend simulate` serves by default), not on the bench's scheduler,
+//! which the C1 and C2 clients use. The workers run as child processes so
+//! their CPU time and memory are their own (`MMSEND_BENCH_WORKER_LOG=<file>` keeps mmsend's debug log).
 //! Py sets up its own virtualenv in `target/bench-venv` (`python3 -m venv`,
 //! `pip install aio-pika aiohttp`; `MMSEND_BENCH_PYTHON` names another
 //! interpreter) and reuses it; without Python or pip the row says why it
@@ -186,7 +188,7 @@ fn proc_usage(pid: u32) -> (f64, u64) {
 
 /// An in-process simulator that answers every call after `latency`.
 async fn slow_sim(latency: Duration) -> SimHandle {
-    Simulator::start(
+    Simulator::start_on_own_thread(
         "127.0.0.1:0",
         SimConfig {
             latency: Latency::Fixed(latency),
@@ -558,7 +560,7 @@ async fn python_run(
 /// back, one probe reopens the gate, and they drain.
 /// Returns (CPU µs per job to park, % of a core while waiting, drain s).
 async fn retry_storm(n: usize, window: Duration) -> (f64, f64, f64) {
-    let sim = Simulator::start(
+    let sim = Simulator::start_on_own_thread(
         "127.0.0.1:0",
         SimConfig {
             populating: window,
@@ -761,7 +763,7 @@ async fn main() {
             .unwrap_or(0)
     );
 
-    let sim0 = Simulator::start("127.0.0.1:0", SimConfig::default())
+    let sim0 = Simulator::start_on_own_thread("127.0.0.1:0", SimConfig::default())
         .await
         .unwrap();
     // best C1: the broker's ceiling, which W and L512 are held to

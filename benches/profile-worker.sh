@@ -11,6 +11,7 @@
 #   JOBS=20000 PROFILE=perf benches/profile-worker.sh
 #   JOBS=3000 PROFILE=callgrind benches/profile-worker.sh
 #   REDIS=redis://127.0.0.1:6379 benches/profile-worker.sh   # with the send ledger
+#   PROFILE=perf PERF_TARGET=simulator benches/profile-worker.sh  # the simulator's side
 #
 # Needs RabbitMQ (MMSEND_AMQP_URL, default the local one); output goes to
 # target/profile/.
@@ -50,7 +51,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$BIN" simulate --listen "127.0.0.1:$SIM_PORT" >/dev/null 2>&1 &
+# SIM_BIN=<path>: the simulator of another build (to compare simulators)
+"${SIM_BIN:-$BIN}" simulate --listen "127.0.0.1:$SIM_PORT" >/dev/null 2>&1 &
 simpid=$!
 pids+=($simpid)
 python3 - "$JOBS" >"$OUT/jobs.jsonl" <<'EOF'
@@ -65,7 +67,9 @@ EOF
 
 case "$PROFILE" in
 perf) "$BIN" worker & wpid=$!; sleep 0.2
-      perf record -F ${PERF_HZ:-1999} ${PERF_CALLGRAPH:--g} -o "$OUT/perf.data" -p "$wpid" 2>/dev/null & ppid=$! ;;
+      # PERF_TARGET=simulator records the simulator's process instead
+      if [ "${PERF_TARGET:-worker}" = simulator ]; then target=$simpid; else target=$wpid; fi
+      perf record -F ${PERF_HZ:-1999} ${PERF_CALLGRAPH:--g} -o "$OUT/perf.data" -p "$target" 2>/dev/null & ppid=$! ;;
 strace) strace -c -f -o "$OUT/strace.txt" "$BIN" worker & wpid=$! ;;
 callgrind) valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" "$BIN" worker 2>"$OUT/valgrind.log" & wpid=$! ;;
 *) "$BIN" worker & wpid=$! ;;
@@ -91,7 +95,11 @@ read -r utime stime < <(awk '{print $14, $15}' "/proc/$wpid/stat")
 others >"$OUT/others.end"
 tick=$(getconf CLK_TCK)
 kill -TERM "$wpid"; wait "$wpid" 2>/dev/null || true
-if [ "$PROFILE" = perf ]; then wait "$ppid" 2>/dev/null || true; fi
+if [ "$PROFILE" = perf ]; then
+    # a recorded simulator keeps running: stop its recording
+    if [ "${PERF_TARGET:-worker}" = simulator ]; then kill -INT "$ppid" 2>/dev/null || true; fi
+    wait "$ppid" 2>/dev/null || true
+fi
 python3 - "$utime" "$stime" "$tick" "$JOBS" "$start" "$end" "$OUT" <<'EOF'
 import sys
 u, s, tick, jobs, t0, t1 = (float(x) for x in sys.argv[1:7])

@@ -723,11 +723,13 @@ async fn healthcheck_command(args: &HealthcheckArgs) -> anyhow::Result<ExitCode>
 /// `--threads` threads: with one (the default) every job task, the consume
 /// loop and the HTTP client share the main thread, which saves the
 /// cross-thread wake-ups a multi-threaded scheduler pays per job (about 15 %
-/// of the worker's CPU per job, see the README's Performance section);
+/// of the worker's CPU per job, see the README's Performance section); the
+/// simulator serves on `--threads` threads too (one by default);
 /// every other command gets one thread per core.
 pub fn runtime(cli: &Cli) -> std::io::Result<tokio::runtime::Runtime> {
     let threads = match &cli.command {
         Command::Worker(args) => args.threads,
+        Command::Simulate(args) => args.threads,
         _ => 0,
     };
     let mut builder = match threads {

@@ -104,6 +104,11 @@ pub(crate) struct SimArgs {
     /// estimated_time_to_regain_access (minutes) sent with throttling errors.
     #[arg(long, env = "MMSEND_SIM_REGAIN_MINUTES", default_value_t = 1)]
     pub(crate) regain_minutes: u32,
+    /// Threads that serve: 1 = one thread for every connection (the least CPU
+    /// per request, so the simulator takes little from a worker on the same
+    /// cores), 0 = one per core.
+    #[arg(long, env = "MMSEND_SIM_THREADS", default_value_t = 1)]
+    pub(crate) threads: usize,
 }
 
 impl SimArgs {
@@ -242,6 +247,43 @@ struct Books {
     last_sent: HashMap<String, Instant>,
     /// (second, calls) for the last 60 s.
     rate: VecDeque<(u64, u64)>,
+    /// The last usage headers written, kept while their inputs stay the same
+    /// (the percent moves once every 6,000 calls).
+    usage: Option<Usage>,
+}
+
+/// The usage headers of one (ad account, percent, regain) answer.
+#[derive(Clone)]
+struct Usage {
+    account: String,
+    percent: u64,
+    regain: u32,
+    app: HeaderValue,
+    buc: HeaderValue,
+}
+
+impl Usage {
+    fn new(account: &str, percent: u64, regain: u32) -> Usage {
+        let app =
+            json!({"call_count": percent, "total_cputime": percent / 2, "total_time": percent / 2});
+        let buc = json!({ account: [{"type": "ads_management", "call_count": percent,
+            "total_cputime": percent / 2, "total_time": percent / 2,
+            "estimated_time_to_regain_access": regain}]});
+        let value = |v: Value| {
+            HeaderValue::from_str(&v.to_string()).unwrap_or(HeaderValue::from_static("{}"))
+        };
+        Usage {
+            account: account.to_string(),
+            percent,
+            regain,
+            app: value(app),
+            buc: value(buc),
+        }
+    }
+
+    fn matches(&self, account: &str, percent: u64, regain: u32) -> bool {
+        self.percent == percent && self.regain == regain && self.account == account
+    }
 }
 
 struct Sim {
@@ -289,6 +331,37 @@ impl Simulator {
         let (router, sim) = app(config);
         let stop = CancellationToken::new();
         let task = tokio::spawn(accept_loop(listener, router, stop.clone()));
+        Ok(SimHandle {
+            addr: local,
+            sim,
+            stop,
+            task,
+        })
+    }
+
+    /// Like [`Simulator::start`], but served by a runtime of its own on one
+    /// thread of the caller's blocking pool, as `mmsend simulate` serves by
+    /// default: a bench's simulator then costs what the command costs, and
+    /// does not share the bench's scheduler with the clients it measures.
+    pub async fn start_on_own_thread(addr: &str, config: SimConfig) -> anyhow::Result<SimHandle> {
+        let listener = std::net::TcpListener::bind(addr)
+            .map_err(|e| anyhow::anyhow!("simulator cannot listen on {addr}: {e}"))?;
+        listener.set_nonblocking(true)?;
+        let local = listener.local_addr()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (router, sim) = app(config);
+        let stop = CancellationToken::new();
+        let serve_stop = stop.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            runtime.block_on(async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => accept_loop(listener, router, serve_stop).await,
+                    Err(e) => tracing::error!("simulator cannot serve: {e}"),
+                }
+            })
+        });
         Ok(SimHandle {
             addr: local,
             sim,
@@ -525,12 +598,25 @@ fn status_for(code: u64) -> StatusCode {
     }
 }
 
+/// 11 random alphanumeric characters, like Meta's `fbtrace_id`, the digits
+/// in base 62 of one random 128-bit number (one draw, not one per character).
+fn trace_id_bytes() -> [u8; 11] {
+    const ALPHABET: &[u8; 62] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut n: u128 = rand::rng().random();
+    let mut id = [0u8; 11];
+    for c in &mut id {
+        *c = ALPHABET[(n % 62) as usize];
+        n /= 62;
+    }
+    id
+}
+
 fn trace_id() -> String {
-    rand::rng()
-        .sample_iter(rand::distr::Alphanumeric)
-        .take(11)
-        .map(char::from)
-        .collect()
+    trace_id_bytes().iter().map(|&b| char::from(b)).collect()
+}
+
+fn trace_id_header() -> HeaderValue {
+    HeaderValue::from_bytes(&trace_id_bytes()).unwrap_or(HeaderValue::from_static("AAAAAAAAAAA"))
 }
 
 fn graph_error(status: StatusCode, e: &ErrorSpec, kind: &str) -> Response {
@@ -544,22 +630,6 @@ fn graph_error(status: StatusCode, e: &ErrorSpec, kind: &str) -> Response {
         error["error_subcode"] = json!(sub);
     }
     (status, Json(json!({ "error": error }))).into_response()
-}
-
-fn usage_headers(headers: &mut HeaderMap, account: &str, percent: u64, regain: u32) {
-    let app =
-        json!({"call_count": percent, "total_cputime": percent / 2, "total_time": percent / 2});
-    let buc = json!({ account: [{"type": "ads_management", "call_count": percent,
-        "total_cputime": percent / 2, "total_time": percent / 2,
-        "estimated_time_to_regain_access": regain}]});
-    for (name, value) in [("x-app-usage", app), ("x-business-use-case-usage", buc)] {
-        if let Ok(v) = HeaderValue::from_str(&value.to_string()) {
-            headers.insert(name, v);
-        }
-    }
-    if let Ok(v) = HeaderValue::from_str(&trace_id()) {
-        headers.insert("x-fb-trace-id", v);
-    }
 }
 
 /// The trigger in a recipient token: `sim:<kind>:<arg>[:anything]`.
@@ -580,9 +650,15 @@ async fn messages(
     // Like Meta, the simulator finishes a request it has received even if
     // the caller goes away (a worker killed mid-call): the send happens and
     // is counted, the answer is lost. So a test can see what a crash
-    // mid-call really costs.
+    // mid-call really costs. A request can only be dropped where it waits:
+    // the latency, or a trigger (`sim:slow`, faults); one with neither runs
+    // to its end in one poll, so it needs no task of its own.
+    let delay = sim.config.latency.pick();
+    if delay.is_zero() && !body.windows(4).any(|w| w == b"sim:") {
+        return handle_message(sim, reset, delay, version, account, query, headers, body).await;
+    }
     let request = tokio::spawn(async move {
-        handle_message(sim, reset, version, account, query, headers, body).await
+        handle_message(sim, reset, delay, version, account, query, headers, body).await
     });
     match request.await {
         Ok(response) => response,
@@ -590,16 +666,20 @@ async fn messages(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn handle_message(
     sim: Arc<Sim>,
     reset: Arc<Notify>,
+    delay: Duration,
     version: String,
     account: String,
     query: Option<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    tokio::time::sleep(sim.config.latency.pick()).await;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let valid_version = version
         .strip_prefix('v')
         .and_then(|v| v.split_once('.'))
@@ -625,7 +705,20 @@ async fn handle_message(
         Some(_) => sim.config.regain_minutes,
         None => 0,
     };
-    usage_headers(response.headers_mut(), ad_account, percent, regain);
+    let usage = {
+        let mut books = sim.books();
+        match &books.usage {
+            Some(u) if u.matches(ad_account, percent, regain) => u.clone(),
+            _ => books
+                .usage
+                .insert(Usage::new(ad_account, percent, regain))
+                .clone(),
+        }
+    };
+    let headers = response.headers_mut();
+    headers.insert("x-app-usage", usage.app);
+    headers.insert("x-business-use-case-usage", usage.buc);
+    headers.insert("x-fb-trace-id", trace_id_header());
     response
 }
 
@@ -850,16 +943,24 @@ async fn answer(
     if nth == 2 {
         stats.duplicates += 1;
     }
-    *stats
-        .by_message_id
-        .entry(message_id.to_string())
-        .or_insert(0) += 1;
+    match stats.by_message_id.get_mut(message_id) {
+        Some(n) => *n += 1,
+        None => {
+            stats.by_message_id.insert(message_id.to_string(), 1);
+        }
+    }
     drop(books);
     if trigger(recipient) == Some(("fault", "no_tracking_id")) && nth == 1 {
         return (StatusCode::OK, Json(json!({"success": true}))).into_response();
     }
     let id = sim.ids.fetch_add(1, Ordering::Relaxed);
-    Json(json!({"success": true, "marketing_message_tracking_id": format!("mm.{id:012}")}))
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        format!(r#"{{"success":true,"marketing_message_tracking_id":"mm.{id:012}"}}"#),
+    )
         .into_response()
 }
 

@@ -14,7 +14,7 @@
 --             7 gate wait ms          8 lower the page's rate (1/0)
 --
 -- Returns 1 for each job told.
--- (prelude.lua in front: `now`, `each_job`, `any_gate`)
+-- (prelude.lua in front: `now`, `now_text`, `each_job`, `any_gate`)
 
 local function one(ledger, k, o, a)
   -- 1. the ledger
@@ -22,7 +22,7 @@ local function one(ledger, k, o, a)
     local outcome = ARGV[o + 1]
     if outcome == 'sent' or outcome == 'suspected' then
       -- 'until' (the claim's lease) is cleared in the same write
-      redis.call('HSET', ledger, 'state', 'sent', 'tracking', ARGV[o + 2], 'at', now,
+      redis.call('HSET', ledger, 'state', 'sent', 'tracking', ARGV[o + 2], 'at', now_text,
         'worker', ARGV[a + 2], 'suspected', outcome == 'suspected' and '1' or '0',
         'until', '0')
       redis.call('PEXPIRE', ledger, ARGV[a + 1])

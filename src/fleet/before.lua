@@ -22,8 +22,10 @@
 --   {'sent', tracking_id, sent_at_ms}          already sent: ack, no call
 --   {'busy', worker, remaining_ms}             in flight on another worker
 --   {'gated', scope_index, class, code, wait_ms}  held: no claim, no call
---   {'go', maybe_sent, pace_wait_ms}           claimed: call after the wait
--- (prelude.lua in front: `now`, `each_job`, `any_gate`)
+--   pace_wait_ms * 2 + maybe_sent (an integer)   claimed: call after the wait
+-- (the common answer is one integer: nothing for Redis to format or the
+-- worker to parse as strings)
+-- (prelude.lua in front: `now`, `now_text`, `each_job`, `any_gate`)
 
 -- GCRA with reservation. The job takes the next slot of its page (and of
 -- the fleet) and is told how long to wait for it, so a paced job needs no
@@ -94,10 +96,10 @@ local function one(ledger, k, _, a)
   --    covers the request timeout
   if ARGV[a + 8] == '1' then
     redis.call('HSET', ledger, 'state', 'sending', 'worker', worker,
-      'until', now + wait + tonumber(ARGV[a + 2]))
+      'until', string.format('%d', now + wait + tonumber(ARGV[a + 2])))
     redis.call('PEXPIRE', ledger, ARGV[a + 9])
   end
-  return {'go', previous and '1' or '0', tostring(wait)}
+  return wait * 2 + (previous and 1 or 0)
 end
 
 return each_job(0, 9, one)

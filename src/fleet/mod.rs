@@ -155,7 +155,16 @@ impl Part {
         }
     }
 
-    /// One item written with `Display` (numbers, flags).
+    /// One integer item (milliseconds, flags): written by `itoa`, which is
+    /// what `Display` costs most of a part otherwise.
+    fn int(&mut self, item: impl itoa::Integer) -> &mut Part {
+        self.bytes
+            .extend_from_slice(itoa::Buffer::new().format(item).as_bytes());
+        self.ends.push(self.bytes.len());
+        self
+    }
+
+    /// One item written with `Display` (a rate).
     fn push(&mut self, item: impl std::fmt::Display) -> &mut Part {
         use std::io::Write as _;
         // writing into a Vec cannot fail
@@ -335,7 +344,7 @@ pub struct Fleet {
     tag: String,
     worker: String,
     config: FleetConfig,
-    before: Batcher<Vec<String>>,
+    before: Batcher<BeforeAnswer>,
     after: Batcher<i64>,
     metrics: Arc<Metrics>,
 }
@@ -649,14 +658,14 @@ impl Fleet {
         let mut part = Part::new();
         push_scope_keys(&mut part, &self.tag, job);
         part.concat(&[&self.worker])
-            .push(ms(ask.request_timeout + self.config.lease_margin))
+            .int(ms(ask.request_timeout + self.config.lease_margin))
             .push(ask.page_rate)
             .push(ask.global_rate)
-            .push(ms(ask.probe_wait))
-            .push(ms(ask.probe_lock))
-            .push(u8::from(ask.gates))
-            .push(1u8)
-            .push(ms(self.config.ledger_retention));
+            .int(ms(ask.probe_wait))
+            .int(ms(ask.probe_lock))
+            .int(u8::from(ask.gates))
+            .int(1u8)
+            .int(ms(self.config.ledger_retention));
         push_ledger_key(&mut part, &self.tag, job);
         let answer = self.before.call(&self.link(), part).await?;
         parse_before(job, &answer)
@@ -681,22 +690,22 @@ impl Fleet {
         };
         let mut part = Part::new();
         push_scope_keys(&mut part, &self.tag, job);
-        part.push(ms(self.config.ledger_retention))
+        part.int(ms(self.config.ledger_retention))
             .concat(&[&self.worker])
-            .push(1u8)
-            .push(u8::from(tell.gates))
-            .push(ms(tell.gate_grace))
+            .int(1u8)
+            .int(u8::from(tell.gates))
+            .int(ms(tell.gate_grace))
             .push(tell.page_rate)
-            .push(ms(self.config.lowered_rate_for));
+            .int(ms(self.config.lowered_rate_for));
         push_ledger_key(&mut part, &self.tag, job);
         part.concat(&[outcome])
             .concat(&[tracking])
-            .push(u8::from(tell.success))
-            .push(index)
+            .int(u8::from(tell.success))
+            .int(index)
             .concat(&[class])
             .concat(&[&code])
-            .push(ms(wait))
-            .push(u8::from(tell.lower_page_rate));
+            .int(ms(wait))
+            .int(u8::from(tell.lower_page_rate));
         self.after.call(&self.link(), part).await?;
         Ok(())
     }
@@ -783,7 +792,39 @@ fn now_ms_approx() -> u64 {
         .unwrap_or(0)
 }
 
-fn parse_before(job: &Job, answer: &[String]) -> Result<Before, FleetError> {
+/// One job's answer of `before.lua`: the claim as one integer (the common
+/// answer), anything else as strings.
+#[derive(Debug)]
+enum BeforeAnswer {
+    /// `pace_wait_ms * 2 + maybe_sent`.
+    Go(i64),
+    Other(Vec<String>),
+}
+
+impl redis::FromRedisValue for BeforeAnswer {
+    fn from_redis_value(v: redis::Value) -> Result<Self, redis::ParsingError> {
+        match v {
+            redis::Value::Int(n) => Ok(BeforeAnswer::Go(n)),
+            other => Ok(BeforeAnswer::Other(Vec::from_redis_value(other)?)),
+        }
+    }
+}
+
+fn parse_before(job: &Job, answer: &BeforeAnswer) -> Result<Before, FleetError> {
+    let answer = match answer {
+        BeforeAnswer::Go(n) => {
+            return u64::try_from(*n)
+                .map(|n| Before::Go {
+                    maybe_sent: n & 1 == 1,
+                    pace_wait: Duration::from_millis(n >> 1),
+                })
+                .map_err(|_| FleetError::Answer {
+                    op: RedisOp::Before.as_str(),
+                    answer: n.to_string(),
+                })
+        }
+        BeforeAnswer::Other(strings) => strings.as_slice(),
+    };
     let bad = || FleetError::Answer {
         op: RedisOp::Before.as_str(),
         answer: answer.join(" "),
@@ -814,10 +855,70 @@ fn parse_before(job: &Job, answer: &[String]) -> Result<Before, FleetError> {
                 wait: millis(wait)?,
             }))
         }
-        [kind, maybe_sent, wait] if kind == "go" => Ok(Before::Go {
-            maybe_sent: maybe_sent == "1",
-            pace_wait: millis(wait)?,
-        }),
         _ => Err(bad()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job() -> Job {
+        Job::parse(
+            br#"{"v":1,"job_id":"j1","ad_account_id":"1","page_id":"2","message_id":"3","subscription_token":"s"}"#,
+        )
+        .unwrap()
+    }
+
+    fn decode(v: redis::Value) -> Result<Before, FleetError> {
+        let answer: BeforeAnswer = redis::FromRedisValue::from_redis_value(v).unwrap();
+        parse_before(&job(), &answer)
+    }
+
+    #[test]
+    fn a_claim_is_one_integer_of_wait_and_maybe_sent() {
+        assert_eq!(
+            decode(redis::Value::Int(0)).unwrap(),
+            Before::Go {
+                maybe_sent: false,
+                pace_wait: Duration::ZERO
+            }
+        );
+        assert_eq!(
+            decode(redis::Value::Int(2 * 1500 + 1)).unwrap(),
+            Before::Go {
+                maybe_sent: true,
+                pace_wait: Duration::from_millis(1500)
+            }
+        );
+        let err = decode(redis::Value::Int(-3)).unwrap_err().to_string();
+        assert!(err.contains("-3"), "{err}");
+    }
+
+    #[test]
+    fn the_other_answers_stay_strings() {
+        let strings = |items: &[&str]| {
+            redis::Value::Array(
+                items
+                    .iter()
+                    .map(|s| redis::Value::BulkString(s.as_bytes().to_vec()))
+                    .collect(),
+            )
+        };
+        assert_eq!(
+            decode(strings(&["busy", "w2", "4000"])).unwrap(),
+            Before::Busy {
+                worker: "w2".into(),
+                remaining: Duration::from_millis(4000)
+            }
+        );
+        assert_eq!(
+            decode(strings(&["sent", "mm.1", "17"])).unwrap(),
+            Before::AlreadySent {
+                tracking_id: "mm.1".into()
+            }
+        );
+        // the old claim's shape is no longer an answer
+        assert!(decode(strings(&["go", "0", "0"])).is_err());
     }
 }

@@ -2,6 +2,10 @@
 -- them with this prelude in front (src/fleet/mod.rs).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- `now` as Redis would write it, made once per call: a Lua number given to
+-- redis.call is formatted as a double (%.17g), which costs Redis more than
+-- the rest of a job's HSET
+local now_text = string.format('%d', now)
 
 -- A call carries one or more jobs (the worker gathers the jobs that asked
 -- while its previous call was in flight). Jobs with the same 12 scope keys
