@@ -11,7 +11,7 @@
 #   JOBS=20000 PROFILE=perf benches/profile-worker.sh
 #   JOBS=3000 PROFILE=callgrind benches/profile-worker.sh
 #   REDIS=redis://127.0.0.1:6379 benches/profile-worker.sh   # with the send ledger
-#   PROFILE=perf PERF_TARGET=simulator benches/profile-worker.sh  # the simulator's side
+#   PROFILE=perf PERF_TARGET=simulator benches/profile-worker.sh  # the simulator's side (perf or callgrind)
 #
 # Needs RabbitMQ (MMSEND_AMQP_URL, default the local one); output goes to
 # target/profile/.
@@ -51,9 +51,19 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# SIM_BIN=<path>: the simulator of another build (to compare simulators)
-"${SIM_BIN:-$BIN}" simulate --listen "127.0.0.1:$SIM_PORT" >/dev/null 2>&1 &
-simpid=$!
+# SIM_BIN=<path>: the simulator of another build (to compare simulators);
+# PERF_TARGET=simulator with PROFILE=callgrind counts the simulator's
+# instructions instead of the worker's
+TARGET=${PERF_TARGET:-worker}
+sim=("${SIM_BIN:-$BIN}" simulate --listen "127.0.0.1:$SIM_PORT")
+if [ "$PROFILE" = callgrind ] && [ "$TARGET" = simulator ]; then
+    valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" "${sim[@]}" >/dev/null 2>"$OUT/valgrind.log" &
+    simpid=$!
+    for _ in $(seq 100); do curl -sf "http://127.0.0.1:$SIM_PORT/_sim/stats" >/dev/null && break; sleep 0.2; done
+else
+    "${sim[@]}" >/dev/null 2>&1 &
+    simpid=$!
+fi
 pids+=($simpid)
 python3 - "$JOBS" >"$OUT/jobs.jsonl" <<'EOF'
 import json, sys
@@ -68,10 +78,11 @@ EOF
 case "$PROFILE" in
 perf) "$BIN" worker & wpid=$!; sleep 0.2
       # PERF_TARGET=simulator records the simulator's process instead
-      if [ "${PERF_TARGET:-worker}" = simulator ]; then target=$simpid; else target=$wpid; fi
+      if [ "$TARGET" = simulator ]; then target=$simpid; else target=$wpid; fi
       perf record -F ${PERF_HZ:-1999} ${PERF_CALLGRAPH:--g} -o "$OUT/perf.data" -p "$target" 2>/dev/null & ppid=$! ;;
 strace) strace -c -f -o "$OUT/strace.txt" "$BIN" worker & wpid=$! ;;
-callgrind) valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" "$BIN" worker 2>"$OUT/valgrind.log" & wpid=$! ;;
+callgrind) if [ "$TARGET" = simulator ]; then "$BIN" worker & wpid=$!
+           else valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" "$BIN" worker 2>"$OUT/valgrind.log" & wpid=$!; fi ;;
 *) "$BIN" worker & wpid=$! ;;
 esac
 pids+=("$wpid")
@@ -97,7 +108,7 @@ tick=$(getconf CLK_TCK)
 kill -TERM "$wpid"; wait "$wpid" 2>/dev/null || true
 if [ "$PROFILE" = perf ]; then
     # a recorded simulator keeps running: stop its recording
-    if [ "${PERF_TARGET:-worker}" = simulator ]; then kill -INT "$ppid" 2>/dev/null || true; fi
+    if [ "$TARGET" = simulator ]; then kill -INT "$ppid" 2>/dev/null || true; fi
     wait "$ppid" 2>/dev/null || true
 fi
 python3 - "$utime" "$stime" "$tick" "$JOBS" "$start" "$end" "$OUT" <<'EOF'
@@ -119,5 +130,11 @@ print(f"worker: {jobs:.0f} jobs in {t1 - t0:.1f} s (including start-up and a 1 s
 EOF
 case "$PROFILE" in
 perf) perf report -i "$OUT/perf.data" --no-children --sort symbol --stdio 2>/dev/null | grep -v '^#' | grep '%' | head -40 ;;
-callgrind) callgrind_annotate "$OUT/callgrind.out" 2>/dev/null | head -60 ;;
+callgrind)
+    if [ "$TARGET" = simulator ]; then
+        # Ctrl-C: the simulator ends cleanly and callgrind writes its counts
+        kill -INT "$simpid" 2>/dev/null || true
+        wait "$simpid" 2>/dev/null || true
+    fi
+    callgrind_annotate "$OUT/callgrind.out" 2>/dev/null | head -60 ;;
 esac
