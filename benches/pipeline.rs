@@ -24,7 +24,8 @@
 //! The simulator serves on a thread of its own (one current-thread runtime,
 //! as `mmsend simulate` serves by default), not on the bench's scheduler,
 //! which the C1 and C2 clients use. The workers run as child processes so
-//! their CPU time and memory are their own (`MMSEND_BENCH_WORKER_LOG=<file>` keeps mmsend's debug log).
+//! their CPU time and memory are their own (`MMSEND_BENCH_WORKER_LOG=<file>`
+//! keeps mmsend's debug log).
 //! Py sets up its own virtualenv in `target/bench-venv` (`python3 -m venv`,
 //! `pip install aio-pika aiohttp`; `MMSEND_BENCH_PYTHON` names another
 //! interpreter) and reuses it; without Python or pip the row says why it

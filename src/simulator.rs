@@ -253,7 +253,6 @@ struct Books {
 }
 
 /// The usage headers of one (ad account, percent, regain) answer.
-#[derive(Clone)]
 struct Usage {
     account: String,
     percent: u64,
@@ -331,12 +330,7 @@ impl Simulator {
         let (router, sim) = app(config);
         let stop = CancellationToken::new();
         let task = tokio::spawn(accept_loop(listener, router, stop.clone()));
-        Ok(SimHandle {
-            addr: local,
-            sim,
-            stop,
-            task,
-        })
+        Ok(SimHandle::new(local, sim, stop, task))
     }
 
     /// Like [`Simulator::start`], but served by a runtime of its own on one
@@ -362,12 +356,7 @@ impl Simulator {
                 }
             })
         });
-        Ok(SimHandle {
-            addr: local,
-            sim,
-            stop,
-            task,
-        })
+        Ok(SimHandle::new(local, sim, stop, task))
     }
 
     /// The simulator's routes, for a server of one's own (the HTTP/2
@@ -461,9 +450,28 @@ pub struct SimHandle {
     sim: Arc<Sim>,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    /// Dropping the handle stops the server too: a test that panics before
+    /// [`SimHandle::shutdown`] must not leave a simulator on a thread of its
+    /// own serving, which its runtime would wait for forever.
+    _stop_on_drop: tokio_util::sync::DropGuard,
 }
 
 impl SimHandle {
+    fn new(
+        addr: SocketAddr,
+        sim: Arc<Sim>,
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    ) -> SimHandle {
+        SimHandle {
+            addr,
+            sim,
+            _stop_on_drop: stop.clone().drop_guard(),
+            stop,
+            task,
+        }
+    }
+
     /// `http://<addr>`, to use as the Graph client's base URL.
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
@@ -705,19 +713,18 @@ async fn handle_message(
         Some(_) => sim.config.regain_minutes,
         None => 0,
     };
-    let usage = {
+    // the header values only: they share their bytes, the account is not copied
+    let (app, buc) = {
         let mut books = sim.books();
-        match &books.usage {
-            Some(u) if u.matches(ad_account, percent, regain) => u.clone(),
-            _ => books
-                .usage
-                .insert(Usage::new(ad_account, percent, regain))
-                .clone(),
-        }
+        let usage = match &mut books.usage {
+            Some(u) if u.matches(ad_account, percent, regain) => u,
+            slot => slot.insert(Usage::new(ad_account, percent, regain)),
+        };
+        (usage.app.clone(), usage.buc.clone())
     };
     let headers = response.headers_mut();
-    headers.insert("x-app-usage", usage.app);
-    headers.insert("x-business-use-case-usage", usage.buc);
+    headers.insert("x-app-usage", app);
+    headers.insert("x-business-use-case-usage", buc);
     headers.insert("x-fb-trace-id", trace_id_header());
     response
 }

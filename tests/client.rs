@@ -180,3 +180,48 @@ async fn the_simulator_checks_auth_and_app_secret_proof() {
     assert_eq!(sim.stats().sent, 1);
     sim.shutdown().await;
 }
+
+/// The simulator keeps its last usage headers while their inputs are the
+/// same: an answer for another ad account still names that account, and
+/// every answer has a trace id of its own.
+#[tokio::test]
+async fn usage_headers_follow_the_ad_account_and_trace_ids_differ() {
+    let sim = Simulator::start_on_own_thread("127.0.0.1:0", SimConfig::default())
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let mut traces = Vec::new();
+    for account in ["111", "222", "111"] {
+        let answer = http
+            .post(format!("{}/v24.0/act_{account}/messages", sim.base_url()))
+            .bearer_auth("t")
+            .json(&json!({"message_id": "1", "message": {"text": "hi"},
+                "messenger_delivery_data": {"subscription_token": format!("u-{account}-{}", traces.len())}}))
+            .send()
+            .await
+            .unwrap();
+        assert!(answer.status().is_success());
+        let header = |name: &str| {
+            answer
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string()
+        };
+        let buc: serde_json::Value =
+            serde_json::from_str(&header("x-business-use-case-usage")).unwrap();
+        assert!(buc.get(account).is_some(), "{buc} names {account}");
+        assert_eq!(buc.as_object().unwrap().len(), 1, "{buc}");
+        let app: serde_json::Value = serde_json::from_str(&header("x-app-usage")).unwrap();
+        assert!(app.get("call_count").is_some(), "{app}");
+        let trace = header("x-fb-trace-id");
+        assert_eq!(trace.len(), 11, "{trace}");
+        assert!(trace.bytes().all(|b| b.is_ascii_alphanumeric()), "{trace}");
+        traces.push(trace);
+    }
+    traces.sort();
+    traces.dedup();
+    assert_eq!(traces.len(), 3, "a trace id per answer");
+    sim.shutdown().await;
+}
