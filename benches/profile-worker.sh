@@ -103,6 +103,8 @@ while [ "$(depth)" != 0 ]; do sleep 0.2; done
 sleep 1
 end=$(date +%s.%N)
 read -r utime stime < <(awk '{print $14, $15}' "/proc/$wpid/stat")
+# how often the worker slept and was woken (each costs a syscall and a switch)
+switches=$(awk '/^voluntary_ctxt_switches/ {v=$2} /^nonvoluntary_ctxt_switches/ {n=$2} END {print v, n}' "/proc/$wpid/status")
 others >"$OUT/others.end"
 tick=$(getconf CLK_TCK)
 kill -TERM "$wpid"; wait "$wpid" 2>/dev/null || true
@@ -111,9 +113,10 @@ if [ "$PROFILE" = perf ]; then
     if [ "$TARGET" = simulator ]; then kill -INT "$ppid" 2>/dev/null || true; fi
     wait "$ppid" 2>/dev/null || true
 fi
-python3 - "$utime" "$stime" "$tick" "$JOBS" "$start" "$end" "$OUT" <<'EOF'
+python3 - "$utime" "$stime" "$tick" "$JOBS" "$start" "$end" "$OUT" $switches <<'EOF'
 import sys
 u, s, tick, jobs, t0, t1 = (float(x) for x in sys.argv[1:7])
+voluntary, forced = (int(x) for x in sys.argv[8:10])
 def read(name):
     out = {}
     for line in open(f"{sys.argv[7]}/others.{name}"):
@@ -126,7 +129,8 @@ for key in sorted(b):
         print(f"{key[0]}: {(b[key] - a[key]) / tick / jobs * 1e6:.1f} µs/job during the drain")
 cpu = (u + s) / tick
 print(f"worker: {jobs:.0f} jobs in {t1 - t0:.1f} s (including start-up and a 1 s tail); "
-      f"CPU {cpu:.2f} s = {cpu / jobs * 1e6:.1f} µs/job (user {u / tick:.2f} s, system {s / tick:.2f} s)")
+      f"CPU {cpu:.2f} s = {cpu / jobs * 1e6:.1f} µs/job (user {u / tick:.2f} s, system {s / tick:.2f} s); "
+      f"{voluntary / jobs:.2f} sleeps and {forced / jobs:.2f} preemptions per job")
 EOF
 case "$PROFILE" in
 perf) perf report -i "$OUT/perf.data" --no-children --sort symbol --stdio 2>/dev/null | grep -v '^#' | grep '%' | head -40 ;;

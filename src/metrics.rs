@@ -128,6 +128,9 @@ pub enum RedisOp {
     Before,
     /// The round trip after it (ledger record, gates, page rate).
     After,
+    /// One round trip carrying both scripts (jobs that ask and jobs that
+    /// tell at the same time).
+    BeforeAfter,
     /// The periodic count of open gates.
     Census,
     /// A health check.
@@ -136,9 +139,10 @@ pub enum RedisOp {
 
 impl RedisOp {
     /// Every op.
-    pub const ALL: [RedisOp; 4] = [
+    pub const ALL: [RedisOp; 5] = [
         RedisOp::Before,
         RedisOp::After,
+        RedisOp::BeforeAfter,
         RedisOp::Census,
         RedisOp::Ping,
     ];
@@ -148,6 +152,7 @@ impl RedisOp {
         match self {
             RedisOp::Before => "before",
             RedisOp::After => "after",
+            RedisOp::BeforeAfter => "before_after",
             RedisOp::Census => "census",
             RedisOp::Ping => "ping",
         }
@@ -699,6 +704,12 @@ impl Metrics {
         if !ok {
             self.redis_errors.with_label_values(&[op.as_str()]).inc();
         }
+    }
+
+    /// A script that failed in a round trip that did not (one of two
+    /// pipelined calls): counted under the script's op.
+    pub fn redis_error(&self, op: RedisOp) {
+        self.redis_errors.with_label_values(&[op.as_str()]).inc();
     }
 
     /// Redis round trips of this op so far (the bench counts them).

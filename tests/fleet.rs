@@ -234,6 +234,85 @@ async fn jobs_asking_together_share_round_trips_and_get_their_own_answers() {
     t.cleanup().await;
 }
 
+/// Jobs that tell and jobs that ask at the same time share one round trip
+/// (both scripts pipelined, the tells first): a claim in the same round as
+/// the job's recorded send sees the send.
+#[tokio::test]
+async fn tells_and_asks_at_the_same_time_share_a_round_trip_tells_first() {
+    use futures_util::future::{join3, join_all};
+    use mmsend::metrics::RedisOp;
+    let t = Two::new("round", FleetConfig::new(&redis_url()));
+    let ask = ask();
+    let sent: Vec<Job> = (0..40).map(|i| job(&format!("s{i}"), "7", "c")).collect();
+    let fresh: Vec<Job> = (0..40).map(|i| job(&format!("f{i}"), "7", "c")).collect();
+    for answer in join_all(sent.iter().map(|j| t.a.before(j, &ask))).await {
+        assert_eq!(go(&answer.unwrap()), Some((false, Duration::ZERO)));
+    }
+    let ids: Vec<String> = (0..40).map(|i| format!("mm.{i}")).collect();
+    let tells: Vec<Tell<'_>> = ids.iter().map(|id| tell(Record::Sent(id))).collect();
+    let calls = |op| t.a_metrics.redis_calls(op);
+    let (before, after, both) = (
+        calls(RedisOp::Before),
+        calls(RedisOp::After),
+        calls(RedisOp::BeforeAfter),
+    );
+    let (told, claimed, again) = join3(
+        join_all(sent.iter().zip(&tells).map(|(j, tl)| t.a.after(j, tl))),
+        join_all(fresh.iter().map(|j| t.a.before(j, &ask))),
+        // the sent jobs asked again in the same round as their sends
+        join_all(sent.iter().take(10).map(|j| t.a.before(j, &ask))),
+    )
+    .await;
+    assert!(told.iter().all(Result::is_ok), "{told:?}");
+    for answer in claimed {
+        assert_eq!(go(&answer.unwrap()), Some((false, Duration::ZERO)));
+    }
+    for (i, answer) in again.into_iter().enumerate() {
+        assert_eq!(
+            answer.unwrap(),
+            Before::AlreadySent {
+                tracking_id: format!("mm.{i}")
+            }
+        );
+    }
+    assert_eq!(
+        (
+            calls(RedisOp::Before) - before,
+            calls(RedisOp::After) - after,
+            calls(RedisOp::BeforeAfter) - both
+        ),
+        (0, 0, 1),
+        "90 jobs telling and asking at once: one round trip with both scripts"
+    );
+
+    // Redis forgot the scripts (a restart, SCRIPT FLUSH): both are loaded
+    // again and each call made once more, in a round of both again
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let later: Vec<Job> = (0..5).map(|i| job(&format!("l{i}"), "7", "c")).collect();
+    let (told, claimed) = futures_util::future::join(
+        join_all(fresh.iter().zip(&tells).map(|(j, tl)| t.a.after(j, tl))),
+        join_all(later.iter().map(|j| t.a.before(j, &ask))),
+    )
+    .await;
+    assert!(told.iter().all(Result::is_ok), "{told:?}");
+    for answer in claimed {
+        assert_eq!(go(&answer.unwrap()), Some((false, Duration::ZERO)));
+    }
+    assert_eq!(
+        t.b.before(&fresh[3], &ask).await.unwrap(),
+        Before::AlreadySent {
+            tracking_id: "mm.3".into()
+        }
+    );
+    t.cleanup().await;
+}
+
 /// Jobs of different pages and campaigns in one call: each group's scope
 /// keys and settings go once, and every job is still answered by its own.
 #[tokio::test]

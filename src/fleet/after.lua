@@ -7,7 +7,9 @@
 --             3 ledger on (1/0)       4 gates on (1/0)
 --             5 gate key grace ms (probe lock + probe wait)
 --             6 the page's configured rate /s   7 lowered for ms
--- own args    1 outcome: sent | suspected | release
+-- own args, the common answer (a send, nothing to close or lower):
+--             1 'ok'                  2 tracking id
+-- or else     1 outcome: sent | suspected | release
 --             2 tracking id           3 the call succeeded (1/0)
 --             4 scope index to close (0 = none, 1..4 as scope keys 1..4)
 --             5 class                 6 code label
@@ -16,16 +18,27 @@
 -- Returns 1 for each job told.
 -- (prelude.lua in front: `now`, `now_text`, `each_job`, `any_gate`)
 
+local function own(first)
+  if first == 'ok' then return 2 end
+  return 8
+end
+
 local function one(ledger, k, o, a)
+  local ok = ARGV[o + 1] == 'ok'
   -- 1. the ledger
   if ARGV[a + 3] == '1' then
-    local outcome = ARGV[o + 1]
+    local outcome = ok and 'sent' or ARGV[o + 1]
     if outcome == 'sent' or outcome == 'suspected' then
-      -- 'until' (the claim's lease) is cleared in the same write
-      redis.call('HSET', ledger, 'state', 'sent', 'tracking', ARGV[o + 2], 'at', now_text,
-        'worker', ARGV[a + 2], 'suspected', outcome == 'suspected' and '1' or '0',
-        'until', '0')
-      redis.call('PEXPIRE', ledger, ARGV[a + 1])
+      -- 'until' (the claim's lease) is cleared in the same write. Over this
+      -- version's claim the write adds exactly tracking, at and suspected,
+      -- and the key keeps the expiry the claim set; anything else (a lost
+      -- key, a claim of an mmsend without 'expiry') gets the retention here
+      local added = redis.call('HSET', ledger, 'state', 'sent', 'tracking', ARGV[o + 2],
+        'at', now_text, 'worker', ARGV[a + 2],
+        'suspected', outcome == 'suspected' and '1' or '0', 'until', '0', 'expiry', '1')
+      if added ~= 3 then
+        redis.call('PEXPIRE', ledger, ARGV[a + 1])
+      end
     else
       -- a retry or a dead letter releases this worker's claim, so the retry
       -- or a replay can send
@@ -44,7 +57,7 @@ local function one(ledger, k, o, a)
     gates_indexed[index] = nil
   end
   if ARGV[a + 4] == '1' then
-    if ARGV[o + 3] == '1' then
+    if ok or ARGV[o + 3] == '1' then
       if any_gate(index) then
         for i = 1, 4 do open(i) end
       end
@@ -70,7 +83,7 @@ local function one(ledger, k, o, a)
   end
 
   -- 3. a page rate limit halves the page's rate, fleet-wide, for a while
-  if ARGV[o + 8] == '1' then
+  if not ok and ARGV[o + 8] == '1' then
     local current = tonumber(redis.call('GET', KEYS[k + 11]) or ARGV[a + 6]) or 1
     local lowered = math.max(1, math.floor(current / 2))
     redis.call('SET', KEYS[k + 11], tostring(lowered), 'PX', ARGV[a + 7])
@@ -78,4 +91,4 @@ local function one(ledger, k, o, a)
   return 1
 end
 
-return each_job(8, 7, one)
+return each_job(own, 7, one)

@@ -95,11 +95,13 @@ local function one(ledger, k, _, a)
   -- 4. the claim: sending, by this worker, for the wait plus a lease that
   --    covers the request timeout
   if ARGV[a + 8] == '1' then
+    -- 'expiry' marks a record whose key has the retention set (here, in the
+    -- same script): recording the send then needs no PEXPIRE of its own
     redis.call('HSET', ledger, 'state', 'sending', 'worker', worker,
-      'until', string.format('%d', now + wait + tonumber(ARGV[a + 2])))
+      'until', string.format('%d', now + wait + tonumber(ARGV[a + 2])), 'expiry', '1')
     redis.call('PEXPIRE', ledger, ARGV[a + 9])
   end
   return wait * 2 + (previous and 1 or 0)
 end
 
-return each_job(0, 9, one)
+return each_job(nil, 9, one)

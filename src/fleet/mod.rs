@@ -2,9 +2,10 @@
 //! **send ledger**, **fleet-wide pacing** and **shared gates**.
 //!
 //! Each job takes part in at most two round trips, each one atomic Lua
-//! script; the jobs that ask (or tell) while the previous call is in flight
-//! share the next one (group commit, `Batcher`), so under load a round
-//! trip carries many jobs:
+//! script; the jobs that ask or tell while the previous round trip is in
+//! flight share the next one (group commit, `Batcher`: both scripts'
+//! calls pipelined in one write when a round has jobs of both), so under
+//! load a round trip carries many jobs:
 //!
 //! - [`Fleet::before`] (`before.lua`), before a call: is the job already
 //!   sent (ack it without a call: a suppressed duplicate)? in flight under
@@ -204,7 +205,7 @@ impl Part {
 const SCOPE_KEYS: usize = 12;
 
 /// How a script's arguments split: `shared` are sent once per group of jobs
-/// with equal scope keys and shared arguments, `own` once per job. A call
+/// with equal scope keys and shared arguments, up to `own` once per job. A call
 /// is laid out as (`prelude.lua`, `each_job`):
 ///
 /// - KEYS: each job's ledger key, then each group's 12 scope keys;
@@ -224,7 +225,7 @@ impl Layout {
 }
 
 const BEFORE: Layout = Layout { shared: 9, own: 0 };
-const AFTER: Layout = Layout { shared: 7, own: 8 };
+const AFTER: Layout = Layout { shared: 7, own: 8 }; // 2 for a send (after.lua)
 
 /// Scope order in the scripts' keys (1..4 gates, 5..8 probes).
 const SCOPES: [ScopeKind; 4] = [
@@ -344,8 +345,7 @@ pub struct Fleet {
     tag: String,
     worker: String,
     config: FleetConfig,
-    before: Batcher<BeforeAnswer>,
-    after: Batcher<i64>,
+    batcher: Batcher,
     metrics: Arc<Metrics>,
 }
 
@@ -391,64 +391,89 @@ async fn timed<T>(
 /// The most jobs one script call carries.
 const MAX_BATCH: usize = 128;
 
-/// Group commit for one script: the jobs that ask while its call is in
-/// flight go together in the next call, one `EVALSHA` with each job's keys
-/// and arguments in turn (the scripts take the jobs in order, each as if
-/// alone). Nothing waits for a batch to fill: a lone job goes at once, and
-/// under load a batch holds what arrived during one round trip, so round
-/// trips, Redis's per-script work and the client's per-command work are
-/// paid per batch, not per job. One call of each script is in flight at a
-/// time; a job waits at most one round trip more for its turn.
+/// Which script a job's part is for; the index of its batch in a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Before = 0,
+    After = 1,
+}
+
+impl Kind {
+    fn layout(self) -> Layout {
+        match self {
+            Kind::Before => BEFORE,
+            Kind::After => AFTER,
+        }
+    }
+
+    fn op(self) -> RedisOp {
+        match self {
+            Kind::Before => RedisOp::Before,
+            Kind::After => RedisOp::After,
+        }
+    }
+}
+
+/// Group commit for both scripts: the jobs that ask or tell while a round
+/// trip is in flight go together in the next one, each script's jobs in
+/// one `EVALSHA` with each job's keys and arguments in turn (the scripts
+/// take the jobs in order, each as if alone), and both `EVALSHA`s in one
+/// pipelined write, `after` first (so a send recorded or a gate opened in
+/// a round is seen by the claims of the same round). Nothing waits for a
+/// batch to fill: a lone job goes at once, and under load a round holds
+/// what arrived during one round trip, so round trips, Redis's wake-ups,
+/// its per-script work and the client's per-command work are paid per
+/// round, not per job. One round is in flight at a time; a job waits at
+/// most one round trip more for its turn.
 ///
-/// The calls run in a task of their own, started on first use (and again
+/// The rounds run in a task of their own, started on first use (and again
 /// if it ended with the runtime that ran it).
-struct Batcher<T> {
-    op: RedisOp,
-    layout: Layout,
-    script: Arc<Script>,
-    queue: std::sync::Mutex<Option<mpsc::UnboundedSender<Queued<T>>>>,
+struct Batcher {
+    /// `before.lua` and `after.lua`, in [`Kind`] order.
+    scripts: Arc<[Script; 2]>,
+    queue: std::sync::Mutex<Option<mpsc::UnboundedSender<Queued>>>,
 }
 
-struct Queued<T> {
+struct Queued {
+    kind: Kind,
     part: Part,
-    reply: oneshot::Sender<Result<T, FleetError>>,
+    reply: oneshot::Sender<Result<redis::Value, FleetError>>,
 }
 
-/// What a batch's task needs of the fleet.
-#[derive(Clone)]
-struct Link {
-    conn: ConnectionManager,
-    metrics: Arc<Metrics>,
-    op_timeout: Duration,
-}
-
-impl<T: redis::FromRedisValue + Send + 'static> Batcher<T> {
-    fn new(op: RedisOp, layout: Layout, source: &str) -> Batcher<T> {
+impl Batcher {
+    fn new() -> Batcher {
         Batcher {
-            op,
-            layout,
-            script: Arc::new(Script::new(source)),
+            scripts: Arc::new([
+                Script::new(concat!(
+                    include_str!("prelude.lua"),
+                    include_str!("before.lua")
+                )),
+                Script::new(concat!(
+                    include_str!("prelude.lua"),
+                    include_str!("after.lua")
+                )),
+            ]),
             queue: std::sync::Mutex::new(None),
         }
     }
 
-    /// One job's call: its part joins the next batch.
-    async fn call(&self, link: &Link, part: Part) -> Result<T, FleetError> {
+    /// One job's call: its part joins the next round; its answer is
+    /// decoded here, in the job's task.
+    async fn call<T: redis::FromRedisValue>(
+        &self,
+        link: &Link,
+        kind: Kind,
+        part: Part,
+    ) -> Result<T, FleetError> {
         let (reply, answer) = oneshot::channel();
-        let mut queued = Queued { part, reply };
+        let mut queued = Queued { kind, part, reply };
         for _ in 0..2 {
             let sender = {
                 let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
                 queue
                     .get_or_insert_with(|| {
                         let (tx, rx) = mpsc::unbounded_channel();
-                        tokio::spawn(batches(
-                            self.op,
-                            self.layout,
-                            self.script.clone(),
-                            link.clone(),
-                            rx,
-                        ));
+                        tokio::spawn(rounds(self.scripts.clone(), link.clone(), rx));
                         tx
                     })
                     .clone()
@@ -462,68 +487,126 @@ impl<T: redis::FromRedisValue + Send + 'static> Batcher<T> {
                 }
             }
         }
-        answer.await.unwrap_or_else(|_| {
+        let value = answer.await.unwrap_or_else(|_| {
             Err(FleetError::Command {
-                op: self.op.as_str(),
+                op: kind.op().as_str(),
                 message: "the worker stopped before Redis answered".into(),
             })
+        })?;
+        T::from_redis_value(value).map_err(|e| FleetError::Answer {
+            op: kind.op().as_str(),
+            answer: e.to_string(),
         })
     }
 }
 
-/// The task of one [`Batcher`]: takes every job queued, calls the script
-/// once for all of them, hands each its answer.
-async fn batches<T: redis::FromRedisValue + Send>(
-    op: RedisOp,
-    layout: Layout,
-    script: Arc<Script>,
+/// What a round's task needs of the fleet.
+#[derive(Clone)]
+struct Link {
+    conn: ConnectionManager,
+    metrics: Arc<Metrics>,
+    op_timeout: Duration,
+}
+
+/// The task of the [`Batcher`]: takes every job queued, calls each script
+/// once for its jobs (both in one round trip), hands each job its answer.
+async fn rounds(
+    scripts: Arc<[Script; 2]>,
     mut link: Link,
-    mut queue: mpsc::UnboundedReceiver<Queued<T>>,
+    mut queue: mpsc::UnboundedReceiver<Queued>,
 ) {
-    let mut batch = Vec::new();
+    let mut batches: [Vec<Queued>; 2] = [Vec::new(), Vec::new()];
     while let Some(first) = queue.recv().await {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
+        batches[first.kind as usize].push(first);
+        while batches.iter().all(|b| b.len() < MAX_BATCH) {
             match queue.try_recv() {
-                Ok(next) => batch.push(next),
+                Ok(next) => batches[next.kind as usize].push(next),
                 Err(_) => break,
             }
         }
-        let cmd = command(&script, layout, &batch);
-        let conn = &mut link.conn;
-        let answers: Result<Vec<T>, FleetError> =
-            timed(&link.metrics, op, link.op_timeout, async {
-                match cmd.query_async(conn).await {
-                    Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                        script.load_async(conn).await?;
-                        cmd.query_async(conn).await
+        let kinds: Vec<Kind> = [Kind::After, Kind::Before]
+            .into_iter()
+            .filter(|k| !batches[*k as usize].is_empty())
+            .collect();
+        let cmds: Vec<redis::Cmd> = kinds
+            .iter()
+            .map(|&k| command(&scripts[k as usize], k.layout(), &batches[k as usize]))
+            .collect();
+        let op = match kinds.as_slice() {
+            [one] => one.op(),
+            _ => RedisOp::BeforeAfter,
+        };
+        let mut results = timed(
+            &link.metrics,
+            op,
+            link.op_timeout,
+            round_trip(&scripts, &kinds, &cmds, &mut link.conn),
+        )
+        .await;
+        for (i, kind) in kinds.iter().enumerate() {
+            let batch = &mut batches[*kind as usize];
+            let answers = match &mut results {
+                Ok(results) => match std::mem::replace(&mut results[i], Ok(redis::Value::Nil)) {
+                    Ok(redis::Value::Array(answers)) if answers.len() == batch.len() => Ok(answers),
+                    Ok(other) => Err(FleetError::Answer {
+                        op: kind.op().as_str(),
+                        answer: format!("{other:?} for {} jobs", batch.len()),
+                    }),
+                    Err(e) => {
+                        link.metrics.redis_error(kind.op());
+                        Err(FleetError::Command {
+                            op: kind.op().as_str(),
+                            message: redact_url(&e.to_string()),
+                        })
                     }
-                    other => other,
+                },
+                Err(e) => Err(e.clone()),
+            };
+            match answers {
+                Ok(answers) => {
+                    for (q, answer) in batch.drain(..).zip(answers) {
+                        let _ = q.reply.send(Ok(answer));
+                    }
                 }
-            })
-            .await;
-        match answers {
-            Ok(answers) if answers.len() == batch.len() => {
-                for (q, answer) in batch.drain(..).zip(answers) {
-                    let _ = q.reply.send(Ok(answer));
-                }
-            }
-            Ok(answers) => {
-                let error = FleetError::Answer {
-                    op: op.as_str(),
-                    answer: format!("{} answers for {} jobs", answers.len(), batch.len()),
-                };
-                for q in batch.drain(..) {
-                    let _ = q.reply.send(Err(error.clone()));
-                }
-            }
-            Err(error) => {
-                for q in batch.drain(..) {
-                    let _ = q.reply.send(Err(error.clone()));
+                Err(error) => {
+                    for q in batch.drain(..) {
+                        let _ = q.reply.send(Err(error.clone()));
+                    }
                 }
             }
         }
     }
+}
+
+/// One round trip of a round: one `EVALSHA` alone, or both pipelined. A
+/// script Redis does not know (a restart, `SCRIPT FLUSH`) is loaded and
+/// its call made again; a call that ran is never repeated. The outer error
+/// is the connection's, the inner ones each call's.
+async fn round_trip(
+    scripts: &[Script; 2],
+    kinds: &[Kind],
+    cmds: &[redis::Cmd],
+    conn: &mut ConnectionManager,
+) -> redis::RedisResult<Vec<redis::RedisResult<redis::Value>>> {
+    let mut results: Vec<redis::RedisResult<redis::Value>> = if let [cmd] = cmds {
+        match cmd.query_async(conn).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => vec![Err(e)],
+            other => vec![Ok(other?)],
+        }
+    } else {
+        let mut pipe = redis::pipe();
+        for cmd in cmds {
+            pipe.add_command(cmd.clone());
+        }
+        pipe.ignore_errors().query_async(conn).await?
+    };
+    for (i, result) in results.iter_mut().enumerate() {
+        if matches!(result, Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)) {
+            scripts[kinds[i] as usize].load_async(conn).await?;
+            *result = cmds[i].query_async(conn).await;
+        }
+    }
+    Ok(results)
 }
 
 /// A part's shared items as bytes and ends ([`Part::head`]).
@@ -531,7 +614,7 @@ type Head<'a> = (&'a [u8], &'a [usize]);
 
 /// One `EVALSHA` for a batch, laid out as [`Layout`] says: the jobs with
 /// equal shared items form a group whose items are written once.
-fn command<T>(script: &Script, layout: Layout, batch: &[Queued<T>]) -> redis::Cmd {
+fn command(script: &Script, layout: Layout, batch: &[Queued]) -> redis::Cmd {
     let head = layout.head();
     let mut groups: HashMap<Head<'_>, usize> = HashMap::new();
     // each job's group, and each group's first job
@@ -617,16 +700,7 @@ impl Fleet {
             tag: format!("{{{prefix}}}"),
             worker: worker.to_string(),
             config,
-            before: Batcher::new(
-                RedisOp::Before,
-                BEFORE,
-                concat!(include_str!("prelude.lua"), include_str!("before.lua")),
-            ),
-            after: Batcher::new(
-                RedisOp::After,
-                AFTER,
-                concat!(include_str!("prelude.lua"), include_str!("after.lua")),
-            ),
+            batcher: Batcher::new(),
             metrics,
         })
     }
@@ -667,7 +741,7 @@ impl Fleet {
             .int(1u8)
             .int(ms(self.config.ledger_retention));
         push_ledger_key(&mut part, &self.tag, job);
-        let answer = self.before.call(&self.link(), part).await?;
+        let answer: BeforeAnswer = self.batcher.call(&self.link(), Kind::Before, part).await?;
         parse_before(job, &answer)
     }
 
@@ -698,15 +772,23 @@ impl Fleet {
             .push(tell.page_rate)
             .int(ms(self.config.lowered_rate_for));
         push_ledger_key(&mut part, &self.tag, job);
-        part.concat(&[outcome])
-            .concat(&[tracking])
-            .int(u8::from(tell.success))
-            .int(index)
-            .concat(&[class])
-            .concat(&[&code])
-            .int(ms(wait))
-            .int(u8::from(tell.lower_page_rate));
-        self.after.call(&self.link(), part).await?;
+        match tell.record {
+            // the common answer in two arguments (after.lua)
+            Record::Sent(id) if tell.success && index == 0 && !tell.lower_page_rate => {
+                part.concat(&["ok"]).concat(&[id]);
+            }
+            _ => {
+                part.concat(&[outcome])
+                    .concat(&[tracking])
+                    .int(u8::from(tell.success))
+                    .int(index)
+                    .concat(&[class])
+                    .concat(&[&code])
+                    .int(ms(wait))
+                    .int(u8::from(tell.lower_page_rate));
+            }
+        }
+        let _: i64 = self.batcher.call(&self.link(), Kind::After, part).await?;
         Ok(())
     }
 

@@ -14,15 +14,22 @@ local now_text = string.format('%d', now)
 --   KEYS  each job's ledger key (n of them), then each group's 12 scope keys
 --   ARGV  n, each job's group (from 1), each job's `own` arguments, then
 --         each group's `shared` arguments
--- each_job calls f(ledger_key, k, o, s) for the jobs in order, each as if
--- by a script of its own: scope key i is KEYS[k + i], own argument i is
--- ARGV[o + i], shared argument i is ARGV[s + i]. It returns f's answers.
+-- `own` tells how many own arguments a job has from its first one (a
+-- script whose jobs have none passes nil). each_job calls
+-- f(ledger_key, k, o, s) for the jobs in order, each as if by a script of
+-- its own: scope key i is KEYS[k + i], own argument i is ARGV[o + i],
+-- shared argument i is ARGV[s + i]. It returns f's answers.
 local function each_job(own, shared, f)
   local n = tonumber(ARGV[1])
+  local starts, o = {}, 1 + n
+  for j = 1, n do
+    starts[j] = o
+    if own then o = o + own(ARGV[o + 1]) end
+  end
   local out = {}
   for j = 1, n do
     local g = tonumber(ARGV[1 + j]) - 1
-    out[j] = f(KEYS[j], n + 12 * g, 1 + n + own * (j - 1), 1 + n + own * n + shared * g)
+    out[j] = f(KEYS[j], n + 12 * g, starts[j], o + shared * g)
   end
   return out
 end
