@@ -18,7 +18,10 @@
 //!   request timeout. A claim over an expired lease means the holder died
 //!   mid-call: the answer says the earlier call may have been the send.
 //! - [`Fleet::after`] (`after.lua`), after the call: `sent` with the tracking
-//!   id and time (kept for the ledger retention, 14 days by default), or
+//!   id and time (kept for the ledger retention, 14 days by default,
+//!   counted from the claim, which set the key's expiry: recording the send
+//!   over this version's claim adds no `PEXPIRE`; over a lost key or an
+//!   older version's claim, which lack the `expiry` field, it does), or
 //!   the claim released (a retry or a dead letter, so a retry or a replay
 //!   can send); a success opens the job's gates, a failure closes the scope
 //!   its verdict holds, for the whole fleet; a page rate limit halves the
