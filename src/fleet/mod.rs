@@ -539,31 +539,60 @@ async fn rounds(
             [one] => one.op(),
             _ => RedisOp::BeforeAfter,
         };
-        let mut results = timed(
+        let round = timed(
             &link.metrics,
             op,
             link.op_timeout,
-            round_trip(&scripts, &kinds, &cmds, &mut link.conn),
+            round_trip(&cmds, &mut link.conn),
         )
         .await;
+        let mut results: Vec<Result<redis::Value, FleetError>> = match round {
+            Err(e) => vec![Err(e); kinds.len()],
+            Ok(raw) => {
+                let mut out = Vec::with_capacity(raw.len());
+                let mut loaded = false;
+                for ((result, cmd), &kind) in raw.into_iter().zip(&cmds).zip(&kinds) {
+                    out.push(match result {
+                        // Redis lost its scripts (a restart, SCRIPT FLUSH):
+                        // both are loaded, so the next rounds keep `after`
+                        // first, and this call alone is made again (in this
+                        // round after the other's); a call that ran keeps
+                        // its answer whatever happens here
+                        Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                            let conn = &mut link.conn;
+                            let load = !std::mem::replace(&mut loaded, true);
+                            timed(&link.metrics, kind.op(), link.op_timeout, async {
+                                if load {
+                                    for script in scripts.iter() {
+                                        script.load_async(conn).await?;
+                                    }
+                                }
+                                cmd.query_async(conn).await
+                            })
+                            .await
+                        }
+                        Ok(value) => Ok(value),
+                        Err(e) => {
+                            link.metrics.redis_error(kind.op());
+                            Err(FleetError::Command {
+                                op: kind.op().as_str(),
+                                message: redact_url(&e.to_string()),
+                            })
+                        }
+                    });
+                }
+                out
+            }
+        };
         for (i, kind) in kinds.iter().enumerate() {
             let batch = &mut batches[*kind as usize];
-            let answers = match &mut results {
-                Ok(results) => match std::mem::replace(&mut results[i], Ok(redis::Value::Nil)) {
-                    Ok(redis::Value::Array(answers)) if answers.len() == batch.len() => Ok(answers),
-                    Ok(other) => Err(FleetError::Answer {
-                        op: kind.op().as_str(),
-                        answer: format!("{other:?} for {} jobs", batch.len()),
-                    }),
-                    Err(e) => {
-                        link.metrics.redis_error(kind.op());
-                        Err(FleetError::Command {
-                            op: kind.op().as_str(),
-                            message: redact_url(&e.to_string()),
-                        })
-                    }
-                },
-                Err(e) => Err(e.clone()),
+            let answers = match std::mem::replace(&mut results[i], Ok(redis::Value::Nil)) {
+                Ok(redis::Value::Array(answers)) if answers.len() == batch.len() => Ok(answers),
+                Ok(other) => Err(FleetError::Answer {
+                    op: kind.op().as_str(),
+                    answer: format!("{other:?} for {} jobs", batch.len()),
+                }),
+                Err(e) => Err(e),
             };
             match answers {
                 Ok(answers) => {
@@ -581,35 +610,25 @@ async fn rounds(
     }
 }
 
-/// One round trip of a round: one `EVALSHA` alone, or both pipelined. A
-/// script Redis does not know (a restart, `SCRIPT FLUSH`) is loaded and
-/// its call made again; a call that ran is never repeated. The outer error
-/// is the connection's, the inner ones each call's.
+/// One round trip of a round: one `EVALSHA` alone, or both pipelined, each
+/// call's error its own (the outer error is the connection's). A script
+/// Redis does not know comes back as that call's error, for [`rounds`] to
+/// load and call again.
 async fn round_trip(
-    scripts: &[Script; 2],
-    kinds: &[Kind],
     cmds: &[redis::Cmd],
     conn: &mut ConnectionManager,
 ) -> redis::RedisResult<Vec<redis::RedisResult<redis::Value>>> {
-    let mut results: Vec<redis::RedisResult<redis::Value>> = if let [cmd] = cmds {
-        match cmd.query_async(conn).await {
-            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => vec![Err(e)],
-            other => vec![Ok(other?)],
-        }
-    } else {
-        let mut pipe = redis::pipe();
-        for cmd in cmds {
-            pipe.add_command(cmd.clone());
-        }
-        pipe.ignore_errors().query_async(conn).await?
-    };
-    for (i, result) in results.iter_mut().enumerate() {
-        if matches!(result, Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)) {
-            scripts[kinds[i] as usize].load_async(conn).await?;
-            *result = cmds[i].query_async(conn).await;
-        }
+    if let [cmd] = cmds {
+        return match cmd.query_async(conn).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => Ok(vec![Err(e)]),
+            other => Ok(vec![Ok(other?)]),
+        };
     }
-    Ok(results)
+    let mut pipe = redis::pipe();
+    for cmd in cmds {
+        pipe.add_command(cmd.clone());
+    }
+    pipe.ignore_errors().query_async(conn).await
 }
 
 /// A part's shared items as bytes and ends ([`Part::head`]).
