@@ -310,6 +310,16 @@ async fn tells_and_asks_at_the_same_time_share_a_round_trip_tells_first() {
             tracking_id: "mm.3".into()
         }
     );
+    // and in a round of one script alone
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let alone: Vec<Job> = (0..5).map(|i| job(&format!("o{i}"), "7", "c")).collect();
+    for answer in join_all(alone.iter().map(|j| t.a.before(j, &ask))).await {
+        assert_eq!(go(&answer.unwrap()), Some((false, Duration::ZERO)));
+    }
     t.cleanup().await;
 }
 

@@ -531,27 +531,34 @@ async fn rounds(
             .into_iter()
             .filter(|k| !batches[*k as usize].is_empty())
             .collect();
-        let cmds: Vec<redis::Cmd> = kinds
-            .iter()
-            .map(|&k| command(&scripts[k as usize], k.layout(), &batches[k as usize]))
-            .collect();
+        // one call alone or both pipelined, each call's error its own (the
+        // outer error is the connection's)
+        let mut pipe = redis::pipe();
+        for &k in &kinds {
+            pipe.add_command(command(
+                &scripts[k as usize],
+                k.layout(),
+                &batches[k as usize],
+            ));
+        }
+        pipe.ignore_errors();
         let op = match kinds.as_slice() {
             [one] => one.op(),
             _ => RedisOp::BeforeAfter,
         };
-        let round = timed(
+        let round: Result<Vec<redis::RedisResult<redis::Value>>, FleetError> = timed(
             &link.metrics,
             op,
             link.op_timeout,
-            round_trip(&cmds, &mut link.conn),
+            pipe.query_async(&mut link.conn),
         )
         .await;
-        let mut results: Vec<Result<redis::Value, FleetError>> = match round {
+        let results: Vec<Result<redis::Value, FleetError>> = match round {
             Err(e) => vec![Err(e); kinds.len()],
             Ok(raw) => {
                 let mut out = Vec::with_capacity(raw.len());
                 let mut loaded = false;
-                for ((result, cmd), &kind) in raw.into_iter().zip(&cmds).zip(&kinds) {
+                for ((result, cmd), &kind) in raw.into_iter().zip(pipe.cmd_iter()).zip(&kinds) {
                     out.push(match result {
                         // Redis lost its scripts (a restart, SCRIPT FLUSH):
                         // both are loaded, so the next rounds keep `after`
@@ -584,9 +591,9 @@ async fn rounds(
                 out
             }
         };
-        for (i, kind) in kinds.iter().enumerate() {
+        for (kind, result) in kinds.iter().zip(results) {
             let batch = &mut batches[*kind as usize];
-            let answers = match std::mem::replace(&mut results[i], Ok(redis::Value::Nil)) {
+            let answers = match result {
                 Ok(redis::Value::Array(answers)) if answers.len() == batch.len() => Ok(answers),
                 Ok(other) => Err(FleetError::Answer {
                     op: kind.op().as_str(),
@@ -608,27 +615,6 @@ async fn rounds(
             }
         }
     }
-}
-
-/// One round trip of a round: one `EVALSHA` alone, or both pipelined, each
-/// call's error its own (the outer error is the connection's). A script
-/// Redis does not know comes back as that call's error, for [`rounds`] to
-/// load and call again.
-async fn round_trip(
-    cmds: &[redis::Cmd],
-    conn: &mut ConnectionManager,
-) -> redis::RedisResult<Vec<redis::RedisResult<redis::Value>>> {
-    if let [cmd] = cmds {
-        return match cmd.query_async(conn).await {
-            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => Ok(vec![Err(e)]),
-            other => Ok(vec![Ok(other?)]),
-        };
-    }
-    let mut pipe = redis::pipe();
-    for cmd in cmds {
-        pipe.add_command(cmd.clone());
-    }
-    pipe.ignore_errors().query_async(conn).await
 }
 
 /// A part's shared items as bytes and ends ([`Part::head`]).
