@@ -14,6 +14,10 @@ use mmsend::metrics::Metrics;
 
 use common::redis_url;
 
+/// Held by the tests that flush or load Redis's scripts, which would
+/// otherwise undo each other's setup.
+static SCRIPTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Two workers of one fleet on a private prefix; the keys go at the end.
 struct Two {
     prefix: String,
@@ -241,6 +245,7 @@ async fn jobs_asking_together_share_round_trips_and_get_their_own_answers() {
 async fn tells_and_asks_at_the_same_time_share_a_round_trip_tells_first() {
     use futures_util::future::{join3, join_all};
     use mmsend::metrics::RedisOp;
+    let _scripts = SCRIPTS.lock().await;
     let t = Two::new("round", FleetConfig::new(&redis_url()));
     let ask = ask();
     let sent: Vec<Job> = (0..40).map(|i| job(&format!("s{i}"), "7", "c")).collect();
@@ -321,6 +326,78 @@ async fn tells_and_asks_at_the_same_time_share_a_round_trip_tells_first() {
         assert_eq!(go(&answer.unwrap()), Some((false, Duration::ZERO)));
     }
     t.cleanup().await;
+}
+
+/// In a round of both scripts where Redis knows one script and cannot be
+/// given the other (here: a Redis user that may not `SCRIPT LOAD`), the
+/// call that ran keeps its answers; only the other call's jobs fail.
+#[tokio::test]
+async fn a_call_that_ran_keeps_its_answers_when_the_other_cannot_be_loaded() {
+    use futures_util::future::{join, join_all};
+    let _scripts = SCRIPTS.lock().await;
+    let admin = redis::Client::open(redis_url()).unwrap();
+    let mut conn = admin.get_multiplexed_async_connection().await.unwrap();
+    let user = format!("mmsend-test-{}", rand::random::<u32>());
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", &user, "on", ">pw", "~*", "+@all", "-script|load"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut url = reqwest::Url::parse(&redis_url()).unwrap();
+    url.set_username(&user).unwrap();
+    url.set_password(Some("pw")).unwrap();
+    let prefix = common::random_prefix("noload");
+    let fleet = Fleet::new(
+        FleetConfig::new(url.as_str()),
+        &prefix,
+        "worker-a",
+        Metrics::new(),
+    )
+    .unwrap();
+
+    // Redis knows before.lua (loaded by the admin) and not after.lua
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let before = concat!(
+        include_str!("../src/fleet/prelude.lua"),
+        include_str!("../src/fleet/before.lua")
+    );
+    let _: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(before)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let ask = ask();
+    let claimed: Vec<Job> = (0..5).map(|i| job(&format!("c{i}"), "7", "c")).collect();
+    for answer in join_all(claimed.iter().map(|j| fleet.before(j, &ask))).await {
+        assert_eq!(go(&answer.unwrap()), Some((false, Duration::ZERO)));
+    }
+    let fresh: Vec<Job> = (0..5).map(|i| job(&format!("n{i}"), "7", "c")).collect();
+    let ids: Vec<String> = (0..5).map(|i| format!("mm.{i}")).collect();
+    let tells: Vec<Tell<'_>> = ids.iter().map(|id| tell(Record::Sent(id))).collect();
+    let (told, asked) = join(
+        join_all(claimed.iter().zip(&tells).map(|(j, tl)| fleet.after(j, tl))),
+        join_all(fresh.iter().map(|j| fleet.before(j, &ask))),
+    )
+    .await;
+    for answer in told {
+        let err = answer.unwrap_err().to_string();
+        assert!(err.contains("after"), "{err}");
+    }
+    for answer in asked {
+        assert_eq!(go(&answer.unwrap()), Some((false, Duration::ZERO)));
+    }
+
+    let _: () = redis::cmd("ACL")
+        .arg(&["DELUSER", &user])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    common::delete_redis_keys(&redis_url(), &prefix).await;
 }
 
 /// Jobs of different pages and campaigns in one call: each group's scope
