@@ -828,7 +828,15 @@ async fn main() {
         Err(String::new())
     };
     let run_w = want("W") || want("WL") || want("Py");
-    let rounds = if smoke { 1 } else { 3 };
+    let rounds = if smoke {
+        1
+    } else {
+        std::env::var("MMSEND_BENCH_ROUNDS")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(5usize)
+            .max(1)
+    };
     let (mut w, mut wl): (Option<Run>, Option<Run>) = (None, None);
     let (mut w_rates, mut wl_rates) = (Vec::new(), Vec::new());
     for round in 0..rounds {

@@ -107,7 +107,22 @@ read -r utime stime < <(awk '{print $14, $15}' "/proc/$wpid/stat")
 switches=$(awk '/^voluntary_ctxt_switches/ {v=$2} /^nonvoluntary_ctxt_switches/ {n=$2} END {print v, n}' "/proc/$wpid/status")
 others >"$OUT/others.end"
 tick=$(getconf CLK_TCK)
+# the worker's own view: its Graph calls' and Redis round trips' mean time
+curl -sf "http://$MMSEND_METRICS_ADDR/metrics" >"$OUT/metrics.txt" || true
 kill -TERM "$wpid"; wait "$wpid" 2>/dev/null || true
+python3 - "$OUT/metrics.txt" <<'EOF2'
+import sys, collections
+sums, counts = collections.Counter(), collections.Counter()
+for line in open(sys.argv[1]):
+    for name in ("mmsend_graph_request_duration_seconds", "mmsend_redis_request_duration_seconds"):
+        if line.startswith(name + "_sum"):
+            sums[name] += float(line.split()[-1])
+        elif line.startswith(name + "_count"):
+            counts[name] += float(line.split()[-1])
+for name in sorted(counts):
+    if counts[name]:
+        print(f"{name}: {counts[name]:.0f}, mean {sums[name] / counts[name] * 1e3:.2f} ms")
+EOF2
 if [ "$PROFILE" = perf ]; then
     # a recorded simulator keeps running: stop its recording
     if [ "$TARGET" = simulator ]; then kill -INT "$ppid" 2>/dev/null || true; fi

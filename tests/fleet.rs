@@ -14,9 +14,10 @@ use mmsend::metrics::Metrics;
 
 use common::redis_url;
 
-/// Held by the tests that flush or load Redis's scripts, which would
-/// otherwise undo each other's setup.
-static SCRIPTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// Written by the tests that flush or load Redis's scripts, read by every
+/// other test here: any fleet that meets a flushed script loads both
+/// again, which would undo such a test's setup.
+static SCRIPTS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 /// Two workers of one fleet on a private prefix; the keys go at the end.
 struct Two {
@@ -119,6 +120,7 @@ fn go(b: &Before) -> Option<(bool, Duration)> {
 
 #[tokio::test]
 async fn the_ledger_claims_records_and_suppresses() {
+    let _scripts = SCRIPTS.read().await;
     let mut config = FleetConfig::new(&redis_url());
     config.lease_margin = Duration::ZERO;
     let t = Two::new("ledger", config);
@@ -183,6 +185,7 @@ async fn the_ledger_claims_records_and_suppresses() {
 /// still gets its own answer, as if it had asked alone.
 #[tokio::test]
 async fn jobs_asking_together_share_round_trips_and_get_their_own_answers() {
+    let _scripts = SCRIPTS.read().await;
     use futures_util::future::join_all;
     use mmsend::metrics::RedisOp;
     let t = Two::new("batch", FleetConfig::new(&redis_url()));
@@ -245,7 +248,7 @@ async fn jobs_asking_together_share_round_trips_and_get_their_own_answers() {
 async fn tells_and_asks_at_the_same_time_share_a_round_trip_tells_first() {
     use futures_util::future::{join3, join_all};
     use mmsend::metrics::RedisOp;
-    let _scripts = SCRIPTS.lock().await;
+    let _scripts = SCRIPTS.write().await;
     let t = Two::new("round", FleetConfig::new(&redis_url()));
     let ask = ask();
     let sent: Vec<Job> = (0..40).map(|i| job(&format!("s{i}"), "7", "c")).collect();
@@ -334,7 +337,7 @@ async fn tells_and_asks_at_the_same_time_share_a_round_trip_tells_first() {
 #[tokio::test]
 async fn a_call_that_ran_keeps_its_answers_when_the_other_cannot_be_loaded() {
     use futures_util::future::{join, join_all};
-    let _scripts = SCRIPTS.lock().await;
+    let _scripts = SCRIPTS.write().await;
     let admin = redis::Client::open(redis_url()).unwrap();
     let mut conn = admin.get_multiplexed_async_connection().await.unwrap();
     let user = format!("mmsend-test-{}", rand::random::<u32>());
@@ -405,6 +408,7 @@ async fn a_call_that_ran_keeps_its_answers_when_the_other_cannot_be_loaded() {
 /// keys and settings go once, and every job is still answered by its own.
 #[tokio::test]
 async fn jobs_of_many_scopes_in_one_call_keep_their_own_gates_and_records() {
+    let _scripts = SCRIPTS.read().await;
     use futures_util::future::join_all;
     use mmsend::metrics::RedisOp;
     let t = Two::new("groups", FleetConfig::new(&redis_url()));
@@ -464,9 +468,10 @@ async fn jobs_of_many_scopes_in_one_call_keep_their_own_gates_and_records() {
 
 /// A sent record expires after the retention, whether it was recorded over
 /// this worker's claim, over a claim whose key was lost, or over a claim
-/// written with fewer fields and no expiry (as by another version).
+/// written as an earlier build did (a hash, with no expiry yet).
 #[tokio::test]
 async fn every_sent_record_keeps_an_expiry() {
+    let _scripts = SCRIPTS.read().await;
     let mut config = FleetConfig::new(&redis_url());
     config.ledger_retention = Duration::from_secs(3600);
     let t = Two::new("expiry", config);
@@ -527,8 +532,212 @@ async fn every_sent_record_keeps_an_expiry() {
     t.cleanup().await;
 }
 
+/// Records are one string each; the hash records of builds before 0.2
+/// are still read (sent: suppressed; a live claim of another worker: busy;
+/// a claim whose lease ran out: taken over as maybe sent) and replaced by
+/// a string when written; a job held by a gate leaves no record; a worker
+/// id with a line break cannot break a record's layout.
+#[tokio::test]
+async fn records_are_strings_and_an_earlier_builds_hashes_are_still_read() {
+    let _scripts = SCRIPTS.read().await;
+    let t = Two::new("format", FleetConfig::new(&redis_url()));
+    let client = redis::Client::open(redis_url()).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    let key = |j: &Job| format!("{{{}}}:job:{}", t.prefix, j.job_id);
+    let get = |k: String| {
+        let mut conn = conn.clone();
+        async move {
+            let kind: String = redis::cmd("TYPE")
+                .arg(&k)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let value: Option<String> = if kind == "string" {
+                redis::cmd("GET")
+                    .arg(&k)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap()
+            } else {
+                None
+            };
+            (kind, value)
+        }
+    };
+
+    // this build: a claim, then the send, each one string
+    let j = job("f1", "7", "c");
+    assert!(go(&t.a.before(&j, &ask()).await.unwrap()).is_some());
+    let (kind, claim) = get(key(&j)).await;
+    assert_eq!(kind, "string");
+    let claim = claim.unwrap();
+    assert!(
+        claim.starts_with("sending\n") && claim.ends_with("\nworker-a"),
+        "{claim:?}"
+    );
+    t.a.after(&j, &tell(Record::Sent("mm.f1"))).await.unwrap();
+    let sent = get(key(&j)).await.1.unwrap();
+    let fields: Vec<&str> = sent.split('\n').collect();
+    assert_eq!(fields.len(), 5, "{sent:?}");
+    assert_eq!(
+        (fields[0], fields[2], fields[3], fields[4]),
+        ("sent", "0", "worker-a", "mm.f1")
+    );
+
+    // an earlier build's records, as it wrote them
+    let hash = |j: &Job, fields: &[&str]| {
+        let mut conn = conn.clone();
+        let (k, fields) = (
+            key(j),
+            fields.iter().map(|f| f.to_string()).collect::<Vec<_>>(),
+        );
+        async move {
+            let _: () = redis::cmd("HSET")
+                .arg(&k)
+                .arg(&fields)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let _: () = redis::cmd("PEXPIRE")
+                .arg(&k)
+                .arg(3_600_000)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    };
+    let (old_sent, old_live, old_dead) = (
+        job("f2", "7", "c"),
+        job("f3", "7", "c"),
+        job("f4", "7", "c"),
+    );
+    hash(
+        &old_sent,
+        &[
+            "state",
+            "sent",
+            "tracking",
+            "mm.old",
+            "at",
+            "1",
+            "worker",
+            "w0",
+            "suspected",
+            "0",
+            "until",
+            "0",
+            "expiry",
+            "1",
+        ],
+    )
+    .await;
+    hash(
+        &old_live,
+        &[
+            "state",
+            "sending",
+            "worker",
+            "w0",
+            "until",
+            "99999999999999",
+            "expiry",
+            "1",
+        ],
+    )
+    .await;
+    hash(
+        &old_dead,
+        &[
+            "state", "sending", "worker", "w0", "until", "1", "expiry", "1",
+        ],
+    )
+    .await;
+    assert_eq!(
+        t.b.before(&old_sent, &ask()).await.unwrap(),
+        Before::AlreadySent {
+            tracking_id: "mm.old".into()
+        }
+    );
+    match t.b.before(&old_live, &ask()).await.unwrap() {
+        Before::Busy { worker, .. } => assert_eq!(worker, "w0"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        go(&t.b.before(&old_dead, &ask()).await.unwrap()).map(|g| g.0),
+        Some(true)
+    );
+    let (kind, claim) = get(key(&old_dead)).await;
+    assert_eq!(
+        kind, "string",
+        "the claim over an earlier build's hash is a string"
+    );
+    assert!(claim.unwrap().ends_with("\nworker-b"));
+    // a send recorded over an earlier build's live claim
+    t.a.after(&old_live, &tell(Record::Sent("mm.f3")))
+        .await
+        .unwrap();
+    assert_eq!(get(key(&old_live)).await.0, "string");
+    assert_eq!(
+        t.b.before(&old_live, &ask()).await.unwrap(),
+        Before::AlreadySent {
+            tracking_id: "mm.f3".into()
+        }
+    );
+    // a release of an earlier build's claim of this worker
+    let old_mine = job("f5", "7", "c");
+    hash(
+        &old_mine,
+        &[
+            "state",
+            "sending",
+            "worker",
+            "worker-a",
+            "until",
+            "99999999999999",
+        ],
+    )
+    .await;
+    t.a.after(&old_mine, &tell(Record::Release)).await.unwrap();
+    assert_eq!(get(key(&old_mine)).await.0, "none");
+
+    // held by a gate: no record
+    let first = job("f6", "7", "gated");
+    t.budget_closes_campaign(&first, Duration::from_secs(30))
+        .await;
+    let held = job("f7", "7", "gated");
+    assert!(matches!(
+        t.b.before(&held, &ask()).await.unwrap(),
+        Before::Gated(_)
+    ));
+    assert_eq!(get(key(&held)).await.0, "none");
+
+    // a worker id with a line break: its claims still read as its own
+    let odd = Fleet::new(
+        FleetConfig::new(&redis_url()),
+        &t.prefix,
+        "odd\nworker",
+        Metrics::new(),
+    )
+    .unwrap();
+    let o = job("f8", "7", "c");
+    assert!(go(&odd.before(&o, &ask()).await.unwrap()).is_some());
+    match t.b.before(&o, &ask()).await.unwrap() {
+        Before::Busy { worker, .. } => assert_eq!(worker, "odd_worker"),
+        other => panic!("{other:?}"),
+    }
+    odd.after(&o, &tell(Record::Sent("mm.f8"))).await.unwrap();
+    assert_eq!(
+        t.b.before(&o, &ask()).await.unwrap(),
+        Before::AlreadySent {
+            tracking_id: "mm.f8".into()
+        }
+    );
+    t.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_gate_closed_by_one_worker_holds_the_fleet_and_one_probes() {
+    let _scripts = SCRIPTS.read().await;
     let t = Two::new("gates", FleetConfig::new(&redis_url()));
     let first = job("g0", "7", "camp");
     t.budget_closes_campaign(&first, Duration::from_millis(400))
@@ -567,6 +776,7 @@ async fn a_gate_closed_by_one_worker_holds_the_fleet_and_one_probes() {
 
 #[tokio::test]
 async fn pacing_is_fleet_wide_and_a_page_rate_limit_halves_it() {
+    let _scripts = SCRIPTS.read().await;
     let t = Two::new("pacing", FleetConfig::new(&redis_url()));
     let paced = Ask {
         page_rate: 10.0,

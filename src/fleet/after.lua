@@ -16,7 +16,8 @@
 --             7 gate wait ms          8 lower the page's rate (1/0)
 --
 -- Returns 1 for each job told.
--- (prelude.lua in front: `now`, `now_text`, `each_job`, `any_gate`)
+-- (prelude.lua in front: `now`, `now_text`, `each_job`, `any_gate`,
+-- `a_hash`, `read_record`)
 
 local function own(first)
   if first == 'ok' then return 2 end
@@ -29,21 +30,20 @@ local function one(ledger, k, o, a)
   if ARGV[a + 3] == '1' then
     local outcome = ok and 'sent' or ARGV[o + 1]
     if outcome == 'sent' or outcome == 'suspected' then
-      -- 'until' (the claim's lease) is cleared in the same write. Over this
-      -- version's claim the write adds exactly tracking, at and suspected,
-      -- and the key keeps the expiry the claim set; anything else (a lost
-      -- key, a claim of an mmsend without 'expiry') gets the retention here
-      local added = redis.call('HSET', ledger, 'state', 'sent', 'tracking', ARGV[o + 2],
-        'at', now_text, 'worker', ARGV[a + 2],
-        'suspected', outcome == 'suspected' and '1' or '0', 'until', '0', 'expiry', '1')
-      if added ~= 3 then
-        redis.call('PEXPIRE', ledger, ARGV[a + 1])
+      -- over a claim of this version (or any string record) the key keeps
+      -- the expiry the claim set; a lost key, or an earlier build's hash,
+      -- is written again with the retention
+      local record = 'sent\n' .. now_text .. '\n' .. (outcome == 'suspected' and '1' or '0')
+        .. '\n' .. ARGV[a + 2] .. '\n' .. ARGV[o + 2]
+      local value = redis.pcall('SET', ledger, record, 'XX', 'KEEPTTL', 'GET')
+      if not value or a_hash(value) then
+        redis.call('SET', ledger, record, 'PX', ARGV[a + 1])
       end
     else
       -- a retry or a dead letter releases this worker's claim, so the retry
       -- or a replay can send
-      local st = redis.call('HMGET', ledger, 'state', 'worker')
-      if st[1] == 'sending' and st[2] == ARGV[a + 2] then
+      local state, holder = read_record(ledger, redis.pcall('GET', ledger))
+      if state == 'sending' and holder == ARGV[a + 2] then
         redis.call('DEL', ledger)
       end
     end

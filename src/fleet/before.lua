@@ -25,7 +25,8 @@
 --   pace_wait_ms * 2 + maybe_sent (an integer)   claimed: call after the wait
 -- (the common answer is one integer: nothing for Redis to format or the
 -- worker to parse as strings)
--- (prelude.lua in front: `now`, `now_text`, `each_job`, `any_gate`)
+-- (prelude.lua in front: `now`, `now_text`, `each_job`, `any_gate`,
+-- `read_record`)
 
 -- GCRA with reservation. The job takes the next slot of its page (and of
 -- the fleet) and is told how long to wait for it, so a paced job needs no
@@ -47,19 +48,30 @@ local function one(ledger, k, _, a)
   local worker = ARGV[a + 1]
 
   -- 1. the ledger: a job already sent is never called again; a live lease
-  --    of another worker means the call is in flight elsewhere
-  local previous = false
-  if ARGV[a + 8] == '1' then
-    local st = redis.call('HMGET', ledger, 'state', 'worker', 'until', 'tracking', 'at')
-    if st[1] == 'sent' then
-      return {'sent', st[4] or '', st[5] or '0'}
-    end
-    if st[1] == 'sending' then
-      local lease = tonumber(st[3]) or 0
-      if st[2] ~= worker and lease > now then
-        return {'busy', st[2] or '', tostring(lease - now)}
+  --    of another worker means the call is in flight elsewhere. The claim
+  --    is written in the same command when there is no record (the common
+  --    case: one command for the job's whole ledger step); it is taken back
+  --    if a gate holds the job and rewritten if pacing makes it wait
+  local ledger_on = ARGV[a + 8] == '1'
+  local lease = tonumber(ARGV[a + 2])
+  local claimed, previous = false, false
+  if ledger_on then
+    local value = redis.pcall('SET', ledger,
+      'sending\n' .. string.format('%d', now + lease) .. '\n' .. worker,
+      'NX', 'GET', 'PX', ARGV[a + 9])
+    if value == false then
+      claimed = true
+    else
+      local state, holder, untl, tracking, at = read_record(ledger, value)
+      if state == 'sent' then
+        return {'sent', tracking or '', at or '0'}
       end
-      -- the holder died (or lost its broker connection) mid-call
+      local left = (tonumber(untl) or 0) - now
+      if state == 'sending' and holder ~= worker and left > 0 then
+        return {'busy', holder or '', tostring(left)}
+      end
+      -- the holder died (or lost its broker connection) mid-call, or this
+      -- worker's own earlier claim
       previous = true
     end
   end
@@ -71,11 +83,16 @@ local function one(ledger, k, _, a)
       local g = redis.call('HMGET', KEYS[k + i], 'class', 'code', 'until')
       if g[1] then
         local untl = tonumber(g[3]) or 0
+        local held = nil
         if now < untl then
-          return {'gated', tostring(i), g[1], g[2] or '', tostring(untl - now)}
+          held = tostring(untl - now)
+        elseif not redis.call('SET', KEYS[k + i + 4], worker, 'NX', 'PX', ARGV[a + 6]) then
+          held = ARGV[a + 5]
         end
-        if not redis.call('SET', KEYS[k + i + 4], worker, 'NX', 'PX', ARGV[a + 6]) then
-          return {'gated', tostring(i), g[1], g[2] or '', ARGV[a + 5]}
+        if held then
+          -- held: no claim (the one written above is taken back)
+          if claimed then redis.call('DEL', ledger) end
+          return {'gated', tostring(i), g[1], g[2] or '', held}
         end
       end
     end
@@ -93,13 +110,13 @@ local function one(ledger, k, _, a)
   wait = math.ceil(wait)
 
   -- 4. the claim: sending, by this worker, for the wait plus a lease that
-  --    covers the request timeout
-  if ARGV[a + 8] == '1' then
-    -- 'expiry' marks a record whose key has the retention set (here, in the
-    -- same script): recording the send then needs no PEXPIRE of its own
-    redis.call('HSET', ledger, 'state', 'sending', 'worker', worker,
-      'until', string.format('%d', now + wait + tonumber(ARGV[a + 2])), 'expiry', '1')
-    redis.call('PEXPIRE', ledger, ARGV[a + 9])
+  --    covers the request timeout (already written above unless a record
+  --    was there or the job waits for its slot); the key expires after
+  --    the ledger retention, counted from here
+  if ledger_on and (not claimed or wait > 0) then
+    redis.call('SET', ledger,
+      'sending\n' .. string.format('%d', now + wait + lease) .. '\n' .. worker,
+      'PX', ARGV[a + 9])
   end
   return wait * 2 + (previous and 1 or 0)
 end

@@ -19,13 +19,23 @@
 //!   mid-call: the answer says the earlier call may have been the send.
 //! - [`Fleet::after`] (`after.lua`), after the call: `sent` with the tracking
 //!   id and time (kept for the ledger retention, 14 days by default,
-//!   counted from the claim, which set the key's expiry: recording the send
-//!   over this version's claim adds no `PEXPIRE`; over a lost key or an
-//!   older version's claim, which lack the `expiry` field, it does), or
-//!   the claim released (a retry or a dead letter, so a retry or a replay
+//!   counted from the claim, which set the key's expiry: the send is
+//!   recorded over the claim keeping it; a lost key, or an earlier build's
+//!   claim, is written again with the retention), or the claim released (a retry or a dead letter, so a retry or a replay
 //!   can send); a success opens the job's gates, a failure closes the scope
 //!   its verdict holds, for the whole fleet; a page rate limit halves the
 //!   page's rate for everyone for a while.
+//!
+//! A job's record is one string (`sending`, its lease and worker; then
+//! `sent`, the time, whether it was suspected, the worker and the tracking
+//! id; layout in `prelude.lua`), so the common ledger work is one `SET`
+//! per step: the claim is `SET … NX GET PX` (written only if there is no
+//! record, and the record read in the same command), the send `SET … XX
+//! KEEPTTL`. Builds before 0.2 wrote a hash of the same fields (four
+//! commands per job); those records are still read, and replaced by a
+//! string when written, but an earlier build cannot read a string record
+//! (its script fails, and it falls back to its fail mode): see the README
+//! on upgrading a fleet.
 //!
 //! Keys live under the topology prefix with one hash tag, `{<prefix>}`, so
 //! every script touches one Redis Cluster slot: the layout is
@@ -460,14 +470,10 @@ impl Batcher {
         }
     }
 
-    /// One job's call: its part joins the next round; its answer is
-    /// decoded here, in the job's task.
-    async fn call<T: redis::FromRedisValue>(
-        &self,
-        link: &Link,
-        kind: Kind,
-        part: Part,
-    ) -> Result<T, FleetError> {
+    /// One job's call: its part joins the next round now (when this is
+    /// called, not when the answer is first awaited); the answer is decoded
+    /// by [`Pending::answer`], in the job's task.
+    fn queue(&self, link: &Link, kind: Kind, part: Part) -> Pending {
         let (reply, answer) = oneshot::channel();
         let mut queued = Queued { kind, part, reply };
         for _ in 0..2 {
@@ -490,14 +496,27 @@ impl Batcher {
                 }
             }
         }
-        let value = answer.await.unwrap_or_else(|_| {
+        Pending { kind, answer }
+    }
+}
+
+/// A queued call's answer to come.
+struct Pending {
+    kind: Kind,
+    answer: oneshot::Receiver<Result<redis::Value, FleetError>>,
+}
+
+impl Pending {
+    async fn answer<T: redis::FromRedisValue>(self) -> Result<T, FleetError> {
+        let op = self.kind.op().as_str();
+        let value = self.answer.await.unwrap_or_else(|_| {
             Err(FleetError::Command {
-                op: kind.op().as_str(),
+                op,
                 message: "the worker stopped before Redis answered".into(),
             })
         })?;
         T::from_redis_value(value).map_err(|e| FleetError::Answer {
-            op: kind.op().as_str(),
+            op,
             answer: e.to_string(),
         })
     }
@@ -706,7 +725,8 @@ impl Fleet {
             conn,
             prefix: prefix.to_string(),
             tag: format!("{{{prefix}}}"),
-            worker: worker.to_string(),
+            // the ledger's records end fields with a line break (prelude.lua)
+            worker: worker.replace(char::is_control, "_"),
             config,
             batcher: Batcher::new(),
             metrics,
@@ -749,13 +769,26 @@ impl Fleet {
             .int(1u8)
             .int(ms(self.config.ledger_retention));
         push_ledger_key(&mut part, &self.tag, job);
-        let answer: BeforeAnswer = self.batcher.call(&self.link(), Kind::Before, part).await?;
+        let answer: BeforeAnswer = self
+            .batcher
+            .queue(&self.link(), Kind::Before, part)
+            .answer()
+            .await?;
         parse_before(job, &answer)
     }
 
     /// Tells the fleet how a call ended (one script call, shared with the
-    /// jobs that tell at the same time).
-    pub async fn after(&self, job: &Job, tell: &Tell<'_>) -> Result<(), FleetError> {
+    /// jobs that tell at the same time). The tell joins the next round when
+    /// this is called, before the returned future is awaited: a job that
+    /// asks after this returns is answered in the same round (tells go
+    /// first) or a later one, so it sees this outcome (a gate it closes, a
+    /// send it records). The worker gives the job's slot to the next job at
+    /// that point, without waiting for Redis's answer.
+    pub fn after(
+        &self,
+        job: &Job,
+        tell: &Tell<'_>,
+    ) -> impl std::future::Future<Output = Result<(), FleetError>> + Send + 'static {
         let (outcome, tracking) = match tell.record {
             Record::Sent(id) => ("sent", id),
             Record::Suspected => ("suspected", ""),
@@ -796,8 +829,8 @@ impl Fleet {
                     .int(u8::from(tell.lower_page_rate));
             }
         }
-        let _: i64 = self.batcher.call(&self.link(), Kind::After, part).await?;
-        Ok(())
+        let pending = self.batcher.queue(&self.link(), Kind::After, part);
+        async move { pending.answer::<i64>().await.map(|_| ()) }
     }
 
     /// The gates open in the whole fleet now: (scope kind, class) each.

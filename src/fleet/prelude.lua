@@ -47,3 +47,40 @@ local function any_gate(index)
   end
   return n > 0
 end
+
+-- `value` of a string command on a key that may hold an earlier build's
+-- hash: whether it is that hash's WRONGTYPE error (any other error is
+-- raised, as redis.call would)
+local function a_hash(value)
+  if type(value) ~= 'table' or not value.err then return false end
+  if string.find(value.err, 'WRONGTYPE', 1, true) then return true end
+  error(value)
+end
+
+-- A job's ledger record (KEYS of the job's own key), one string:
+--   sending\n<lease until, ms>\n<worker>
+--   sent\n<at, ms>\n<suspected 0/1>\n<worker>\n<tracking id>
+-- (a worker id has no control characters: src/fleet/mod.rs). Builds before
+-- 0.2 wrote a hash (state, worker, until, tracking, at, suspected,
+-- expiry); such a record is still read here and replaced by a string when
+-- written. `value` is what a string command (`redis.pcall`) returned for
+-- the key: a string, false (no record) or a hash's WRONGTYPE error (any
+-- other error is raised). Returns state, worker, lease until, tracking id,
+-- sent at (nothing for no record); a string of no known shape reads as a
+-- claim with no lease left (the worker that takes it over is told it may
+-- have been sent).
+local function read_record(key, value)
+  if not value then return nil end
+  if type(value) == 'string' then
+    local untl, worker = string.match(value, '^sending\n(%d+)\n(.*)$')
+    if untl then return 'sending', worker, untl end
+    local at, _, w, tracking = string.match(value, '^sent\n(%d+)\n(%d)\n([^\n]*)\n(.*)$')
+    if at then return 'sent', w, nil, tracking, at end
+    return 'sending', '', '0'
+  end
+  if a_hash(value) then
+    local st = redis.call('HMGET', key, 'state', 'worker', 'until', 'tracking', 'at')
+    return st[1], st[2], st[3], st[4], st[5]
+  end
+  return nil
+end

@@ -7,18 +7,27 @@
 //! writes them within 2 ms, one `multiple` ack for every contiguous run of
 //! tags (an ack is still written only after the outcome is durable).
 //!
-//! Concurrency and prefetch: at most `concurrency` jobs are processed at
-//! once (a semaphore), but the prefetch is larger (by default twice the
-//! concurrency, at least 8 more) so the next job is already here when one
-//! finishes. A slot of the prefetch window is busy for the call *and* for
-//! the round trip of its ack to the quorum queue and of a new delivery
-//! back, a few milliseconds; against a fast API that round trip is as long
-//! as the call, so the window must hold about twice the jobs being called
-//! (measured at concurrency 64 and a 0 ms API: prefetch 80 drained 13,700
-//! jobs/s, 128 drained 19,500–21,100, 256 drained 19,200; against a 50 ms
-//! API a quarter more was already enough). Spare deliveries have not been
-//! sent to the API, so a crash repeats no send because of them.
-//!
+//! Concurrency and prefetch: at most `concurrency` jobs hold a slot at once
+//! (a semaphore), from taking it to the end of their API call: the fleet's
+//! answer before the call (Redis), a pacing wait, the call. The slot is
+//! given back once the outcome is handed on (queued for Redis's next round,
+//! or noted by the local gates), so recording it and settling the delivery
+//! (the ack, or a copy's publish and confirm) go on without a slot; the
+//! prefetch bounds the jobs in those steps. The prefetch is larger (by
+//! default twice the concurrency, at least 8 more; three times with Redis)
+//! so the next job is already here when one finishes. A slot of the
+//! prefetch window is busy for the call *and* for the round trip of its ack
+//! to the quorum queue and of a new delivery back, a few milliseconds;
+//! against a fast API that round trip is as long as the call, so the window
+//! must hold about twice the jobs being called (measured at concurrency 64
+//! and a 0 ms API: prefetch 80 drained 13,700 jobs/s, 128 drained
+//! 19,500–21,100, 256 drained 19,200; against a 50 ms API a quarter more
+//! was already enough). With the send ledger each delivery also waits for
+//! two Redis round trips (the claim, and the record before its ack), each
+//! about as long as the call against a fast API, hence the third
+//! `concurrency` of spares. Spare deliveries have not been sent to the API,
+//! so a crash repeats no send because of them.
+
 //! Connection loss: the session ends, in-flight tasks are dropped (their
 //! deliveries were never acked, so RabbitMQ redelivers them with the
 //! `redelivered` flag; an ack on the dead channel is refused by lapin, never
@@ -142,10 +151,17 @@ impl std::fmt::Debug for JobHook {
 
 impl WorkerConfig {
     /// The prefetch in use: `prefetch` if set (never below `concurrency`),
-    /// else twice the concurrency, at least 8 more (see the module docs).
+    /// else twice the concurrency, at least 8 more, or with Redis three
+    /// times, at least 16 more (see the module docs).
     pub fn effective_prefetch(&self) -> u16 {
         if self.prefetch == 0 {
-            self.concurrency.saturating_add(self.concurrency.max(8))
+            let spare = self.concurrency.max(8);
+            let spare = if self.fleet.is_some() {
+                spare.saturating_mul(2)
+            } else {
+                spare
+            };
+            self.concurrency.saturating_add(spare)
         } else {
             self.prefetch.max(self.concurrency)
         }

@@ -38,7 +38,7 @@ use chrono::{DateTime, Utc};
 use futures_util::FutureExt;
 use lapin::message::Delivery;
 use lapin::BasicProperties;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tracing::{debug, error, info, warn, Instrument};
 
 use super::coordination::{After, Ahead};
@@ -113,7 +113,7 @@ pub(crate) async fn handle(
         slot = slots.acquire() => slot.ok(),
         _ = ctl.grace_over.cancelled() => None,
     };
-    let Some(_slot) = slot else {
+    let Some(slot) = slot else {
         ctl.acks.requeue(delivery.delivery_tag).await;
         return;
     };
@@ -145,7 +145,7 @@ pub(crate) async fn handle(
                     if let Some(hook) = &ctx.job_hook {
                         (hook.0)(&delivery.data);
                     }
-                    decide(&ctx, &delivery.data, story, redelivered).await
+                    decide(&ctx, &delivery.data, story, redelivered, slot).await
                 })
                 .catch_unwind(),
             );
@@ -246,7 +246,19 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
 
 /// Everything up to the decision; no broker I/O. One straight line: parse,
 /// token, deadline, gates, pace, call, classify and route (once).
-async fn decide(ctx: &Ctx, body: &[u8], mut story: Story, redelivered: bool) -> Decided {
+///
+/// `slot` is the job's share of the worker's concurrency: it is given back
+/// once the call has ended and its outcome is handed to the fleet or the
+/// local gates (or, without a call, when the decision is made), so recording
+/// the outcome in Redis and settling on the broker do not hold a slot; the
+/// prefetch bounds the jobs in those steps.
+async fn decide(
+    ctx: &Ctx,
+    body: &[u8],
+    mut story: Story,
+    redelivered: bool,
+    slot: SemaphorePermit<'_>,
+) -> Decided {
     let now = Utc::now();
     let span = tracing::Span::current();
     let dead = |reason| Route::Dead {
@@ -339,7 +351,7 @@ async fn decide(ctx: &Ctx, body: &[u8], mut story: Story, redelivered: bool) -> 
         Outcome::Sent { tracking_id, hint } => {
             ctx.metrics.record_usage(&hint);
             ctx.coord
-                .after(&job, claimed, After::Sent(&tracking_id))
+                .after(&job, claimed, After::Sent(&tracking_id), slot)
                 .await;
             span.record("tracking_id", tracking_id.as_str());
             let route = Route::Sent { suspected: false };
@@ -359,6 +371,7 @@ async fn decide(ctx: &Ctx, body: &[u8], mut story: Story, redelivered: bool) -> 
                         verdict: &verdict,
                         route,
                     },
+                    slot,
                 )
                 .await;
             story.set_last_error(Some(verdict.class), last_error(&failure));
