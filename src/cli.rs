@@ -413,7 +413,8 @@ pub(crate) struct WorkerArgs {
     /// Jobs processed at once.
     #[arg(long, env = "MMSEND_CONCURRENCY", default_value_t = defaults::CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
     pub(crate) concurrency: u16,
-    /// Deliveries held unacked (at least the concurrency); 0 = twice the concurrency (at least 8 more).
+    /// Deliveries held unacked (at least the concurrency); 0 = twice the concurrency (at least 8
+    /// more), or three times (at least 16 more) with a Redis URL.
     #[arg(long, env = "MMSEND_PREFETCH", default_value_t = 0)]
     pub(crate) prefetch: u16,
     /// Threads that run jobs: 1 = one thread for all of them (the least CPU per job;

@@ -14,9 +14,25 @@ port="${MMSEND_REDIS_PORT:-6379}"
 # shellcheck source=service.sh
 . "$(dirname "$0")/service.sh"
 
+# the send ledger's claim is one SET with NX and GET, which Redis has had
+# since 7.0
+check_up() {
+  command -v redis-cli >/dev/null 2>&1 || return 0
+  local version
+  version=$(redis-cli -h "$host" -p "$port" INFO server 2>/dev/null | tr -d '\r' | sed -n 's/^redis_version://p')
+  case "$version" in
+  "" | [7-9].* | [1-9][0-9].*) ;;
+  *)
+    echo "redis: $host:$port runs Redis $version; mmsend's send ledger needs Redis 7.0 or newer (SET with NX and GET)." >&2
+    echo "Upgrade it, or point MMSEND_REDIS_URL (and MMSEND_TEST_REDIS_URL for the tests) at a Redis 7." >&2
+    exit 1
+    ;;
+  esac
+}
+
 ready_to_start redis-server redis-server <<'HELP'
 redis: not installed, and this script can only install it as root with apt-get.
-Install and start Redis (6.2 or newer), then run this again:
+Install and start Redis (7.0 or newer), then run this again:
   Debian/Ubuntu:  sudo apt-get install -y redis-server && sudo systemctl start redis-server
   macOS:          brew install redis && brew services start redis
   Docker:         docker run -d --name redis -p 6379:6379 redis:7

@@ -9,6 +9,9 @@
 #   ... starts it ...
 #   wait_up SECONDS WHERE       exits 0 once it answers, 1 after SECONDS
 #                               (saying WHERE to look)
+#
+# A caller may define `check_up`: run once the service answers, before the
+# exit 0 (it exits 1 itself, saying why, if the service cannot be used).
 
 answering() {
   (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null
@@ -17,8 +20,13 @@ answering() {
 exit_if_up() {
   if answering; then
     echo "$name: up on $host:$port"
-    exit 0
+    up_and_usable
   fi
+}
+
+up_and_usable() {
+  if declare -F check_up >/dev/null; then check_up; fi
+  exit 0
 }
 
 require_local() {
@@ -49,7 +57,7 @@ wait_up() {
   for _ in $(seq 1 "$seconds"); do
     if answering; then
       echo "$name: up on $host:$port"
-      exit 0
+      up_and_usable
     fi
     sleep 1
   done

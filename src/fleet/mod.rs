@@ -20,9 +20,10 @@
 //! - [`Fleet::after`] (`after.lua`), after the call: `sent` with the tracking
 //!   id and time (kept for the ledger retention, 14 days by default,
 //!   counted from the claim, which set the key's expiry: the send is
-//!   recorded over the claim keeping it; a lost key, or an earlier build's
-//!   claim, is written again with the retention), or the claim released (a retry or a dead letter, so a retry or a replay
-//!   can send); a success opens the job's gates, a failure closes the scope
+//!   recorded over the claim, keeping it; a lost key, or an earlier
+//!   build's claim, is written again with the retention), or the claim
+//!   released (a retry or a dead letter, so a retry or a replay can send);
+//!   a success opens the job's gates, a failure closes the scope
 //!   its verdict holds, for the whole fleet; a page rate limit halves the
 //!   page's rate for everyone for a while.
 //!
@@ -127,6 +128,12 @@ pub enum FleetError {
         url: String,
         /// What is wrong.
         reason: String,
+    },
+    /// The worker id cannot own a ledger claim.
+    #[error("worker id {id:?} cannot own send-ledger claims: it is empty or has control characters (the ledger's records split fields at line breaks); set MMSEND_WORKER_ID (--worker-id) to a printable name, such as host:pid")]
+    WorkerId {
+        /// The id as given.
+        id: String,
     },
     /// A command failed or timed out.
     #[error("Redis {op} failed: {message}")]
@@ -470,10 +477,14 @@ impl Batcher {
         }
     }
 
-    /// One job's call: its part joins the next round now (when this is
-    /// called, not when the answer is first awaited); the answer is decoded
-    /// by [`Pending::answer`], in the job's task.
-    fn queue(&self, link: &Link, kind: Kind, part: Part) -> Pending {
+    /// One job's call: its part joins the next round; its answer is
+    /// decoded here, in the job's task.
+    async fn call<T: redis::FromRedisValue>(
+        &self,
+        link: &Link,
+        kind: Kind,
+        part: Part,
+    ) -> Result<T, FleetError> {
         let (reply, answer) = oneshot::channel();
         let mut queued = Queued { kind, part, reply };
         for _ in 0..2 {
@@ -496,27 +507,14 @@ impl Batcher {
                 }
             }
         }
-        Pending { kind, answer }
-    }
-}
-
-/// A queued call's answer to come.
-struct Pending {
-    kind: Kind,
-    answer: oneshot::Receiver<Result<redis::Value, FleetError>>,
-}
-
-impl Pending {
-    async fn answer<T: redis::FromRedisValue>(self) -> Result<T, FleetError> {
-        let op = self.kind.op().as_str();
-        let value = self.answer.await.unwrap_or_else(|_| {
+        let value = answer.await.unwrap_or_else(|_| {
             Err(FleetError::Command {
-                op,
+                op: kind.op().as_str(),
                 message: "the worker stopped before Redis answered".into(),
             })
         })?;
         T::from_redis_value(value).map_err(|e| FleetError::Answer {
-            op,
+            op: kind.op().as_str(),
             answer: e.to_string(),
         })
     }
@@ -700,13 +698,21 @@ fn command(script: &Script, layout: Layout, batch: &[Queued]) -> redis::Cmd {
 impl Fleet {
     /// Sets up the client. The connection is made lazily on the first call
     /// and remade by itself after a failure, so a worker starts while Redis
-    /// is down (and falls back as configured). Only a malformed URL fails.
+    /// is down (and falls back as configured). Only a malformed URL, or a
+    /// worker id that is empty or has control characters, fails.
     pub fn new(
         config: FleetConfig,
         prefix: &str,
         worker: &str,
         metrics: Arc<Metrics>,
     ) -> Result<Fleet, FleetError> {
+        // the ledger's records end fields with a line break (prelude.lua),
+        // and an empty id would match a record of no known shape
+        if worker.is_empty() || worker.chars().any(char::is_control) {
+            return Err(FleetError::WorkerId {
+                id: worker.to_string(),
+            });
+        }
         let url_error = |reason: String| FleetError::Url {
             url: redact_url(&config.url),
             reason,
@@ -725,8 +731,7 @@ impl Fleet {
             conn,
             prefix: prefix.to_string(),
             tag: format!("{{{prefix}}}"),
-            // the ledger's records end fields with a line break (prelude.lua)
-            worker: worker.replace(char::is_control, "_"),
+            worker: worker.to_string(),
             config,
             batcher: Batcher::new(),
             metrics,
@@ -769,26 +774,13 @@ impl Fleet {
             .int(1u8)
             .int(ms(self.config.ledger_retention));
         push_ledger_key(&mut part, &self.tag, job);
-        let answer: BeforeAnswer = self
-            .batcher
-            .queue(&self.link(), Kind::Before, part)
-            .answer()
-            .await?;
+        let answer: BeforeAnswer = self.batcher.call(&self.link(), Kind::Before, part).await?;
         parse_before(job, &answer)
     }
 
     /// Tells the fleet how a call ended (one script call, shared with the
-    /// jobs that tell at the same time). The tell joins the next round when
-    /// this is called, before the returned future is awaited: a job that
-    /// asks after this returns is answered in the same round (tells go
-    /// first) or a later one, so it sees this outcome (a gate it closes, a
-    /// send it records). The worker gives the job's slot to the next job at
-    /// that point, without waiting for Redis's answer.
-    pub fn after(
-        &self,
-        job: &Job,
-        tell: &Tell<'_>,
-    ) -> impl std::future::Future<Output = Result<(), FleetError>> + Send + 'static {
+    /// jobs that tell at the same time).
+    pub async fn after(&self, job: &Job, tell: &Tell<'_>) -> Result<(), FleetError> {
         let (outcome, tracking) = match tell.record {
             Record::Sent(id) => ("sent", id),
             Record::Suspected => ("suspected", ""),
@@ -829,8 +821,8 @@ impl Fleet {
                     .int(u8::from(tell.lower_page_rate));
             }
         }
-        let pending = self.batcher.queue(&self.link(), Kind::After, part);
-        async move { pending.answer::<i64>().await.map(|_| ()) }
+        let _: i64 = self.batcher.call(&self.link(), Kind::After, part).await?;
+        Ok(())
     }
 
     /// The gates open in the whole fleet now: (scope kind, class) each.

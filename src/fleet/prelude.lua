@@ -50,10 +50,14 @@ end
 
 -- `value` of a string command on a key that may hold an earlier build's
 -- hash: whether it is that hash's WRONGTYPE error (any other error is
--- raised, as redis.call would)
+-- raised, as redis.call would; a syntax error means a Redis before 7.0,
+-- which has no SET with both NX and GET)
 local function a_hash(value)
   if type(value) ~= 'table' or not value.err then return false end
   if string.find(value.err, 'WRONGTYPE', 1, true) then return true end
+  if string.find(value.err, 'syntax error', 1, true) then
+    error({err = 'ERR the send ledger needs Redis 7.0 or newer (SET with NX and GET): ' .. value.err})
+  end
   error(value)
 end
 
@@ -66,8 +70,9 @@ end
 -- written. `value` is what a string command (`redis.pcall`) returned for
 -- the key: a string, false (no record) or a hash's WRONGTYPE error (any
 -- other error is raised). Returns state, worker, lease until, tracking id,
--- sent at (nothing for no record); a string of no known shape reads as a
--- claim with no lease left (the worker that takes it over is told it may
+-- sent at (nothing for no record). A string of no known shape that starts
+-- as a sent record reads as sent (never called again); any other reads as
+-- a claim with no lease left (the worker that takes it over is told it may
 -- have been sent).
 local function read_record(key, value)
   if not value then return nil end
@@ -76,6 +81,7 @@ local function read_record(key, value)
     if untl then return 'sending', worker, untl end
     local at, _, w, tracking = string.match(value, '^sent\n(%d+)\n(%d)\n([^\n]*)\n(.*)$')
     if at then return 'sent', w, nil, tracking, at end
+    if string.sub(value, 1, 5) == 'sent\n' then return 'sent', '', nil, '', '0' end
     return 'sending', '', '0'
   end
   if a_hash(value) then

@@ -204,12 +204,8 @@ impl Coordination {
         }
     }
 
-    /// Tells how a call ended (`claimed` as [`Ahead::Call`] said). `slot`
-    /// (the job's worker slot) is dropped as soon as the outcome is handed
-    /// on, queued for the fleet's next round or noted in the local gates,
-    /// so the next job can ask while Redis records this one: whatever it
-    /// asks reaches Redis after this tell (see [`crate::fleet::Fleet::after`]).
-    pub(crate) async fn after<S>(&self, job: &Job, claimed: bool, after: After<'_>, slot: S) {
+    /// Tells how a call ended (`claimed` as [`Ahead::Call`] said).
+    pub(crate) async fn after(&self, job: &Job, claimed: bool, after: After<'_>) {
         let (verdict, record) = match &after {
             After::Sent(id) => (None, Record::Sent(id)),
             After::Failed {
@@ -233,9 +229,7 @@ impl Coordination {
                     gates: self.gates_on,
                     gate_grace: PROBE_TIMEOUT + self.gate_times.probe_wait,
                 };
-                let told = fleet.after(job, &tell);
-                drop(slot);
-                match told.await {
+                match fleet.after(job, &tell).await {
                     Ok(()) => {
                         self.redis_ok();
                         return;

@@ -7,14 +7,9 @@
 //! writes them within 2 ms, one `multiple` ack for every contiguous run of
 //! tags (an ack is still written only after the outcome is durable).
 //!
-//! Concurrency and prefetch: at most `concurrency` jobs hold a slot at once
-//! (a semaphore), from taking it to the end of their API call: the fleet's
-//! answer before the call (Redis), a pacing wait, the call. The slot is
-//! given back once the outcome is handed on (queued for Redis's next round,
-//! or noted by the local gates), so recording it and settling the delivery
-//! (the ack, or a copy's publish and confirm) go on without a slot; the
-//! prefetch bounds the jobs in those steps. The prefetch is larger (by
-//! default twice the concurrency, at least 8 more; three times with Redis)
+//! Concurrency and prefetch: at most `concurrency` jobs are processed at
+//! once (a semaphore), but the prefetch is larger (by default twice the
+//! concurrency, at least 8 more; three times, at least 16 more, with Redis)
 //! so the next job is already here when one finishes. A slot of the
 //! prefetch window is busy for the call *and* for the round trip of its ack
 //! to the quorum queue and of a new delivery back, a few milliseconds;
@@ -27,7 +22,7 @@
 //! about as long as the call against a fast API, hence the third
 //! `concurrency` of spares. Spare deliveries have not been sent to the API,
 //! so a crash repeats no send because of them.
-
+//!
 //! Connection loss: the session ends, in-flight tasks are dropped (their
 //! deliveries were never acked, so RabbitMQ redelivers them with the
 //! `redelivered` flag; an ack on the dead channel is refused by lapin, never

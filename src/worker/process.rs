@@ -38,7 +38,7 @@ use chrono::{DateTime, Utc};
 use futures_util::FutureExt;
 use lapin::message::Delivery;
 use lapin::BasicProperties;
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::Semaphore;
 use tracing::{debug, error, info, warn, Instrument};
 
 use super::coordination::{After, Ahead};
@@ -113,7 +113,7 @@ pub(crate) async fn handle(
         slot = slots.acquire() => slot.ok(),
         _ = ctl.grace_over.cancelled() => None,
     };
-    let Some(slot) = slot else {
+    let Some(_slot) = slot else {
         ctl.acks.requeue(delivery.delivery_tag).await;
         return;
     };
@@ -145,7 +145,7 @@ pub(crate) async fn handle(
                     if let Some(hook) = &ctx.job_hook {
                         (hook.0)(&delivery.data);
                     }
-                    decide(&ctx, &delivery.data, story, redelivered, slot).await
+                    decide(&ctx, &delivery.data, story, redelivered).await
                 })
                 .catch_unwind(),
             );
@@ -246,19 +246,7 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
 
 /// Everything up to the decision; no broker I/O. One straight line: parse,
 /// token, deadline, gates, pace, call, classify and route (once).
-///
-/// `slot` is the job's share of the worker's concurrency: it is given back
-/// once the call has ended and its outcome is handed to the fleet or the
-/// local gates (or, without a call, when the decision is made), so recording
-/// the outcome in Redis and settling on the broker do not hold a slot; the
-/// prefetch bounds the jobs in those steps.
-async fn decide(
-    ctx: &Ctx,
-    body: &[u8],
-    mut story: Story,
-    redelivered: bool,
-    slot: SemaphorePermit<'_>,
-) -> Decided {
+async fn decide(ctx: &Ctx, body: &[u8], mut story: Story, redelivered: bool) -> Decided {
     let now = Utc::now();
     let span = tracing::Span::current();
     let dead = |reason| Route::Dead {
@@ -351,7 +339,7 @@ async fn decide(
         Outcome::Sent { tracking_id, hint } => {
             ctx.metrics.record_usage(&hint);
             ctx.coord
-                .after(&job, claimed, After::Sent(&tracking_id), slot)
+                .after(&job, claimed, After::Sent(&tracking_id))
                 .await;
             span.record("tracking_id", tracking_id.as_str());
             let route = Route::Sent { suspected: false };
@@ -371,7 +359,6 @@ async fn decide(
                         verdict: &verdict,
                         route,
                     },
-                    slot,
                 )
                 .await;
             story.set_last_error(Some(verdict.class), last_error(&failure));
