@@ -719,7 +719,7 @@ async fn records_are_strings_and_an_earlier_builds_hashes_are_still_read() {
             id,
             Metrics::new(),
         );
-        let message = refused.err().expect("refused").to_string();
+        let message = refused.expect_err("refused").to_string();
         assert!(message.contains("MMSEND_WORKER_ID"), "{message}");
     }
     // a record that starts as a sent one but has no known shape: never

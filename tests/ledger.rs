@@ -1,8 +1,9 @@
 //! The fleet on Redis with real workers: one page paced for three workers
 //! together, a budget gate closed by one worker holding the whole fleet, the
 //! broker closing a worker's connection mid-run with the recipient cap on
-//! (no recipient gets a second send), and Redis stopped and started mid-run
-//! (nothing lost or stuck, in both fail modes).
+//! (no recipient gets a second send), two copies of one job in one worker
+//! at once (one call), and Redis stopped and started mid-run (nothing lost
+//! or stuck, in both fail modes).
 
 mod common;
 
@@ -131,6 +132,29 @@ async fn a_closed_connection_mid_run_sends_nobody_twice() {
         stats.sent
     );
     assert_eq!(stats.duplicates, 0, "no recipient got a second send");
+    assert!(h.drain_dlq().await.is_empty());
+    h.finish().await;
+}
+
+/// A producer that published a job twice: both copies in one worker's
+/// prefetch at once, the first in its call, and the job is still called
+/// once; the second copy waits and is acked as a duplicate the ledger
+/// suppressed.
+#[tokio::test]
+async fn two_copies_of_a_job_at_once_in_one_worker_call_once() {
+    let mut opts = fleet_opts("twocopies");
+    opts.sim.latency = Latency::Fixed(Duration::from_millis(400));
+    opts.start_worker = false;
+    let mut h = Harness::start(opts).await;
+    h.config.gate_times.probe_wait = Duration::from_millis(200);
+    let twice = job("twice", "r-twice");
+    h.publish_job(&twice).await;
+    h.publish_job(&twice).await;
+    h.start_worker();
+    h.wait_settled(2, T).await;
+    let stats = h.sim.stats();
+    assert_eq!(stats.requests, 1, "one call for two copies: {stats:?}");
+    assert_eq!(h.metrics.duplicates_suppressed(), 1);
     assert!(h.drain_dlq().await.is_empty());
     h.finish().await;
 }

@@ -16,8 +16,9 @@
 //! the first success marks it up again. What each failure costs is in the
 //! README ("Fleet coordination on Redis").
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
@@ -68,6 +69,23 @@ pub(crate) struct Coordination {
     retry_at: AtomicU64,
     epoch: Instant,
     metrics: Arc<Metrics>,
+    /// The job ids this worker is processing now ([`Coordination::enter`]).
+    jobs: Mutex<HashSet<String>>,
+}
+
+/// A job id held as being processed by this worker; let go when dropped.
+pub(crate) struct InFlight<'a> {
+    jobs: &'a Mutex<HashSet<String>>,
+    id: String,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
 }
 
 impl Coordination {
@@ -96,7 +114,31 @@ impl Coordination {
             retry_at: AtomicU64::new(0),
             epoch: Instant::now(),
             metrics,
+            jobs: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Holds `job`'s id for as long as this worker processes it, or says to
+    /// wait when it already does: two copies of one job (a producer that
+    /// published it twice) in this worker's prefetch at once would both
+    /// call, since the send ledger's claim is this worker's own for both
+    /// (a worker takes over its own claim: after a lost connection, the
+    /// redelivered copy is its to finish). The second copy waits in a tier
+    /// and comes back to a ledger that knows the first as sent (without
+    /// Redis it is sent again then: there is no ledger to ask).
+    pub(crate) fn enter(&self, job: &Job) -> Result<InFlight<'_>, Ahead> {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        if jobs.contains(&job.job_id) {
+            return Err(Ahead::Wait {
+                delay: self.gate_times.probe_wait,
+                why: "another copy of this job is being processed by this worker; looked at again later, not called".into(),
+            });
+        }
+        jobs.insert(job.job_id.clone());
+        Ok(InFlight {
+            jobs: &self.jobs,
+            id: job.job_id.clone(),
+        })
     }
 
     /// The fleet, if Redis is configured and worth asking now.

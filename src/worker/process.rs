@@ -293,8 +293,14 @@ async fn decide(ctx: &Ctx, body: &[u8], mut story: Story, redelivered: bool) -> 
         maybe_sent: story.last_error.ambiguous || redelivered,
     };
 
-    // Gates, pacing and the send ledger: local, or the fleet's.
-    let claimed = match ctx.coord.before(&job).await {
+    // Gates, pacing and the send ledger: local, or the fleet's (once per
+    // job id at a time in this worker; held until the outcome is told).
+    let in_flight = ctx.coord.enter(&job);
+    let ahead = match &in_flight {
+        Ok(_) => ctx.coord.before(&job).await,
+        Err(wait) => wait.clone(),
+    };
+    let claimed = match ahead {
         Ahead::Call {
             maybe_sent,
             claimed,
