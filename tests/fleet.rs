@@ -75,6 +75,16 @@ impl Two {
     }
 }
 
+/// Makes Redis forget every script, as a restart does (callers hold
+/// [`SCRIPTS`] for writing).
+async fn flush_scripts(conn: &mut redis::aio::MultiplexedConnection) {
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
 fn job(id: &str, page: &str, campaign: &str) -> Job {
     Job::parse(
         format!(
@@ -297,11 +307,7 @@ async fn tells_and_asks_at_the_same_time_share_a_round_trip_tells_first() {
     // again and each call made once more, in a round of both again
     let client = redis::Client::open(redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let _: () = redis::cmd("SCRIPT")
-        .arg("FLUSH")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    flush_scripts(&mut conn).await;
     let later: Vec<Job> = (0..5).map(|i| job(&format!("l{i}"), "7", "c")).collect();
     let (told, claimed) = futures_util::future::join(
         join_all(fresh.iter().zip(&tells).map(|(j, tl)| t.a.after(j, tl))),
@@ -319,11 +325,7 @@ async fn tells_and_asks_at_the_same_time_share_a_round_trip_tells_first() {
         }
     );
     // and in a round of one script alone
-    let _: () = redis::cmd("SCRIPT")
-        .arg("FLUSH")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    flush_scripts(&mut conn).await;
     let alone: Vec<Job> = (0..5).map(|i| job(&format!("o{i}"), "7", "c")).collect();
     for answer in join_all(alone.iter().map(|j| t.a.before(j, &ask))).await {
         assert_eq!(go(&answer.unwrap()), Some((false, Duration::ZERO)));
@@ -359,11 +361,7 @@ async fn a_call_that_ran_keeps_its_answers_when_the_other_cannot_be_loaded() {
     .unwrap();
 
     // Redis knows before.lua (loaded by the admin) and not after.lua
-    let _: () = redis::cmd("SCRIPT")
-        .arg("FLUSH")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    flush_scripts(&mut conn).await;
     let before = concat!(
         include_str!("../src/fleet/prelude.lua"),
         include_str!("../src/fleet/before.lua")

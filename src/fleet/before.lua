@@ -44,6 +44,11 @@ local function reserve(key, rate)
   return wait
 end
 
+-- this worker's claim with its lease until `untl` (prelude.lua's layout)
+local function claim(worker, untl)
+  return 'sending\n' .. string.format('%d', untl) .. '\n' .. worker
+end
+
 local function one(ledger, k, _, a)
   local worker = ARGV[a + 1]
 
@@ -56,8 +61,7 @@ local function one(ledger, k, _, a)
   local lease = tonumber(ARGV[a + 2])
   local claimed, previous = false, false
   if ledger_on then
-    local value = redis.pcall('SET', ledger,
-      'sending\n' .. string.format('%d', now + lease) .. '\n' .. worker,
+    local value = redis.pcall('SET', ledger, claim(worker, now + lease),
       'NX', 'GET', 'PX', ARGV[a + 9])
     if value == false then
       claimed = true
@@ -114,9 +118,7 @@ local function one(ledger, k, _, a)
   --    was there or the job waits for its slot); the key expires after
   --    the ledger retention, counted from here
   if ledger_on and (not claimed or wait > 0) then
-    redis.call('SET', ledger,
-      'sending\n' .. string.format('%d', now + wait + lease) .. '\n' .. worker,
-      'PX', ARGV[a + 9])
+    redis.call('SET', ledger, claim(worker, now + wait + lease), 'PX', ARGV[a + 9])
   end
   return wait * 2 + (previous and 1 or 0)
 end

@@ -76,7 +76,7 @@ pub(crate) struct Coordination {
 /// A job id held as being processed by this worker; let go when dropped.
 pub(crate) struct InFlight<'a> {
     jobs: &'a Mutex<HashSet<String>>,
-    id: String,
+    id: &'a str,
 }
 
 impl Drop for InFlight<'_> {
@@ -84,7 +84,7 @@ impl Drop for InFlight<'_> {
         self.jobs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.id);
+            .remove(self.id);
     }
 }
 
@@ -126,18 +126,17 @@ impl Coordination {
     /// redelivered copy is its to finish). The second copy waits in a tier
     /// and comes back to a ledger that knows the first as sent (without
     /// Redis it is sent again then: there is no ledger to ask).
-    pub(crate) fn enter(&self, job: &Job) -> Result<InFlight<'_>, Ahead> {
+    pub(crate) fn enter<'a>(&'a self, job: &'a Job) -> Result<InFlight<'a>, Ahead> {
         let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
-        if jobs.contains(&job.job_id) {
+        if !jobs.insert(job.job_id.clone()) {
             return Err(Ahead::Wait {
                 delay: self.gate_times.probe_wait,
                 why: "another copy of this job is being processed by this worker; looked at again later, not called".into(),
             });
         }
-        jobs.insert(job.job_id.clone());
         Ok(InFlight {
             jobs: &self.jobs,
-            id: job.job_id.clone(),
+            id: &job.job_id,
         })
     }
 

@@ -295,10 +295,9 @@ async fn decide(ctx: &Ctx, body: &[u8], mut story: Story, redelivered: bool) -> 
 
     // Gates, pacing and the send ledger: local, or the fleet's (once per
     // job id at a time in this worker; held until the outcome is told).
-    let in_flight = ctx.coord.enter(&job);
-    let ahead = match &in_flight {
-        Ok(_) => ctx.coord.before(&job).await,
-        Err(wait) => wait.clone(),
+    let (ahead, _in_flight) = match ctx.coord.enter(&job) {
+        Ok(in_flight) => (ctx.coord.before(&job).await, Some(in_flight)),
+        Err(wait) => (wait, None),
     };
     let claimed = match ahead {
         Ahead::Call {
