@@ -26,6 +26,10 @@ pub enum ResultOutcome {
     Sent,
     /// In the dead-letter queue.
     Dead,
+    /// A copy of a job the send ledger knows as sent, acked without a call
+    /// (a producer that published it twice, a redelivery after the send):
+    /// not a new end; `tracking_id` names the send it duplicates.
+    Duplicate,
 }
 
 /// One settled job.

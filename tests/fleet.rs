@@ -569,18 +569,62 @@ async fn records_are_strings_and_an_earlier_builds_hashes_are_still_read() {
     let (kind, claim) = get(key(&j)).await;
     assert_eq!(kind, "string");
     let claim = claim.unwrap();
+    let digest = mmsend::fleet::send_digest(&j);
     assert!(
-        claim.starts_with("sending\n") && claim.ends_with("\nworker-a"),
+        claim.starts_with("sending\n")
+            && claim.ends_with(&format!("\nworker-a\n{}", digest.as_str())),
         "{claim:?}"
     );
     t.a.after(&j, &tell(Record::Sent("mm.f1"))).await.unwrap();
     let sent = get(key(&j)).await.1.unwrap();
     let fields: Vec<&str> = sent.split('\n').collect();
-    assert_eq!(fields.len(), 5, "{sent:?}");
+    assert_eq!(fields.len(), 6, "{sent:?}");
     assert_eq!(
-        (fields[0], fields[2], fields[3], fields[4]),
-        ("sent", "0", "worker-a", "mm.f1")
+        (fields[0], fields[2], fields[3], fields[4], fields[5]),
+        ("sent", "0", "worker-a", "mm.f1", digest.as_str())
     );
+    // the same job_id for another recipient is another send, not a duplicate
+    let mut other = j.clone();
+    other.subscription_token = "someone-else".into();
+    assert_eq!(
+        t.b.before(&other, &ask()).await.unwrap(),
+        Before::Reused { sent: true }
+    );
+    assert_eq!(
+        t.b.before(&j, &ask()).await.unwrap(),
+        Before::AlreadySent {
+            tracking_id: "mm.f1".into()
+        }
+    );
+
+    // 0.2's string records (no digest) are read: a send, a live claim
+    let set = |j: &Job, value: String| {
+        let mut conn = conn.clone();
+        let k = key(j);
+        async move {
+            let _: () = redis::cmd("SET")
+                .arg(&k)
+                .arg(value)
+                .arg("PX")
+                .arg(3_600_000)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    };
+    let (v02_sent, v02_live) = (job("f8", "7", "c"), job("f9", "7", "c"));
+    set(&v02_sent, "sent\n1\n0\nw0\nmm.v02".into()).await;
+    set(&v02_live, "sending\n99999999999999\nw0".into()).await;
+    assert_eq!(
+        t.b.before(&v02_sent, &ask()).await.unwrap(),
+        Before::AlreadySent {
+            tracking_id: "mm.v02".into()
+        }
+    );
+    match t.b.before(&v02_live, &ask()).await.unwrap() {
+        Before::Busy { worker, .. } => assert_eq!(worker, "w0"),
+        other => panic!("{other:?}"),
+    }
 
     // an earlier build's records, as it wrote them
     let hash = |j: &Job, fields: &[&str]| {
@@ -669,7 +713,10 @@ async fn records_are_strings_and_an_earlier_builds_hashes_are_still_read() {
         kind, "string",
         "the claim over an earlier build's hash is a string"
     );
-    assert!(claim.unwrap().ends_with("\nworker-b"));
+    assert!(claim.unwrap().ends_with(&format!(
+        "\nworker-b\n{}",
+        mmsend::fleet::send_digest(&old_dead).as_str()
+    )));
     // a send recorded over an earlier build's live claim
     t.a.after(&old_live, &tell(Record::Sent("mm.f3")))
         .await

@@ -197,25 +197,40 @@ impl RetryPolicy {
         self.within_limits(class, delay, attempt)
     }
 
-    /// The route of a job held back by a closed gate (no call was made): it
-    /// waits `wait` in a delay tier. A retryable class keeps its limits; a
-    /// terminal class that holds a scope (auth, onboarding) delays too
-    /// instead of killing jobs that were never tried, bounded by `not_after`
-    /// and `gated_max_age`; the probe after the gate reopens decides.
+    /// The route of a job that waits without a call: held back by a closed
+    /// gate, in flight under another worker's claim, a second copy of a job
+    /// this worker is processing, or waiting for Redis (`fail_mode =
+    /// "hold"`). No call was made, so no attempt is spent: the wait is
+    /// bounded by `not_after` and by the job's age, never by
+    /// `max_attempts`. The age limit: a class that waits for something
+    /// outside mmsend keeps its own (`not_ready_max_age`, …; the job must
+    /// not come back older than it); a terminal class that holds a scope
+    /// (auth, onboarding) delays instead of killing jobs that were never
+    /// tried, up to `gated_max_age` (the probe after the gate reopens
+    /// decides); `transient` and `throttled`, bounded by attempts when
+    /// called, wait while the job is younger than `gated_max_age` (a
+    /// throttle gate's hint may be a day long: the job waits it out once).
     pub fn route_gated(&self, class: Class, wait: Duration, attempt: &Attempt) -> Route {
-        if class.is_retryable() {
-            return self.within_limits(class, wait, attempt);
-        }
         let back_at = later(attempt.now, wait);
-        if attempt.not_after.is_some_and(|deadline| back_at > deadline)
-            || age(attempt, back_at) > self.gated_max_age
-        {
+        let too_old = match self.max_age(class) {
+            Some(max_age) => age(attempt, back_at) > max_age,
+            None if class.is_retryable() => age(attempt, attempt.now) > self.gated_max_age,
+            None => age(attempt, back_at) > self.gated_max_age,
+        };
+        if attempt.not_after.is_some_and(|deadline| back_at > deadline) || too_old {
             return Route::Dead {
                 class: Some(class),
                 reason: DeadReason::Expired,
             };
         }
         Route::Retry { class, delay: wait }
+    }
+
+    /// The route of a failed attempt of `class` that no answer classified
+    /// (the worker panicked processing the job): `delay`, within the class's
+    /// limits (`max_attempts` for `transient`).
+    pub fn route_attempt(&self, class: Class, delay: Duration, attempt: &Attempt) -> Route {
+        self.within_limits(class, delay, attempt)
     }
 
     /// The class's own wait before attempt `number + 1`.
@@ -554,6 +569,44 @@ mod tests {
             Route::Dead {
                 class: Some(Class::NotReady),
                 reason: DeadReason::Expired
+            }
+        );
+    }
+
+    #[test]
+    fn a_wait_without_a_call_spends_no_attempt() {
+        let p = RetryPolicy::default();
+        let wait = Duration::from_secs(5);
+        // past max_attempts (a not_ready job tried 12 times), a wait of any
+        // class is still a wait: bounded by age, not attempts
+        for class in [Class::NotReady, Class::Transient, Class::Throttled] {
+            assert_eq!(
+                p.route_gated(class, wait, &at(12, 60)),
+                Route::Retry { class, delay: wait },
+                "{class}"
+            );
+        }
+        // a transient job's waits end once it is older than gated_max_age
+        assert_eq!(
+            p.route_gated(Class::Transient, wait, &at(3, 24 * 3600 - 1)),
+            Route::Retry {
+                class: Class::Transient,
+                delay: wait
+            }
+        );
+        assert_eq!(
+            p.route_gated(Class::Transient, wait, &at(3, 25 * 3600)),
+            Route::Dead {
+                class: Some(Class::Transient),
+                reason: DeadReason::Expired
+            }
+        );
+        // a failed attempt (a panic) is still bounded by max_attempts
+        assert_eq!(
+            p.route_attempt(Class::Transient, wait, &at(10, 60)),
+            Route::Dead {
+                class: Some(Class::Transient),
+                reason: DeadReason::RetriesExhausted
             }
         );
     }

@@ -7,25 +7,28 @@
 --             3 ledger on (1/0)       4 gates on (1/0)
 --             5 gate key grace ms (probe lock + probe wait)
 --             6 the page's configured rate /s   7 lowered for ms
+--             8 halve at most once per this many ms
 -- own args, the common answer (a send, nothing to close or lower):
---             1 'ok'                  2 tracking id
+--             1 'ok'                  2 tracking id      3 digest
 -- or else     1 outcome: sent | suspected | release
 --             2 tracking id           3 the call succeeded (1/0)
 --             4 scope index to close (0 = none, 1..4 as scope keys 1..4)
 --             5 class                 6 code label
 --             7 gate wait ms          8 lower the page's rate (1/0)
+--             9 digest
 --
 -- Returns 1 for each job told.
 -- (prelude.lua in front: `now`, `now_text`, `each_job`, `any_gate`,
 -- `a_hash`, `read_record`)
 
 local function own(first)
-  if first == 'ok' then return 2 end
-  return 8
+  if first == 'ok' then return 3 end
+  return 9
 end
 
 local function one(ledger, k, o, a)
   local ok = ARGV[o + 1] == 'ok'
+  local digest = ok and ARGV[o + 3] or ARGV[o + 9]
   -- 1. the ledger
   if ARGV[a + 3] == '1' then
     local outcome = ok and 'sent' or ARGV[o + 1]
@@ -34,7 +37,7 @@ local function one(ledger, k, o, a)
       -- the expiry the claim set; a lost key, or an earlier build's hash,
       -- is written again with the retention
       local record = 'sent\n' .. now_text .. '\n' .. (outcome == 'suspected' and '1' or '0')
-        .. '\n' .. ARGV[a + 2] .. '\n' .. ARGV[o + 2]
+        .. '\n' .. ARGV[a + 2] .. '\n' .. ARGV[o + 2] .. '\n' .. digest
       local value = redis.pcall('SET', ledger, record, 'XX', 'KEEPTTL', 'GET')
       if not value or a_hash(value) then
         redis.call('SET', ledger, record, 'PX', ARGV[a + 1])
@@ -82,13 +85,21 @@ local function one(ledger, k, o, a)
     end
   end
 
-  -- 3. a page rate limit halves the page's rate, fleet-wide, for a while
+  -- 3. a page rate limit halves the page's rate, fleet-wide, for a while;
+  --    at most once per window: the calls in flight when the limit hit
+  --    answer it together, and one burst is one halving (the key was set
+  --    `lowered for` ago minus its time to live)
   if not ok and ARGV[o + 8] == '1' then
-    local current = tonumber(redis.call('GET', KEYS[k + 11]) or ARGV[a + 6]) or 1
-    local lowered = math.max(1, math.floor(current / 2))
-    redis.call('SET', KEYS[k + 11], tostring(lowered), 'PX', ARGV[a + 7])
+    local key = KEYS[k + 11]
+    local lowered_for = tonumber(ARGV[a + 7])
+    local left = redis.call('PTTL', key)
+    if left < 0 or lowered_for - left >= tonumber(ARGV[a + 8]) then
+      local current = tonumber(redis.call('GET', key) or ARGV[a + 6]) or 1
+      local lowered = math.max(1, math.floor(current / 2))
+      redis.call('SET', key, tostring(lowered), 'PX', lowered_for)
+    end
   end
   return 1
 end
 
-return each_job(own, 7, one)
+return each_job(own, 8, one)

@@ -16,9 +16,12 @@
 --             5 probe wait ms     6 probe lock ms
 --             7 gates on (1/0)    8 ledger on (1/0)
 --             9 ledger retention ms
--- own args    none
+-- own args    1 the send's digest (hex: ad account, page, message id,
+--               recipient, message; src/fleet/mod.rs `send_digest`)
 --
 -- Returns, for each job, one of
+--   {'reused', state, worker}                  the record is another send's
+--                                              (same job_id, other digest)
 --   {'sent', tracking_id, sent_at_ms}          already sent: ack, no call
 --   {'busy', worker, remaining_ms}             in flight on another worker
 --   {'gated', scope_index, class, code, wait_ms}  held: no claim, no call
@@ -45,12 +48,16 @@ local function reserve(key, rate)
 end
 
 -- this worker's claim with its lease until `untl` (prelude.lua's layout)
-local function claim(worker, untl)
-  return 'sending\n' .. string.format('%d', untl) .. '\n' .. worker
+local function claim(worker, untl, digest)
+  return 'sending\n' .. string.format('%d', untl) .. '\n' .. worker .. '\n' .. digest
 end
 
-local function one(ledger, k, _, a)
+-- one own argument per job: its digest
+local function own() return 1 end
+
+local function one(ledger, k, o, a)
   local worker = ARGV[a + 1]
+  local digest = ARGV[o + 1]
 
   -- 1. the ledger: a job already sent is never called again; a live lease
   --    of another worker means the call is in flight elsewhere. The claim
@@ -61,12 +68,18 @@ local function one(ledger, k, _, a)
   local lease = tonumber(ARGV[a + 2])
   local claimed, previous = false, false
   if ledger_on then
-    local value = redis.pcall('SET', ledger, claim(worker, now + lease),
+    local value = redis.pcall('SET', ledger, claim(worker, now + lease, digest),
       'NX', 'GET', 'PX', ARGV[a + 9])
     if value == false then
       claimed = true
     else
-      local state, holder, untl, tracking, at = read_record(ledger, value)
+      local state, holder, untl, tracking, at, was = read_record(ledger, value)
+      -- the same job_id for another send (a producer that numbers jobs
+      -- per campaign): never a duplicate of this one, never called under
+      -- the other's record
+      if was ~= '' and was ~= digest then
+        return {'reused', state or '', holder or ''}
+      end
       if state == 'sent' then
         return {'sent', tracking or '', at or '0'}
       end
@@ -118,9 +131,9 @@ local function one(ledger, k, _, a)
   --    was there or the job waits for its slot); the key expires after
   --    the ledger retention, counted from here
   if ledger_on and (not claimed or wait > 0) then
-    redis.call('SET', ledger, claim(worker, now + wait + lease), 'PX', ARGV[a + 9])
+    redis.call('SET', ledger, claim(worker, now + wait + lease, digest), 'PX', ARGV[a + 9])
   end
   return wait * 2 + (previous and 1 or 0)
 end
 
-return each_job(nil, 9, one)
+return each_job(own, 9, one)

@@ -244,8 +244,55 @@ impl Layout {
     }
 }
 
-const BEFORE: Layout = Layout { shared: 9, own: 0 };
-const AFTER: Layout = Layout { shared: 7, own: 8 }; // 2 for a send (after.lua)
+const BEFORE: Layout = Layout { shared: 9, own: 1 };
+const AFTER: Layout = Layout { shared: 8, own: 9 }; // 3 for a send (after.lua)
+
+/// A page rate limit halves the page's rate at most once per this long: the
+/// calls in flight when the limit hit answer it together, and twelve such
+/// answers are one burst, not twelve halvings (40/s would become 1/s).
+pub const HALVE_AT_MOST_EVERY: Duration = Duration::from_secs(10);
+
+/// The digest of what makes a job's send, kept in its ledger record: the ad
+/// account, the page, the message (campaign) id, the recipient and the
+/// message, hashed (SHA-256, the first 8 bytes as 16 hex digits). The same
+/// `job_id` with another digest is another send under a reused id
+/// (`Before::Reused`), never a duplicate of the first. `min_conversation_gap_seconds`,
+/// `campaign`, `not_after` and unknown fields are not part of it: the same
+/// send published again with another gap or deadline is still a duplicate.
+pub fn send_digest(job: &Job) -> SendDigest {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for field in [
+        &job.ad_account_id,
+        &job.page_id,
+        &job.message_id,
+        &job.subscription_token,
+    ] {
+        hash.update(field.as_bytes());
+        hash.update([0]);
+    }
+    if let Some(message) = &job.message {
+        // writing into a hasher cannot fail
+        let _ = serde_json::to_writer(&mut hash, message);
+    }
+    let full = hash.finalize();
+    let mut out = [b'0'; 16];
+    // cannot fail: 8 bytes are 16 hex digits
+    let _ = hex::encode_to_slice(&full[..8], &mut out);
+    SendDigest(out)
+}
+
+/// [`send_digest`]'s answer: 16 hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendDigest([u8; 16]);
+
+impl SendDigest {
+    /// The digits.
+    pub fn as_str(&self) -> &str {
+        // hex digits are ASCII
+        std::str::from_utf8(&self.0).unwrap_or("0000000000000000")
+    }
+}
 
 /// Scope order in the scripts' keys (1..4 gates, 5..8 probes).
 const SCOPES: [ScopeKind; 4] = [
@@ -286,6 +333,13 @@ fn gate_index(prefix: &str) -> String {
 /// What the fleet says before a call.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Before {
+    /// The ledger holds another send under this `job_id` (its digest
+    /// differs): the job is not this record's duplicate, and is not called.
+    Reused {
+        /// The other send was sent (else it is claimed: in flight, or its
+        /// holder died).
+        sent: bool,
+    },
     /// The job was sent already: ack it without a call.
     AlreadySent {
         /// The tracking id of the send.
@@ -774,6 +828,7 @@ impl Fleet {
             .int(1u8)
             .int(ms(self.config.ledger_retention));
         push_ledger_key(&mut part, &self.tag, job);
+        part.concat(&[send_digest(job).as_str()]);
         let answer: BeforeAnswer = self.batcher.call(&self.link(), Kind::Before, part).await?;
         parse_before(job, &answer)
     }
@@ -803,12 +858,15 @@ impl Fleet {
             .int(u8::from(tell.gates))
             .int(ms(tell.gate_grace))
             .push(tell.page_rate)
-            .int(ms(self.config.lowered_rate_for));
+            .int(ms(self.config.lowered_rate_for))
+            .int(ms(HALVE_AT_MOST_EVERY));
         push_ledger_key(&mut part, &self.tag, job);
+        let digest = send_digest(job);
+        let digest = digest.as_str();
         match tell.record {
-            // the common answer in two arguments (after.lua)
+            // the common answer in three arguments (after.lua)
             Record::Sent(id) if tell.success && index == 0 && !tell.lower_page_rate => {
-                part.concat(&["ok"]).concat(&[id]);
+                part.concat(&["ok"]).concat(&[id]).concat(&[digest]);
             }
             _ => {
                 part.concat(&[outcome])
@@ -818,7 +876,8 @@ impl Fleet {
                     .concat(&[class])
                     .concat(&[&code])
                     .int(ms(wait))
-                    .int(u8::from(tell.lower_page_rate));
+                    .int(u8::from(tell.lower_page_rate))
+                    .concat(&[digest]);
             }
         }
         let _: i64 = self.batcher.call(&self.link(), Kind::After, part).await?;
@@ -950,6 +1009,9 @@ fn parse_before(job: &Job, answer: &BeforeAnswer) -> Result<Before, FleetError> 
             .map_err(|_| bad())
     };
     match answer {
+        [kind, state, _worker] if kind == "reused" => Ok(Before::Reused {
+            sent: state == "sent",
+        }),
         [kind, tracking, _at] if kind == "sent" => Ok(Before::AlreadySent {
             tracking_id: tracking.clone(),
         }),

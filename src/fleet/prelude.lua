@@ -62,31 +62,39 @@ local function a_hash(value)
 end
 
 -- A job's ledger record (KEYS of the job's own key), one string:
---   sending\n<lease until, ms>\n<worker>
---   sent\n<at, ms>\n<suspected 0/1>\n<worker>\n<tracking id>
--- (a worker id has no control characters: src/fleet/mod.rs). Builds before
--- 0.2 wrote a hash (state, worker, until, tracking, at, suspected,
--- expiry); such a record is still read here and replaced by a string when
--- written. `value` is what a string command (`redis.pcall`) returned for
--- the key: a string, false (no record) or a hash's WRONGTYPE error (any
--- other error is raised). Returns state, worker, lease until, tracking id,
--- sent at (nothing for no record). A string of no known shape that starts
--- as a sent record reads as sent (never called again); any other reads as
--- a claim with no lease left (the worker that takes it over is told it may
--- have been sent).
+--   sending\n<lease until, ms>\n<worker>\n<digest>
+--   sent\n<at, ms>\n<suspected 0/1>\n<worker>\n<tracking id>\n<digest>
+-- (a worker id has no control characters: src/fleet/mod.rs; the digest is
+-- hex, a hash of what makes the send: src/fleet/mod.rs `send_digest`).
+-- Builds 0.2 wrote the same without the digest; builds before 0.2 wrote a
+-- hash (state, worker, until, tracking, at, suspected, expiry); both are
+-- still read (with no digest: a reuse cannot be told from a duplicate
+-- there) and replaced when written. `value` is what a string command
+-- (`redis.pcall`) returned for the key: a string, false (no record) or a
+-- hash's WRONGTYPE error (any other error is raised). Returns state,
+-- worker, lease until, tracking id, sent at, digest (nothing for no
+-- record; digest '' when the record has none). A string of no known shape
+-- that starts as a sent record reads as sent (never called again); any
+-- other reads as a claim with no lease left (the worker that takes it
+-- over is told it may have been sent).
 local function read_record(key, value)
   if not value then return nil end
   if type(value) == 'string' then
-    local untl, worker = string.match(value, '^sending\n(%d+)\n(.*)$')
-    if untl then return 'sending', worker, untl end
-    local at, _, w, tracking = string.match(value, '^sent\n(%d+)\n(%d)\n([^\n]*)\n(.*)$')
-    if at then return 'sent', w, nil, tracking, at end
-    if string.sub(value, 1, 5) == 'sent\n' then return 'sent', '', nil, '', '0' end
-    return 'sending', '', '0'
+    local untl, worker, digest = string.match(value, '^sending\n(%d+)\n([^\n]*)\n(%x+)$')
+    if untl then return 'sending', worker, untl, nil, nil, digest end
+    untl, worker = string.match(value, '^sending\n(%d+)\n(.*)$')
+    if untl then return 'sending', worker, untl, nil, nil, '' end
+    local at, _, w, tracking
+    at, _, w, tracking, digest = string.match(value, '^sent\n(%d+)\n(%d)\n([^\n]*)\n(.*)\n(%x+)$')
+    if at then return 'sent', w, nil, tracking, at, digest end
+    at, _, w, tracking = string.match(value, '^sent\n(%d+)\n(%d)\n([^\n]*)\n(.*)$')
+    if at then return 'sent', w, nil, tracking, at, '' end
+    if string.sub(value, 1, 5) == 'sent\n' then return 'sent', '', nil, '', '0', '' end
+    return 'sending', '', '0', nil, nil, ''
   end
   if a_hash(value) then
     local st = redis.call('HMGET', key, 'state', 'worker', 'until', 'tracking', 'at')
-    return st[1], st[2], st[3], st[4], st[5]
+    return st[1], st[2], st[3], st[4], st[5], ''
   end
   return nil
 end

@@ -39,6 +39,9 @@ pub(crate) enum Ahead {
     Call { maybe_sent: bool, claimed: bool },
     /// The ledger says the job was sent: ack without a call.
     AlreadySent { tracking_id: String },
+    /// The ledger holds another send under this job's id (`sent`: that one
+    /// was sent): dead-lettered `invalid_job` without a call.
+    Reused { sent: bool },
     /// A closed gate holds the job.
     Held(Held),
     /// Not now: in flight on another worker, or waiting for Redis.
@@ -200,6 +203,7 @@ impl Coordination {
                     self.redis_ok();
                     return match answer {
                         Before::AlreadySent { tracking_id } => Ahead::AlreadySent { tracking_id },
+                        Before::Reused { sent } => Ahead::Reused { sent },
                         Before::Busy { worker, remaining } => Ahead::Wait {
                             delay: remaining.max(self.gate_times.probe_wait),
                             why: format!(

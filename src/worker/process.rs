@@ -223,7 +223,7 @@ fn panicked(
         maybe_sent: false,
     };
     // the transient schedule, up to max_attempts
-    let route = ctx.policy.route_gated(
+    let route = ctx.policy.route_attempt(
         Class::Transient,
         ctx.policy.transient_delay(story.attempt),
         &attempt,
@@ -288,9 +288,9 @@ async fn decide(ctx: &Ctx, body: &[u8], mut story: Story, redelivered: bool) -> 
         first_attempt_at,
         now,
         not_after: job.not_after,
-        // the last call may have been a send, or the worker that held this
-        // delivery died (mid-call, perhaps)
-        maybe_sent: story.last_error.ambiguous || redelivered,
+        // the last call may have been a send (set below with what the
+        // send ledger or the broker says of the calls before this one)
+        maybe_sent: story.last_error.ambiguous,
     };
 
     // Gates, pacing and the send ledger: local, or the fleet's (once per
@@ -304,16 +304,49 @@ async fn decide(ctx: &Ctx, body: &[u8], mut story: Story, redelivered: bool) -> 
             maybe_sent,
             claimed,
         } => {
-            attempt.maybe_sent |= maybe_sent;
+            // With the send ledger, only evidence makes an earlier call "maybe
+            // the send": an expired claim of a worker that died (maybe_sent)
+            // or an ambiguous last answer. A fresh claim proves no call was in
+            // flight, whatever the broker's redelivered flag says (a lost
+            // connection redelivers every prefetched job, called or not).
+            // Without the ledger the flag is all there is: a redelivered job
+            // may have been in a call when its worker died.
+            attempt.maybe_sent |= if claimed { maybe_sent } else { redelivered };
             claimed
         }
         Ahead::AlreadySent { tracking_id } => {
             debug!(tracking_id = %tracking_id, "already sent (send ledger); acked without a call");
             return Decided::new(ctx, Route::Duplicate, story, Some(tracking_id));
         }
+        Ahead::Reused { sent } => {
+            let other = if sent {
+                "was sent"
+            } else {
+                "is claimed (in flight, or its worker died mid-call)"
+            };
+            let message = format!(
+                "job_id reused for a different send: the send ledger holds another send under this job_id, which {other}; the ad account, page, message id, recipient or message differ. Give each send its own job_id (unique across campaigns), then publish this job again with it"
+            );
+            return Decided::without_call(ctx, dead(DeadReason::InvalidJob), story, message);
+        }
+        // Waits without a call (in flight elsewhere, a second copy, Redis
+        // down in hold mode) spend no attempt and keep the job's story: its
+        // class and last error stay those of its last call, and the wait
+        // is bounded by its age under that class, and by `not_after`.
         Ahead::Wait { delay, why } => {
-            let route = ctx.policy.route_gated(Class::Transient, delay, &attempt);
-            return Decided::without_call(ctx, route, story, why);
+            debug!(wait_ms = delay.as_millis() as u64, why = %why, "waiting without a call");
+            let class = story
+                .last_error
+                .class
+                .as_deref()
+                .and_then(|c| c.parse().ok());
+            let route = ctx
+                .policy
+                .route_gated(class.unwrap_or(Class::Transient), delay, &attempt);
+            if class.is_none() {
+                story.last_error.message = Some(why);
+            }
+            return Decided::new(ctx, route, story, None);
         }
         // A closed gate sends the job straight back to wait, without a call.
         Ahead::Held(held) => {
@@ -427,8 +460,12 @@ async fn settle_delivery(
             (Settled::Sent, class)
         }
         Route::Duplicate => {
-            // sent before: ack, and count it apart from the sends
+            // sent before: ack, and count it apart from the sends; its event
+            // names the send it duplicates
             ctx.metrics.duplicate_suppressed();
+            if ctx.topology.results.is_some() {
+                publish_result(ctx, publisher, &delivery, &story, route, tracking_id).await;
+            }
             ctl.acks.ack(delivery.delivery_tag);
             return;
         }
@@ -493,6 +530,7 @@ async fn publish_result(
         campaign: text("campaign"),
         outcome: match route {
             Route::Dead { .. } => ResultOutcome::Dead,
+            Route::Duplicate => ResultOutcome::Duplicate,
             _ => ResultOutcome::Sent,
         },
         class: e.class.clone(),
@@ -506,10 +544,14 @@ async fn publish_result(
     let Ok(bytes) = serde_json::to_vec(&event) else {
         return;
     };
-    let props = BasicProperties::default()
+    let mut props = BasicProperties::default()
         .with_content_type("application/json".into())
-        .with_delivery_mode(2)
-        .with_message_id(event.job_id.as_str().into());
+        .with_delivery_mode(2);
+    // an AMQP short string: an invalid job's id may be longer (it is in
+    // the body anyway)
+    if event.job_id.len() <= 255 {
+        props = props.with_message_id(event.job_id.as_str().into());
+    }
     if let Err(e) = publisher
         .publish(&ctx.topology.results_stream(), &bytes, props)
         .await
