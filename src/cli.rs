@@ -428,7 +428,7 @@ pub(crate) struct WorkerArgs {
     /// a Graph call in flight always runs to its own request timeout.
     #[arg(long, env = "MMSEND_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub(crate) shutdown_grace: Duration,
-    /// Name written to x-mmsend-worker and held in the send ledger (default host:pid).
+    /// Name written to x-mmsend-worker and held in the send ledger (default host:pid-nonce, unique per start).
     #[arg(long, env = "MMSEND_WORKER_ID")]
     pub(crate) worker_id: Option<String>,
     /// Redis for the send ledger and fleet-wide pacing and gates (unset: per process, no ledger).

@@ -45,6 +45,7 @@
 //! lease_margin = "5s"
 //! op_timeout = "500ms"
 //! lowered_rate_for = "10m"
+//! allow_eviction = false    # start even if Redis may evict keys (warns)
 //! ```
 
 use std::collections::BTreeMap;
@@ -122,6 +123,10 @@ pub struct RedisSection {
     /// How long a page's halved rate lasts after a page rate limit.
     #[serde(with = "humantime_serde")]
     pub lowered_rate_for: Duration,
+    /// Start even if Redis may evict keys (a memory limit and a
+    /// `maxmemory-policy` other than `noeviction`); the worker refuses to
+    /// start then unless this is `true`, and warns while it runs.
+    pub allow_eviction: bool,
 }
 
 impl Default for RedisSection {
@@ -132,6 +137,7 @@ impl Default for RedisSection {
             lease_margin: d.lease_margin,
             op_timeout: d.op_timeout,
             lowered_rate_for: d.lowered_rate_for,
+            allow_eviction: d.allow_eviction,
         }
     }
 }
@@ -146,6 +152,7 @@ impl RedisSection {
             lease_margin: self.lease_margin,
             op_timeout: self.op_timeout,
             lowered_rate_for: self.lowered_rate_for,
+            allow_eviction: self.allow_eviction,
         }
     }
 }

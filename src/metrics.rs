@@ -52,6 +52,7 @@ mod name {
     pub(super) const SUSPECTED_DUPLICATES: &str = "mmsend_suspected_duplicates_total";
     pub(super) const PACING_WAIT: &str = "mmsend_pacing_wait_seconds";
     pub(super) const REDIS_UP: &str = "mmsend_redis_up";
+    pub(super) const REDIS_MAY_EVICT: &str = "mmsend_redis_may_evict";
     pub(super) const REDIS_DURATION: &str = "mmsend_redis_request_duration_seconds";
     pub(super) const REDIS_ERRORS: &str = "mmsend_redis_errors_total";
     pub(super) const PUBLISH_FAILURES: &str = "mmsend_publish_failures_total";
@@ -81,6 +82,7 @@ pub const SERIES: &[&str] = &[
     name::SUSPECTED_DUPLICATES,
     name::PACING_WAIT,
     name::REDIS_UP,
+    name::REDIS_MAY_EVICT,
     name::REDIS_DURATION,
     name::REDIS_ERRORS,
     name::PUBLISH_FAILURES,
@@ -246,6 +248,7 @@ pub struct Metrics {
     suspected_duplicates: IntCounter,
     pacing_wait: Histogram,
     redis_up: IntGauge,
+    redis_may_evict: IntGauge,
     redis_duration: HistogramVec,
     redis_errors: IntCounterVec,
     publish_failures: IntCounterVec,
@@ -376,6 +379,10 @@ impl Metrics {
             name::REDIS_UP,
             "1 while the fleet layer's Redis answers; 0 while the worker falls back (or 1 with no Redis configured: nothing to be down).",
         );
+        let redis_may_evict = gauge(
+            name::REDIS_MAY_EVICT,
+            "1 when the fleet's Redis has a memory limit and a maxmemory-policy other than noeviction: it may evict send-ledger records and claims (a job could be sent twice). 0 otherwise, or not known yet.",
+        );
         let redis_duration = HistogramVec::new(
             histogram_opts(
                 name::REDIS_DURATION,
@@ -457,6 +464,7 @@ impl Metrics {
             suspected_duplicates,
             pacing_wait,
             redis_up,
+            redis_may_evict,
             redis_duration,
             redis_errors,
             publish_failures,
@@ -722,6 +730,16 @@ impl Metrics {
     /// Redis answers (or not).
     pub fn set_redis_up(&self, up: bool) {
         self.redis_up.set(i64::from(up));
+    }
+
+    /// What Redis's eviction policy was last seen to be.
+    pub fn set_redis_may_evict(&self, may: bool) {
+        self.redis_may_evict.set(i64::from(may));
+    }
+
+    /// Whether Redis was last seen able to evict keys.
+    pub fn redis_may_evict(&self) -> bool {
+        self.redis_may_evict.get() == 1
     }
 
     /// Jobs are held for Redis (`fail_mode = hold` while it is down):

@@ -164,10 +164,16 @@ struct PrivateRedis {
     port: u16,
     child: Option<Child>,
     dir: std::path::PathBuf,
+    extra: Vec<String>,
 }
 
 impl PrivateRedis {
     fn start() -> PrivateRedis {
+        PrivateRedis::start_with(&[])
+    }
+
+    /// A private Redis with these extra `redis-server` arguments.
+    fn start_with(extra: &[&str]) -> PrivateRedis {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -179,6 +185,7 @@ impl PrivateRedis {
             port,
             child: None,
             dir,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         r.up();
         r
@@ -194,6 +201,7 @@ impl PrivateRedis {
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(&self.dir)
+            .args(&self.extra)
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server is installed (deploy/local/ensure-redis.sh)");
@@ -269,4 +277,50 @@ async fn redis_stopped_mid_run_in_local_mode_loses_nothing() {
 #[tokio::test]
 async fn redis_stopped_mid_run_in_hold_mode_holds_then_sends() {
     redis_stops_mid_run("redishold", FailMode::Hold).await;
+}
+
+/// Every ledger key has a time to live, so a Redis with a memory limit and
+/// any policy but `noeviction` may evict `sent` records and live claims:
+/// the worker refuses to start on one, unless told to start anyway, and
+/// then says so in `mmsend_redis_may_evict`.
+#[tokio::test]
+async fn a_redis_that_may_evict_the_ledger_is_refused_at_start() {
+    let redis =
+        PrivateRedis::start_with(&["--maxmemory", "64mb", "--maxmemory-policy", "volatile-lru"]);
+    let mut opts = Opts::idle("evicting");
+    opts.redis = Some(redis.url());
+    let h = Harness::start(opts).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let refused = tokio::time::timeout(
+        T,
+        mmsend::worker::run(
+            h.config.clone(),
+            mmsend::metrics::Metrics::new(),
+            stop.clone(),
+        ),
+    )
+    .await
+    .expect("refused at once");
+    let message = refused
+        .expect_err("a Redis that may evict is refused")
+        .to_string();
+    assert!(
+        message.contains("volatile-lru")
+            && message.contains("noeviction")
+            && message.contains("allow_eviction"),
+        "{message}"
+    );
+
+    // allowed: it runs, warns, and shows it
+    let mut config = h.config.clone();
+    if let Some(f) = config.fleet.as_mut() {
+        f.allow_eviction = true;
+    }
+    let metrics = mmsend::metrics::Metrics::new();
+    let task = tokio::spawn(mmsend::worker::run(config, metrics.clone(), stop.clone()));
+    eventually!(T, metrics.redis_may_evict(), "mmsend_redis_may_evict is 1");
+    assert!(metrics.render().contains("mmsend_redis_may_evict 1"));
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    h.finish().await;
 }

@@ -102,6 +102,9 @@ pub struct FleetConfig {
     pub op_timeout: Duration,
     /// How long a page's lowered rate (after a page rate limit) lasts.
     pub lowered_rate_for: Duration,
+    /// Start even when Redis may evict keys (a memory limit with any
+    /// `maxmemory-policy` but `noeviction`): the worker then only warns.
+    pub allow_eviction: bool,
 }
 
 impl FleetConfig {
@@ -114,7 +117,45 @@ impl FleetConfig {
             lease_margin: Duration::from_secs(5),
             op_timeout: Duration::from_millis(500),
             lowered_rate_for: Duration::from_secs(600),
+            allow_eviction: false,
         }
+    }
+}
+
+/// What Redis does when it reaches its memory limit (`INFO memory`).
+///
+/// Every key of the fleet carries a time to live (ledger records, claims,
+/// gates), so every policy but `noeviction` may evict them — `volatile-*`
+/// as much as `allkeys-*`: an evicted `sent` record lets a redelivered or
+/// republished job be sent again, an evicted claim lets two workers call at
+/// once. Managed Redis services often default to an evicting policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Eviction {
+    /// `maxmemory-policy`.
+    pub policy: String,
+    /// `maxmemory` in bytes; 0 = no limit (nothing is ever evicted).
+    pub maxmemory: u64,
+}
+
+impl Eviction {
+    /// Whether Redis may evict the fleet's keys.
+    pub fn may_evict(&self) -> bool {
+        self.maxmemory > 0 && self.policy != "noeviction"
+    }
+
+    /// Reads `maxmemory` and `maxmemory_policy` from an `INFO memory` answer
+    /// (`INFO` works where `CONFIG` is renamed or refused, as on managed
+    /// services).
+    pub fn from_info(info: &str) -> Option<Eviction> {
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+        };
+        Some(Eviction {
+            policy: field("maxmemory_policy")?.to_string(),
+            maxmemory: field("maxmemory")?.parse().ok()?,
+        })
     }
 }
 
@@ -947,6 +988,21 @@ impl Fleet {
         }
     }
 
+    /// Redis's memory limit and eviction policy ([`Eviction`]).
+    pub async fn eviction(&self) -> Result<Eviction, FleetError> {
+        let mut conn = self.conn.clone();
+        let info: String = self
+            .timed(
+                RedisOp::Ping,
+                redis::cmd("INFO").arg("memory").query_async(&mut conn),
+            )
+            .await?;
+        Eviction::from_info(&info).ok_or_else(|| FleetError::Answer {
+            op: "info memory",
+            answer: "no maxmemory / maxmemory_policy fields".into(),
+        })
+    }
+
     /// Whether Redis answers.
     pub async fn ping(&self) -> Result<(), FleetError> {
         let mut conn = self.conn.clone();
@@ -1045,6 +1101,27 @@ mod tests {
             br#"{"v":1,"job_id":"j1","ad_account_id":"1","page_id":"2","message_id":"3","subscription_token":"s"}"#,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn every_policy_but_noeviction_may_evict_the_ledger_under_a_memory_limit() {
+        let info = |policy: &str, max: u64| {
+            Eviction::from_info(&format!(
+                "# Memory\r\nused_memory:1000\r\nmaxmemory:{max}\r\nmaxmemory_human:x\r\nmaxmemory_policy:{policy}\r\n"
+            ))
+            .unwrap()
+        };
+        assert!(!info("noeviction", 1 << 30).may_evict());
+        for policy in [
+            "allkeys-lru",
+            "volatile-lru",
+            "volatile-ttl",
+            "allkeys-random",
+        ] {
+            assert!(info(policy, 1 << 30).may_evict(), "{policy}");
+            assert!(!info(policy, 0).may_evict(), "{policy} without a limit");
+        }
+        assert_eq!(Eviction::from_info("# Memory\r\n"), None);
     }
 
     fn decode(v: redis::Value) -> Result<Before, FleetError> {

@@ -30,6 +30,22 @@ use crate::fleet::{Ask, Before, FailMode, Fleet, Record, Tell};
 use crate::job::Job;
 use crate::metrics::Metrics;
 
+/// Records Redis's eviction policy ([`crate::fleet::Eviction`]) in
+/// `mmsend_redis_may_evict`, warning loudly when it turns to one that may
+/// evict the ledger (a worker started with `allow_eviction`, or a policy
+/// changed under a running fleet): a running worker does not stop for it.
+pub(crate) fn eviction_seen(metrics: &Metrics, e: &crate::fleet::Eviction) {
+    let may = e.may_evict();
+    if may && !metrics.redis_may_evict() {
+        warn!(
+            policy = %e.policy,
+            maxmemory = e.maxmemory,
+            "Redis MAY EVICT send-ledger records and claims under memory pressure (maxmemory-policy is not noeviction): a job could be sent twice. Set maxmemory-policy to noeviction"
+        );
+    }
+    metrics.set_redis_may_evict(may);
+}
+
 /// What to do before the call.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Ahead {
@@ -300,10 +316,17 @@ impl Coordination {
             return;
         };
         let result = if self.up.load(Ordering::Relaxed) {
-            fleet
+            let census = fleet
                 .gate_census()
                 .await
-                .map(|open| self.metrics.set_gates(&open))
+                .map(|open| self.metrics.set_gates(&open));
+            match census {
+                Ok(()) => fleet
+                    .eviction()
+                    .await
+                    .map(|e| eviction_seen(&self.metrics, &e)),
+                Err(e) => Err(e),
+            }
         } else {
             fleet.ping().await
         };

@@ -198,15 +198,36 @@ impl WorkerConfig {
     }
 }
 
-/// `host:pid`, from `$HOSTNAME` or `/etc/hostname`.
+/// `host:pid-nonce`, the host from `$HOSTNAME` or `/etc/hostname`, the
+/// nonce 6 random hex digits drawn at start: containers with host
+/// networking share a host name and each runs as PID 1, and two workers
+/// with one id would take each other's send-ledger claims for their own.
+/// Control characters in the host name are dropped (the ledger refuses
+/// them in an id).
 pub fn default_worker_id() -> String {
     let host = std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.chars().filter(|c| !c.is_control()).collect::<String>())
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "mmsend".to_string());
-    format!("{host}:{}", std::process::id())
+    let nonce = rand::random::<u32>() & 0xff_ffff;
+    format!("{host}:{}-{nonce:06x}", std::process::id())
+}
+
+#[cfg(test)]
+mod id_tests {
+    #[test]
+    fn two_workers_of_one_host_and_pid_get_different_default_ids() {
+        let (a, b) = (super::default_worker_id(), super::default_worker_id());
+        assert_ne!(
+            a, b,
+            "same host, same PID (containers with host networking)"
+        );
+        let pid = format!(":{}-", std::process::id());
+        assert!(a.contains(&pid), "{a}");
+    }
 }
 
 /// Shared by every job task.
@@ -240,6 +261,14 @@ pub enum WorkerError {
     /// Connecting failed in a way retrying cannot fix.
     #[error(transparent)]
     Connect(#[from] broker::ConnectError),
+    /// Redis may evict the send ledger's keys.
+    #[error("Redis may evict keys (maxmemory {maxmemory} bytes, maxmemory-policy {policy}): an evicted send-ledger record lets a job be sent twice. Set maxmemory-policy to noeviction (redis-cli CONFIG SET maxmemory-policy noeviction, or the managed service's parameter group), or set allow_eviction = true in the [redis] section to start anyway with a warning")]
+    Eviction {
+        /// `maxmemory-policy`.
+        policy: String,
+        /// `maxmemory`.
+        maxmemory: u64,
+    },
 }
 
 tokio::task_local! {
@@ -345,6 +374,22 @@ pub async fn run(
         )?)),
         None => None,
     };
+    if let Some(f) = &fleet {
+        // refused at start; checked again while running (housekeeping). A
+        // Redis that does not answer now is checked when it first does.
+        match f.eviction().await {
+            Ok(e) if e.may_evict() && !f.config().allow_eviction => {
+                return Err(WorkerError::Eviction {
+                    policy: e.policy,
+                    maxmemory: e.maxmemory,
+                })
+            }
+            Ok(e) => coordination::eviction_seen(&metrics, &e),
+            Err(e) => {
+                warn!(error = %e, "Redis does not answer at start; its eviction policy is checked when it does")
+            }
+        }
+    }
     match &fleet {
         Some(f) => info!(fleet = ?f, fail_mode = f.config().fail_mode.as_str(), "send ledger, pacing and gates shared through Redis"),
         None => info!("MMSEND_REDIS_URL is not set: pacing and gates are per process and there is no send ledger"),
