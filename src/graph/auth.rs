@@ -22,11 +22,14 @@
 //!   [`MIN_SECRET_LEN`] are not searched for (no real credential is that
 //!   short, and replacing every `abc` would garble the text);
 //! - anything shaped like a Meta access token: `EAA` followed by at least
-//!   [`TOKEN_SHAPE_MIN_TAIL`] ASCII letters and digits (user, Page and
+//!   [`TOKEN_SHAPE_MIN_TAIL`] characters of `[A-Za-z0-9_-]` (user, Page and
 //!   system-user tokens all start `EAA` and run to 100-300 characters of
-//!   `[A-Za-z0-9]`). It matches inside a longer word too (`%3DEAAB…` in an
-//!   echoed URL); the price, a base64 blob in an error page that happens to
-//!   contain such a run losing its tail, is nothing.
+//!   `[A-Za-z0-9]`; `_` and `-` are taken too, as the console's mask does,
+//!   so a base64url token or a hand-made one is caught). The minimum is low
+//!   so that a token cut short by someone else's excerpt is still caught;
+//!   it matches inside a longer word too (`%3DEAAB…` in an echoed URL). The
+//!   price, a base64 blob in an error page that happens to contain such a
+//!   run losing its tail, is nothing.
 //!
 //! A token becomes `EAA…[redacted]` (its public prefix, so the message still
 //! says which kind of thing was there), anything else `[redacted]`.
@@ -247,8 +250,8 @@ pub const REDACTED_TOKEN: &str = "EAA…[redacted]";
 /// The prefix every Meta access token starts with.
 const TOKEN_PREFIX: &str = "EAA";
 
-/// A run of `EAA` and at least this many ASCII letters and digits is taken
-/// for an access token (see the module docs).
+/// A run of `EAA` and at least this many ASCII letters, digits, `_` or `-`
+/// is taken for an access token (see the module docs).
 pub const TOKEN_SHAPE_MIN_TAIL: usize = 16;
 
 /// Secrets shorter than this are not searched for in text.
@@ -313,7 +316,7 @@ fn redact_token_shapes(text: &str) -> Option<String> {
     while let Some(at) = text[from..].find(TOKEN_PREFIX).map(|i| from + i) {
         let tail = bytes[at + TOKEN_PREFIX.len()..]
             .iter()
-            .take_while(|b| b.is_ascii_alphanumeric())
+            .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
             .count();
         let end = at + TOKEN_PREFIX.len() + tail;
         if tail >= TOKEN_SHAPE_MIN_TAIL {
@@ -358,12 +361,17 @@ mod tests {
                 format!("q=access_token%3D{shaped}&b"),
                 "q=access_token%3DEAA…[redacted]&b".into(),
             ),
-            (format!("{shaped}"), "EAA…[redacted]".into()),
+            (shaped.to_string(), "EAA…[redacted]".into()),
             (format!("é{shaped}é"), "éEAA…[redacted]é".into()),
             // two tokens, and a short run left alone
             (
                 format!("{shaped} and {shaped}x EAAshort EAA"),
                 "EAA…[redacted] and EAA…[redacted] EAAshort EAA".into(),
+            ),
+            // `_` and `-` belong to the run; other punctuation ends it
+            (
+                "t=EAAB_a-bcdefghijklmnop.q EAAB-short.".into(),
+                "t=EAA…[redacted].q EAAB-short.".into(),
             ),
             // a secret below the minimum length is not searched for
             ("a short word".into(), "a short word".into()),

@@ -63,8 +63,9 @@ pub const MAX_SUCCESS_BODY: usize = 1024 * 1024;
 /// is redacted whole before the excerpt is cut.
 const SNIPPET_WINDOW: usize = 8 * 1024;
 
-/// How to reach the Graph API.
-#[derive(Debug, Clone)]
+/// How to reach the Graph API. Its `Debug` form shows the base URL
+/// without user info (and the app secret as `***`).
+#[derive(Clone)]
 pub struct ClientConfig {
     /// e.g. `https://graph.facebook.com` (no trailing slash needed).
     pub base_url: String,
@@ -80,6 +81,19 @@ pub struct ClientConfig {
     /// When set, every call carries `appsecret_proof` (HMAC-SHA256 of the
     /// access token with this secret); `None`: no proof.
     pub app_secret: Option<Secret>,
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("base_url", &without_userinfo(&self.base_url))
+            .field("version", &self.version)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("pool_max_idle_per_host", &self.pool_max_idle_per_host)
+            .field("app_secret", &self.app_secret)
+            .finish()
+    }
 }
 
 impl Default for ClientConfig {
@@ -673,6 +687,17 @@ mod tests {
         ] {
             assert_eq!(without_userinfo(raw), want, "{raw}");
         }
+        let config = ClientConfig {
+            base_url: "https://me:hunter2-secret@proxy.example".into(),
+            app_secret: Some(Secret::new("app-secret-value")),
+            ..ClientConfig::default()
+        };
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("app-secret-value"),
+            "{shown}"
+        );
+        assert!(shown.contains("https://***@proxy.example"), "{shown}");
         let e = client("ftp://me:hunter2-secret@graph.example")
             .err()
             .expect("not http(s)")
