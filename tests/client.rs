@@ -1,10 +1,14 @@
 //! The Graph client against the in-process simulator: every answer shape
 //! becomes the right `Outcome`, classified as DESIGN §4 says, and the access
-//! token never shows in any error text.
+//! token never shows in any error text. Long success bodies, which the
+//! simulator does not send, come from the raw stand-in of `fake_graph`.
+
+mod fake_graph;
 
 use std::time::Duration;
 
 use mmsend::classify::{Class, CodeTable};
+use mmsend::graph::client::{NotASend, MAX_SUCCESS_BODY};
 use mmsend::graph::{Client, ClientConfig, FailureKind, Outcome, Secret, SendRequest};
 use mmsend::simulator::{SimConfig, Simulator};
 use serde_json::json;
@@ -224,4 +228,42 @@ async fn usage_headers_follow_the_ad_account_and_trace_ids_differ() {
     traces.dedup();
     assert_eq!(traces.len(), 3, "a trace id per answer");
     sim.shutdown().await;
+}
+
+/// A success whose body is longer than an error body may be (16 KiB) is
+/// still a send; one longer than [`MAX_SUCCESS_BODY`] is cut off, and a cut
+/// 2xx may have been a send (ambiguous), never "not a Graph API answer".
+#[tokio::test]
+async fn long_success_bodies_are_read_whole_up_to_the_bound() {
+    let server = fake_graph::start().await;
+    let client = client_for(&server.base_url, Duration::from_secs(10)).await;
+    let token = Secret::new(TOKEN);
+    let msg = json!({"text": "hi"});
+    for n in [17 * 1024, 200 * 1024, MAX_SUCCESS_BODY] {
+        let recipient = format!("long:{n}");
+        match client.send(&token, &req(&recipient, &msg)).await {
+            Outcome::Sent { tracking_id, .. } => assert_eq!(tracking_id, "mm.long", "{n} bytes"),
+            Outcome::Failed(f) => panic!("{n} bytes: {} {f:?}", f.message()),
+        }
+    }
+    let recipient = format!("long:{}", MAX_SUCCESS_BODY + 1);
+    let Outcome::Failed(f) = client.send(&token, &req(&recipient, &msg)).await else {
+        panic!("a body over the bound cannot be read whole");
+    };
+    assert!(
+        matches!(
+            f.kind,
+            FailureKind::NotASend {
+                status: 200,
+                why: NotASend::CutOff,
+                ..
+            }
+        ),
+        "{f:?}"
+    );
+    assert!(f.ambiguous(), "a cut 2xx may have been a send");
+    assert!(f.message().contains("maybe sent"), "{}", f.message());
+    assert!(f.message().chars().count() < 600, "{}", f.message());
+    assert_eq!(CodeTable::default().classify(&f).class, Class::Transient);
+    assert_eq!(server.requests.load(std::sync::atomic::Ordering::SeqCst), 4);
 }

@@ -1,11 +1,40 @@
-//! Credentials: the [`Secret`] newtype, the page → token map, and
-//! `appsecret_proof`.
+//! Credentials: the [`Secret`] newtype, the page → token map,
+//! `appsecret_proof`, and the [`Redactor`] that takes secrets out of text
+//! that came from the network.
 //!
 //! Tokens live only in workers (never in jobs). A [`Secret`] prints as `***`
 //! through `Debug` and `Display`, so a token cannot reach a log line, an
 //! error message or a panic by accident; the one way to read it is
 //! [`Secret::expose`], used where the `Authorization` header is built.
+//!
+//! The network can hand a secret back, though: Graph quotes a malformed
+//! token in its error ("Malformed access token EAA…"), a proxy's error page
+//! may quote the request, and the HTTP client names the URL (with its
+//! `appsecret_proof`) in its errors. Such text is scrubbed once, where it
+//! enters the process (the Graph client, when it builds a failure), so
+//! nothing downstream (logs, `x-mmsend-error-message`, the DLQ tools, the
+//! console) can pass it on. A [`Redactor`] removes:
+//!
+//! - the secrets it is given: the token of the call, its proof, the app
+//!   secret, the base URL's password. A call carries one token, so an answer
+//!   can quote no other configured one; the shape rule below catches a
+//!   token the answer got from anywhere else. Secrets shorter than
+//!   [`MIN_SECRET_LEN`] are not searched for (no real credential is that
+//!   short, and replacing every `abc` would garble the text);
+//! - anything shaped like a Meta access token: `EAA` followed by at least
+//!   [`TOKEN_SHAPE_MIN_TAIL`] characters of `[A-Za-z0-9_-]` (user, Page and
+//!   system-user tokens all start `EAA` and run to 100-300 characters of
+//!   `[A-Za-z0-9]`; `_` and `-` are taken too, as the console's mask does,
+//!   so a base64url token or a hand-made one is caught). The minimum is low
+//!   so that a token cut short by someone else's excerpt is still caught;
+//!   it matches inside a longer word too (`%3DEAAB…` in an echoed URL). The
+//!   price, a base64 blob in an error page that happens to contain such a
+//!   run losing its tail, is nothing.
+//!
+//! A token becomes `EAA…[redacted]` (its public prefix, so the message still
+//! says which kind of thing was there), anything else `[redacted]`.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -212,9 +241,156 @@ pub fn appsecret_proof(app_secret: &Secret, token: &Secret) -> String {
     hex::encode(mac.finalize().into_bytes())
 }
 
+/// What a redacted secret reads as.
+pub const REDACTED: &str = "[redacted]";
+
+/// What a redacted access token reads as: its public `EAA` prefix kept.
+pub const REDACTED_TOKEN: &str = "EAA…[redacted]";
+
+/// The prefix every Meta access token starts with.
+const TOKEN_PREFIX: &str = "EAA";
+
+/// A run of `EAA` and at least this many ASCII letters, digits, `_` or `-`
+/// is taken for an access token (see the module docs).
+pub const TOKEN_SHAPE_MIN_TAIL: usize = 16;
+
+/// Secrets shorter than this are not searched for in text.
+pub const MIN_SECRET_LEN: usize = 8;
+
+/// Takes secrets out of text that came from the network (see the module
+/// docs). Built on the failure path only: a send that succeeded has no text
+/// to scrub.
+#[derive(Default)]
+pub struct Redactor<'a> {
+    /// Longest first, so a secret that contains another is replaced whole.
+    secrets: Vec<&'a str>,
+}
+
+impl<'a> Redactor<'a> {
+    /// A redactor for these secrets (and the token shape); empty and short
+    /// ones are skipped.
+    pub fn new(secrets: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut secrets: Vec<&str> = secrets
+            .into_iter()
+            .filter(|s| s.len() >= MIN_SECRET_LEN)
+            .collect();
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        secrets.dedup();
+        Redactor { secrets }
+    }
+
+    /// `text` without the secrets and token-shaped runs; borrowed when
+    /// there was nothing to take out.
+    pub fn redact<'t>(&self, text: &'t str) -> Cow<'t, str> {
+        let mut out = Cow::Borrowed(text);
+        for secret in &self.secrets {
+            if out.contains(secret) {
+                let with = if secret.starts_with(TOKEN_PREFIX) {
+                    REDACTED_TOKEN
+                } else {
+                    REDACTED
+                };
+                out = Cow::Owned(out.replace(secret, with));
+            }
+        }
+        match redact_token_shapes(&out) {
+            Some(clean) => Cow::Owned(clean),
+            None => out,
+        }
+    }
+
+    /// [`Redactor::redact`] in place.
+    pub fn redact_string(&self, text: &mut String) {
+        if let Cow::Owned(clean) = self.redact(text) {
+            *text = clean;
+        }
+    }
+}
+
+/// `text` with every token-shaped run replaced, or `None` when it has none.
+fn redact_token_shapes(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out: Option<String> = None;
+    // `copied`: the end of the text already in `out`
+    let (mut copied, mut from) = (0, 0);
+    while let Some(at) = text[from..].find(TOKEN_PREFIX).map(|i| from + i) {
+        let tail = bytes[at + TOKEN_PREFIX.len()..]
+            .iter()
+            .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+            .count();
+        let end = at + TOKEN_PREFIX.len() + tail;
+        if tail >= TOKEN_SHAPE_MIN_TAIL {
+            let o = out.get_or_insert_with(|| String::with_capacity(text.len()));
+            o.push_str(&text[copied..at]);
+            o.push_str(REDACTED_TOKEN);
+            copied = end;
+            from = end;
+        } else {
+            // `EAA` and ASCII around it: byte offsets stay on char boundaries
+            from = at + 1;
+        }
+    }
+    out.map(|mut o| {
+        o.push_str(&text[copied..]);
+        o
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redaction_takes_out_given_secrets_and_token_shapes() {
+        let shaped = "EAAGm0PX4ZCpsBAKZB0123456789abcdef";
+        let r = Redactor::new(["EAAB-configured-token", "app-secret-1234", "short", ""]);
+        for (text, want) in [
+            // Graph's echo of a malformed token
+            (
+                format!("Malformed access token {shaped}"),
+                "Malformed access token EAA…[redacted]".to_string(),
+            ),
+            // a configured token, not token-shaped (a hyphen), replaced whole
+            (
+                "token EAAB-configured-token, again EAAB-configured-token".into(),
+                "token EAA…[redacted], again EAA…[redacted]".into(),
+            ),
+            ("key=app-secret-1234&x".into(), "key=[redacted]&x".into()),
+            // inside an encoded URL, and at the very start and end
+            (
+                format!("q=access_token%3D{shaped}&b"),
+                "q=access_token%3DEAA…[redacted]&b".into(),
+            ),
+            (shaped.to_string(), "EAA…[redacted]".into()),
+            (format!("é{shaped}é"), "éEAA…[redacted]é".into()),
+            // two tokens, and a short run left alone
+            (
+                format!("{shaped} and {shaped}x EAAshort EAA"),
+                "EAA…[redacted] and EAA…[redacted] EAAshort EAA".into(),
+            ),
+            // `_` and `-` belong to the run; other punctuation ends it
+            (
+                "t=EAAB_a-bcdefghijklmnop.q EAAB-short.".into(),
+                "t=EAA…[redacted].q EAAB-short.".into(),
+            ),
+            // a secret below the minimum length is not searched for
+            ("a short word".into(), "a short word".into()),
+        ] {
+            assert_eq!(r.redact(&text), want, "{text}");
+            // redacting twice changes nothing
+            assert_eq!(r.redact(&want), want);
+        }
+        // the minimum run: EAA + 16 letters and digits
+        let min = format!("EAA{}", "a".repeat(TOKEN_SHAPE_MIN_TAIL));
+        assert_eq!(Redactor::default().redact(&min), REDACTED_TOKEN);
+        assert_eq!(Redactor::default().redact(&min[1..]), &min[1..]);
+        assert_eq!(
+            Redactor::default().redact(&min[..min.len() - 1]),
+            &min[..min.len() - 1]
+        );
+        // nothing to take out: no copy
+        assert!(matches!(r.redact("plain text"), Cow::Borrowed(_)));
+    }
 
     #[test]
     fn secret_never_prints() {

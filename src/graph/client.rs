@@ -21,13 +21,32 @@
 //! [`Outcome`]. A transport failure after the connection was established is
 //! flagged `ambiguous`, because Meta may have processed the request before
 //! the answer was lost.
+//!
+//! Bodies are read up to a bound that depends on the status. A 2xx is read
+//! whole up to [`MAX_SUCCESS_BODY`] (1 MiB): Meta's answer is about 100
+//! bytes, but a padded or verbose one is still a send, and it must not be
+//! mistaken for "not a Graph API answer" and sent again. A 2xx longer than
+//! that, or one whose body broke off, is [`NotASend::CutOff`]: the request
+//! was answered, so the send may have happened (ambiguous). The bound keeps
+//! a runaway body (a proxy streaming a file) from taking memory: at most
+//! 1 MiB per call in flight. Error bodies are read up to 16 KiB, which holds
+//! any Graph error; the rest is discarded.
+//!
+//! Every text a failure carries that came from the network (Graph's error
+//! fields, an excerpt of an HTML or garbage body, the HTTP client's error)
+//! is scrubbed here, once, when the failure is built, by a
+//! [`Redactor`] holding the secrets of the call (the token, its proof, the
+//! app secret, the base URL's password) and the token shape; see
+//! [`super::auth`]. The HTTP client's errors name the request URL: it is
+//! kept (host and path tell an operator where the call went) without its
+//! query (`appsecret_proof`) and user info. A success is not scanned.
 
 use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::Value;
 
-use super::auth::{appsecret_proof, Secret};
+use super::auth::{appsecret_proof, Redactor, Secret};
 use super::error::{GraphError, UsageHint};
 use crate::config::defaults;
 use crate::job::Job;
@@ -35,8 +54,18 @@ use crate::job::Job;
 /// Longest error body kept, in bytes; the rest is discarded unread.
 const MAX_ERROR_BODY: usize = 16 * 1024;
 
-/// How to reach the Graph API.
-#[derive(Debug, Clone)]
+/// Longest 2xx body read, in bytes; a longer one is
+/// [`NotASend::CutOff`] (see the module docs).
+pub const MAX_SUCCESS_BODY: usize = 1024 * 1024;
+
+/// How much of a body the excerpt of a failure is taken from: room for the
+/// 200 characters shown plus any token that starts among them, so a token
+/// is redacted whole before the excerpt is cut.
+const SNIPPET_WINDOW: usize = 8 * 1024;
+
+/// How to reach the Graph API. Its `Debug` form shows the base URL
+/// without user info (and the app secret as `***`).
+#[derive(Clone)]
 pub struct ClientConfig {
     /// e.g. `https://graph.facebook.com` (no trailing slash needed).
     pub base_url: String,
@@ -52,6 +81,19 @@ pub struct ClientConfig {
     /// When set, every call carries `appsecret_proof` (HMAC-SHA256 of the
     /// access token with this secret); `None`: no proof.
     pub app_secret: Option<Secret>,
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("base_url", &without_userinfo(&self.base_url))
+            .field("version", &self.version)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("pool_max_idle_per_host", &self.pool_max_idle_per_host)
+            .field("app_secret", &self.app_secret)
+            .finish()
+    }
 }
 
 impl Default for ClientConfig {
@@ -135,7 +177,8 @@ pub enum NotASend {
     NotSuccess,
     /// `"success": true` without a tracking id: maybe sent.
     NoTrackingId,
-    /// The body was cut off before it could be read: maybe sent.
+    /// The body broke off, or ran past [`MAX_SUCCESS_BODY`], before it
+    /// could be read: maybe sent.
     CutOff,
 }
 
@@ -151,7 +194,7 @@ pub struct Failure {
 /// What went wrong with a call, as [`crate::classify`] reads it.
 #[derive(Debug, Clone)]
 pub enum FailureKind {
-    /// A non-2xx answer with a Graph error object.
+    /// A non-2xx answer with a Graph error object (its texts redacted).
     Graph {
         /// The HTTP status.
         status: u16,
@@ -162,14 +205,16 @@ pub enum FailureKind {
     Http {
         /// The HTTP status.
         status: u16,
-        /// The body's first 200 characters, white space folded.
+        /// The body's first 200 characters, white space folded, secrets
+        /// redacted.
         body_snippet: String,
     },
     /// A 2xx answer that is not a send.
     NotASend {
         /// The HTTP status.
         status: u16,
-        /// The body's first 200 characters, white space folded.
+        /// The body's first 200 characters, white space folded, secrets
+        /// redacted.
         body_snippet: String,
         /// What was wrong with it.
         why: NotASend,
@@ -180,8 +225,8 @@ pub enum FailureKind {
         timeout: bool,
         /// The request may have reached Meta (the connection was up).
         ambiguous: bool,
-        /// The HTTP client's error with its causes (the token travels in a
-        /// header, never in this text).
+        /// The HTTP client's error with its causes; the URL it names has
+        /// no query and no user info, and secrets are redacted.
         message: String,
     },
 }
@@ -269,6 +314,9 @@ pub struct Client {
     /// request.
     base: reqwest::Url,
     app_secret: Option<Secret>,
+    /// The base URL's password, as written and percent-decoded, for the
+    /// [`Redactor`]; empty without one.
+    url_password: Vec<String>,
 }
 
 /// Why a [`Client`] could not be built.
@@ -277,7 +325,8 @@ pub enum ClientError {
     /// reqwest could not build a client (TLS backend, settings).
     #[error("cannot build the HTTP client: {0}")]
     Http(#[from] reqwest::Error),
-    /// `base_url` is not an absolute `http` or `https` URL.
+    /// `base_url` is not an absolute `http` or `https` URL (shown without
+    /// its user info).
     #[error(
         "the Graph API base URL {0:?} is not a valid http(s) URL; check MMSEND_GRAPH_BASE_URL"
     )]
@@ -310,12 +359,31 @@ impl Client {
         let base = reqwest::Url::parse(&url_prefix)
             .ok()
             .filter(|u| matches!(u.scheme(), "http" | "https"))
-            .ok_or_else(|| ClientError::BaseUrl(config.base_url.clone()))?;
+            .ok_or_else(|| ClientError::BaseUrl(without_userinfo(&config.base_url)))?;
+        let url_password = base
+            .password()
+            .map(|p| vec![p.to_string(), percent_decoded(p)])
+            .unwrap_or_default();
         Ok(Client {
             http,
             base,
             app_secret: config.app_secret,
+            url_password,
         })
+    }
+
+    /// A redactor for what the network says about one call.
+    fn redactor<'a>(&'a self, token: &'a Secret, proof: Option<&'a str>) -> Redactor<'a> {
+        Redactor::new(
+            [
+                Some(token.expose()),
+                proof,
+                self.app_secret.as_ref().map(Secret::expose),
+            ]
+            .into_iter()
+            .flatten()
+            .chain(self.url_password.iter().map(String::as_str)),
+        )
     }
 
     /// The endpoint for an ad account (digits, no `act_`).
@@ -340,9 +408,12 @@ impl Client {
             min_conversation_gap_seconds: req.min_conversation_gap_seconds,
         };
         let mut url = self.url(req.ad_account_id);
-        if let Some(secret) = &self.app_secret {
-            url.query_pairs_mut()
-                .append_pair("appsecret_proof", &appsecret_proof(secret, token));
+        let proof = self
+            .app_secret
+            .as_ref()
+            .map(|secret| appsecret_proof(secret, token));
+        if let Some(proof) = &proof {
+            url.query_pairs_mut().append_pair("appsecret_proof", proof);
         }
         let response = self
             .http
@@ -351,33 +422,23 @@ impl Client {
             .json(&body)
             .send()
             .await;
+        let redactor = || self.redactor(token, proof.as_deref());
         let mut response = match response {
             Ok(r) => r,
-            Err(e) => return Outcome::Failed(transport_failure(&e)),
+            Err(e) => return Outcome::Failed(transport_failure(e, &redactor())),
         };
         let status = response.status().as_u16();
         let hint = UsageHint::from_headers(response.headers());
-        let mut body = Vec::new();
-        let mut read_error = None;
-        loop {
-            match response.chunk().await {
-                Ok(Some(chunk)) => {
-                    let room = MAX_ERROR_BODY - body.len();
-                    body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-                    if body.len() >= MAX_ERROR_BODY {
-                        break;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    read_error = Some(e);
-                    break;
-                }
-            }
-        }
-        if response.status().is_success() {
+        let is_success = response.status().is_success();
+        let limit = if is_success {
+            MAX_SUCCESS_BODY
+        } else {
+            MAX_ERROR_BODY
+        };
+        let (body, end) = read_body(&mut response, limit).await;
+        if is_success {
             let verdict = match success(&body) {
-                Err(_) if read_error.is_some() => Err(NotASend::CutOff),
+                Err(_) if !matches!(end, BodyEnd::Whole) => Err(NotASend::CutOff),
                 other => other,
             };
             return match verdict {
@@ -385,21 +446,59 @@ impl Client {
                 Err(why) => Outcome::Failed(Failure {
                     kind: FailureKind::NotASend {
                         status,
-                        body_snippet: snippet(&body, read_error.as_ref()),
+                        body_snippet: snippet(&body, end, &redactor()),
                         why,
                     },
                     hint,
                 }),
             };
         }
+        let redactor = redactor();
         let kind = match GraphError::parse(&body) {
-            Some(error) => FailureKind::Graph { status, error },
+            Some(mut error) => {
+                error.redact(&redactor);
+                FailureKind::Graph { status, error }
+            }
             None => FailureKind::Http {
                 status,
-                body_snippet: snippet(&body, read_error.as_ref()),
+                // an error body past its bound is an excerpt anyway
+                body_snippet: match end {
+                    BodyEnd::OverLimit => snippet(&body, BodyEnd::Whole, &redactor),
+                    end => snippet(&body, end, &redactor),
+                },
             },
         };
         Outcome::Failed(Failure { kind, hint })
+    }
+}
+
+/// How reading a body ended.
+enum BodyEnd {
+    /// All of it was read.
+    Whole,
+    /// It ran past the bound; the rest was left unread.
+    OverLimit,
+    /// It broke off.
+    Broken(reqwest::Error),
+}
+
+/// Reads at most `limit` bytes of the body.
+async fn read_body(response: &mut reqwest::Response, limit: usize) -> (Vec<u8>, BodyEnd) {
+    let expected = response.content_length().unwrap_or(0);
+    let mut body = Vec::with_capacity(usize::try_from(expected).unwrap_or(limit).min(limit));
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = limit - body.len();
+                if chunk.len() > room {
+                    body.extend_from_slice(&chunk[..room]);
+                    return (body, BodyEnd::OverLimit);
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return (body, BodyEnd::Whole),
+            Err(e) => return (body, BodyEnd::Broken(e)),
+        }
     }
 }
 
@@ -419,36 +518,95 @@ fn success(body: &[u8]) -> Result<String, NotASend> {
         .ok_or(NotASend::NoTrackingId)
 }
 
-fn transport_failure(e: &reqwest::Error) -> Failure {
-    let mut message = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
+fn transport_failure(e: reqwest::Error, redactor: &Redactor<'_>) -> Failure {
+    let (timeout, ambiguous) = (e.is_timeout(), !e.is_connect() && !e.is_builder());
     Failure {
         kind: FailureKind::Transport {
-            timeout: e.is_timeout(),
-            ambiguous: !e.is_connect() && !e.is_builder(),
-            message,
+            timeout,
+            ambiguous,
+            message: error_text(e, redactor),
         },
         hint: UsageHint::default(),
     }
 }
 
-/// A short, single-line, printable excerpt of a non-JSON error body.
-fn snippet(body: &[u8], read_error: Option<&reqwest::Error>) -> String {
-    let text = String::from_utf8_lossy(body);
-    let mut out: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+/// The HTTP client's error and its causes in one line: the URL it names
+/// without query (`appsecret_proof`) and user info, then secrets redacted.
+fn error_text(mut e: reqwest::Error, redactor: &Redactor<'_>) -> String {
+    if let Some(url) = e.url_mut() {
+        url.set_query(None);
+        url.set_fragment(None);
+        // both fail only on URLs that cannot have user info
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+    }
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    redactor.redact(&message).into_owned()
+}
+
+/// A short, single-line, printable excerpt of a body that is not a Graph
+/// answer, secrets redacted, and how the body ended if not whole.
+fn snippet(body: &[u8], end: BodyEnd, redactor: &Redactor<'_>) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(SNIPPET_WINDOW)]);
+    let folded = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let mut out = redactor.redact(&folded).into_owned();
     if out.chars().count() > 200 {
         out = out.chars().take(200).collect::<String>() + "…";
     }
-    if let Some(e) = read_error {
-        let sep = if out.is_empty() { "" } else { " " };
-        out = format!("{out}{sep}(body cut off: {e})");
+    let note = match end {
+        BodyEnd::Whole => return out,
+        BodyEnd::OverLimit => format!(
+            "(body cut off: longer than {} KiB)",
+            MAX_SUCCESS_BODY / 1024
+        ),
+        BodyEnd::Broken(e) => format!("(body cut off: {})", error_text(e, redactor)),
+    };
+    let sep = if out.is_empty() { "" } else { " " };
+    format!("{out}{sep}{note}")
+}
+
+/// A percent-encoded URL part, decoded (invalid escapes kept as written).
+fn percent_decoded(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| s.get(i + 1..i + 3))
+            .flatten()
+            .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match escaped {
+            Some(b) => {
+                out.push(b);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
     }
-    out
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A base URL as the operator wrote it, with any `user:password@` replaced
+/// by `***@`, for error messages about a URL that may not even parse.
+fn without_userinfo(raw: &str) -> String {
+    let start = raw.find("://").map_or(0, |i| i + 3);
+    let authority_end = raw[start..]
+        .find(['/', '?', '#'])
+        .map_or(raw.len(), |i| start + i);
+    match raw[start..authority_end].rfind('@') {
+        Some(at) => format!("{}***{}", &raw[..start], &raw[start + at..]),
+        None => raw.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -515,6 +673,52 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+    }
+
+    #[test]
+    fn user_info_is_kept_out_of_messages_about_a_base_url() {
+        for (raw, want) in [
+            ("ftp://user:pw@host/x", "ftp://***@host/x"),
+            ("user:pw@host", "***@host"),
+            ("https://host/a@b", "https://host/a@b"),
+            ("https://a:b@c@host?x=@", "https://***@host?x=@"),
+            ("graph.facebook.com", "graph.facebook.com"),
+            ("", ""),
+        ] {
+            assert_eq!(without_userinfo(raw), want, "{raw}");
+        }
+        let config = ClientConfig {
+            base_url: "https://me:hunter2-secret@proxy.example".into(),
+            app_secret: Some(Secret::new("app-secret-value")),
+            ..ClientConfig::default()
+        };
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("app-secret-value"),
+            "{shown}"
+        );
+        assert!(shown.contains("https://***@proxy.example"), "{shown}");
+        let e = client("ftp://me:hunter2-secret@graph.example")
+            .err()
+            .expect("not http(s)")
+            .to_string();
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn the_base_url_password_is_redacted_as_written_and_decoded() {
+        assert_eq!(percent_decoded("p%40ss%2Fw%zz%4"), "p@ss/w%zz%4");
+        assert_eq!(percent_decoded("%+1%E2%9C%93"), "%+1✓");
+        let c = client("http://u:p%40ssword-1@127.0.0.1:1").unwrap();
+        let token = Secret::new("EAAB-unit-token");
+        let text = c
+            .redactor(&token, Some("proof-0123"))
+            .redact("p@ssword-1 p%40ssword-1 EAAB-unit-token proof-0123")
+            .into_owned();
+        assert_eq!(
+            text, "[redacted] [redacted] EAA…[redacted] [redacted]",
+            "{text}"
+        );
     }
 
     #[test]

@@ -6,6 +6,12 @@
 //! never fails loudly: anything that is not a Graph error object yields
 //! `None` and the caller falls back to the HTTP status.
 //!
+//! Graph's texts may quote the token it was sent ("Malformed access token
+//! EAA…"): the client passes every text field through
+//! [`GraphError::redact`] before the error leaves it (see
+//! [`super::auth::Redactor`]). The usage headers yield numbers only, so no
+//! text of theirs goes further.
+//!
 //! Every wait a response asks for (`Retry-After`, the BUC header's
 //! `estimated_time_to_regain_access`, and any hint field added later) is
 //! clamped to [`MAX_HINT`] here, where it enters the process: a hint is
@@ -17,6 +23,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use super::auth::Redactor;
 
 /// The `error` object of a Graph API error response. Every field is optional
 /// because real responses omit any of them.
@@ -78,6 +86,22 @@ impl GraphError {
             is_transient: error.get("is_transient").and_then(Value::as_bool),
         };
         (parsed.code.is_some() || parsed.message.is_some()).then_some(parsed)
+    }
+
+    /// Takes secrets out of every text field (see [`Redactor`]).
+    pub fn redact(&mut self, redactor: &Redactor<'_>) {
+        for field in [
+            &mut self.message,
+            &mut self.kind,
+            &mut self.error_user_title,
+            &mut self.error_user_msg,
+            &mut self.fbtrace_id,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            redactor.redact_string(field);
+        }
     }
 
     /// The most useful human text: the user message if Meta gave one,
@@ -254,6 +278,23 @@ mod tests {
         assert_eq!(e.fbtrace_id.as_deref(), Some("AbC123"));
         assert_eq!(e.is_transient, Some(false));
         assert_eq!(e.best_message(), Some("The page does not match"));
+    }
+
+    #[test]
+    fn redaction_reaches_every_text_field() {
+        let token = "EAAGm0PX4ZCpsBAKZB0123456789abcdef";
+        let body = format!(
+            r#"{{"error":{{"message":"Malformed access token {token}","type":"OAuth {token}",
+            "code":190,"error_user_title":"t {token}","error_user_msg":"m {token}","fbtrace_id":"A {token}"}}}}"#
+        );
+        let mut e = GraphError::parse(body.as_bytes()).unwrap();
+        e.redact(&Redactor::default());
+        assert!(!format!("{e:?}").contains(token), "{e:?}");
+        assert_eq!(
+            e.message.as_deref(),
+            Some("Malformed access token EAA…[redacted]")
+        );
+        assert_eq!(e.code, Some(190));
     }
 
     #[test]
