@@ -13,6 +13,7 @@
 //! `delivery_limit`.
 
 use chrono::{DateTime, Utc};
+use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::BasicProperties;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -20,6 +21,7 @@ use sha2::{Digest, Sha256};
 
 use crate::broker::headers::{self, Story};
 use crate::classify::{Class, DeadReason};
+use crate::job::JobLabels;
 
 /// Longest text kept in a [`LetterSummary`] field (job id, campaign, error).
 const SUMMARY_TEXT_CHARS: usize = 200;
@@ -30,44 +32,15 @@ pub struct DeadLetter {
     /// The message body as it sits in the queue (normally the job JSON,
     /// but anything a producer sent, e.g. an `invalid_job`).
     pub body: Vec<u8>,
-    /// The job fields the tools group and filter by (the rest of the body
-    /// is parsed only for an export).
-    fields: JobFields,
+    /// The job fields the tools group and filter by, read as every tool
+    /// reads them ([`JobLabels::read`]); the rest of the body is parsed
+    /// only for an export.
+    fields: JobLabels,
     /// Its `x-mmsend-*` headers, typed.
     pub story: Story,
     /// The AMQP properties (headers, `message_id`, …), kept whole so a
     /// replay copies them.
     pub properties: BasicProperties,
-}
-
-/// The few fields of a job body the DLQ tools look at: a scan parses only
-/// these (skipping the rest), which keeps it cheap per letter.
-#[derive(Debug, Clone, Default, Deserialize)]
-struct JobFields {
-    #[serde(default, deserialize_with = "scalar")]
-    job_id: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    campaign: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    page_id: Option<String>,
-}
-
-/// The job fields of a body that is a JSON object (serde would also read a
-/// struct from an array, by position).
-fn job_fields(body: &[u8]) -> JobFields {
-    match body.iter().find(|b| !b.is_ascii_whitespace()) {
-        Some(b'{') => serde_json::from_slice(body).unwrap_or_default(),
-        _ => JobFields::default(),
-    }
-}
-
-/// A string, or any other JSON value rendered (`42`, `true`); `null` = none.
-fn scalar<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    Ok(match Value::deserialize(d)? {
-        Value::Null => None,
-        Value::String(s) => Some(s),
-        other => Some(other.to_string()),
-    })
 }
 
 /// Names one letter across scans: its job id and a fingerprint of its body
@@ -106,7 +79,8 @@ pub struct LetterSummary {
     pub attempts: u32,
     /// Times it was replayed before.
     pub replays: u32,
-    /// When a worker dead-lettered it; `None` when RabbitMQ did.
+    /// When it died ([`DeadLetter::died_at`]): when a worker dead-lettered
+    /// it, or when RabbitMQ did (its `x-death`).
     pub dead_at: Option<DateTime<Utc>>,
     /// The last error message, at most 200 characters.
     pub error: Option<String>,
@@ -117,14 +91,15 @@ impl DeadLetter {
     /// header just reads as absent).
     pub fn new(body: Vec<u8>, properties: BasicProperties) -> DeadLetter {
         DeadLetter {
-            fields: job_fields(&body),
+            fields: JobLabels::read(&body),
             story: Story::read(properties.headers().as_ref()),
             body,
             properties,
         }
     }
 
-    /// The job id from the body, else the AMQP `message_id`.
+    /// The job id from the body ([`JobLabels`]: none when the body names it
+    /// twice), else the AMQP `message_id`.
     pub fn job_id(&self) -> Option<String> {
         self.fields
             .job_id
@@ -190,6 +165,40 @@ impl DeadLetter {
         e.code == Some(code) || e.subcode == Some(code)
     }
 
+    /// When the job died: `x-mmsend-dead-at` when a worker dead-lettered
+    /// it; for a letter RabbitMQ dead-lettered itself (no such header), the
+    /// latest `time` of its `x-death` entries, else its AMQP `timestamp`
+    /// (when it was published: it died later, so `--since` never drops a
+    /// letter that died after the bound for want of a death time).
+    pub fn died_at(&self) -> Option<DateTime<Utc>> {
+        self.story.dead_at.or_else(|| {
+            let headers = self.properties.headers().as_ref();
+            let from_broker =
+                headers
+                    .and_then(|h| h.inner().get("x-death"))
+                    .and_then(|v| match v {
+                        AMQPValue::FieldArray(entries) => entries
+                            .as_slice()
+                            .iter()
+                            .filter_map(|e| match e {
+                                AMQPValue::FieldTable(t) => {
+                                    t.inner().get("time").and_then(headers::as_int)
+                                }
+                                _ => None,
+                            })
+                            .max(),
+                        _ => None,
+                    });
+            from_broker
+                .or_else(|| {
+                    self.properties
+                        .timestamp()
+                        .and_then(|t| i64::try_from(t).ok())
+                })
+                .and_then(|secs| DateTime::from_timestamp(secs, 0))
+        })
+    }
+
     /// The letter's name across scans.
     pub fn key(&self) -> LetterKey {
         let mut h = Sha256::new();
@@ -230,7 +239,7 @@ impl DeadLetter {
             code: self.code(),
             attempts: s.attempt,
             replays: s.replays,
-            dead_at: s.dead_at,
+            dead_at: self.died_at(),
             error: cut(s.last_error.message.clone()),
         }
     }
@@ -261,6 +270,67 @@ impl DeadLetter {
     /// one more replay, the last error kept for history.
     pub fn replay_properties(&self, now: DateTime<Utc>) -> BasicProperties {
         replay_story(&self.story, now).restamp(&self.properties)
+    }
+}
+
+/// A line of `mmsend dlq export` read back (`mmsend enqueue` takes it):
+/// the job, and the letter's `x-mmsend-*` headers, so that enqueueing it is
+/// the replay `dlq replay` would have made ([`Exported::replay_properties`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exported {
+    /// The job's JSON.
+    pub job: Vec<u8>,
+    /// The letter's `x-mmsend-*` headers as exported (numbers as
+    /// `long long`, text as long strings).
+    pub headers: FieldTable,
+}
+
+impl Exported {
+    /// Reads an export line: an object with a `job` object (its
+    /// `headers`, if any, an object). `None` for any other line, e.g. a
+    /// plain job.
+    pub fn parse(line: &[u8]) -> Option<Exported> {
+        if !line.starts_with(br#"{"job""#) {
+            return None;
+        }
+        let v: Value = serde_json::from_slice(line).ok()?;
+        let job = v.get("job").filter(|j| j.is_object())?;
+        let mut table = FieldTable::default();
+        if let Some(Value::Object(h)) = v.get("headers") {
+            for (k, v) in h.iter().filter(|(k, _)| k.starts_with("x-mmsend-")) {
+                let value = match v {
+                    Value::Number(n) => match n.as_i64() {
+                        Some(n) => AMQPValue::LongLongInt(n),
+                        None => continue,
+                    },
+                    Value::String(s) => AMQPValue::LongString(LongString::from(s.as_str())),
+                    Value::Bool(b) => AMQPValue::Boolean(*b),
+                    _ => continue,
+                };
+                // header names are short strings: a longer one is not ours
+                if let Ok(name) = lapin::types::ShortString::try_new(k.as_str()) {
+                    table.insert(name, value);
+                }
+            }
+        }
+        Some(Exported {
+            job: serde_json::to_vec(job).ok()?,
+            headers: table,
+        })
+    }
+
+    /// The properties of the job sent back to work: `base` (a new job's
+    /// properties) with the letter's story as a replay writes it (a fresh
+    /// start, one more replay, the last error, its ambiguity included,
+    /// kept; see [`replay_story`]); an exported `x-mmsend-enqueued-at`
+    /// stays the job's.
+    pub fn replay_properties(&self, base: &BasicProperties, now: DateTime<Utc>) -> BasicProperties {
+        let mut merged = base.headers().clone().unwrap_or_default();
+        for (k, v) in self.headers.inner() {
+            merged.insert(k.clone(), v.clone());
+        }
+        let story = replay_story(&Story::read(Some(&merged)), now);
+        story.restamp(&base.clone().with_headers(merged))
     }
 }
 

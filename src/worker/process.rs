@@ -509,7 +509,7 @@ async fn publish_result(
     let props = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
-        .with_message_id(event.job_id.as_str().into());
+        .with_message_id(crate::job::amqp_message_id(&event.job_id));
     if let Err(e) = publisher
         .publish(&ctx.topology.results_stream(), &bytes, props)
         .await
