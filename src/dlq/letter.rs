@@ -10,7 +10,19 @@
 //!
 //! A letter without `x-mmsend-dead-reason` was dead-lettered by RabbitMQ
 //! itself (the work queue's `x-delivery-limit`): its reason reads as
-//! `delivery_limit`.
+//! `delivery_limit`, and it died when its `x-death` says
+//! ([`DeadLetter::died_at`]), so `--since` and the times of `stats` and
+//! `list` cover it too.
+//!
+//! The job's id, campaign and page are read the way every tool reads them
+//! ([`crate::job::JobLabels`]; a field named twice names nothing, and the
+//! id falls back to the AMQP `message_id`).
+//!
+//! The export record (`dlq export`, one JSON line: the job and the
+//! `x-mmsend-*` headers) reads back through [`Exported`]: `mmsend enqueue`
+//! of an export line sends the job as `dlq replay` would, so its story
+//! (the last error, and with it `x-mmsend-ambiguous`) survives the round
+//! trip.
 
 use chrono::{DateTime, Utc};
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -466,6 +478,104 @@ pub(crate) mod tests {
         assert_eq!(set.len(), 1);
         let mut selector = crate::dlq::filter::Selector::new(std::mem::take(&mut set).into());
         assert!(selector.take(&d));
+    }
+
+    #[test]
+    fn a_body_naming_its_job_id_twice_is_named_by_its_message_id() {
+        let d = DeadLetter::new(
+            br#"{"job_id":"a","campaign":"c","job_id":"b"}"#.to_vec(),
+            BasicProperties::default().with_message_id("m-1".into()),
+        );
+        assert_eq!(d.job_id().as_deref(), Some("m-1"));
+        assert_eq!(d.campaign().as_deref(), Some("c"));
+    }
+
+    /// RabbitMQ's `x-death`: one entry per queue and reason, `time` a
+    /// timestamp.
+    fn x_death(times: &[i64]) -> FieldTable {
+        let entries: Vec<AMQPValue> = times
+            .iter()
+            .map(|t| {
+                let mut e = FieldTable::default();
+                e.insert("reason".into(), AMQPValue::LongString("expired".into()));
+                e.insert("time".into(), AMQPValue::Timestamp(*t as u64));
+                AMQPValue::FieldTable(e)
+            })
+            .collect();
+        let mut h = FieldTable::default();
+        h.insert("x-death".into(), AMQPValue::FieldArray(entries.into()));
+        h
+    }
+
+    #[test]
+    fn a_letter_dies_when_a_worker_or_rabbitmq_says() {
+        let worker = letter(Some("terminal"), "region", 2300018, "bf");
+        assert_eq!(worker.died_at(), worker.story.dead_at);
+        let t = |s: i64| DateTime::from_timestamp(s, 0);
+        let broker = DeadLetter::new(
+            b"{}".to_vec(),
+            BasicProperties::default()
+                .with_headers(x_death(&[1_800_000_000, 1_800_000_600]))
+                .with_timestamp(1_700_000_000),
+        );
+        assert_eq!(broker.died_at(), t(1_800_000_600), "the latest death");
+        assert_eq!(broker.summary().dead_at, broker.died_at());
+        let published = DeadLetter::new(
+            b"{}".to_vec(),
+            BasicProperties::default().with_timestamp(1_700_000_000),
+        );
+        assert_eq!(published.died_at(), t(1_700_000_000));
+        assert_eq!(
+            DeadLetter::new(b"{}".to_vec(), BasicProperties::default()).died_at(),
+            None
+        );
+    }
+
+    #[test]
+    fn an_export_line_reads_back_as_a_replay_of_its_letter() {
+        let mut d = letter(Some("retries_exhausted"), "transient", 2, "bf");
+        d.story.attempt = 7;
+        d.story.replays = 2;
+        d.story.last_error.ambiguous = true;
+        d.story.enqueued_at = Some("2026-11-24T09:00:00Z".parse().unwrap());
+        let mut h = FieldTable::default();
+        d.story.write(&mut h);
+        h.insert(
+            headers::DELIVERY_LIMIT_HITS.into(),
+            AMQPValue::LongLongInt(1),
+        );
+        let d = DeadLetter::new(d.body.clone(), d.properties.clone().with_headers(h));
+        let line = d.to_export().to_string();
+        let e = Exported::parse(line.as_bytes()).expect("an export line");
+        assert_eq!(
+            serde_json::from_slice::<Value>(&e.job).unwrap()["campaign"],
+            "bf"
+        );
+        let now: DateTime<Utc> = "2026-11-25T10:00:00Z".parse().unwrap();
+        let base = crate::producer::properties("j");
+        let props = e.replay_properties(&base, now);
+        let story = Story::read(props.headers().as_ref());
+        assert_eq!(
+            story,
+            replay_story(&d.story, now),
+            "what `dlq replay` sends"
+        );
+        assert!(story.last_error.ambiguous && story.replays == 3);
+        assert_eq!(story.enqueued_at, d.story.enqueued_at);
+        assert_eq!(headers::delivery_limit_hits(props.headers().as_ref()), 1);
+        assert_eq!(props.message_id().as_ref().map(|m| m.as_str()), Some("j"));
+        // anything else is not an export line
+        for other in [
+            &br#"{"v":1,"job_id":"j"}"#[..],
+            br#"{"job":"text"}"#,
+            b"{\"job\": nope",
+        ] {
+            assert_eq!(Exported::parse(other), None);
+        }
+        // a plain export without headers starts a fresh story, one replay
+        let bare = Exported::parse(br#"{"job":{"job_id":"j"}}"#).unwrap();
+        let story = Story::read(bare.replay_properties(&base, now).headers().as_ref());
+        assert_eq!((story.replays, story.last_error.ambiguous), (1, false));
     }
 
     #[test]
