@@ -1311,3 +1311,76 @@ async fn a_job_naming_a_field_twice_is_invalid_and_the_dlq_tools_agree_on_its_id
     assert_eq!(mmsend::job::JobLabels::read(body).job_id, None);
     h.finish().await;
 }
+
+/// A scan on `conn` in a task of its own whose observer takes 20 ms a
+/// letter; `read` counts the letters it saw.
+fn slow_scan(
+    conn: std::sync::Arc<lapin::Connection>,
+    topology: mmsend::broker::Topology,
+    read: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> tokio::task::JoinHandle<Result<ScanReport, DlqError>> {
+    tokio::spawn(async move {
+        let mut slow = move |_: &DeadLetter| {
+            read.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        dlq::scan(
+            &conn,
+            &topology,
+            Filter::default(),
+            &ScanOptions::peek(),
+            &mut slow,
+        )
+        .await
+    })
+}
+
+/// A reader that dies (its connection gone) or whose scan is dropped
+/// half-way does not leave the DLQ busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_goes_away_does_not_leave_the_dlq_busy() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let (h, letters) = with_letters("dlqgone", 200).await;
+    let url = common::amqp_url();
+    for case in ["connection closed", "scan dropped"] {
+        let conn = Arc::new(mmsend::broker::connect(&url, "test-reader").await.unwrap());
+        let read = Arc::new(AtomicUsize::new(0));
+        let task = slow_scan(conn.clone(), h.topology.clone(), read.clone());
+        eventually!(
+            Duration::from_secs(10),
+            read.load(Ordering::SeqCst) > 0,
+            "{case}: the scan started"
+        );
+        let e = dlq::stats(&h.conn, &h.topology, Filter::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, DlqError::Busy { .. }), "{case}: {e}");
+        task.abort();
+        let _ = task.await;
+        let next = match case {
+            // RabbitMQ deletes the lock with its connection
+            "connection closed" => {
+                let _ = conn.close(200, "gone".into()).await;
+                &h.conn
+            }
+            // the lock stays on that connection without a consumer: the
+            // next scan there takes it
+            _ => &*conn,
+        };
+        let mut last;
+        eventually!(
+            Duration::from_secs(15),
+            {
+                last = dlq::stats(next, &h.topology, Filter::default()).await;
+                matches!(&last, Ok((s, r)) if s.total == 200 && r.counted_all())
+            },
+            "{case}: a complete count again: {last:?}"
+        );
+        if case == "scan dropped" {
+            let _ = conn.close(200, "done".into()).await;
+        }
+    }
+    assert_dlq_holds(&h, &ids(&letters)).await;
+    h.finish().await;
+}

@@ -1024,6 +1024,12 @@ impl ReaderLock {
     async fn take(conn: &Connection, dead_queue: &str) -> Result<Option<ReaderLock>, lapin::Error> {
         let name = format!("{dead_queue}.reader-lock");
         let mut args = FieldTable::default();
+        // classic whatever the vhost's default queue type: only a classic
+        // queue can be exclusive and enforces exclusive consumers
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("classic".into()),
+        );
         args.insert(
             "x-expires".into(),
             AMQPValue::LongLongInt(LOCK_EXPIRES.as_millis() as i64),
