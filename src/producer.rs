@@ -232,7 +232,8 @@ pub struct LineError {
     pub error: String,
 }
 
-/// What `enqueue` did (`mmsend enqueue --json` prints it).
+/// What `enqueue` did (`mmsend enqueue --json` prints it). Every
+/// non-blank line is counted once: `published + invalid + failed = lines`.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct EnqueueReport {
     /// Non-blank lines read.

@@ -4,7 +4,11 @@
 //! purge touch exactly the selected letters, an interrupted replay moves a
 //! letter at most once, limits stop early, exact sets, the `.dead` delivery
 //! limit (and an old `.dead` without it), and the `mmsend dlq` CLI (JSON,
-//! exit codes, a closed pipe). Large fills (100k, 1M) are in
+//! exit codes, a closed pipe). Also: one reader of the DLQ at a time, even
+//! when two start at the same instant; job ids that fit the AMQP
+//! `message_id`; a field named twice; `--since` on RabbitMQ's own dead
+//! letters; `export -o -`; an export re-enqueued as a replay; control
+//! characters escaped on a terminal. Large fills (100k, 1M) are in
 //! `benches/dlq.rs`.
 
 mod common;
@@ -1382,5 +1386,55 @@ async fn a_reader_that_goes_away_does_not_leave_the_dlq_busy() {
         }
     }
     assert_dlq_holds(&h, &ids(&letters)).await;
+    h.finish().await;
+}
+
+/// A job whose id is longer than an AMQP `message_id` (from any AMQP
+/// client: it never passed `mmsend enqueue`) dies `invalid_job`, and its
+/// results event is published: the worker never panics on the id.
+#[tokio::test]
+async fn a_job_id_too_long_for_a_message_id_dies_invalid_and_gets_its_results_event() {
+    use futures_util::StreamExt;
+    let mut opts = Opts::new("longidres");
+    opts.results = true;
+    let h = Harness::start(opts).await;
+    let long = "z".repeat(300);
+    h.publish_job(&job(&long, "r1")).await;
+    h.wait_settled(1, Duration::from_secs(20)).await;
+    assert_eq!(h.sim.stats().sent, 0);
+    let dead = h.drain_dlq().await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].reason(), Some(DeadReason::InvalidJob));
+    let why = dead[0].story.last_error.message.clone().unwrap_or_default();
+    assert!(why.contains("255"), "{why}");
+    let ch = h.conn.create_channel().await.unwrap();
+    ch.basic_qos(10, Default::default()).await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-stream-offset".into(),
+        AMQPValue::LongString("first".into()),
+    );
+    let mut consumer = ch
+        .basic_consume(
+            h.topology.results_stream().as_str().into(),
+            "results-test".into(),
+            BasicConsumeOptions::default(),
+            args,
+        )
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .expect("an event")
+        .unwrap()
+        .unwrap();
+    let event: Value = serde_json::from_slice(&d.data).unwrap();
+    assert_eq!(event["job_id"], long.as_str(), "the whole id in the body");
+    assert_eq!(
+        d.properties.message_id().as_ref().map(|m| m.as_str().len()),
+        Some(255),
+        "the message_id cut to what AMQP holds"
+    );
+    let _ = ch.close(200, "done".into()).await;
     h.finish().await;
 }
