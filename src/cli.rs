@@ -207,11 +207,11 @@ pub(crate) enum DlqCommand {
         #[arg(long)]
         json: bool,
     },
-    /// The selected dead letters as JSONL (job + headers); `mmsend enqueue` reads it back.
+    /// The selected dead letters as JSONL (job + headers); `mmsend enqueue` reads it back as a replay.
     Export {
         #[command(flatten)]
         select: DlqSelect,
-        /// Write here instead of standard output.
+        /// Write here instead of standard output (- is standard output).
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
@@ -313,7 +313,7 @@ pub(crate) struct DlqSelect {
     /// One job.
     #[arg(long)]
     pub(crate) job_id: Option<String>,
-    /// Dead within this long (1h, 2d) or since this RFC 3339 instant.
+    /// Dead within this long (1h, 2d) or since this RFC 3339 instant (RabbitMQ's x-death time for letters it dead-lettered itself).
     #[arg(long)]
     pub(crate) since: Option<String>,
     /// Act on at most this many; the scan stops as soon as it has them.
@@ -606,7 +606,7 @@ async fn topology_command(
     let _ = conn.close(200, "bye".into()).await;
     let (warnings, queues) = shown?;
     for w in &warnings {
-        eprintln!("warning: {w}");
+        eprintln!("warning: {}", report::printable(&w.to_string()));
     }
     if json {
         report::print_json(&serde_json::json!({

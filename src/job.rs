@@ -11,8 +11,26 @@
 //! Checks that depend on the clock are separate: [`Job::check_not_after`]
 //! (the producer refuses a job whose deadline has passed, the worker dead-
 //! letters it as `expired`).
+//!
+//! Decisions the schema leaves open:
+//!
+//! - **`job_id` is at most 255 bytes** ([`MAX_JOB_ID_BYTES`]): it is also
+//!   the AMQP `message_id`, a short string of at most 255 bytes. Producer
+//!   and worker check the same limit, so a job the producer accepts can
+//!   always be published; [`amqp_message_id`] builds that property and
+//!   never panics, whatever the text.
+//! - **A body that names a top-level field twice is invalid** (the error
+//!   names the field). JSON leaves duplicates to the reader and readers
+//!   differ (serde's `Value` keeps the last, other parsers the first), so
+//!   such a job could be sent to one recipient and listed under another's
+//!   id. Both paths of [`Job::parse`] refuse it.
+//! - **Tools that read any body, valid or not** (the DLQ tools, a results
+//!   event) take its id, campaign and page through [`JobLabels::read`]: one
+//!   reading for all of them, in which a field named twice names nothing.
 
 use chrono::{DateTime, Utc};
+use lapin::types::ShortString;
+use serde::de::{self, Deserializer as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
 /// The only schema version this build understands.
@@ -26,6 +44,11 @@ pub const MAX_JOB_BYTES: usize = 256 * 1024;
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// Longest id or token accepted.
 const MAX_ID_LEN: usize = 1024;
+/// Longest `job_id`, in bytes: the id is also the AMQP `message_id`, a short
+/// string of at most 255 bytes.
+pub const MAX_JOB_ID_BYTES: usize = 255;
+/// Longest field name quoted in an error message.
+const QUOTED_NAME_CHARS: usize = 100;
 
 /// A validated send job.
 #[derive(Clone, PartialEq)]
@@ -120,6 +143,10 @@ pub enum JobError {
     /// `not_after` (given) has passed.
     #[error("field \"not_after\": {0} has already passed")]
     Expired(DateTime<Utc>),
+    /// A top-level field appears more than once (its name is given, cut to
+    /// 100 characters).
+    #[error("field {0:?} is named twice; JSON readers differ on which copy counts, so write each field once")]
+    Duplicate(String),
 }
 
 impl Job {
@@ -137,9 +164,7 @@ impl Job {
         if let Some(job) = Typed::parse(body, message_fits) {
             return Ok(job);
         }
-        let value: Value =
-            serde_json::from_slice(body).map_err(|e| JobError::NotJson(e.to_string()))?;
-        Self::validate(value, message_fits)
+        Self::validate(read_body(body)?, message_fits)
     }
 
     /// Validates an already-decoded JSON value.
@@ -158,6 +183,7 @@ impl Job {
             Some(other) => return Err(JobError::UnsupportedVersion(other.to_string())),
         };
         let job_id = required_string(&mut map, "job_id")?;
+        check_job_id(&job_id)?;
         let ad_account_id = {
             let raw = required_string(&mut map, "ad_account_id")?;
             let digits = raw.strip_prefix("act_").unwrap_or(&raw).to_string();
@@ -285,7 +311,8 @@ impl Job {
 /// types (strings borrowed from the body where they have no escapes), no
 /// JSON tree and no map of fields to look up and remove. It answers only
 /// for a body that is a valid job with no unknown field; for anything else
-/// (a wrong type, a missing or duplicate field, an unknown field to keep in
+/// (a wrong type, a missing or duplicate field (serde refuses a field named
+/// twice), an unknown field to keep in
 /// [`Job::extra`], a bad value) it answers `None` and the `Value` path
 /// decides, so every error is worded by one piece of code. Both paths give
 /// the same job for the same bytes (`the_fast_path_agrees_with_the_value_path`).
@@ -329,6 +356,7 @@ impl Typed<'_> {
             .strip_prefix("act_")
             .unwrap_or(&t.ad_account_id);
         let ok = t.v == JOB_VERSION
+            && t.job_id.len() <= MAX_JOB_ID_BYTES
             && [
                 &t.job_id,
                 &t.ad_account_id,
@@ -363,6 +391,201 @@ impl Typed<'_> {
             not_after,
             extra: Map::new(),
         })
+    }
+}
+
+/// The body as JSON, refusing an object that names a top-level field twice
+/// ([`JobError::Duplicate`]); serde's `Value` alone would keep the last copy.
+fn read_body(body: &[u8]) -> Result<Value, JobError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let top = de
+        .deserialize_any(TopLevel)
+        .and_then(|top| de.end().map(|()| top))
+        .map_err(|e| JobError::NotJson(e.to_string()))?;
+    match top {
+        Top::Value(v) => Ok(v),
+        Top::Duplicate(name) => Err(JobError::Duplicate(cut(&name, QUOTED_NAME_CHARS))),
+    }
+}
+
+/// A body's top level: the value, or the first field named twice.
+enum Top {
+    Value(Value),
+    Duplicate(String),
+}
+
+/// Reads a top-level JSON value into a [`Value`], remembering a repeated
+/// field name instead of letting the last copy win.
+struct TopLevel;
+
+impl<'de> Visitor<'de> for TopLevel {
+    type Value = Top;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Top, A::Error> {
+        let mut map = Map::new();
+        let mut duplicate = None;
+        // every entry is read, so the parser checks the rest of the body too
+        while let Some(name) = access.next_key::<String>()? {
+            let value: Value = access.next_value()?;
+            if map.contains_key(&name) {
+                duplicate.get_or_insert(name);
+            } else {
+                map.insert(name, value);
+            }
+        }
+        Ok(match duplicate {
+            Some(name) => Top::Duplicate(name),
+            None => Top::Value(Value::Object(map)),
+        })
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut access: A) -> Result<Top, A::Error> {
+        let mut items = Vec::new();
+        while let Some(v) = access.next_element::<Value>()? {
+            items.push(v);
+        }
+        Ok(Top::Value(Value::Array(items)))
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Top, E> {
+        Ok(Top::Value(v.into()))
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Top, E> {
+        Ok(Top::Value(v.into()))
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Top, E> {
+        Ok(Top::Value(v.into()))
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Top, E> {
+        Ok(Top::Value(v.into()))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Top, E> {
+        Ok(Top::Value(v.into()))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Top, E> {
+        Ok(Top::Value(Value::Null))
+    }
+}
+
+/// The labels of a job body read without validating it: what the DLQ
+/// tools show and filter by, for any body (an `invalid_job` too).
+///
+/// One reading, shared by every tool that needs it: the body must be a
+/// JSON object; a label is its field's string, or any other value rendered
+/// (`17`, `true`); `null`, an absent field and **a field named twice** give
+/// `None` (such a job is `invalid_job`, see [`JobError::Duplicate`], and no
+/// tool picks one of its two values). A caller falls back to the AMQP
+/// `message_id` for the id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobLabels {
+    /// `job_id`.
+    pub job_id: Option<String>,
+    /// `campaign`.
+    pub campaign: Option<String>,
+    /// `page_id`.
+    pub page_id: Option<String>,
+}
+
+impl JobLabels {
+    /// Reads the labels of `body`; anything but a JSON object has none.
+    /// Parses only these three fields (the rest is skipped), so it is cheap
+    /// per letter.
+    pub fn read(body: &[u8]) -> JobLabels {
+        let mut de = serde_json::Deserializer::from_slice(body);
+        de.deserialize_map(LabelsVisitor)
+            .and_then(|labels| de.end().map(|()| labels))
+            .unwrap_or_default()
+    }
+}
+
+/// The three labelled fields, by position in [`LabelsVisitor`]'s arrays.
+const LABELS: [&str; 3] = ["job_id", "campaign", "page_id"];
+
+struct LabelsVisitor;
+
+impl<'de> Visitor<'de> for LabelsVisitor {
+    type Value = JobLabels;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<JobLabels, A::Error> {
+        let mut values: [Option<String>; 3] = Default::default();
+        let mut seen = [0u32; 3];
+        while let Some(LabelKey(which)) = access.next_key()? {
+            match which {
+                Some(i) => {
+                    seen[i] += 1;
+                    values[i] = match access.next_value::<Value>()? {
+                        Value::Null => None,
+                        Value::String(s) => Some(s),
+                        other => Some(other.to_string()),
+                    };
+                }
+                None => {
+                    access.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        let [job_id, campaign, page_id] = std::array::from_fn(|i| match seen[i] {
+            1 => values[i].take(),
+            _ => None,
+        });
+        Ok(JobLabels {
+            job_id,
+            campaign,
+            page_id,
+        })
+    }
+}
+
+/// A field name: the index of a label, or `None` for any other field
+/// (read without allocating when it has no escapes).
+struct LabelKey(Option<usize>);
+
+impl<'de> serde::Deserialize<'de> for LabelKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<LabelKey, D::Error> {
+        struct Name;
+        impl Visitor<'_> for Name {
+            type Value = LabelKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<LabelKey, E> {
+                Ok(LabelKey(LABELS.iter().position(|l| *l == v)))
+            }
+        }
+        d.deserialize_identifier(Name)
+    }
+}
+
+/// `job_id` as the AMQP `message_id` of a message that carries the job.
+/// A valid job's id always fits ([`MAX_JOB_ID_BYTES`]); a longer one (only
+/// an invalid job has one, e.g. on its way to the dead-letter queue) is
+/// cut to 255 bytes at a character boundary instead of panicking: the body
+/// keeps the whole id.
+pub fn amqp_message_id(job_id: &str) -> ShortString {
+    let mut end = job_id.len().min(MAX_JOB_ID_BYTES);
+    while !job_id.is_char_boundary(end) {
+        end -= 1;
+    }
+    ShortString::try_new(&job_id[..end]).unwrap_or_default()
+}
+
+fn cut(s: &str, max_chars: usize) -> String {
+    match s.char_indices().nth(max_chars) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
     }
 }
 
@@ -409,6 +632,21 @@ fn check_id(field: &'static str, value: &str) -> Result<(), JobError> {
         return Err(JobError::Invalid {
             field,
             problem: format!("{} bytes, more than {MAX_ID_LEN}", value.len()),
+        });
+    }
+    Ok(())
+}
+
+/// `job_id`'s own limit beyond [`check_id`]'s: it must fit the AMQP
+/// `message_id`.
+fn check_job_id(value: &str) -> Result<(), JobError> {
+    if value.len() > MAX_JOB_ID_BYTES {
+        return Err(JobError::Invalid {
+            field: "job_id",
+            problem: format!(
+                "{} bytes, more than {MAX_JOB_ID_BYTES}: the job id is also the AMQP message_id, which holds at most {MAX_JOB_ID_BYTES} bytes; use a shorter id (e.g. a hash of a longer key)",
+                value.len()
+            ),
         });
     }
     Ok(())
@@ -562,6 +800,105 @@ mod tests {
     }
 
     #[test]
+    fn a_job_id_must_fit_the_amqp_message_id() {
+        for extra in [None, Some(json!([1]))] {
+            let mut v = with("job_id", json!("é".repeat(127) + "j"));
+            if let Some(x) = &extra {
+                // an unknown field: the Value path decides
+                v["x_custom"] = x.clone();
+            } else {
+                v.as_object_mut().unwrap().remove("x_custom");
+            }
+            assert_eq!(parse(v.clone()).unwrap().job_id.len(), MAX_JOB_ID_BYTES);
+            v["job_id"] = json!("j".repeat(MAX_JOB_ID_BYTES + 1));
+            let err = parse(v).unwrap_err().to_string();
+            assert!(
+                err.starts_with("field \"job_id\": 256 bytes, more than 255")
+                    && err.contains("AMQP message_id"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_field_named_twice_is_refused_on_both_paths() {
+        let base = r#""v":1,"job_id":"a","ad_account_id":"1","page_id":"2","message_id":"3","subscription_token":"s""#;
+        for (more, field) in [
+            (r#","job_id":"b""#, "job_id"),
+            (r#","subscription_token":"t""#, "subscription_token"),
+            (
+                r#","message":{"text":"x"},"message":{"text":"y"}"#,
+                "message",
+            ),
+            (r#","x":1,"x":2"#, "x"),
+            (r#","campaign":null,"campaign":"c""#, "campaign"),
+        ] {
+            let body = format!("{{{base}{more}}}");
+            assert_eq!(
+                Job::parse(body.as_bytes()),
+                Err(JobError::Duplicate(field.into())),
+                "{body}"
+            );
+        }
+        let err = Job::parse(format!("{{{base},\"job_id\":\"b\"}}").as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("field \"job_id\" is named twice"), "{err}");
+        // names are quoted escaped and bounded
+        let long = "k".repeat(5000);
+        let body = format!(r#"{{{base},"{long}":1,"{long}":2}}"#);
+        let err = Job::parse(body.as_bytes()).unwrap_err().to_string();
+        assert!(err.len() < 300, "{err}");
+        // nested objects may repeat names (only the top level is the job)
+        let nested = format!(r#"{{{base},"message":{{"text":"x","text":"y"}}}}"#);
+        assert!(Job::parse(nested.as_bytes()).is_ok());
+        // not JSON stays "not JSON", whatever else is wrong
+        assert!(matches!(
+            Job::parse(format!("{{{base},\"job_id\":\"b\"").as_bytes()),
+            Err(JobError::NotJson(_))
+        ));
+    }
+
+    #[test]
+    fn labels_are_read_one_way_for_every_tool() {
+        let labels = JobLabels::read(
+            br#"{"job_id": 17, "campaign": null, "page_id": "42", "message": {"job_id": "nested"}}"#,
+        );
+        assert_eq!(
+            labels,
+            JobLabels {
+                job_id: Some("17".into()),
+                campaign: None,
+                page_id: Some("42".into()),
+            }
+        );
+        let twice = JobLabels::read(br#"{"job_id":"a","campaign":"c","job_id":"b"}"#);
+        assert_eq!(twice.job_id, None, "a field named twice names nothing");
+        assert_eq!(twice.campaign.as_deref(), Some("c"));
+        for not_a_job in [
+            &b"[1,2]"[..],
+            b"\"j\"",
+            b"not json",
+            b"{\"job_id\":\"a\"} x",
+            b"",
+        ] {
+            assert_eq!(JobLabels::read(not_a_job), JobLabels::default());
+        }
+        // escaped names are still the field
+        let escaped = JobLabels::read(br#"{"job\u005fid":"e"}"#);
+        assert_eq!(escaped.job_id.as_deref(), Some("e"));
+    }
+
+    #[test]
+    fn the_amqp_message_id_never_panics_and_keeps_a_valid_id_whole() {
+        assert_eq!(amqp_message_id("cmp42-000017").as_str(), "cmp42-000017");
+        let long = "é".repeat(300);
+        let id = amqp_message_id(&long);
+        assert!(id.as_str().len() <= MAX_JOB_ID_BYTES && long.starts_with(id.as_str()));
+        assert_eq!(id.as_str().len(), 254, "cut on a character boundary");
+    }
+
+    #[test]
     fn debug_does_not_print_the_recipient() {
         let job = parse(valid()).unwrap();
         assert!(!format!("{job:?}").contains("sub-abc"));
@@ -611,9 +948,7 @@ mod robustness {
     /// The typed fast path answers only where the `Value` path accepts, and
     /// then with the same job; returns whether it answered.
     fn agree(body: &[u8]) -> bool {
-        let slow = serde_json::from_slice::<Value>(body)
-            .map_err(|e| JobError::NotJson(e.to_string()))
-            .and_then(|v| Job::validate(v, body.len() <= MAX_MESSAGE_BYTES));
+        let slow = read_body(body).and_then(|v| Job::validate(v, body.len() <= MAX_MESSAGE_BYTES));
         match Typed::parse(body, body.len() <= MAX_MESSAGE_BYTES) {
             Some(fast) => {
                 assert_eq!(
@@ -668,5 +1003,10 @@ mod robustness {
         }
         let long = format!(r#"{{{base},"campaign":"{}"}}"#, "c".repeat(MAX_ID_LEN + 1));
         assert!(!agree(long.as_bytes()));
+        let long_id = base.replace(
+            r#""job_id":"j""#,
+            &format!(r#""job_id":"{}""#, "j".repeat(256)),
+        );
+        assert!(!agree(format!("{{{long_id}}}").as_bytes()));
     }
 }

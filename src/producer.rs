@@ -8,6 +8,19 @@
 //! AMQP `timestamp` and `x-mmsend-enqueued-at`. The body is the producer's
 //! own JSON, unchanged (unknown fields included).
 //!
+//! The job id becomes the AMQP `message_id`, a short string of at most 255
+//! bytes: validation refuses a longer id ([`crate::job::MAX_JOB_ID_BYTES`]),
+//! so every job that passes can be published, and a bad line never stops
+//! the lines after it. [`EnqueueReport`] accounts for every non-blank line:
+//! `published + invalid + failed = lines`.
+//!
+//! A line of `mmsend dlq export` (`{"job": {…}, "headers": {…}}`) is
+//! enqueued as `dlq replay` would send its letter back
+//! ([`Exported`]): attempts reset, `x-mmsend-replays` + 1, the last error
+//! kept, so a job whose last failure may have been a send
+//! (`x-mmsend-ambiguous`) stays "maybe sent" and the worker treats a
+//! 2300035 answer to it as a send, not a reason to retry.
+//!
 //! [`Producer::send_batch`] and [`enqueue`] keep up to `max_inflight`
 //! confirms outstanding through one [`ConfirmWindow`], which is what makes
 //! bulk enqueueing fast, and still report a result per job. [`enqueue`]
@@ -38,7 +51,8 @@ use lapin::{BasicProperties, Connection};
 use crate::broker::headers::ENQUEUED_AT;
 use crate::broker::publish::{ConfirmWindow, Pending};
 use crate::broker::{self, PublishError, Publisher, Topology, TopologyError};
-use crate::job::{Job, JobError};
+use crate::dlq::letter::Exported;
+use crate::job::{self, Job, JobError};
 
 /// Confirms kept outstanding by [`Producer::send_batch`] by default.
 pub const DEFAULT_MAX_INFLIGHT: usize = 256;
@@ -122,12 +136,24 @@ impl Producer {
 
     /// Validates and publishes without waiting for the confirm.
     async fn start(&self, body: &[u8]) -> Result<(Job, Pending), ProducerError> {
+        self.start_with(body, None).await
+    }
+
+    /// [`Producer::start`]; the job of an export line goes with its
+    /// letter's story, as a replay.
+    async fn start_with(
+        &self,
+        body: &[u8],
+        exported: Option<&Exported>,
+    ) -> Result<(Job, Pending), ProducerError> {
         let job = Job::parse(body)?;
-        job.check_not_after(Utc::now())?;
-        let pending = self
-            .publisher
-            .send(&self.routing_key, body, properties(&job.job_id))
-            .await?;
+        let now = Utc::now();
+        job.check_not_after(now)?;
+        let mut props = properties(&job.job_id);
+        if let Some(e) = exported {
+            props = e.replay_properties(&props, now);
+        }
+        let pending = self.publisher.send(&self.routing_key, body, props).await?;
         Ok((job, pending))
     }
 
@@ -174,7 +200,8 @@ impl Producer {
     }
 }
 
-/// The AMQP properties of a new job.
+/// The AMQP properties of a new job (`message_id` = the job id; a valid
+/// job's id always fits, see [`job::amqp_message_id`]).
 pub fn properties(job_id: &str) -> BasicProperties {
     let now = Utc::now();
     let mut headers = FieldTable::default();
@@ -187,7 +214,7 @@ pub fn properties(job_id: &str) -> BasicProperties {
     BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
-        .with_message_id(job_id.into())
+        .with_message_id(job::amqp_message_id(job_id))
         .with_app_id("mmsend".into())
         .with_timestamp(now.timestamp().max(0) as u64)
         .with_headers(headers)
@@ -205,7 +232,8 @@ pub struct LineError {
     pub error: String,
 }
 
-/// What `enqueue` did (`mmsend enqueue --json` prints it).
+/// What `enqueue` did (`mmsend enqueue --json` prints it). Every
+/// non-blank line is counted once: `published + invalid + failed = lines`.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct EnqueueReport {
     /// Non-blank lines read.
@@ -255,8 +283,8 @@ pub async fn enqueue<R: tokio::io::AsyncBufRead + Unpin>(
         if body.is_empty() {
             continue;
         }
-        let exported = unwrap_export(body);
-        let body = exported.as_deref().unwrap_or(body);
+        let exported = Exported::parse(body);
+        let body = exported.as_ref().map_or(body, |e| e.job.as_slice());
         report.lines += 1;
         let error_at = |error: String, job_id: Option<String>| LineError {
             line: line_no,
@@ -271,7 +299,7 @@ pub async fn enqueue<R: tokio::io::AsyncBufRead + Unpin>(
             progress(bytes, report.published);
             continue;
         };
-        match p.start(body).await {
+        match p.start_with(body, exported.as_ref()).await {
             Ok((job, pending)) => {
                 if let Some(done) = window.push((line_no, job.job_id), pending).await {
                     settle(&mut report, done);
@@ -288,17 +316,6 @@ pub async fn enqueue<R: tokio::io::AsyncBufRead + Unpin>(
     progress(bytes, report.published);
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
-}
-
-/// A line of `mmsend dlq export` (`{"job": {…}, "headers": {…}}`) yields
-/// its job, so an export can be fed back to `enqueue`.
-fn unwrap_export(line: &[u8]) -> Option<Vec<u8>> {
-    if !line.starts_with(br#"{"job""#) {
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_slice(line).ok()?;
-    let job = v.get("job")?;
-    job.is_object().then(|| serde_json::to_vec(job).ok())?
 }
 
 /// Counts one confirm verdict of `enqueue`.

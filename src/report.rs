@@ -4,12 +4,22 @@
 //! machines, the writers they go through, and the progress bar of long DLQ
 //! scans.
 //!
+//! Text that came from data (job ids, campaigns, error messages, queue
+//! names) is shown through [`printable`] before it reaches a terminal:
+//! every table cell goes through it in [`table`], and the line printers
+//! that quote data call it. A control character or a bidirectional
+//! override in a dead letter would otherwise act on the operator's
+//! terminal (an OSC 52 clipboard write, a new window title, a cleared
+//! screen, text shown reversed). JSON output is not escaped here: serde
+//! writes exact JSON, and a JSON reader sees the original text.
+//!
 //! Output goes through `print` / `print_json` / [`eprint`](fn@eprint), which return
 //! the write error instead of panicking like `println!`: a reader that went
 //! away (`mmsend topology show | head -1`) surfaces as an
 //! [`std::io::ErrorKind::BrokenPipe`] error, which the binary turns into a
 //! quiet exit.
 
+use std::borrow::Cow;
 use std::fmt::Display;
 use std::io::{IsTerminal, Write};
 
@@ -92,12 +102,67 @@ fn no_colour_requested(value: Option<&std::ffi::OsStr>) -> bool {
 }
 use crate::dlq::{Group, LetterSummary, Phase, Progress, Stats};
 
-/// A table with a header row and right-aligned numeric columns.
+/// `text` safe to print on a terminal: control characters (C0, DEL, C1)
+/// and the invisible characters that reorder or break text (bidirectional
+/// marks, embeddings, overrides and isolates; line and paragraph
+/// separators) are shown as escapes instead of acting: `\e`, `\r`, `\n`,
+/// `\t`, `\xNN` below U+0100, `\u{NNNN}` above. Text without any comes
+/// back borrowed.
+pub fn printable(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(needs_escape) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\u{1b}' => out.push_str("\\e"),
+            '\r' => out.push_str("\\r"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            c if needs_escape(c) && (c as u32) < 0x100 => {
+                out.push_str(&format!("\\x{:02x}", c as u32));
+            }
+            c if needs_escape(c) => out.push_str(&format!("\\u{{{:04x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Whether [`printable`] escapes `c`.
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061c}'
+                | '\u{200e}'
+                | '\u{200f}'
+                | '\u{2028}'
+                | '\u{2029}'
+                | '\u{202a}'..='\u{202e}'
+                | '\u{2066}'..='\u{2069}'
+        )
+}
+
+/// A table with a header row and right-aligned numeric columns. Every
+/// cell is shown through [`printable`].
 pub fn table(header: &[&str], numeric: &[usize], rows: Vec<Vec<String>>) -> Table {
     let mut t = Table::new();
-    t.load_style(UTF8_BORDERS_ONLY).set_header(header.to_vec());
+    t.load_style(UTF8_BORDERS_ONLY).set_header(
+        header
+            .iter()
+            .map(|h| printable(h).into_owned())
+            .collect::<Vec<_>>(),
+    );
     for row in rows {
-        t.add_row(row);
+        t.add_row(
+            row.into_iter()
+                .map(|cell| match printable(&cell) {
+                    Cow::Borrowed(_) => cell,
+                    Cow::Owned(escaped) => escaped,
+                })
+                .collect::<Vec<_>>(),
+        );
     }
     for &i in numeric {
         if let Some(col) = t.column_mut(i) {
@@ -153,7 +218,7 @@ pub(crate) fn enqueue_summary(r: &EnqueueReport, dry_run: bool) -> Table {
 /// `enqueue`'s rejected lines on standard error, at most `max` of each kind.
 pub(crate) fn enqueue_errors(r: &EnqueueReport, max: usize) -> std::io::Result<()> {
     for e in r.invalid.iter().take(max) {
-        eprint(format_args!("line {}: {}", e.line, e.error))?;
+        eprint(format_args!("line {}: {}", e.line, printable(&e.error)))?;
     }
     if r.invalid.len() > max {
         eprint(format_args!(
@@ -165,8 +230,8 @@ pub(crate) fn enqueue_errors(r: &EnqueueReport, max: usize) -> std::io::Result<(
         eprint(format_args!(
             "line {} (job {}): not confirmed: {}",
             e.line,
-            e.job_id.as_deref().unwrap_or("?"),
-            e.error
+            printable(e.job_id.as_deref().unwrap_or("?")),
+            printable(&e.error)
         ))?;
     }
     if r.failed.len() > max {
@@ -333,6 +398,20 @@ mod tests {
         let dry = enqueue_summary(&r, true).to_string();
         assert!(dry.contains("valid") && !dry.contains("published"), "{dry}");
         assert!(enqueue_summary(&r, false).to_string().contains("published"));
+    }
+
+    #[test]
+    fn printable_escapes_what_would_act_on_a_terminal() {
+        let nasty = "a\u{1b}]52;c;aGk=\u{7}b\u{1b}[2J\r\n\t\u{7f}\u{9b}\u{202e}\u{2066}\u{200f}z";
+        assert_eq!(
+            printable(nasty),
+            "a\\e]52;c;aGk=\\x07b\\e[2J\\r\\n\\t\\x7f\\x9b\\u{202e}\\u{2066}\\u{200f}z"
+        );
+        assert!(matches!(printable("plain é ✓ 日本"), Cow::Borrowed(_)));
+        // the same, through a table
+        let t = table(&["id"], &[], vec![vec![nasty.to_string()]]).to_string();
+        assert!(!t.chars().any(|c| c != '\n' && needs_escape(c)), "{t:?}");
+        assert!(t.contains("\\e]52"), "{t}");
     }
 
     #[test]

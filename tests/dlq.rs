@@ -4,7 +4,11 @@
 //! purge touch exactly the selected letters, an interrupted replay moves a
 //! letter at most once, limits stop early, exact sets, the `.dead` delivery
 //! limit (and an old `.dead` without it), and the `mmsend dlq` CLI (JSON,
-//! exit codes, a closed pipe). Large fills (100k, 1M) are in
+//! exit codes, a closed pipe). Also: one reader of the DLQ at a time, even
+//! when two start at the same instant; job ids that fit the AMQP
+//! `message_id`; a field named twice; `--since` on RabbitMQ's own dead
+//! letters; `export -o -`; an export re-enqueued as a replay; control
+//! characters escaped on a terminal. Large fills (100k, 1M) are in
 //! `benches/dlq.rs`.
 
 mod common;
@@ -837,5 +841,600 @@ async fn a_scan_stops_at_the_hold_bound_and_keeps_every_letter() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("--max-held"), "{err}");
     assert_dlq_holds(&h, &ids(&letters)).await;
+    h.finish().await;
+}
+
+/// `mmsend enqueue <path> <args>` on the harness's topology (its config
+/// file in `dir`): exit code, stdout, stderr.
+fn enqueue_file(
+    h: &Harness,
+    dir: &std::path::Path,
+    path: &std::path::Path,
+    args: &[&str],
+) -> (i32, String, String) {
+    let out = h
+        .mmsend(&[&["enqueue", path.to_str().unwrap()][..], args].concat())
+        .env("MMSEND_CONFIG", h.write_config(dir, ""))
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A JSONL file of `lines` in a directory of its own (the caller removes it).
+fn jsonl(name: &str, lines: &[String]) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = common::tmpdir(name);
+    let path = dir.join("jobs.jsonl");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    (dir, path)
+}
+
+#[tokio::test]
+async fn enqueue_refuses_a_job_id_longer_than_an_amqp_message_id_and_sends_every_other_line() {
+    let h = Harness::start(Opts::idle("longid")).await;
+    let mut lines: Vec<String> = (1..=60)
+        .map(|i| serde_json::to_string(&job(&format!("ok{i}"), &format!("r{i}"))).unwrap())
+        .collect();
+    // line 30: an id of 300 bytes, more than the AMQP message_id can hold
+    lines[29] = serde_json::to_string(&job(&"x".repeat(300), "r30")).unwrap();
+    // line 40: exactly 255 bytes, the most there is room for
+    lines[39] = serde_json::to_string(&job(&"y".repeat(255), "r40")).unwrap();
+    let (dir, path) = jsonl("longid", &lines);
+    let (code, out, err) = enqueue_file(&h, &dir, &path, &["--json"]);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(code, 1, "one line invalid: {err}");
+    let r: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["lines"], 60);
+    assert_eq!(r["published"], 59);
+    assert_eq!(r["failed"], json!([]));
+    let invalid = r["invalid"].as_array().unwrap();
+    assert_eq!(invalid.len(), 1, "{invalid:?}");
+    assert_eq!(invalid[0]["line"], 30);
+    let why = invalid[0]["error"].as_str().unwrap();
+    assert!(
+        why.contains("job_id") && why.contains("255") && why.contains("message_id"),
+        "{why}"
+    );
+    assert_eq!(
+        r["published"].as_u64().unwrap() as usize
+            + invalid.len()
+            + r["failed"].as_array().unwrap().len(),
+        r["lines"].as_u64().unwrap() as usize,
+        "every line is accounted for"
+    );
+    let sent = drain_ids(&h, &h.topology.send_queue()).await;
+    assert_eq!(sent.len(), 59);
+    assert!(sent.contains(&"y".repeat(255)) && sent.contains(&"ok60".to_string()));
+    // the library refuses it too, without a panic
+    let producer = Producer::on(&h.conn, &h.topology).await.unwrap();
+    let e = producer
+        .send(lines[29].as_bytes())
+        .await
+        .expect_err("a 300-byte job id is invalid");
+    assert!(matches!(e, producer::ProducerError::Invalid(_)), "{e}");
+    producer.close().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+    h.finish().await;
+}
+
+/// Two DLQ readers started at the same instant: exactly one completes and
+/// the other is refused as busy, or both complete with the same total;
+/// never a "complete" count that is not (the check-then-consume race).
+#[tokio::test]
+async fn two_readers_started_together_never_report_a_wrong_complete_count() {
+    let (h, _) = with_letters("dlqrace", 300).await;
+    let other = mmsend::broker::connect(&common::amqp_url(), "test-other")
+        .await
+        .unwrap();
+    let dead = h.topology.dead_queue();
+    let (mut completed, mut busy) = (0, 0);
+    for round in 0..12 {
+        // even rounds: two scans on one connection; odd: two connections
+        let second = if round % 2 == 0 { &h.conn } else { &other };
+        let (a, b) = tokio::join!(
+            dlq::stats(&h.conn, &h.topology, Filter::default()),
+            dlq::stats(second, &h.topology, Filter::default()),
+        );
+        let mut totals = Vec::new();
+        for r in [a, b] {
+            match r {
+                Ok((stats, report)) => {
+                    assert!(report.counted_all(), "round {round}: {report:?}");
+                    assert_eq!(stats.total, 300, "round {round}: a complete count of 300");
+                    totals.push(stats.total);
+                }
+                Err(DlqError::Busy { .. }) => busy += 1,
+                Err(e) => panic!("round {round}: {e}"),
+            }
+        }
+        assert!(!totals.is_empty(), "round {round}: one of them completes");
+        completed += totals.len();
+        eventually!(
+            Duration::from_secs(10),
+            h.depth(&dead).await == 300,
+            "round {round}: every letter back: {}",
+            h.depth(&dead).await
+        );
+    }
+    assert_eq!(completed + busy, 24);
+    // the readers did meet: the race was run, not avoided
+    assert!(busy > 0, "{completed} completed, none refused");
+    let _ = other.close(200, "done".into()).await;
+    h.finish().await;
+}
+
+/// `dlq purge --yes` next to `dlq stats`, both processes started at once:
+/// a purge that exits 0 left none of its letters, a stats that exits 0
+/// counted every letter there was.
+#[tokio::test]
+async fn a_purge_beside_a_stats_never_reports_success_it_did_not_have() {
+    let h = Harness::start(Opts::idle("dlqrace2")).await;
+    for round in 0..3 {
+        let mut letters: Vec<Dead> = (0..300)
+            .map(|i| region(format!("x{round}-{i}"), "x"))
+            .collect();
+        letters.extend((0..100).map(|i| mismatch(format!("y{round}-{i}"), "y")));
+        fill(&h, &letters).await;
+        let spawn = |args: &[&str]| {
+            h.mmsend(args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let purge = spawn(&["dlq", "purge", "--campaign", "x", "--yes", "--json"]);
+        let stats = spawn(&["dlq", "stats", "--json"]);
+        let (purge, stats) = tokio::task::spawn_blocking(move || {
+            (
+                purge.wait_with_output().unwrap(),
+                stats.wait_with_output().unwrap(),
+            )
+        })
+        .await
+        .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        eprintln!(
+            "round {round}: purge exit {:?}, stats exit {:?}",
+            purge.status.code(),
+            stats.status.code()
+        );
+        match purge.status.code() {
+            Some(0) => {
+                let r: Value = serde_json::from_slice(&purge.stdout).unwrap();
+                assert_eq!(r["counted_all"], true, "{r}");
+                assert_eq!(r["purged"], 300, "{r}");
+                assert_eq!(
+                    campaign_count(&h, "x").await,
+                    0,
+                    "round {round}: a purge that succeeded"
+                );
+            }
+            Some(2) => {
+                assert!(
+                    text(&purge.stderr).contains("busy"),
+                    "{}",
+                    text(&purge.stderr)
+                );
+                assert_eq!(
+                    campaign_count(&h, "x").await,
+                    300,
+                    "round {round}: a refused purge moved nothing"
+                );
+            }
+            other => panic!(
+                "round {round}: purge exit {other:?}: {}",
+                text(&purge.stderr)
+            ),
+        }
+        match stats.status.code() {
+            Some(0) => {
+                let s: Value = serde_json::from_slice(&stats.stdout).unwrap();
+                assert_eq!(s["counted_all"], true, "{s}");
+                let total = s["total"].as_u64().unwrap();
+                assert!(total == 400 || total == 100, "round {round}: total {total}");
+                assert_eq!(s["depth_at_start"].as_u64(), Some(total));
+            }
+            Some(2) => assert!(
+                text(&stats.stderr).contains("busy"),
+                "{}",
+                text(&stats.stderr)
+            ),
+            other => panic!(
+                "round {round}: stats exit {other:?}: {}",
+                text(&stats.stderr)
+            ),
+        }
+        h.drain_dlq().await;
+    }
+    h.finish().await;
+}
+
+/// Letters of `campaign` in the DLQ (a peek).
+async fn campaign_count(h: &Harness, campaign: &str) -> usize {
+    let mut n = 0;
+    let filter = Filter {
+        campaign: Some(campaign.into()),
+        ..Default::default()
+    };
+    scan_with(h, filter, &ScanOptions::peek(), &mut |_: &DeadLetter| {
+        n += 1
+    })
+    .await;
+    n
+}
+
+/// Text an attacker put in a job or an error: an OSC 52 clipboard write, a
+/// screen clear, a bell, a carriage return, DEL, a C1 CSI and a
+/// right-to-left override.
+const NASTY: &str = "a\u{1b}]52;c;aGVsbG8=\u{7}b\u{1b}[2Jc\u{7}d\re\u{7f}f\u{9b}g\u{202e}h";
+
+fn assert_no_control_characters(out: &str, what: &str) {
+    let bad: Vec<String> = out
+        .chars()
+        .filter(|&c| {
+            (c.is_control() && c != '\n')
+                || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        })
+        .map(|c| format!("{:?}", c))
+        .collect();
+    assert!(bad.is_empty(), "{what} printed raw {bad:?}:\n{out}");
+}
+
+#[tokio::test]
+async fn dlq_tables_escape_control_characters_from_letters() {
+    let h = Harness::start(Opts::idle("dlqesc")).await;
+    let story = Story {
+        dead_reason: Some("terminal".into()),
+        dead_at: Some(chrono::Utc::now()),
+        last_error: LastError {
+            class: Some(format!("cls{NASTY}")),
+            code: Some(100),
+            message: Some(format!("error {NASTY}")),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut headers = FieldTable::default();
+    story.write(&mut headers);
+    let mut body = job(&format!("id{NASTY}"), "r1");
+    body["campaign"] = json!(format!("cmp{NASTY}"));
+    body["page_id"] = json!(format!("page{NASTY}"));
+    h.fill_dlq([("m1".to_string(), body, headers)]).await;
+    for args in [
+        &["dlq", "list"][..],
+        &["dlq", "stats"],
+        &["dlq", "purge", "--campaign", &format!("cmp{NASTY}")],
+    ] {
+        let (code, out, err) = run(&h, args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert!(
+            out.contains("\\x1b]52") || out.contains("\\e]52"),
+            "{args:?} shows the escape:\n{out}"
+        );
+        assert_no_control_characters(&out, &format!("{args:?}"));
+        assert_no_control_characters(&err, &format!("{args:?} (stderr)"));
+    }
+    // JSON stays exact: the same text comes back when parsed
+    let (code, out, _) = run(&h, &["dlq", "list", "--json"]);
+    assert_eq!(code, 0);
+    let list: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list["letters"][0]["key"]["job_id"], format!("id{NASTY}"));
+    assert_eq!(list["letters"][0]["campaign"], format!("cmp{NASTY}"));
+    assert_eq!(h.depth(&h.topology.dead_queue()).await, 1);
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn enqueue_errors_escape_control_characters_from_the_input() {
+    let h = Harness::start(Opts::idle("enqesc")).await;
+    let mut bad = job("j1", "r1");
+    bad["page_id"] = json!(format!("12{NASTY}"));
+    let lines = vec![
+        serde_json::to_string(&bad).unwrap(),
+        format!("not json {NASTY}"),
+    ];
+    let (dir, path) = jsonl("enqesc", &lines);
+    let (code, out, err) = enqueue_file(&h, &dir, &path, &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("line 1") && err.contains("line 2"), "{err}");
+    assert_no_control_characters(&out, "enqueue (stdout)");
+    assert_no_control_characters(&err, "enqueue (stderr)");
+    std::fs::remove_dir_all(&dir).unwrap();
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn export_to_dash_writes_to_standard_output() {
+    let (h, _) = with_letters("dlqdash", 20).await;
+    let dir = common::tmpdir("dash");
+    let out = h
+        .mmsend(&["dlq", "export", "-o", "-"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.lines().count(), 20, "{stdout}");
+    for line in stdout.lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        assert!(v["job"]["job_id"].is_string(), "{line}");
+    }
+    assert!(!dir.join("-").exists(), "no file named '-'");
+    std::fs::remove_dir_all(&dir).unwrap();
+    h.finish().await;
+}
+
+/// RabbitMQ's own dead-lettering (`x-death`, no `x-mmsend-dead-at`).
+fn broker_death(queue: &str, at: chrono::DateTime<chrono::Utc>) -> FieldTable {
+    let mut entry = FieldTable::default();
+    entry.insert("queue".into(), AMQPValue::LongString(queue.into()));
+    entry.insert(
+        "reason".into(),
+        AMQPValue::LongString("delivery_limit".into()),
+    );
+    entry.insert("count".into(), AMQPValue::LongLongInt(1));
+    entry.insert("time".into(), AMQPValue::Timestamp(at.timestamp() as u64));
+    entry.insert("exchange".into(), AMQPValue::LongString("".into()));
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-death".into(),
+        AMQPValue::FieldArray(vec![AMQPValue::FieldTable(entry)].into()),
+    );
+    headers.insert(
+        "x-first-death-reason".into(),
+        AMQPValue::LongString("delivery_limit".into()),
+    );
+    headers
+}
+
+#[tokio::test]
+async fn since_matches_letters_rabbitmq_dead_lettered_by_their_x_death_time() {
+    let h = Harness::start(Opts::idle("dlqsince")).await;
+    let now = chrono::Utc::now();
+    let send = h.topology.send_queue();
+    h.fill_dlq([
+        (
+            "recent".to_string(),
+            job("recent", "r1"),
+            broker_death(&send, now - chrono::Duration::minutes(10)),
+        ),
+        (
+            "old".to_string(),
+            job("old", "r2"),
+            broker_death(&send, now - chrono::Duration::days(3)),
+        ),
+    ])
+    .await;
+    fill(&h, &[region("worker", "bf")]).await;
+    let (code, out, err) = run(&h, &["dlq", "list", "--since", "1h", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let list: Value = serde_json::from_str(&out).unwrap();
+    let shown: BTreeSet<&str> = list["letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["key"]["job_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(shown, BTreeSet::from(["recent", "worker"]), "{out}");
+    let recent = list["letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["key"]["job_id"] == "recent")
+        .unwrap();
+    assert_eq!(recent["reason"], "delivery_limit");
+    assert!(
+        recent["dead_at"].is_string(),
+        "the broker's death time is shown: {recent}"
+    );
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn an_export_enqueued_again_keeps_the_ambiguous_flag_and_counts_a_replay() {
+    let h = Harness::start(Opts::idle("dlqambig")).await;
+    let story = Story {
+        attempt: 3,
+        dead_reason: Some("retries_exhausted".into()),
+        dead_at: Some(chrono::Utc::now()),
+        enqueued_at: Some("2026-11-24T10:00:00Z".parse().unwrap()),
+        last_error: LastError {
+            class: Some("transient".into()),
+            message: Some("timed out after the request was sent".into()),
+            ambiguous: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut headers = FieldTable::default();
+    story.write(&mut headers);
+    h.fill_dlq([("amb".to_string(), job("amb", "r1"), headers)])
+        .await;
+    fill(&h, &[region("plain", "bf")]).await;
+    let dir = common::tmpdir("ambig");
+    let path = dir.join("dead.jsonl");
+    let (code, _, err) = run(&h, &["dlq", "export", "-o", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = enqueue_file(&h, &dir, &path, &["--json"]);
+    assert_eq!(code, 0, "{err}");
+    let r: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["published"], 2, "{r}");
+    let ch = h.conn.create_channel().await.unwrap();
+    let mut stories = std::collections::BTreeMap::new();
+    while let Some(m) = ch
+        .basic_get(
+            h.topology.send_queue().as_str().into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+    {
+        let d = DeadLetter::new(m.delivery.data.clone(), m.delivery.properties.clone());
+        stories.insert(d.job_id().unwrap(), d.story.clone());
+    }
+    let amb = &stories["amb"];
+    assert!(amb.last_error.ambiguous, "still maybe sent: {amb:?}");
+    assert_eq!(amb.replays, 1, "{amb:?}");
+    assert_eq!(
+        (amb.attempt, amb.dead_reason.as_deref()),
+        (0, None),
+        "a fresh start: {amb:?}"
+    );
+    assert_eq!(amb.enqueued_at, story.enqueued_at);
+    assert!(!stories["plain"].last_error.ambiguous);
+    std::fs::remove_dir_all(&dir).unwrap();
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn a_job_naming_a_field_twice_is_invalid_and_the_dlq_tools_agree_on_its_id() {
+    let h = Harness::start(Opts::new("dupkey")).await;
+    let body = br#"{"v":1,"job_id":"first","ad_account_id":"1","page_id":"2","message_id":"3","subscription_token":"s","message":{"text":"hi"},"job_id":"second"}"#;
+    let props = lapin::BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_message_id("amqp-id".into());
+    h.publish_with(body, props).await;
+    h.wait_settled(1, Duration::from_secs(20)).await;
+    assert_eq!(h.sim.stats().sent, 0, "never sent");
+    let dead = h.drain_dlq().await;
+    assert_eq!(dead.len(), 1);
+    let d = &dead[0];
+    assert_eq!(d.reason(), Some(DeadReason::InvalidJob));
+    let why = d.story.last_error.message.clone().unwrap_or_default();
+    assert!(why.contains("job_id") && why.contains("twice"), "{why}");
+    // one reading: an id named twice is no id; the AMQP message_id names it
+    assert_eq!(d.job_id().as_deref(), Some("amqp-id"));
+    assert_eq!(mmsend::job::JobLabels::read(body).job_id, None);
+    h.finish().await;
+}
+
+/// A scan on `conn` in a task of its own whose observer takes 20 ms a
+/// letter; `read` counts the letters it saw.
+fn slow_scan(
+    conn: std::sync::Arc<lapin::Connection>,
+    topology: mmsend::broker::Topology,
+    read: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> tokio::task::JoinHandle<Result<ScanReport, DlqError>> {
+    tokio::spawn(async move {
+        let mut slow = move |_: &DeadLetter| {
+            read.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        dlq::scan(
+            &conn,
+            &topology,
+            Filter::default(),
+            &ScanOptions::peek(),
+            &mut slow,
+        )
+        .await
+    })
+}
+
+/// A reader that dies (its connection gone) or whose scan is dropped
+/// half-way does not leave the DLQ busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_goes_away_does_not_leave_the_dlq_busy() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let (h, letters) = with_letters("dlqgone", 200).await;
+    let url = common::amqp_url();
+    for case in ["connection closed", "scan dropped"] {
+        let conn = Arc::new(mmsend::broker::connect(&url, "test-reader").await.unwrap());
+        let read = Arc::new(AtomicUsize::new(0));
+        let task = slow_scan(conn.clone(), h.topology.clone(), read.clone());
+        eventually!(
+            Duration::from_secs(10),
+            read.load(Ordering::SeqCst) > 0,
+            "{case}: the scan started"
+        );
+        let e = dlq::stats(&h.conn, &h.topology, Filter::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, DlqError::Busy { .. }), "{case}: {e}");
+        task.abort();
+        let _ = task.await;
+        let next = match case {
+            // RabbitMQ deletes the lock with its connection
+            "connection closed" => {
+                let _ = conn.close(200, "gone".into()).await;
+                &h.conn
+            }
+            // the lock stays on that connection without a consumer: the
+            // next scan there takes it
+            _ => &*conn,
+        };
+        let mut last;
+        eventually!(
+            Duration::from_secs(15),
+            {
+                last = dlq::stats(next, &h.topology, Filter::default()).await;
+                matches!(&last, Ok((s, r)) if s.total == 200 && r.counted_all())
+            },
+            "{case}: a complete count again: {last:?}"
+        );
+        if case == "scan dropped" {
+            let _ = conn.close(200, "done".into()).await;
+        }
+    }
+    assert_dlq_holds(&h, &ids(&letters)).await;
+    h.finish().await;
+}
+
+/// A job whose id is longer than an AMQP `message_id` (from any AMQP
+/// client: it never passed `mmsend enqueue`) dies `invalid_job`, and its
+/// results event is published: the worker never panics on the id.
+#[tokio::test]
+async fn a_job_id_too_long_for_a_message_id_dies_invalid_and_gets_its_results_event() {
+    use futures_util::StreamExt;
+    let mut opts = Opts::new("longidres");
+    opts.results = true;
+    let h = Harness::start(opts).await;
+    let long = "z".repeat(300);
+    h.publish_job(&job(&long, "r1")).await;
+    h.wait_settled(1, Duration::from_secs(20)).await;
+    assert_eq!(h.sim.stats().sent, 0);
+    let dead = h.drain_dlq().await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].reason(), Some(DeadReason::InvalidJob));
+    let why = dead[0].story.last_error.message.clone().unwrap_or_default();
+    assert!(why.contains("255"), "{why}");
+    let ch = h.conn.create_channel().await.unwrap();
+    ch.basic_qos(10, Default::default()).await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-stream-offset".into(),
+        AMQPValue::LongString("first".into()),
+    );
+    let mut consumer = ch
+        .basic_consume(
+            h.topology.results_stream().as_str().into(),
+            "results-test".into(),
+            BasicConsumeOptions::default(),
+            args,
+        )
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .expect("an event")
+        .unwrap()
+        .unwrap();
+    let event: Value = serde_json::from_slice(&d.data).unwrap();
+    assert_eq!(event["job_id"], long.as_str(), "the whole id in the body");
+    assert_eq!(
+        d.properties.message_id().as_ref().map(|m| m.as_str().len()),
+        Some(255),
+        "the message_id cut to what AMQP holds"
+    );
+    let _ = ch.close(200, "done".into()).await;
     h.finish().await;
 }

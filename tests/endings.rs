@@ -329,3 +329,19 @@ async fn a_burst_of_page_rate_limit_answers_halves_the_page_rate_once() {
     eprintln!("dead so far: {by:?}");
     h.finish().await;
 }
+
+#[tokio::test]
+async fn a_worker_id_too_long_for_its_consumer_tag_is_refused_not_a_panic() {
+    let h = Harness::start(Opts::idle("longworkerid")).await;
+    let mut config = h.config.clone();
+    config.worker_id = "w".repeat(300);
+    let refused = mmsend::worker::run(
+        config,
+        mmsend::metrics::Metrics::new(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .expect_err("refused at start");
+    assert!(refused.to_string().contains("at most 200"), "{refused}");
+    h.finish().await;
+}

@@ -69,12 +69,25 @@ impl Tier {
                 problem: "it must be longer than zero".into(),
             });
         }
+        if s.trim().len() > MAX_TIER_NAME_BYTES {
+            return Err(TopologyConfigError::Tier {
+                tier: s.to_string(),
+                problem: format!("a tier name is part of a queue name: write it in at most {MAX_TIER_NAME_BYTES} bytes (e.g. 90s, 2m, 1h)"),
+            });
+        }
         Ok(Tier {
             name: s.trim().to_string(),
             ttl,
         })
     }
 }
+
+/// Longest topology prefix: every queue name (`<prefix>.retry.<tier>`,
+/// `<prefix>.dead.reader-lock`, …) must stay an AMQP short string (255
+/// bytes).
+const MAX_PREFIX_BYTES: usize = 200;
+/// Longest tier name, for the same reason.
+const MAX_TIER_NAME_BYTES: usize = 32;
 
 /// The default tiers of DESIGN §5.
 pub const DEFAULT_TIERS: [&str; 6] = ["5s", "30s", "2m", "10m", "1h", "6h"];
@@ -97,7 +110,7 @@ pub enum TopologyConfigError {
         problem: String,
     },
     /// A prefix RabbitMQ names cannot carry.
-    #[error("prefix {0:?} must be non-empty and use only letters, digits, '-', '_' and '.'")]
+    #[error("prefix {0:?} must be 1 to 200 bytes of letters, digits, '-', '_' and '.' (queue names are AMQP short strings, at most 255 bytes with their suffixes)")]
     Prefix(String),
     /// No tiers at all.
     #[error("at least one delay tier is needed")]
@@ -245,6 +258,7 @@ impl Topology {
         delivery_limit: u32,
     ) -> Result<Topology, TopologyConfigError> {
         if prefix.is_empty()
+            || prefix.len() > MAX_PREFIX_BYTES
             || !prefix
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
@@ -657,6 +671,13 @@ mod tests {
             .contains("5 parsecs"));
         assert!(Topology::new("ok", &[], 10).is_err());
         assert!(Topology::new("ok", &["0s"], 10).is_err());
+        // every queue name must stay an AMQP short string (lapin panics on a
+        // longer one): a long prefix or tier name is refused up front
+        assert!(Topology::with_prefix(&"p".repeat(200)).is_ok());
+        let e = Topology::with_prefix(&"p".repeat(201)).unwrap_err();
+        assert!(e.to_string().contains("200 bytes"), "{e}");
+        let long_tier = format!("{}5s", "0".repeat(40));
+        assert!(Topology::new("ok", &[long_tier.as_str()], 10).is_err());
         let t = Topology::new("ok", &["1h", "200ms", "1s"], 3).unwrap();
         let names: Vec<_> = t.tiers.iter().map(|t| t.name.as_str()).collect();
         assert_eq!(names, ["200ms", "1s", "1h"]);

@@ -52,7 +52,7 @@ async fn run_on(
 ) -> anyhow::Result<ExitCode> {
     let warnings: Vec<String> = match topology.check_dead_queue(conn).await? {
         Some(w) => {
-            eprintln!("warning: {w}");
+            eprintln!("warning: {}", report::printable(&w.to_string()));
             vec![w.to_string()]
         }
         None => Vec::new(),
@@ -132,6 +132,8 @@ async fn run_on(
             Ok(exit(&report))
         }
         DlqCommand::Export { output, .. } => {
+            // `-o -` is standard output, as for `enqueue -`
+            let output = output.filter(|p| p.as_os_str() != "-");
             let mut sink: Box<dyn Write> = match &output {
                 Some(path) => Box::new(io::BufWriter::new(
                     std::fs::File::create(path)
@@ -252,9 +254,15 @@ fn print_stats(stats: &Stats, report: &ScanReport) -> anyhow::Result<()> {
     out(&text)
 }
 
-/// 0, or 1 when the run only partly did its job.
+/// 0, or 1 when the run only partly did its job (a queue that ran dry
+/// early included: something else had letters the run never saw).
 fn exit(report: &ScanReport) -> ExitCode {
-    if report.failed > 0 || matches!(report.stop, Stop::Interrupted | Stop::HoldLimit) {
+    if report.failed > 0
+        || matches!(
+            report.stop,
+            Stop::Interrupted | Stop::HoldLimit | Stop::QueueEmpty
+        )
+    {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
@@ -264,7 +272,7 @@ fn exit(report: &ScanReport) -> ExitCode {
 fn stop_text(stop: Stop) -> &'static str {
     match stop {
         Stop::Depth => "read every letter",
-        Stop::QueueEmpty => "the queue had no more ready letters",
+        Stop::QueueEmpty => "the queue ran out of letters before the depth at the start: something that is not mmsend took or removed some (a consumer of its own? a purge?), and letters it holds were not seen",
         Stop::Selected => "limit reached",
         Stop::Observer => "output closed",
         Stop::Interrupted => "interrupted",
@@ -278,7 +286,7 @@ fn note_stop(report: &ScanReport) {
             "interrupted after {} of {} letters; everything not moved is still in {}",
             report.read, report.depth_at_start, report.queue
         ),
-        Stop::HoldLimit => eprintln!(
+        Stop::HoldLimit | Stop::QueueEmpty => eprintln!(
             "{} after {} of {} letters; run it again for the rest",
             stop_text(report.stop),
             report.read,

@@ -29,7 +29,8 @@ pub struct Filter {
     pub page: Option<String>,
     /// One job, by `job_id`.
     pub job_id: Option<String>,
-    /// Dead at or after this instant.
+    /// Dead at or after this instant ([`DeadLetter::died_at`]: a worker's
+    /// `x-mmsend-dead-at`, else RabbitMQ's `x-death` time).
     pub since: Option<DateTime<Utc>>,
     /// At most this many selected; the scan stops once it has them.
     pub limit: Option<usize>,
@@ -57,7 +58,7 @@ impl Filter {
                 .is_none_or(|j| d.job_id().as_ref() == Some(j))
             && self
                 .since
-                .is_none_or(|s| d.story.dead_at.is_some_and(|t| t >= s))
+                .is_none_or(|s| d.died_at().is_some_and(|t| t >= s))
     }
 }
 

@@ -10,9 +10,22 @@
 //!
 //! A letter without `x-mmsend-dead-reason` was dead-lettered by RabbitMQ
 //! itself (the work queue's `x-delivery-limit`): its reason reads as
-//! `delivery_limit`.
+//! `delivery_limit`, and it died when its `x-death` says
+//! ([`DeadLetter::died_at`]), so `--since` and the times of `stats` and
+//! `list` cover it too.
+//!
+//! The job's id, campaign and page are read the way every tool reads them
+//! ([`crate::job::JobLabels`]; a field named twice names nothing, and the
+//! id falls back to the AMQP `message_id`).
+//!
+//! The export record (`dlq export`, one JSON line: the job and the
+//! `x-mmsend-*` headers) reads back through [`Exported`]: `mmsend enqueue`
+//! of an export line sends the job as `dlq replay` would, so its story
+//! (the last error, and with it `x-mmsend-ambiguous`) survives the round
+//! trip.
 
 use chrono::{DateTime, Utc};
+use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::BasicProperties;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -20,6 +33,7 @@ use sha2::{Digest, Sha256};
 
 use crate::broker::headers::{self, Story};
 use crate::classify::{Class, DeadReason};
+use crate::job::JobLabels;
 
 /// Longest text kept in a [`LetterSummary`] field (job id, campaign, error).
 const SUMMARY_TEXT_CHARS: usize = 200;
@@ -30,44 +44,15 @@ pub struct DeadLetter {
     /// The message body as it sits in the queue (normally the job JSON,
     /// but anything a producer sent, e.g. an `invalid_job`).
     pub body: Vec<u8>,
-    /// The job fields the tools group and filter by (the rest of the body
-    /// is parsed only for an export).
-    fields: JobFields,
+    /// The job fields the tools group and filter by, read as every tool
+    /// reads them ([`JobLabels::read`]); the rest of the body is parsed
+    /// only for an export.
+    fields: JobLabels,
     /// Its `x-mmsend-*` headers, typed.
     pub story: Story,
     /// The AMQP properties (headers, `message_id`, …), kept whole so a
     /// replay copies them.
     pub properties: BasicProperties,
-}
-
-/// The few fields of a job body the DLQ tools look at: a scan parses only
-/// these (skipping the rest), which keeps it cheap per letter.
-#[derive(Debug, Clone, Default, Deserialize)]
-struct JobFields {
-    #[serde(default, deserialize_with = "scalar")]
-    job_id: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    campaign: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    page_id: Option<String>,
-}
-
-/// The job fields of a body that is a JSON object (serde would also read a
-/// struct from an array, by position).
-fn job_fields(body: &[u8]) -> JobFields {
-    match body.iter().find(|b| !b.is_ascii_whitespace()) {
-        Some(b'{') => serde_json::from_slice(body).unwrap_or_default(),
-        _ => JobFields::default(),
-    }
-}
-
-/// A string, or any other JSON value rendered (`42`, `true`); `null` = none.
-fn scalar<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    Ok(match Value::deserialize(d)? {
-        Value::Null => None,
-        Value::String(s) => Some(s),
-        other => Some(other.to_string()),
-    })
 }
 
 /// Names one letter across scans: its job id and a fingerprint of its body
@@ -106,7 +91,8 @@ pub struct LetterSummary {
     pub attempts: u32,
     /// Times it was replayed before.
     pub replays: u32,
-    /// When a worker dead-lettered it; `None` when RabbitMQ did.
+    /// When it died ([`DeadLetter::died_at`]): when a worker dead-lettered
+    /// it, or when RabbitMQ did (its `x-death`).
     pub dead_at: Option<DateTime<Utc>>,
     /// The last error message, at most 200 characters.
     pub error: Option<String>,
@@ -117,14 +103,15 @@ impl DeadLetter {
     /// header just reads as absent).
     pub fn new(body: Vec<u8>, properties: BasicProperties) -> DeadLetter {
         DeadLetter {
-            fields: job_fields(&body),
+            fields: JobLabels::read(&body),
             story: Story::read(properties.headers().as_ref()),
             body,
             properties,
         }
     }
 
-    /// The job id from the body, else the AMQP `message_id`.
+    /// The job id from the body ([`JobLabels`]: none when the body names it
+    /// twice), else the AMQP `message_id`.
     pub fn job_id(&self) -> Option<String> {
         self.fields
             .job_id
@@ -190,6 +177,40 @@ impl DeadLetter {
         e.code == Some(code) || e.subcode == Some(code)
     }
 
+    /// When the job died: `x-mmsend-dead-at` when a worker dead-lettered
+    /// it; for a letter RabbitMQ dead-lettered itself (no such header), the
+    /// latest `time` of its `x-death` entries, else its AMQP `timestamp`
+    /// (when it was published: it died later, so `--since` never drops a
+    /// letter that died after the bound for want of a death time).
+    pub fn died_at(&self) -> Option<DateTime<Utc>> {
+        self.story.dead_at.or_else(|| {
+            let headers = self.properties.headers().as_ref();
+            let from_broker =
+                headers
+                    .and_then(|h| h.inner().get("x-death"))
+                    .and_then(|v| match v {
+                        AMQPValue::FieldArray(entries) => entries
+                            .as_slice()
+                            .iter()
+                            .filter_map(|e| match e {
+                                AMQPValue::FieldTable(t) => {
+                                    t.inner().get("time").and_then(headers::as_int)
+                                }
+                                _ => None,
+                            })
+                            .max(),
+                        _ => None,
+                    });
+            from_broker
+                .or_else(|| {
+                    self.properties
+                        .timestamp()
+                        .and_then(|t| i64::try_from(t).ok())
+                })
+                .and_then(|secs| DateTime::from_timestamp(secs, 0))
+        })
+    }
+
     /// The letter's name across scans.
     pub fn key(&self) -> LetterKey {
         let mut h = Sha256::new();
@@ -230,7 +251,7 @@ impl DeadLetter {
             code: self.code(),
             attempts: s.attempt,
             replays: s.replays,
-            dead_at: s.dead_at,
+            dead_at: self.died_at(),
             error: cut(s.last_error.message.clone()),
         }
     }
@@ -261,6 +282,67 @@ impl DeadLetter {
     /// one more replay, the last error kept for history.
     pub fn replay_properties(&self, now: DateTime<Utc>) -> BasicProperties {
         replay_story(&self.story, now).restamp(&self.properties)
+    }
+}
+
+/// A line of `mmsend dlq export` read back (`mmsend enqueue` takes it):
+/// the job, and the letter's `x-mmsend-*` headers, so that enqueueing it is
+/// the replay `dlq replay` would have made ([`Exported::replay_properties`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exported {
+    /// The job's JSON.
+    pub job: Vec<u8>,
+    /// The letter's `x-mmsend-*` headers as exported (numbers as
+    /// `long long`, text as long strings).
+    pub headers: FieldTable,
+}
+
+impl Exported {
+    /// Reads an export line: an object with a `job` object (its
+    /// `headers`, if any, an object). `None` for any other line, e.g. a
+    /// plain job.
+    pub fn parse(line: &[u8]) -> Option<Exported> {
+        if !line.starts_with(br#"{"job""#) {
+            return None;
+        }
+        let v: Value = serde_json::from_slice(line).ok()?;
+        let job = v.get("job").filter(|j| j.is_object())?;
+        let mut table = FieldTable::default();
+        if let Some(Value::Object(h)) = v.get("headers") {
+            for (k, v) in h.iter().filter(|(k, _)| k.starts_with("x-mmsend-")) {
+                let value = match v {
+                    Value::Number(n) => match n.as_i64() {
+                        Some(n) => AMQPValue::LongLongInt(n),
+                        None => continue,
+                    },
+                    Value::String(s) => AMQPValue::LongString(LongString::from(s.as_str())),
+                    Value::Bool(b) => AMQPValue::Boolean(*b),
+                    _ => continue,
+                };
+                // header names are short strings: a longer one is not ours
+                if let Ok(name) = lapin::types::ShortString::try_new(k.as_str()) {
+                    table.insert(name, value);
+                }
+            }
+        }
+        Some(Exported {
+            job: serde_json::to_vec(job).ok()?,
+            headers: table,
+        })
+    }
+
+    /// The properties of the job sent back to work: `base` (a new job's
+    /// properties) with the letter's story as a replay writes it (a fresh
+    /// start, one more replay, the last error, its ambiguity included,
+    /// kept; see [`replay_story`]); an exported `x-mmsend-enqueued-at`
+    /// stays the job's.
+    pub fn replay_properties(&self, base: &BasicProperties, now: DateTime<Utc>) -> BasicProperties {
+        let mut merged = base.headers().clone().unwrap_or_default();
+        for (k, v) in self.headers.inner() {
+            merged.insert(k.clone(), v.clone());
+        }
+        let story = replay_story(&Story::read(Some(&merged)), now);
+        story.restamp(&base.clone().with_headers(merged))
     }
 }
 
@@ -396,6 +478,104 @@ pub(crate) mod tests {
         assert_eq!(set.len(), 1);
         let mut selector = crate::dlq::filter::Selector::new(std::mem::take(&mut set).into());
         assert!(selector.take(&d));
+    }
+
+    #[test]
+    fn a_body_naming_its_job_id_twice_is_named_by_its_message_id() {
+        let d = DeadLetter::new(
+            br#"{"job_id":"a","campaign":"c","job_id":"b"}"#.to_vec(),
+            BasicProperties::default().with_message_id("m-1".into()),
+        );
+        assert_eq!(d.job_id().as_deref(), Some("m-1"));
+        assert_eq!(d.campaign().as_deref(), Some("c"));
+    }
+
+    /// RabbitMQ's `x-death`: one entry per queue and reason, `time` a
+    /// timestamp.
+    fn x_death(times: &[i64]) -> FieldTable {
+        let entries: Vec<AMQPValue> = times
+            .iter()
+            .map(|t| {
+                let mut e = FieldTable::default();
+                e.insert("reason".into(), AMQPValue::LongString("expired".into()));
+                e.insert("time".into(), AMQPValue::Timestamp(*t as u64));
+                AMQPValue::FieldTable(e)
+            })
+            .collect();
+        let mut h = FieldTable::default();
+        h.insert("x-death".into(), AMQPValue::FieldArray(entries.into()));
+        h
+    }
+
+    #[test]
+    fn a_letter_dies_when_a_worker_or_rabbitmq_says() {
+        let worker = letter(Some("terminal"), "region", 2300018, "bf");
+        assert_eq!(worker.died_at(), worker.story.dead_at);
+        let t = |s: i64| DateTime::from_timestamp(s, 0);
+        let broker = DeadLetter::new(
+            b"{}".to_vec(),
+            BasicProperties::default()
+                .with_headers(x_death(&[1_800_000_000, 1_800_000_600]))
+                .with_timestamp(1_700_000_000),
+        );
+        assert_eq!(broker.died_at(), t(1_800_000_600), "the latest death");
+        assert_eq!(broker.summary().dead_at, broker.died_at());
+        let published = DeadLetter::new(
+            b"{}".to_vec(),
+            BasicProperties::default().with_timestamp(1_700_000_000),
+        );
+        assert_eq!(published.died_at(), t(1_700_000_000));
+        assert_eq!(
+            DeadLetter::new(b"{}".to_vec(), BasicProperties::default()).died_at(),
+            None
+        );
+    }
+
+    #[test]
+    fn an_export_line_reads_back_as_a_replay_of_its_letter() {
+        let mut d = letter(Some("retries_exhausted"), "transient", 2, "bf");
+        d.story.attempt = 7;
+        d.story.replays = 2;
+        d.story.last_error.ambiguous = true;
+        d.story.enqueued_at = Some("2026-11-24T09:00:00Z".parse().unwrap());
+        let mut h = FieldTable::default();
+        d.story.write(&mut h);
+        h.insert(
+            headers::DELIVERY_LIMIT_HITS.into(),
+            AMQPValue::LongLongInt(1),
+        );
+        let d = DeadLetter::new(d.body.clone(), d.properties.clone().with_headers(h));
+        let line = d.to_export().to_string();
+        let e = Exported::parse(line.as_bytes()).expect("an export line");
+        assert_eq!(
+            serde_json::from_slice::<Value>(&e.job).unwrap()["campaign"],
+            "bf"
+        );
+        let now: DateTime<Utc> = "2026-11-25T10:00:00Z".parse().unwrap();
+        let base = crate::producer::properties("j");
+        let props = e.replay_properties(&base, now);
+        let story = Story::read(props.headers().as_ref());
+        assert_eq!(
+            story,
+            replay_story(&d.story, now),
+            "what `dlq replay` sends"
+        );
+        assert!(story.last_error.ambiguous && story.replays == 3);
+        assert_eq!(story.enqueued_at, d.story.enqueued_at);
+        assert_eq!(headers::delivery_limit_hits(props.headers().as_ref()), 1);
+        assert_eq!(props.message_id().as_ref().map(|m| m.as_str()), Some("j"));
+        // anything else is not an export line
+        for other in [
+            &br#"{"v":1,"job_id":"j"}"#[..],
+            br#"{"job":"text"}"#,
+            b"{\"job\": nope",
+        ] {
+            assert_eq!(Exported::parse(other), None);
+        }
+        // a plain export without headers starts a fresh story, one replay
+        let bare = Exported::parse(br#"{"job":{"job_id":"j"}}"#).unwrap();
+        let story = Story::read(bare.replay_properties(&base, now).headers().as_ref());
+        assert_eq!((story.replays, story.last_error.ambiguous), (1, false));
     }
 
     #[test]

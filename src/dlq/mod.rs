@@ -48,13 +48,15 @@ pub enum DlqError {
         /// The DLQ's name.
         queue: String,
     },
-    /// Someone else consumes the DLQ; a scan would see only part of it, so
-    /// none starts.
-    #[error("{consumers} consumer(s) are reading {queue} (another `mmsend dlq` run or the dead-letter console?); a scan now would see only part of the letters. Try again when it is done")]
+    /// Another reader holds the DLQ (its reader lock, or a consumer on
+    /// it); a scan would see only part of it, so none starts and nothing is
+    /// read or moved.
+    #[error("{queue} is busy: {consumers} other reader(s) hold it (another `mmsend dlq` run, the dead-letter console, or a consumer that is not mmsend's); a scan now would see only part of the letters, so nothing was read or moved. Try again when it is done")]
     Busy {
         /// The DLQ's name.
         queue: String,
-        /// Consumers RabbitMQ reported on it.
+        /// Consumers RabbitMQ reported on it; at least 1 when another mmsend
+        /// reader holds the lock.
         consumers: u32,
     },
     /// A broker error before anything was moved.

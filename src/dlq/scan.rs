@@ -42,9 +42,17 @@
 //!
 //! The broker keeps every held letter's bookkeeping until the end of the
 //! run; the README ("Operating the dead-letter queue") has what that costs
-//! at 100,000 and 1,000,000 letters. Two scans of one queue at once would
-//! share its letters between them, so a scan refuses to start while the DLQ
-//! has a consumer ([`DlqError::Busy`]).
+//! at 100,000 and 1,000,000 letters.
+//!
+//! **One reader at a time, atomically.** Two scans of one queue at once
+//! would share its letters, and each would report a count or a purge as
+//! complete that was not. A scan first takes the DLQ's reader lock (an
+//! exclusive consumer on a lock queue of its own, see `ReaderLock`; the
+//! DLQ itself, a quorum queue, does not enforce exclusive consumers), then
+//! checks that nothing else consumes the DLQ; a reader that gets neither
+//! stops at once with [`DlqError::Busy`], before reading a letter. A run
+//! whose queue ran dry before its depth ([`Stop::QueueEmpty`]: something
+//! that is not mmsend took or removed letters) does not count as complete.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -52,9 +60,9 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    QueueDeclareOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -244,7 +252,9 @@ impl<F: FnMut(&DeadLetter)> Observer for F {
 pub enum Stop {
     /// Read as many letters as the queue held at the start.
     Depth,
-    /// The queue had no more ready letters (someone else took some).
+    /// The queue had no more ready letters before the depth at the start
+    /// was read: something else took or removed some (a consumer that is
+    /// not mmsend's, an expiry, a purge). Not a complete run.
     QueueEmpty,
     /// The limit was reached or every wanted letter was found.
     Selected,
@@ -283,9 +293,11 @@ pub struct ScanReport {
 
 impl ScanReport {
     /// Whether every letter that was in the queue at the start was looked
-    /// at, so `selected` counts every match.
+    /// at, so `selected` counts every match. A run that found the queue
+    /// dry early ([`Stop::QueueEmpty`]) did not: letters it never saw may
+    /// come back (another consumer's, returned).
     pub fn counted_all(&self) -> bool {
-        self.stop == Stop::Depth || self.stop == Stop::QueueEmpty
+        self.stop == Stop::Depth
     }
 }
 
@@ -359,13 +371,52 @@ pub async fn scan<O: Observer + ?Sized>(
         source,
     };
     let channel = conn.create_channel().await.map_err(amqp)?;
+    let Some(state) = passive_declare(&channel, &queue).await.map_err(amqp)? else {
+        return Err(DlqError::Missing { queue });
+    };
+    let lock = match ReaderLock::take(conn, &queue).await {
+        Ok(Some(lock)) => lock,
+        Ok(None) => {
+            let _ = channel.close(200, "busy".into()).await;
+            return Err(DlqError::Busy {
+                queue,
+                // the holder may not have opened its consumers yet
+                consumers: state.consumer_count().max(1),
+            });
+        }
+        Err(e) => {
+            let _ = channel.close(200, "no lock".into()).await;
+            return Err(amqp(e));
+        }
+    };
+    let result = scan_locked(conn, topology, channel, selection.into(), options, observer).await;
+    lock.release().await;
+    result
+}
+
+/// [`scan`] once it holds the [`ReaderLock`].
+async fn scan_locked<O: Observer + ?Sized>(
+    conn: &Connection,
+    topology: &Topology,
+    channel: Channel,
+    selection: Selection,
+    options: &ScanOptions,
+    observer: &mut O,
+) -> Result<ScanReport, DlqError> {
+    let queue = topology.dead_queue();
+    let amqp = |source| DlqError::Amqp {
+        queue: queue.clone(),
+        source,
+    };
     let mut waited = Duration::ZERO;
     let state = loop {
         let Some(state) = passive_declare(&channel, &queue).await.map_err(amqp)? else {
             return Err(DlqError::Missing { queue });
         };
-        // A scan that just ended leaves its consumers for a moment, until
-        // the queue has processed its channel's close.
+        // No other mmsend reader can start now; a consumer still on the DLQ
+        // is one that is not mmsend's (it would take letters from under the
+        // scan), or a scan that just ended, whose consumers stay for a
+        // moment until the queue has processed its channel's close.
         if state.consumer_count() == 0 {
             break state;
         }
@@ -411,7 +462,7 @@ pub async fn scan<O: Observer + ?Sized>(
         last_progress: started,
         options,
     };
-    let mut selector = Selector::new(selection.into());
+    let mut selector = Selector::new(selection);
     let read = engine
         .read(
             &mut selector,
@@ -928,6 +979,135 @@ impl Engine<'_> {
             )
             .await
             .map_err(|e| self.amqp(e))
+    }
+}
+
+/// The single-reader rule, taken atomically: one scan of a DLQ at a time,
+/// across processes and within one connection.
+///
+/// Reading the DLQ's consumer count and then consuming is a race (two
+/// readers both see 0, then share the letters). RabbitMQ's own exclusive
+/// consumers cannot close it on the DLQ: quorum queues accept the flag but
+/// do not enforce it (rabbitmq-website#1973; RabbitMQ 3.10 to 4.x hand a
+/// second "exclusive" consumer its share), and a scan opens several
+/// consumers anyway. So the lock is a queue of its own,
+/// `<prefix>.dead.reader-lock`, classic and connection-exclusive, held by
+/// an exclusive consumer:
+///
+/// - a reader on **another connection** cannot declare it while it exists
+///   (405 RESOURCE_LOCKED);
+/// - a reader on **the same connection** (the console runs its scans on one)
+///   cannot consume from it while the holder does (403 ACCESS_REFUSED: a
+///   classic queue enforces exclusive consumers);
+/// - the holder **deletes** it when its scan is over (its letters back in
+///   the DLQ). A reader that declared it just before the delete finds it
+///   gone when it consumes (404) and declares it again.
+///
+/// A holder that dies frees it: RabbitMQ deletes an exclusive queue with
+/// its connection. A scan future dropped half-way (its channels close, its
+/// letters go back) leaves the queue on its connection without a consumer:
+/// readers on that connection take it at once, readers on others once
+/// `x-expires` ([`LOCK_EXPIRES`]) has removed it.
+struct ReaderLock {
+    channel: Channel,
+    name: String,
+    /// Held for the lock's lifetime (a dropped consumer is cancelled).
+    _consumer: lapin::Consumer,
+}
+
+/// How long an abandoned reader lock (no consumer, connection still open)
+/// stays before RabbitMQ deletes it.
+const LOCK_EXPIRES: Duration = Duration::from_secs(30);
+
+impl ReaderLock {
+    /// Takes the lock of `dead_queue`; `None` when another reader holds it.
+    async fn take(conn: &Connection, dead_queue: &str) -> Result<Option<ReaderLock>, lapin::Error> {
+        let name = format!("{dead_queue}.reader-lock");
+        let mut args = FieldTable::default();
+        // classic whatever the vhost's default queue type: only a classic
+        // queue can be exclusive and enforces exclusive consumers
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("classic".into()),
+        );
+        args.insert(
+            "x-expires".into(),
+            AMQPValue::LongLongInt(LOCK_EXPIRES.as_millis() as i64),
+        );
+        // a few tries: each 404 means a holder on this connection has just
+        // let go
+        for _ in 0..5 {
+            // each refusal closes the channel it came on
+            let channel = conn.create_channel().await?;
+            let declared = channel
+                .queue_declare(
+                    name.as_str().into(),
+                    QueueDeclareOptions {
+                        exclusive: true,
+                        ..Default::default()
+                    },
+                    args.clone(),
+                )
+                .await;
+            match declared {
+                Ok(_) => {}
+                Err(e) if reply_code(&e) == Some(RESOURCE_LOCKED) => return Ok(None),
+                Err(e) => return Err(e),
+            }
+            let tag = format!("mmsend-dlq-lock-{:08x}", rand::random::<u32>());
+            let consumed = channel
+                .basic_consume(
+                    name.as_str().into(),
+                    tag.as_str().into(),
+                    BasicConsumeOptions {
+                        exclusive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            match consumed {
+                Ok(consumer) => {
+                    return Ok(Some(ReaderLock {
+                        channel,
+                        name,
+                        _consumer: consumer,
+                    }))
+                }
+                Err(e) if reply_code(&e) == Some(ACCESS_REFUSED) => return Ok(None),
+                Err(e) if reply_code(&e) == Some(NOT_FOUND) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Lets go: deletes the lock queue while still its only consumer (so
+    /// it cannot be taken from under another reader), then closes the
+    /// channel. A failure leaves it to the connection's close or to
+    /// `x-expires`.
+    async fn release(self) {
+        if let Err(e) = self
+            .channel
+            .queue_delete(self.name.as_str().into(), QueueDeleteOptions::default())
+            .await
+        {
+            tracing::debug!(error = %e, lock = %self.name, "the DLQ reader lock was not deleted; it goes with the connection or expires");
+        }
+        let _ = self.channel.close(200, "done".into()).await;
+    }
+}
+
+/// AMQP reply codes the lock tells apart.
+const ACCESS_REFUSED: u16 = 403;
+const NOT_FOUND: u16 = 404;
+const RESOURCE_LOCKED: u16 = 405;
+
+/// The broker's reply code of a channel error, if `e` is one.
+fn reply_code(e: &lapin::Error) -> Option<u16> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => Some(amqp.get_id()),
+        _ => None,
     }
 }
 

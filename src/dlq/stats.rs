@@ -23,10 +23,11 @@ pub struct Group {
     pub key: String,
     /// Letters in the group.
     pub count: usize,
-    /// Earliest `x-mmsend-dead-at` among the group's letters; `None` when
-    /// none has one (all dead-lettered by RabbitMQ).
+    /// Earliest death ([`DeadLetter::died_at`]: `x-mmsend-dead-at`, or
+    /// RabbitMQ's `x-death` time) among the group's letters; `None` when no
+    /// letter says when it died.
     pub oldest: Option<DateTime<Utc>>,
-    /// Latest `x-mmsend-dead-at` among the group's letters.
+    /// Latest death among the group's letters.
     pub newest: Option<DateTime<Utc>>,
     /// The error of the group's most recently dead letter.
     pub latest_error: Option<String>,
@@ -206,7 +207,7 @@ fn group<'a>(map: &'a mut BTreeMap<String, Acc>, key: &str) -> &'a mut Acc {
 impl StatsBuilder {
     /// Counts one letter in every dimension.
     pub fn add(&mut self, d: &DeadLetter) {
-        let dead_at = d.story.dead_at;
+        let dead_at = d.died_at();
         let error = d.story.last_error.message.as_ref();
         self.all.add(dead_at, error);
         let dimensions = [

@@ -198,6 +198,10 @@ impl WorkerConfig {
     }
 }
 
+/// The longest worker id: it names the worker's AMQP consumer
+/// (`mmsend-<id>`, a short string of at most 255 bytes).
+pub const MAX_WORKER_ID_BYTES: usize = 200;
+
 /// `host:pid-nonce`, the host from `$HOSTNAME` or `/etc/hostname`, the
 /// nonce 6 random hex digits drawn at start: containers with host
 /// networking share a host name and each runs as PID 1, and two workers
@@ -211,6 +215,14 @@ pub fn default_worker_id() -> String {
         .map(|h| h.chars().filter(|c| !c.is_control()).collect::<String>())
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty())
+        .map(|h| {
+            // a host name longer than any real one still makes a valid id
+            let mut end = h.len().min(MAX_WORKER_ID_BYTES - 32);
+            while !h.is_char_boundary(end) {
+                end -= 1;
+            }
+            h[..end].to_string()
+        })
         .unwrap_or_else(|| "mmsend".to_string());
     let nonce = rand::random::<u32>() & 0xff_ffff;
     format!("{host}:{}-{nonce:06x}", std::process::id())
@@ -261,6 +273,12 @@ pub enum WorkerError {
     /// Connecting failed in a way retrying cannot fix.
     #[error(transparent)]
     Connect(#[from] broker::ConnectError),
+    /// `MMSEND_WORKER_ID` is too long for the AMQP consumer tag it names.
+    #[error("MMSEND_WORKER_ID is {len} bytes long; at most {MAX_WORKER_ID_BYTES} (it names the worker's AMQP consumer, a short string of 255 bytes, and its send-ledger claims): choose a shorter id")]
+    WorkerIdTooLong {
+        /// Its length in bytes.
+        len: usize,
+    },
     /// Redis may evict the send ledger's keys.
     #[error("Redis may evict keys (maxmemory {maxmemory} bytes, maxmemory-policy {policy}): an evicted send-ledger record lets a job be sent twice. Set maxmemory-policy to noeviction (redis-cli CONFIG SET maxmemory-policy noeviction, or the managed service's parameter group), or set allow_eviction = true in the [redis] section to start anyway with a warning")]
     Eviction {
@@ -360,6 +378,11 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
+    if config.worker_id.len() > MAX_WORKER_ID_BYTES {
+        return Err(WorkerError::WorkerIdTooLong {
+            len: config.worker_id.len(),
+        });
+    }
     // a bad URL list is a configuration error: stop now, do not retry it
     let urls = broker::parse_urls(&config.amqp_url)?;
     let mut graph_config = config.graph.clone();

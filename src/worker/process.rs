@@ -513,12 +513,13 @@ async fn publish_result(
     route: Route,
     tracking_id: Option<String>,
 ) {
-    let body: serde_json::Value = serde_json::from_slice(&delivery.data).unwrap_or_default();
-    let text = |k: &str| body.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+    // read as the DLQ tools read it (a field named twice names nothing)
+    let labels = crate::job::JobLabels::read(&delivery.data);
     let e = &story.last_error;
     let event = ResultEvent {
         v: 1,
-        job_id: text("job_id")
+        job_id: labels
+            .job_id
             .or_else(|| {
                 delivery
                     .properties
@@ -527,7 +528,7 @@ async fn publish_result(
                     .map(|m| m.to_string())
             })
             .unwrap_or_default(),
-        campaign: text("campaign"),
+        campaign: labels.campaign,
         outcome: match route {
             Route::Dead { .. } => ResultOutcome::Dead,
             Route::Duplicate => ResultOutcome::Duplicate,
@@ -544,14 +545,10 @@ async fn publish_result(
     let Ok(bytes) = serde_json::to_vec(&event) else {
         return;
     };
-    let mut props = BasicProperties::default()
+    let props = BasicProperties::default()
         .with_content_type("application/json".into())
-        .with_delivery_mode(2);
-    // an AMQP short string: an invalid job's id may be longer (it is in
-    // the body anyway)
-    if event.job_id.len() <= 255 {
-        props = props.with_message_id(event.job_id.as_str().into());
-    }
+        .with_delivery_mode(2)
+        .with_message_id(crate::job::amqp_message_id(&event.job_id));
     if let Err(e) = publisher
         .publish(&ctx.topology.results_stream(), &bytes, props)
         .await
