@@ -15,6 +15,10 @@
 //! | GET | `/actions`, `/actions/{id}` | actions, one action's progress and result |
 //! | POST | `/refresh` | a new snapshot now |
 //! | GET, POST | `/login`; POST `/logout` | the token's login form |
+//!
+//! After a sign-in (`next`) or a refresh (`back`) the console redirects
+//! only to a path of its own ([`local_path`]): never to another site,
+//! whatever the browser makes of the value.
 
 use std::sync::Arc;
 
@@ -582,9 +586,23 @@ struct RefreshForm {
     back: String,
 }
 
-/// Only a path of this console (`/…`, not `//host`).
+/// Where a redirect after a login or a refresh may go: a path of this
+/// console, else `/`.
+///
+/// Accepted: `/` followed by anything but `/` or `\`, with no backslash,
+/// control character or whitespace anywhere. Browsers read `//host` and
+/// `/\host` as another site, and they drop tab, CR and LF from a URL before
+/// reading it, so `/\t/host` is `//host` to them; a redirect never needs any
+/// of these, so none is let through (a value already percent-encoded, such
+/// as `/%09/host`, is a path of this console and stays one).
 fn local_path(p: &str) -> &str {
-    if p.starts_with('/') && !p.starts_with("//") && !p.contains('\\') {
+    let mut chars = p.chars();
+    let local = chars.next() == Some('/')
+        && !matches!(chars.next(), Some('/' | '\\'))
+        && !p
+            .chars()
+            .any(|c| c == '\\' || c.is_control() || c.is_whitespace());
+    if local {
         p
     } else {
         "/"
@@ -712,4 +730,47 @@ async fn not_found(State(st): State<Arc<Shared>>, Extension(id): Extension<Ident
         "This console has no such page.".into(),
         Some(("/".into(), "Overview".into())),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_paths_of_this_console_are_redirected_to() {
+        for ok in [
+            "/",
+            "/actions",
+            "/group?dim=code&key=2300005",
+            "/login?next=%2F%2Fevil.example",
+            "/%09/evil.example/",
+            "/letter?job=a%5Cb",
+        ] {
+            assert_eq!(local_path(ok), ok, "{ok:?}");
+        }
+        for bad in [
+            "",
+            "//evil.example",
+            "//evil.example/",
+            "/\\evil.example",
+            "\\\\evil.example",
+            "/\t/evil.example/",
+            "/\n/evil.example/",
+            "/\r\n/evil.example/",
+            "/\r/evil.example",
+            "\t//evil.example",
+            "/\u{0}/evil.example",
+            "/\u{7f}/evil.example",
+            "/\u{85}/evil.example",
+            "/a\\b",
+            "/a\r\nSet-Cookie: x=1",
+            "http://evil.example/",
+            "https:evil.example",
+            "javascript:alert(1)",
+            "evil.example",
+            " /x",
+        ] {
+            assert_eq!(local_path(bad), "/", "{bad:?}");
+        }
+    }
 }
