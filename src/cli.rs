@@ -112,6 +112,15 @@ pub(crate) struct ConsoleArgs {
     /// The replay rate a confirmation page offers (letters per second, 0 = no limit).
     #[arg(long, env = "MMSEND_CONSOLE_REPLAY_RATE", default_value_t = 0)]
     pub(crate) replay_rate: u32,
+    /// A reverse proxy (IP address, repeat or comma-separate for more) whose
+    /// X-Forwarded-For header names the client; wrong tokens are limited per
+    /// client, and without this everyone behind a proxy is one client.
+    #[arg(
+        long = "trusted-proxy",
+        env = "MMSEND_CONSOLE_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    pub(crate) trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 impl ConsoleArgs {
@@ -130,6 +139,7 @@ impl ConsoleArgs {
         config.refresh = self.refresh;
         config.max_letters = self.max_letters;
         config.replay_rate = self.replay_rate;
+        config.trusted_proxies = self.trusted_proxies.clone();
         Ok(config)
     }
 }

@@ -1311,7 +1311,9 @@ async fn redirects_after_login_and_refresh_stay_on_the_console() {
     let a = cl.get("/login?next=/%09/evil.example/").await;
     assert_eq!((a.status, a.location()), (303, "/"));
     for next in OFF_SITE {
-        let a = cl.get(&format!("/login{}", console::query(&[("next", next)]))).await;
+        let a = cl
+            .get(&format!("/login{}", console::query(&[("next", next)])))
+            .await;
         assert_eq!((a.status, a.location()), (303, "/"), "next={next:?}");
     }
     let a = cl.get("/login?next=/actions").await;
@@ -1320,7 +1322,9 @@ async fn redirects_after_login_and_refresh_stay_on_the_console() {
     let page = cl.get("/").await.body;
     let csrf = field(&page, "csrf");
     for back in OFF_SITE {
-        let a = cl.post("/refresh", &[("csrf", &csrf), ("back", back)]).await;
+        let a = cl
+            .post("/refresh", &[("csrf", &csrf), ("back", back)])
+            .await;
         assert_eq!((a.status, a.location()), (303, "/"), "back={back:?}");
     }
     let a = cl
@@ -1472,6 +1476,41 @@ async fn wrong_tokens_lock_out_their_own_client_only() {
     other.bearer = Some(TOKEN.into());
     assert_eq!(other.get("/").await.status, 200);
     c.stop().await;
+
+    // behind a trusted proxy, the client is the one it names
+    let c = Console::start(&h, |c| {
+        c.token = Some(Secret::new(TOKEN));
+        c.trusted_proxies = vec![IpAddr::from([127, 0, 0, 5])];
+    })
+    .await;
+    let proxy = from(&c, 5);
+    let through = |cl: &Client, client: &str, bearer: &str| {
+        cl.http
+            .get(c.url("/"))
+            .header("x-forwarded-for", format!("192.0.2.77, {client}"))
+            .header("authorization", format!("Bearer {bearer}"))
+    };
+    let mut refused = None;
+    for n in 1..=100 {
+        let a = proxy
+            .http
+            .execute(
+                through(&proxy, "198.51.100.1", "wrong-token-0123456789")
+                    .build()
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        if a.status() == 429 {
+            refused = Some(n);
+            break;
+        }
+    }
+    assert!(refused.is_some_and(|n| n > 10), "{refused:?}");
+    let status = |r: reqwest::RequestBuilder| async { r.send().await.unwrap().status().as_u16() };
+    assert_eq!(status(through(&proxy, "198.51.100.1", TOKEN)).await, 429);
+    assert_eq!(status(through(&proxy, "198.51.100.2", TOKEN)).await, 200);
+    c.stop().await;
     h.finish().await;
 }
 
@@ -1535,7 +1574,9 @@ async fn tokens_in_error_messages_are_masked_on_every_page() {
     for p in ["/", &pages[3]] {
         let body = cl.get(p).await.body;
         assert!(
-            body.contains("Malformed access token EAAG•••(49 chars) for subscription token reci•••("),
+            body.contains(
+                "Malformed access token EAAG•••(49 chars) for subscription token reci•••("
+            ),
             "{p}: {body}"
         );
     }
@@ -1577,7 +1618,10 @@ async fn a_browser_test_that_panics_leaves_no_browser_running() {
         return;
     };
     assert!(ended.unwrap_err().is_panic());
-    assert!(pids.len() >= 3, "chromedriver, Chromium and its helpers: {pids:?}");
+    assert!(
+        pids.len() >= 3,
+        "chromedriver, Chromium and its helpers: {pids:?}"
+    );
     eventually!(
         Duration::from_secs(10),
         pids.iter().all(|&p| !running(p)),

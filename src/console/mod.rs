@@ -10,6 +10,7 @@
 //! - [`actions`]: exact confirmed sets, acted on once;
 //! - [`access`]: the connection and the DLQ lane (one scan at a time);
 //! - [`auth`]: token, sessions, CSRF, loopback-only without a token;
+//! - [`limit`]: who a client is, and how often it may send a wrong token;
 //! - [`mask`]: what of a letter may reach a page;
 //! - [`routes`] and [`views`]: the pages (askama templates in
 //!   `templates/`, CSS and a little optional JavaScript in `static/`, all
@@ -24,6 +25,7 @@
 mod access;
 mod actions;
 mod auth;
+mod limit;
 mod mask;
 mod routes;
 mod snapshot;
@@ -33,7 +35,7 @@ mod views;
 /// own links and forms write them (tests post forms with it).
 pub use views::query;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -69,6 +71,10 @@ pub struct ConsoleConfig {
     pub max_letters: usize,
     /// The replay rate a confirmation page offers (letters/s, 0 = no limit).
     pub replay_rate: u32,
+    /// Reverse proxies whose `X-Forwarded-For` names the client that
+    /// wrong-token limits count (see the `limit` module); empty: the peer
+    /// address is the client.
+    pub trusted_proxies: Vec<IpAddr>,
 }
 
 impl ConsoleConfig {
@@ -83,6 +89,7 @@ impl ConsoleConfig {
             refresh: DEFAULT_REFRESH,
             max_letters: DEFAULT_MAX_LETTERS,
             replay_rate: 0,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -121,6 +128,8 @@ pub(crate) struct Shared {
     pub(crate) actions: Arc<actions::Actions>,
     /// Token, sessions and CSRF.
     pub(crate) auth: auth::Auth,
+    /// Wrong-token limits per client.
+    pub(crate) limits: limit::Limits,
     /// Actions hidden and refused.
     pub(crate) read_only: bool,
     /// The replay rate a confirmation page offers.
@@ -207,6 +216,7 @@ pub async fn serve(
         )),
         actions: Arc::new(actions::Actions::new(config.max_letters, stopping.clone())),
         auth: auth::Auth::new(config.token.clone()),
+        limits: limit::Limits::new(config.trusted_proxies.clone()),
         read_only: config.read_only,
         replay_rate: config.replay_rate,
         port: bound.port(),
@@ -216,9 +226,12 @@ pub async fn serve(
     tracing::info!(%bound, prefix = %config.topology.prefix, read_only = config.read_only, "dead-letter console listening");
     ready(bound);
     let app = routes::router(shared.clone());
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
+    let served = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await;
     // stop a running scan (snapshot or action) cleanly: copies in flight
     // settled, held letters returned in order; wait until it let go
     stopping.cancel();

@@ -23,7 +23,7 @@
 use std::sync::Arc;
 
 use askama::Template;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -33,6 +33,7 @@ use serde::Deserialize;
 
 use super::actions::{Kind, Plan, Scope};
 use super::auth::{self, Auth, Identity};
+use super::limit::{self, Client};
 use super::views::{self, Chrome, SnapshotLine};
 use super::Shared;
 use crate::dlq::Dimension;
@@ -87,11 +88,40 @@ fn text(status: StatusCode, body: String) -> Response {
         .into_response()
 }
 
+/// The answer to a client locked out for sending wrong tokens.
+fn too_many(client: Client, wait: std::time::Duration) -> Response {
+    let seconds = limit::retry_after(wait);
+    tracing::warn!(%client, seconds, "console: a client is locked out after too many wrong tokens");
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        [
+            (header::RETRY_AFTER, seconds.to_string()),
+            (
+                header::CONTENT_TYPE,
+                "text/plain; charset=utf-8".to_string(),
+            ),
+        ],
+        format!("Too many wrong tokens from your address: try again in {seconds} s.\n"),
+    )
+        .into_response()
+}
+
 /// Checks every request before its handler; see the module docs of
-/// [`super::auth`].
+/// [`super::auth`] and [`super::limit`].
 async fn guard(State(st): State<Arc<Shared>>, mut req: Request, next: Next) -> Response {
     let headers = req.headers();
     let get = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+        .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |c| c.0.ip());
+    let client = st.limits.client(
+        peer,
+        headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    );
     let host = get(header::HOST).unwrap_or_default().to_string();
     if !st.auth.required() && !auth::loopback_host(&host) {
         return text(
@@ -115,15 +145,22 @@ async fn guard(State(st): State<Arc<Shared>>, mut req: Request, next: Next) -> R
     let html = get(header::ACCEPT).is_some_and(|a| a.contains("text/html"));
     let mut new_cookie = None;
     let identity = if let Some(authorization) = get(header::AUTHORIZATION) {
+        // a locked-out client is refused before its token is compared
+        if let Some(wait) = st.limits.locked(client) {
+            return too_many(client, wait);
+        }
         match st.auth.bearer(authorization) {
             Some(id) => id,
             None => {
+                if let Some(wait) = st.limits.wrong_token(client) {
+                    return too_many(client, wait);
+                }
                 return (
                     StatusCode::UNAUTHORIZED,
                     [(header::WWW_AUTHENTICATE, "Bearer")],
                     "Refused: that is not the console token.\n",
                 )
-                    .into_response()
+                    .into_response();
             }
         }
     } else {
@@ -157,6 +194,7 @@ async fn guard(State(st): State<Arc<Shared>>, mut req: Request, next: Next) -> R
         }
     };
     req.extensions_mut().insert(identity);
+    req.extensions_mut().insert(client);
     let mut resp = next.run(req).await;
     let h = resp.headers_mut();
     if let Some(c) = new_cookie {
@@ -669,6 +707,7 @@ struct LoginForm {
 async fn login(
     State(st): State<Arc<Shared>>,
     Extension(id): Extension<Identity>,
+    Extension(client): Extension<Client>,
     headers: HeaderMap,
     Form(f): Form<LoginForm>,
 ) -> Response {
@@ -680,14 +719,15 @@ async fn login(
             Some("This form expired; sign in again.".into()),
         );
     }
-    if !st.auth.login_allowed() {
-        return text(
-            StatusCode::TOO_MANY_REQUESTS,
-            "Too many sign-in attempts; wait a minute.\n".into(),
-        );
+    // a locked-out client is refused before its token is compared
+    if let Some(wait) = st.limits.locked(client) {
+        return too_many(client, wait);
     }
     if !st.auth.token_matches(&f.token) {
-        tracing::warn!("console: a sign-in with a wrong token");
+        tracing::warn!(%client, "console: a sign-in with a wrong token");
+        if let Some(wait) = st.limits.wrong_token(client) {
+            return too_many(client, wait);
+        }
         return login_page(
             &st,
             &id,
