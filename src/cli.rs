@@ -105,8 +105,10 @@ pub(crate) struct ConsoleArgs {
     /// about 70 µs of broker CPU per letter); "Refresh now" takes one at once.
     #[arg(long, env = "MMSEND_CONSOLE_REFRESH", default_value = "10s", value_parser = humantime::parse_duration)]
     pub(crate) refresh: Duration,
-    /// Letters a snapshot holds at most (about 1.6 KiB of console memory and 300 bytes of
-    /// broker memory each while it is taken); a larger DLQ is shown in part, and says so.
+    /// Letters a snapshot holds at most. Each costs the console at most 6 KiB of memory,
+    /// whatever headers it carries (about 1.6 KiB typically: only the x-mmsend-* headers
+    /// and an x-death summary are kept, each value cut at 300 bytes), and the broker about
+    /// 300 bytes while the snapshot is taken; a larger DLQ is shown in part, and says so.
     #[arg(long, env = "MMSEND_CONSOLE_MAX_LETTERS", default_value_t = crate::console::DEFAULT_MAX_LETTERS)]
     pub(crate) max_letters: usize,
     /// The replay rate a confirmation page offers (letters per second, 0 = no limit).

@@ -46,10 +46,16 @@ use crate::graph::Secret;
 
 /// The default `--listen`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9465";
+/// What one letter costs a snapshot at most, in bytes, whatever headers and
+/// body it carries (see the `snapshot` module).
+pub const LETTER_BYTES_MAX: usize = snapshot::LETTER_BYTES_MAX;
+
 /// The default `--refresh`: automatic snapshots at most this often.
 pub const DEFAULT_REFRESH: Duration = Duration::from_secs(10);
 /// The default `--max-letters`: a snapshot costs about 1.6 KiB of memory
-/// per letter (measured at 100,000, README), so about 400 MiB.
+/// per letter (measured at 100,000, README), so about 400 MiB, and at most
+/// [`LETTER_BYTES_MAX`] (6 KiB) per letter whatever the letters carry, so
+/// at most about 1.5 GiB.
 pub const DEFAULT_MAX_LETTERS: usize = 250_000;
 
 /// How the console runs.
@@ -67,7 +73,8 @@ pub struct ConsoleConfig {
     pub read_only: bool,
     /// Automatic snapshots at most this often.
     pub refresh: Duration,
-    /// Letters a snapshot holds at most (the scan's hold bound).
+    /// Letters a snapshot holds at most (the scan's hold bound); each costs
+    /// at most [`LETTER_BYTES_MAX`] bytes.
     pub max_letters: usize,
     /// The replay rate a confirmation page offers (letters/s, 0 = no limit).
     pub replay_rate: u32,

@@ -465,13 +465,20 @@ async fn confirm(
                 s.members(d, key).map(<[u32]>::to_vec).unwrap_or_default(),
             )
         }
-        (None, None, Some(job), Some(fp)) => (
-            Scope::Letter {
-                job_id: job.clone(),
-                fingerprint: fp.clone(),
-            },
-            s.letter_index(job, fp).into_iter().collect(),
-        ),
+        (None, None, Some(job), Some(fp)) => {
+            let index = s.letter_index(job, fp);
+            (
+                Scope::Letter {
+                    // as pages show it, however the link gave it
+                    job_id: index.map_or_else(
+                        || job.clone(),
+                        |i| s.letters[i as usize].job_label().into_owned(),
+                    ),
+                    fingerprint: fp.clone(),
+                },
+                index.into_iter().collect(),
+            )
+        }
         _ => {
             return message(
                 &st,
