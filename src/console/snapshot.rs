@@ -15,7 +15,7 @@
 //! half a DLQ.
 //!
 //! What a snapshot keeps is bounded per letter, whatever the letter
-//! carries ([`LETTER_BYTES_MAX`], about 6 KiB; about 1.6 KiB typically):
+//! carries ([`LETTER_BYTES_MAX`], under 6 KiB; about 1.6 KiB typically):
 //! the summary fields, the headers a page shows (the `x-mmsend-*` headers
 //! mmsend writes, [`headers::ALL`], and a one-line summary of RabbitMQ's
 //! `x-death`; any other header is dropped), each value cut at
@@ -50,7 +50,7 @@ use crate::dlq::{
 pub(crate) const VALUE_BYTES: usize = 300;
 /// Header value bytes kept per letter in all; past them a header shows
 /// only [`CUT_MARK`].
-pub(crate) const HEADERS_BYTES: usize = 2 * 1024;
+pub(crate) const HEADERS_BYTES: usize = 1024;
 /// RabbitMQ's record of how it dead-lettered a message, kept as a one-line
 /// summary (`delivery_limit from p.send ×2`).
 pub(crate) const X_DEATH: &str = "x-death";
@@ -66,6 +66,9 @@ const JOB_ID_BYTES: usize = 200 * 4 + CUT_MARK.len();
 const INDEX_BYTES: usize = 5 * size_of::<u32>() + 44;
 /// The count and weak count in front of each shared string.
 const ARC_HEADER: usize = 2 * size_of::<usize>();
+/// What the allocator adds to each allocation at most (its header and the
+/// rounding of sizes to 16 bytes).
+const ALLOC_OVERHEAD: usize = 24;
 
 /// What one letter costs a snapshot at most, in bytes, whatever it
 /// carries (the record, its strings counted as if none were shared, its
@@ -73,11 +76,13 @@ const ARC_HEADER: usize = 2 * size_of::<usize>();
 /// at 100,000 letters, README). `--max-letters` times this bounds a
 /// snapshot.
 pub(crate) const LETTER_BYTES_MAX: usize = size_of::<Letter>()
-    + JOB_ID_BYTES
-    + 5 * (ARC_HEADER + VALUE_BYTES + CUT_MARK.len())
-    + SHOWN_HEADERS * (size_of::<(&str, Arc<str>)>() + ARC_HEADER + CUT_MARK.len())
+    + (JOB_ID_BYTES + ALLOC_OVERHEAD)
+    + 5 * (ARC_HEADER + VALUE_BYTES + CUT_MARK.len() + ALLOC_OVERHEAD)
+    + ALLOC_OVERHEAD
+    + SHOWN_HEADERS
+        * (size_of::<(&str, Arc<str>)>() + ARC_HEADER + CUT_MARK.len() + ALLOC_OVERHEAD)
     + HEADERS_BYTES
-    + BODY_PREVIEW_BYTES
+    + (BODY_PREVIEW_BYTES + ALLOC_OVERHEAD)
     + INDEX_BYTES;
 
 // the bound `--max-letters` and the docs state
@@ -129,24 +134,22 @@ impl Letter {
     }
 
     /// What this letter costs the snapshot at most, in bytes: its record,
-    /// its strings (each counted whole, though a string shared with other
-    /// letters is stored once) and its share of the indexes.
+    /// its allocations (each string counted whole, though a string shared
+    /// with other letters is stored once) and its share of the indexes.
     pub(crate) fn bytes(&self) -> usize {
-        let shared = |s: &str| ARC_HEADER + s.len();
+        let alloc = |n: usize| if n == 0 { 0 } else { n + ALLOC_OVERHEAD };
+        let shared = |s: &str| alloc(ARC_HEADER + s.len());
         let maybe = |s: &Option<Arc<str>>| s.as_deref().map_or(0, shared);
         size_of::<Letter>()
-            + self.job_id.len()
+            + alloc(self.job_id.len())
             + shared(&self.reason)
             + maybe(&self.class)
             + maybe(&self.campaign)
             + maybe(&self.page)
             + maybe(&self.error)
-            + self
-                .headers
-                .iter()
-                .map(|(_, v)| size_of::<(&str, Arc<str>)>() + shared(v))
-                .sum::<usize>()
-            + self.body.len()
+            + alloc(self.headers.len() * size_of::<(&str, Arc<str>)>())
+            + self.headers.iter().map(|(_, v)| shared(v)).sum::<usize>()
+            + alloc(self.body.len())
             + INDEX_BYTES
     }
 }
