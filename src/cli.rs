@@ -105,7 +105,7 @@ pub(crate) struct ConsoleArgs {
     /// about 70 µs of broker CPU per letter); "Refresh now" takes one at once.
     #[arg(long, env = "MMSEND_CONSOLE_REFRESH", default_value = "10s", value_parser = humantime::parse_duration)]
     pub(crate) refresh: Duration,
-    /// Letters a snapshot holds at most. Each costs the console at most 6 KiB of memory,
+    /// Letters a snapshot holds at most. Each costs the snapshot at most 6 KiB of memory,
     /// whatever headers it carries (about 1.6 KiB typically: only the x-mmsend-* headers
     /// and an x-death summary are kept, each value cut at 300 bytes), and the broker about
     /// 300 bytes while the snapshot is taken; a larger DLQ is shown in part, and says so.
@@ -119,6 +119,7 @@ pub(crate) struct ConsoleArgs {
     /// client, and without this everyone behind a proxy is one client.
     #[arg(
         long = "trusted-proxy",
+        value_name = "IP",
         env = "MMSEND_CONSOLE_TRUSTED_PROXIES",
         value_delimiter = ','
     )]

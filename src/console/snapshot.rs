@@ -25,6 +25,9 @@
 //! Every text is masked as it enters the snapshot ([`mask`]), so no page
 //! can show a token: the groups are counted here from the masked letters
 //! (as `dlq stats` counts them), not taken from the DLQ library's stats.
+//! (While a scan runs, the letters the broker has sent ahead, up to the
+//! scan's consumer window, are in memory whole for a moment; that passes
+//! with the scan, the bound is what stays.)
 
 use std::collections::{HashMap, HashSet};
 use std::mem::size_of;
