@@ -12,7 +12,8 @@
 //! a refresh, the console's memory per letter (resident set before and
 //! after the snapshot), and for each page 30 requests in a row: median,
 //! 95th percentile and slowest, with the page's size. Results are printed
-//! and written to `target/bench-console.json`. Under `cargo test` (no
+//! and written to `bench-console.json` in cargo's `CARGO_TARGET_TMPDIR`
+//! (`target/tmp/` unless `CARGO_TARGET_DIR` moves it). Under `cargo test` (no
 //! `--bench`) it is a smoke run on 1,000 letters.
 
 #[path = "common/fill.rs"]
@@ -347,9 +348,10 @@ async fn main() {
         "overview_during_refresh_max_ms": during[during.len() - 1],
     });
     if !smoke {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/target/bench-console.json");
+        let path = concat!(env!("CARGO_TARGET_TMPDIR"), "/bench-console.json");
+        std::fs::create_dir_all(env!("CARGO_TARGET_TMPDIR")).expect("cargo's tmp dir");
         std::fs::write(path, serde_json::to_string_pretty(&doc).expect("json"))
             .expect("write results");
-        println!("     written to target/bench-console.json");
+        println!("     written to {path}");
     }
 }

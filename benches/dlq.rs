@@ -26,7 +26,8 @@
 //! `rabbitmqctl`), e.g. `env HOME=<dir with the node's cookie> rabbitmqctl -n
 //! <node>` for a private node, which keeps other tenants out of the memory
 //! figures. Results are printed as a table and written to
-//! `target/bench-dlq.json`. Under `cargo test` (no `--bench`) it is a smoke
+//! `bench-dlq.json` in cargo's `CARGO_TARGET_TMPDIR` (`target/tmp/` unless
+//! `CARGO_TARGET_DIR` moves it). Under `cargo test` (no `--bench`) it is a smoke
 //! run of S, L and R on 2,000 letters.
 
 #[path = "common/fill.rs"]
@@ -638,7 +639,8 @@ async fn main() {
         println!("| {id} | {what} | {value} |");
     }
     if !smoke {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/target/bench-dlq.json");
+        let path = concat!(env!("CARGO_TARGET_TMPDIR"), "/bench-dlq.json");
+        let _ = std::fs::create_dir_all(env!("CARGO_TARGET_TMPDIR"));
         let doc = json!({"letters": n, "results": results.json});
         if let Err(e) = std::fs::write(path, serde_json::to_string_pretty(&doc).unwrap_or_default())
         {

@@ -26,12 +26,13 @@
 //! which the C1 and C2 clients use. The workers run as child processes so
 //! their CPU time and memory are their own (`MMSEND_BENCH_WORKER_LOG=<file>`
 //! keeps mmsend's debug log).
-//! Py sets up its own virtualenv in `target/bench-venv` (`python3 -m venv`,
+//! Py sets up its own virtualenv in `bench-venv` under cargo's
+//! `CARGO_TARGET_TMPDIR` (`target/tmp/` by default; `python3 -m venv`,
 //! `pip install aio-pika aiohttp`; `MMSEND_BENCH_PYTHON` names another
 //! interpreter) and reuses it; without Python or pip the row says why it
 //! was skipped, as WL does without Redis. Results are printed as a table,
 //! each target checked against the numbers of the same run, and written to
-//! `target/bench-pipeline.json`.
+//! `bench-pipeline.json` in `CARGO_TARGET_TMPDIR`.
 
 #[path = "common/select.rs"]
 mod select;
@@ -429,10 +430,11 @@ async fn ledger_run(sim: &SimHandle, n: usize, concurrency: u16, redis: &str) ->
 }
 
 /// Py: the reference worker's interpreter, with aio-pika and aiohttp, in a
-/// virtualenv under `target/bench-venv` (made on first use, then reused).
+/// virtualenv `bench-venv` under `CARGO_TARGET_TMPDIR` (made on first use,
+/// then reused).
 /// Also returns "aio-pika x, aiohttp y, Python z".
 fn python_env() -> Result<(PathBuf, String), String> {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-venv");
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-venv");
     let python = venv.join("bin/python");
     let versions = |python: &Path| -> Option<String> {
         let out = Command::new(python)
@@ -460,7 +462,10 @@ fn python_env() -> Result<(PathBuf, String), String> {
             .to_string()
     };
     let base = std::env::var("MMSEND_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
-    println!("Py: setting up target/bench-venv (python -m venv, pip install aio-pika aiohttp)");
+    println!(
+        "Py: setting up {} (python -m venv, pip install aio-pika aiohttp)",
+        venv.display()
+    );
     let out = Command::new(&base)
         .args(["-m", "venv"])
         .arg(&venv)
@@ -1056,7 +1061,8 @@ async fn main() {
     if smoke {
         return;
     }
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/target/bench-pipeline.json");
+    let path = concat!(env!("CARGO_TARGET_TMPDIR"), "/bench-pipeline.json");
+    std::fs::create_dir_all(env!("CARGO_TARGET_TMPDIR")).unwrap();
     std::fs::write(
         path,
         serde_json::to_string_pretty(&Value::Object(out)).unwrap(),
@@ -1070,5 +1076,5 @@ async fn main() {
             rows.into_iter().map(Vec::from).collect()
         )
     );
-    println!("written to target/bench-pipeline.json");
+    println!("written to {path}");
 }

@@ -14,17 +14,18 @@
 #   PROFILE=perf PERF_TARGET=simulator benches/profile-worker.sh  # the simulator's side (perf or callgrind)
 #
 # Needs RabbitMQ (MMSEND_AMQP_URL, default the local one); output goes to
-# target/profile/.
+# profile/ in cargo's target directory (target/, or CARGO_TARGET_DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 JOBS=${JOBS:-30000}
 CONCURRENCY=${CONCURRENCY:-64}
 PROFILE=${PROFILE:-none}
-OUT=target/profile
+TARGET=${CARGO_TARGET_DIR:-target}
+OUT=$TARGET/profile
 mkdir -p "$OUT"
 # MMSEND_BIN=<path>: profile another build (e.g. a copy of an earlier one)
 if [ -z "${MMSEND_BIN:-}" ]; then cargo build --release --quiet; fi
-BIN=${MMSEND_BIN:-target/release/mmsend}
+BIN=${MMSEND_BIN:-$TARGET/release/mmsend}
 PREFIX="mmsend-prof-$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')"
 SIM_PORT=$((20000 + RANDOM % 20000))
 METRICS_PORT=$((SIM_PORT + 1))

@@ -105,13 +105,25 @@ pub(crate) struct ConsoleArgs {
     /// about 70 µs of broker CPU per letter); "Refresh now" takes one at once.
     #[arg(long, env = "MMSEND_CONSOLE_REFRESH", default_value = "10s", value_parser = humantime::parse_duration)]
     pub(crate) refresh: Duration,
-    /// Letters a snapshot holds at most (about 1.6 KiB of console memory and 300 bytes of
-    /// broker memory each while it is taken); a larger DLQ is shown in part, and says so.
+    /// Letters a snapshot holds at most. Each costs the snapshot at most 6 KiB of memory,
+    /// whatever headers it carries (about 1.6 KiB typically: only the x-mmsend-* headers
+    /// and an x-death summary are kept, each value cut at 300 bytes), and the broker about
+    /// 300 bytes while the snapshot is taken; a larger DLQ is shown in part, and says so.
     #[arg(long, env = "MMSEND_CONSOLE_MAX_LETTERS", default_value_t = crate::console::DEFAULT_MAX_LETTERS)]
     pub(crate) max_letters: usize,
     /// The replay rate a confirmation page offers (letters per second, 0 = no limit).
     #[arg(long, env = "MMSEND_CONSOLE_REPLAY_RATE", default_value_t = 0)]
     pub(crate) replay_rate: u32,
+    /// A reverse proxy (IP address, repeat or comma-separate for more) whose
+    /// X-Forwarded-For header names the client; wrong tokens are limited per
+    /// client, and without this everyone behind a proxy is one client.
+    #[arg(
+        long = "trusted-proxy",
+        value_name = "IP",
+        env = "MMSEND_CONSOLE_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    pub(crate) trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 impl ConsoleArgs {
@@ -130,6 +142,7 @@ impl ConsoleArgs {
         config.refresh = self.refresh;
         config.max_letters = self.max_letters;
         config.replay_rate = self.replay_rate;
+        config.trusted_proxies = self.trusted_proxies.clone();
         Ok(config)
     }
 }

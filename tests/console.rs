@@ -9,12 +9,13 @@
 //! and skip, unless `MMSEND_REQUIRE_CHROMIUM=1` (set by
 //! `deploy/local/test.sh` once it has installed them) makes that a failure.
 //! `MMSEND_UPDATE_SCREENSHOT=1` writes the overview's screenshot to
-//! `docs/console.png` (always to `target/console-overview.png`).
+//! `docs/console.png` (always to `console-overview.png` in cargo's
+//! `CARGO_TARGET_TMPDIR`, `target/tmp/` by default).
 
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -39,8 +40,8 @@ struct Dead {
     reason: Option<&'static str>,
     class: &'static str,
     code: i64,
-    message: &'static str,
-    campaign: &'static str,
+    message: String,
+    campaign: String,
     page: &'static str,
 }
 
@@ -89,8 +90,8 @@ fn mixed(n: usize, prefix: &str) -> Vec<Dead> {
                 reason,
                 class,
                 code,
-                message,
-                campaign: CAMPAIGNS[i % CAMPAIGNS.len()],
+                message: message.into(),
+                campaign: CAMPAIGNS[i % CAMPAIGNS.len()].into(),
                 page: PAGES[i % PAGES.len()],
             }
         })
@@ -109,7 +110,7 @@ async fn fill(h: &Harness, letters: &[Dead]) {
             last_error: LastError {
                 class: Some(d.class.into()),
                 code: Some(d.code),
-                message: Some(d.message.into()),
+                message: Some(d.message.clone()),
                 http_status: Some(400),
                 ..Default::default()
             },
@@ -118,7 +119,7 @@ async fn fill(h: &Harness, letters: &[Dead]) {
         let mut headers = FieldTable::default();
         story.write(&mut headers);
         let mut body = job(&d.id, &d.token());
-        body["campaign"] = json!(d.campaign);
+        body["campaign"] = json!(&d.campaign);
         body["page_id"] = json!(d.page);
         letters_out.push((d.id.clone(), body, headers));
     }
@@ -189,9 +190,16 @@ impl Answer {
 
 impl Client {
     fn new(c: &Console) -> Client {
+        Client::from(c, None)
+    }
+
+    /// A client whose connections come from `local` (another loopback
+    /// address is another client to the console).
+    fn from(c: &Console, local: Option<IpAddr>) -> Client {
         Client {
             http: reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
+                .local_address(local)
                 .build()
                 .unwrap(),
             base: c.url(""),
@@ -357,6 +365,13 @@ impl Browser {
             "mmsend-console-chromium-{:08x}",
             rand::random::<u32>()
         ));
+        // from here on a failure drops it: nothing is left running
+        let mut browser = Browser {
+            driver: None,
+            chromedriver,
+            profile,
+        };
+        let profile = browser.profile.clone();
         let url = format!("http://127.0.0.1:{port}");
         let status = format!("{url}/status");
         eventually!(
@@ -383,18 +398,22 @@ impl Browser {
         ] {
             caps.add_arg(arg).unwrap();
         }
-        let driver = WebDriver::new(&url, caps)
-            .await
-            .expect("a Chromium session");
-        Some(Browser {
-            driver: Some(driver),
-            chromedriver,
-            profile,
-        })
+        browser.driver = Some(
+            WebDriver::new(&url, caps)
+                .await
+                .expect("a Chromium session"),
+        );
+        Some(browser)
     }
 
     fn d(&self) -> &WebDriver {
         self.driver.as_ref().unwrap()
+    }
+
+    /// chromedriver and every process it started (Chromium and its
+    /// helpers), by pid.
+    fn processes(&self) -> Vec<u32> {
+        process_tree(self.chromedriver.id(), &self.profile)
     }
 
     async fn quit(mut self) {
@@ -453,12 +472,80 @@ impl Browser {
     }
 }
 
+/// Whatever ends a test (its end, a failed assertion, a panic), the
+/// browser ends with it: chromedriver, Chromium and every helper Chromium
+/// started are killed, found before any of them is (a killed parent's
+/// children are handed to init and leave the tree).
 impl Drop for Browser {
     fn drop(&mut self) {
+        let others: Vec<String> = self
+            .processes()
+            .into_iter()
+            .filter(|&p| p != self.chromedriver.id())
+            .map(|p| p.to_string())
+            .collect();
         let _ = self.chromedriver.kill();
+        if !others.is_empty() {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .args(&others)
+                .stderr(Stdio::null())
+                .status();
+        }
         let _ = self.chromedriver.wait();
+        // its session died with the processes: asking chromedriver to end
+        // it (what dropping a WebDriver that was not quit does) would only
+        // wait for a process that is gone
+        if let Some(d) = self.driver.take() {
+            std::mem::forget(d);
+        }
         let _ = std::fs::remove_dir_all(&self.profile);
     }
+}
+
+/// `/proc/<pid>/stat`: (parent pid, state).
+fn proc_stat(pid: u32) -> Option<(u32, char)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid …`; comm may hold spaces and parentheses
+    let mut rest = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = rest.next()?.chars().next()?;
+    Some((rest.next()?.parse().ok()?, state))
+}
+
+/// `root` and its descendants, and any process whose command line names
+/// `profile` (a helper Chromium detached from its parent).
+fn process_tree(root: u32, profile: &std::path::Path) -> Vec<u32> {
+    let profile = profile.to_string_lossy().into_owned();
+    let all: Vec<(u32, u32, bool)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let (ppid, _) = proc_stat(pid)?;
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let names_profile = String::from_utf8_lossy(&cmdline).contains(&profile);
+            Some((pid, ppid, names_profile))
+        })
+        .collect();
+    let mut tree = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(all.iter().filter(|p| p.1 == parent).map(|p| p.0));
+        i += 1;
+    }
+    let detached: Vec<u32> = all
+        .iter()
+        .filter(|p| p.2 && !tree.contains(&p.0))
+        .map(|p| p.0)
+        .collect();
+    tree.extend(detached);
+    tree
+}
+
+/// Whether a process runs (a zombie waiting for its parent does not).
+fn running(pid: u32) -> bool {
+    proc_stat(pid).is_some_and(|(_, state)| state != 'Z' && state != 'X')
 }
 
 /// Every group row of the overview as dimension → key → count.
@@ -523,8 +610,10 @@ async fn the_overview_counts_what_dlq_stats_counts_and_a_letter_tells_its_story(
         }
     }
     let shot = b.d().screenshot_as_png().await.unwrap();
-    let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target");
-    std::fs::write(target.join("console-overview.png"), &shot).unwrap();
+    // cargo's own scratch directory for tests, wherever CARGO_TARGET_DIR is
+    let scratch = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    std::fs::create_dir_all(&scratch).unwrap();
+    std::fs::write(scratch.join("console-overview.png"), &shot).unwrap();
     if std::env::var("MMSEND_UPDATE_SCREENSHOT").as_deref() == Ok("1") {
         let docs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs");
         std::fs::create_dir_all(&docs).unwrap();
@@ -1193,4 +1282,350 @@ async fn off_loopback_a_token_is_required_and_every_post_needs_its_csrf_token() 
         "nothing was touched"
     );
     h.finish().await;
+}
+
+// -------------------------------------------------------- round 3: review
+
+/// `next` and `back` values that would leave the console in a browser:
+/// `//host`, `/\host`, and what browsers make of control characters (they
+/// drop tab, CR and LF from a URL, so `/\t/host` is `//host`).
+const OFF_SITE: [&str; 8] = [
+    "/\t/evil.example/",
+    "/\r\n/evil.example/",
+    "/\n/evil.example/",
+    "//evil.example/",
+    "/\\evil.example/",
+    "\\\\evil.example/",
+    "http://evil.example/",
+    "https:evil.example",
+];
+
+#[tokio::test]
+async fn redirects_after_login_and_refresh_stay_on_the_console() {
+    let h = Harness::start(no_worker("console-redirect")).await;
+    fill(&h, &mixed(5, "o")).await;
+    // no token: /login sends a visitor straight on to `next`
+    let c = Console::start(&h, |_| {}).await;
+    let mut cl = Client::new(&c);
+    // the way the review sent it: percent-encoded in the URL
+    let a = cl.get("/login?next=/%09/evil.example/").await;
+    assert_eq!((a.status, a.location()), (303, "/"));
+    for next in OFF_SITE {
+        let a = cl
+            .get(&format!("/login{}", console::query(&[("next", next)])))
+            .await;
+        assert_eq!((a.status, a.location()), (303, "/"), "next={next:?}");
+    }
+    let a = cl.get("/login?next=/actions").await;
+    assert_eq!((a.status, a.location()), (303, "/actions"));
+    cl.snapshot_after(0).await;
+    let page = cl.get("/").await.body;
+    let csrf = field(&page, "csrf");
+    for back in OFF_SITE {
+        let a = cl
+            .post("/refresh", &[("csrf", &csrf), ("back", back)])
+            .await;
+        assert_eq!((a.status, a.location()), (303, "/"), "back={back:?}");
+    }
+    let a = cl
+        .post("/refresh", &[("csrf", &csrf), ("back", "/groups?dim=code")])
+        .await;
+    assert_eq!((a.status, a.location()), (303, "/groups?dim=code"));
+    // and where a real browser ends up
+    if let Some(b) = Browser::start().await {
+        b.d()
+            .goto(c.url("/login?next=/%09/evil.example/"))
+            .await
+            .unwrap();
+        let at = b.d().current_url().await.unwrap().to_string();
+        assert_eq!(at, c.url("/"), "Chromium left the console");
+        b.quit().await;
+    }
+    c.stop().await;
+
+    // with a token: the login form's `next` after a good sign-in
+    let c = Console::start(&h, |c| c.token = Some(Secret::new(TOKEN))).await;
+    for next in OFF_SITE {
+        let mut cl = Client::new(&c);
+        let form = cl
+            .get(&format!("/login{}", console::query(&[("next", next)])))
+            .await;
+        assert_eq!(form.status, 200);
+        assert!(!form.body.contains("evil.example"), "{}", form.body);
+        let a = cl
+            .post(
+                "/login",
+                &[
+                    ("csrf", &field(&form.body, "csrf")),
+                    ("token", TOKEN),
+                    ("next", next),
+                ],
+            )
+            .await;
+        assert_eq!((a.status, a.location()), (303, "/"), "next={next:?}");
+    }
+    c.stop().await;
+    h.finish().await;
+}
+
+/// Another client of the console: connections from another loopback address.
+fn from(c: &Console, last_octet: u8) -> Client {
+    Client::from(c, Some(IpAddr::from([127, 0, 0, last_octet])))
+}
+
+/// Sends wrong tokens until the console answers 429; returns how many it
+/// took and the answer.
+async fn guess_until_refused(cl: &mut Client, login: bool) -> (usize, Answer) {
+    let form = cl.get("/login").await;
+    let csrf = if login {
+        field(&form.body, "csrf")
+    } else {
+        String::new()
+    };
+    for n in 1..=500 {
+        let guess = format!("not-the-token-{n:04}-xxxxxxxx");
+        let a = if login {
+            cl.post(
+                "/login",
+                &[("csrf", &csrf), ("token", &guess), ("next", "/")],
+            )
+            .await
+        } else {
+            cl.bearer = Some(guess);
+            cl.get("/").await
+        };
+        if a.status == 429 {
+            return (n, a);
+        }
+        assert_eq!(a.status, 401, "guess {n}: {}", a.body);
+    }
+    panic!("500 wrong tokens and never refused");
+}
+
+fn retry_after(a: &Answer) -> u64 {
+    a.headers
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no Retry-After in a 429: {:?}", a.headers))
+}
+
+#[tokio::test]
+async fn wrong_tokens_lock_out_their_own_client_only() {
+    let h = Harness::start(no_worker("console-limit")).await;
+    fill(&h, &mixed(5, "l")).await;
+    let c = Console::start(&h, |c| c.token = Some(Secret::new(TOKEN))).await;
+
+    // one client guesses at the login form until it is refused
+    let mut guesser = from(&c, 1);
+    let (n, refused) = guess_until_refused(&mut guesser, true).await;
+    assert!((10..=100).contains(&n), "refused after {n} guesses");
+    assert!(retry_after(&refused) >= 1);
+    assert!(refused.body.contains("Too many"), "{}", refused.body);
+    // the right token does not help it now: no answer tells a guess apart
+    let form = guesser.get("/login").await;
+    let a = guesser
+        .post(
+            "/login",
+            &[
+                ("csrf", &field(&form.body, "csrf")),
+                ("token", TOKEN),
+                ("next", "/"),
+            ],
+        )
+        .await;
+    assert_eq!(a.status, 429);
+    // nor does a bearer token, or a made-up X-Forwarded-For
+    guesser.bearer = Some(TOKEN.into());
+    assert_eq!(guesser.get("/").await.status, 429);
+    let a = guesser
+        .send(
+            guesser
+                .http
+                .get(c.url("/"))
+                .header("x-forwarded-for", "203.0.113.9"),
+        )
+        .await;
+    assert_eq!(a.status, 429, "X-Forwarded-For is not trusted by default");
+
+    // an operator on another machine signs in as usual
+    let mut operator = from(&c, 2);
+    let form = operator.get("/login").await;
+    let a = operator
+        .post(
+            "/login",
+            &[
+                ("csrf", &field(&form.body, "csrf")),
+                ("token", TOKEN),
+                ("next", "/actions"),
+            ],
+        )
+        .await;
+    assert_eq!((a.status, a.location()), (303, "/actions"));
+    assert_eq!(operator.get("/").await.status, 200);
+
+    // bearer guesses are limited the same way
+    let mut script = from(&c, 3);
+    let (n, refused) = guess_until_refused(&mut script, false).await;
+    assert!((10..=100).contains(&n), "bearer refused after {n} guesses");
+    assert!(retry_after(&refused) >= 1);
+    script.bearer = Some(TOKEN.into());
+    assert_eq!(script.get("/").await.status, 429);
+    // while another script with the token is served
+    let mut other = from(&c, 4);
+    other.bearer = Some(TOKEN.into());
+    assert_eq!(other.get("/").await.status, 200);
+    c.stop().await;
+
+    // behind a trusted proxy, the client is the one it names
+    let c = Console::start(&h, |c| {
+        c.token = Some(Secret::new(TOKEN));
+        c.trusted_proxies = vec![IpAddr::from([127, 0, 0, 5])];
+    })
+    .await;
+    let proxy = from(&c, 5);
+    let through = |cl: &Client, client: &str, bearer: &str| {
+        cl.http
+            .get(c.url("/"))
+            .header("x-forwarded-for", format!("192.0.2.77, {client}"))
+            .header("authorization", format!("Bearer {bearer}"))
+    };
+    let mut refused = None;
+    for n in 1..=100 {
+        let a = proxy
+            .http
+            .execute(
+                through(&proxy, "198.51.100.1", "wrong-token-0123456789")
+                    .build()
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        if a.status() == 429 {
+            refused = Some(n);
+            break;
+        }
+    }
+    assert!(refused.is_some_and(|n| n > 10), "{refused:?}");
+    let status = |r: reqwest::RequestBuilder| async { r.send().await.unwrap().status().as_u16() };
+    assert_eq!(status(through(&proxy, "198.51.100.1", TOKEN)).await, 429);
+    assert_eq!(status(through(&proxy, "198.51.100.2", TOKEN)).await, 200);
+    c.stop().await;
+    h.finish().await;
+}
+
+/// A fake Meta access token as Graph echoes one ("Malformed access token …").
+const ACCESS: &str = "EAAGm0PX4ZCpsBAFAKEfakeFAKEfake0123456789abcdefZZ";
+
+#[tokio::test]
+async fn tokens_in_error_messages_are_masked_on_every_page() {
+    let h = Harness::start(no_worker("console-mask")).await;
+    let mut letters = mixed(12, "m");
+    for d in &mut letters {
+        d.message = format!(
+            "Malformed access token {ACCESS} for subscription token {}",
+            d.token()
+        );
+    }
+    // and one whose campaign label is a token (a producer's mistake)
+    letters[0].campaign = ACCESS.into();
+    fill(&h, &letters).await;
+    let c = Console::start(&h, |_| {}).await;
+    let mut cl = Client::new(&c);
+    cl.snapshot_after(0).await;
+    let one = &letters[3];
+    let group = cl.get(&format!("/group?dim=code&key={}", one.code)).await;
+    let fp = group
+        .body
+        .split(&format!("/letter?job={}&#38;fp=", one.id))
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap()
+        .to_string();
+    let campaign_link = cl
+        .get("/groups?dim=campaign")
+        .await
+        .body
+        .split("href=\"/group?dim=campaign&#38;key=EAAG")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .map(|rest| format!("/group?dim=campaign&key=EAAG{}", rest.replace("&#38;", "&")))
+        .expect("the token-named campaign's group, masked");
+    let pages = [
+        "/".to_string(),
+        "/groups?dim=code".to_string(),
+        "/groups?dim=campaign".to_string(),
+        format!("/group?dim=code&key={}", one.code),
+        "/group?dim=reason&key=terminal".to_string(),
+        campaign_link,
+        format!("/letter?job={}&fp={fp}", one.id),
+        format!("/confirm?kind=replay&dim=code&key={}", one.code),
+        format!("/confirm?kind=purge&job={}&fp={fp}", one.id),
+    ];
+    for p in &pages {
+        let a = cl.get(p).await;
+        assert_eq!(a.status, 200, "{p}: {}", a.body);
+        assert!(!a.body.contains(ACCESS), "the access token on {p}");
+        for d in &letters {
+            assert!(!a.body.contains(&d.token()), "a recipient token on {p}");
+        }
+    }
+    // the overview and a group still say what went wrong
+    for p in ["/", &pages[3]] {
+        let body = cl.get(p).await.body;
+        assert!(
+            body.contains(
+                "Malformed access token EAAG•••(49 chars) for subscription token reci•••("
+            ),
+            "{p}: {body}"
+        );
+    }
+    // an action's pages name what they act on, masked
+    let page = cl.get(&pages[8]).await.body;
+    let a = cl
+        .post(
+            "/actions",
+            &[
+                ("csrf", &field(&page, "csrf")),
+                ("plan", &field(&page, "plan")),
+            ],
+        )
+        .await;
+    assert_eq!(a.status, 303);
+    let action = a.location().to_string();
+    for p in [action.as_str(), "/actions"] {
+        let body = cl.get(p).await.body;
+        assert!(!body.contains(ACCESS), "{p}");
+    }
+    c.stop().await;
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn a_browser_test_that_panics_leaves_no_browser_running() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let test = tokio::spawn(async move {
+        let Some(b) = Browser::start().await else {
+            return;
+        };
+        b.d().goto("about:blank").await.unwrap();
+        tx.send(b.processes()).unwrap();
+        panic!("a browser test fails here");
+    });
+    let ended = test.await;
+    let Ok(pids) = rx.try_recv() else {
+        assert!(ended.is_ok(), "{ended:?}");
+        return;
+    };
+    assert!(ended.unwrap_err().is_panic());
+    assert!(
+        pids.len() >= 3,
+        "chromedriver, Chromium and its helpers: {pids:?}"
+    );
+    eventually!(
+        Duration::from_secs(10),
+        pids.iter().all(|&p| !running(p)),
+        "still running after the test panicked: {:?}",
+        pids.iter().filter(|&&p| running(p)).collect::<Vec<_>>()
+    );
 }

@@ -14,9 +14,8 @@
 //!   of `bearer` for bearer requests), compared in constant time; requests
 //!   whose `Origin` is another site are refused as well.
 //! - The token is compared through SHA-256 digests in constant time, never
-//!   logged, never echoed; failed logins are rate-limited.
-
-use std::num::NonZeroU32;
+//!   logged, never echoed; wrong tokens are limited per client
+//!   ([`super::limit`]).
 
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
@@ -65,7 +64,6 @@ impl Session {
 pub(crate) struct Auth {
     token: Option<Secret>,
     key: [u8; 32],
-    logins: governor::DefaultDirectRateLimiter,
 }
 
 type HmacSha256 = Hmac<Sha256>;
@@ -80,10 +78,6 @@ impl Auth {
         Auth {
             token,
             key: rand::random(),
-            // 30 attempts, then one every 2 s
-            logins: governor::RateLimiter::direct(governor::Quota::per_minute(
-                NonZeroU32::new(30).unwrap_or(NonZeroU32::MIN),
-            )),
         }
     }
 
@@ -146,11 +140,6 @@ impl Auth {
             ),
             None => false,
         }
-    }
-
-    /// Counts a login attempt; false when there were too many lately.
-    pub(crate) fn login_allowed(&self) -> bool {
-        self.logins.check().is_ok()
     }
 
     /// The identity of a request with a valid bearer token.

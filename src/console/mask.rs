@@ -1,7 +1,18 @@
 //! What of a dead letter may reach a page: recipient tokens and anything
 //! that looks like an access token are masked, and the body is cut to a
 //! short preview. Pure functions, used when the snapshot is taken (so the
-//! snapshot itself never holds a token in full).
+//! snapshot itself never holds a token in full; the one exception is a job
+//! id, kept whole to name the letter to the DLQ library, and masked by
+//! [`text`] wherever a page shows it).
+//!
+//! Every text of a letter (its headers, its last error, its campaign and
+//! page, a group's key and latest error) goes through a [`Masker`]: the
+//! values the letter's own body keeps under secret-named keys (its
+//! recipient's `subscription_token`, …) are masked wherever they appear,
+//! and so is any run that looks like a Meta access token (`EAA…`, as Graph
+//! echoes one in "Malformed access token EAA…"). Group keys and job ids use
+//! the access-token rule only ([`text`]), so that the same value always
+//! names the same group.
 //!
 //! A JSON body is masked by structure: the string value of every key that
 //! names a secret (`subscription_token`, `access_token`, `*secret*`,
@@ -22,6 +33,21 @@ const PARSE_LIMIT: usize = 64 * 1024;
 /// A run of token characters at least this long is masked in text.
 const LONG_RUN: usize = 24;
 
+/// Secret values shorter than this are not looked for in a letter's texts
+/// (a short value would mask ordinary words); the body masks them by
+/// structure still.
+const SECRET_MIN_CHARS: usize = 8;
+/// Nor are longer ones, or more of them.
+const SECRET_MAX_BYTES: usize = 1024;
+const MAX_SECRETS: usize = 8;
+
+/// Of a text longer than this only the start is masked and kept: no page
+/// shows more than a few hundred bytes of one.
+const TEXT_SCAN_BYTES: usize = 4 * 1024;
+
+/// What ends a text that was cut.
+pub(crate) const CUT_MARK: &str = "…";
+
 /// Key names whose string values are secrets.
 const SECRET_KEYS: [&str; 5] = ["token", "secret", "password", "proof", "authorization"];
 
@@ -36,6 +62,62 @@ pub(crate) struct BodyPreview {
     pub(crate) json: bool,
     /// The preview is shorter than the masked body.
     pub(crate) cut: bool,
+    /// The values of the body's secret-named keys, for [`Masker::new`]
+    /// (not kept: the snapshot holds only their masks).
+    pub(crate) secrets: Vec<String>,
+}
+
+/// Masks the texts of one letter: its own secret values, and anything that
+/// looks like an access token.
+#[derive(Debug, Default)]
+pub(crate) struct Masker {
+    /// Longest first, so a secret inside another is not masked first.
+    secrets: Vec<String>,
+}
+
+impl Masker {
+    /// A masker for the secret values of a letter's body.
+    pub(crate) fn new(mut secrets: Vec<String>) -> Masker {
+        secrets.retain(|s| s.chars().count() >= SECRET_MIN_CHARS && s.len() <= SECRET_MAX_BYTES);
+        secrets.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        secrets.dedup();
+        secrets.truncate(MAX_SECRETS);
+        Masker { secrets }
+    }
+
+    /// `value` as a page may show it: masked, then cut to at most
+    /// `max_bytes` bytes and [`CUT_MARK`].
+    pub(crate) fn text(&self, value: &str, max_bytes: usize) -> String {
+        let mut s = value.to_string();
+        let longer = cut(&mut s, TEXT_SCAN_BYTES);
+        for secret in &self.secrets {
+            if s.contains(secret.as_str()) {
+                s = s.replace(secret.as_str(), &mask(secret));
+            }
+        }
+        let mut s = mask_runs(&s, looks_like_access_token);
+        if cut(&mut s, max_bytes) || longer {
+            s.push_str(CUT_MARK);
+        }
+        s
+    }
+}
+
+/// A text that is not a letter's own (a group key, a job id, a message
+/// that may quote one) as a page may show it: access-token-shaped runs
+/// masked, cut to `max_bytes` and [`CUT_MARK`].
+pub(crate) fn text(value: &str, max_bytes: usize) -> String {
+    Masker::default().text(value, max_bytes)
+}
+
+/// [`text`], without a copy when there is nothing to mask or cut (most
+/// group keys and job ids).
+pub(crate) fn shown(value: &str, max_bytes: usize) -> std::borrow::Cow<'_, str> {
+    if value.len() <= max_bytes && !value.contains("EAA") {
+        std::borrow::Cow::Borrowed(value)
+    } else {
+        std::borrow::Cow::Owned(text(value, max_bytes))
+    }
 }
 
 /// `abcd•••(48 chars)`: the first 4 characters of a long value (none of a
@@ -64,15 +146,21 @@ fn looks_like_access_token(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-fn mask_json(v: &mut Value, secret: bool) {
+/// Masks the secrets of a JSON value in place; `found` hears the values
+/// of secret-named keys.
+fn mask_json(v: &mut Value, secret: bool, found: &mut Vec<String>) {
     match v {
-        Value::String(s) if secret || looks_like_access_token(s) => *s = mask(s),
+        Value::String(s) if secret => {
+            found.push(std::mem::take(s));
+            *s = mask(found.last().map_or("", String::as_str));
+        }
+        Value::String(s) if looks_like_access_token(s) => *s = mask(s),
         Value::Object(map) => {
             for (k, child) in map.iter_mut() {
-                mask_json(child, secret || secret_key(k));
+                mask_json(child, secret || secret_key(k), found);
             }
         }
-        Value::Array(items) => items.iter_mut().for_each(|c| mask_json(c, secret)),
+        Value::Array(items) => items.iter_mut().for_each(|c| mask_json(c, secret, found)),
         _ => {}
     }
 }
@@ -82,10 +170,11 @@ fn is_token_char(c: char) -> bool {
 }
 
 /// Masks text that is not JSON: the quoted value after a secret-naming key
-/// (`"subscription_token": "…"`, even in a cut-off document), then every
-/// long run of token characters (letters, digits, `_`, `-`).
-pub(crate) fn mask_text(text: &str) -> String {
-    mask_runs(&mask_keyed_values(text), |run| {
+/// (`"subscription_token": "…"`, even in a cut-off document; `found` hears
+/// the values), then every long run of token characters (letters, digits,
+/// `_`, `-`).
+fn mask_text(text: &str, found: &mut Vec<String>) -> String {
+    mask_runs(&mask_keyed_values(text, found), |run| {
         run.len() >= LONG_RUN || looks_like_access_token(run)
     })
 }
@@ -121,8 +210,8 @@ fn push_run(out: &mut String, run: &str, secret: &impl Fn(&str) -> bool) {
 }
 
 /// `"…token…": "value"` → `"…token…": "va•••(n chars)"`, whatever the JSON
-/// around it looks like.
-fn mask_keyed_values(text: &str) -> String {
+/// around it looks like; `found` hears the values.
+fn mask_keyed_values(text: &str, found: &mut Vec<String>) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(q) = rest.find('"') {
@@ -142,6 +231,7 @@ fn mask_keyed_values(text: &str) -> String {
                 let head_len = rest.len() - value_and_more.len();
                 out.push_str(&rest[..head_len]);
                 out.push_str(&mask(value));
+                found.push(value.to_string());
                 rest = &value_and_more[value_end..];
             }
             _ => {
@@ -186,16 +276,20 @@ pub(crate) fn preview(body: &[u8]) -> BodyPreview {
         .then(|| serde_json::from_slice::<Value>(body).ok())
         .flatten()
         .filter(|v| v.is_object() || v.is_array());
+    let mut secrets = Vec::new();
     let (mut text, json) = match parsed {
         Some(mut v) => {
-            mask_json(&mut v, false);
+            mask_json(&mut v, false, &mut secrets);
             (serde_json::to_string_pretty(&v).unwrap_or_default(), true)
         }
         None => {
             // mask a little more than is shown, so a token across the cut
             // is still seen whole
             let end = body.len().min(BODY_PREVIEW_BYTES * 2);
-            (mask_text(&String::from_utf8_lossy(&body[..end])), false)
+            (
+                mask_text(&String::from_utf8_lossy(&body[..end]), &mut secrets),
+                false,
+            )
         }
     };
     let cut = cut(&mut text, BODY_PREVIEW_BYTES) || (!json && body.len() > BODY_PREVIEW_BYTES * 2);
@@ -204,15 +298,7 @@ pub(crate) fn preview(body: &[u8]) -> BodyPreview {
         bytes: body.len(),
         json,
         cut,
-    }
-}
-
-/// A header value as a page may show it (long token-like runs masked).
-pub(crate) fn header_value(value: &str, max_chars: usize) -> String {
-    let masked = mask_runs(value, looks_like_access_token);
-    match masked.char_indices().nth(max_chars) {
-        Some((i, _)) => format!("{}…", &masked[..i]),
-        None => masked,
+        secrets,
     }
 }
 
@@ -272,17 +358,56 @@ mod tests {
     }
 
     #[test]
-    fn header_values_hide_tokens_and_are_cut() {
-        assert_eq!(header_value(ACCESS, 100), mask(ACCESS));
-        assert!(!header_value(&format!("bad token {ACCESS}"), 100).contains(ACCESS));
-        assert_eq!(
-            header_value("PAGE_ID_MISMATCH: x", 100),
-            "PAGE_ID_MISMATCH: x"
-        );
-        assert_eq!(header_value("abcdef", 3), "abc…");
+    fn texts_hide_tokens_and_are_cut() {
+        assert_eq!(text(ACCESS, 100), mask(ACCESS));
+        assert!(!text(&format!("bad token {ACCESS}"), 100).contains(ACCESS));
+        assert_eq!(text("PAGE_ID_MISMATCH: x", 100), "PAGE_ID_MISMATCH: x");
+        assert_eq!(text("abcdef", 3), "abc…");
+        assert_eq!(text("éé", 3), "é…", "cut at a character");
         let t = "2026-11-24T10:00:00.000Z";
-        assert_eq!(header_value(t, 100), t);
-        assert_eq!(mask_text(t), t);
+        assert_eq!(text(t, 100), t);
+        assert_eq!(mask_text(t, &mut Vec::new()), t);
         assert_eq!(mask("short"), "•••(5 chars)");
+        // a token across the cut is masked, not shown in part
+        let long = format!("{} {ACCESS}", "x".repeat(90));
+        let shown = text(&long, 100);
+        assert!(
+            !shown.contains(ACCESS)
+                && shown.starts_with(&"x".repeat(90))
+                && shown.ends_with(CUT_MARK),
+            "{shown}"
+        );
+        // a huge value costs no more than its start
+        let huge = format!("{ACCESS} {}", "y".repeat(1_000_000));
+        assert!(text(&huge, 300).len() <= 300 + CUT_MARK.len());
+    }
+
+    #[test]
+    fn a_letter_masks_its_own_recipient_token_everywhere() {
+        let body = serde_json::json!({"job_id": "j", "subscription_token": RECIPIENT,
+            "password": "short"});
+        let p = preview(&serde_json::to_vec(&body).unwrap());
+        assert!(
+            p.secrets.contains(&RECIPIENT.to_string()),
+            "{:?}",
+            p.secrets
+        );
+        let m = Masker::new(p.secrets);
+        let error = format!("(#100) Invalid subscription token {RECIPIENT} with {ACCESS}");
+        let shown = m.text(&error, 300);
+        assert!(
+            !shown.contains(RECIPIENT) && !shown.contains(ACCESS),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("reci•••(64 chars)") && shown.contains("EAAB•••("),
+            "{shown}"
+        );
+        // a short secret is not looked for in text (it would mask words)
+        assert_eq!(m.text("a short answer", 300), "a short answer");
+        // a broken body names its secrets too
+        let broken = format!(r#"{{"subscription_token": "{RECIPIENT}", "message": "#);
+        let p = preview(broken.as_bytes());
+        assert_eq!(p.secrets, vec![RECIPIENT.to_string()]);
     }
 }

@@ -10,6 +10,7 @@
 //! - [`actions`]: exact confirmed sets, acted on once;
 //! - [`access`]: the connection and the DLQ lane (one scan at a time);
 //! - [`auth`]: token, sessions, CSRF, loopback-only without a token;
+//! - [`limit`]: who a client is, and how often it may send a wrong token;
 //! - [`mask`]: what of a letter may reach a page;
 //! - [`routes`] and [`views`]: the pages (askama templates in
 //!   `templates/`, CSS and a little optional JavaScript in `static/`, all
@@ -24,6 +25,7 @@
 mod access;
 mod actions;
 mod auth;
+mod limit;
 mod mask;
 mod routes;
 mod snapshot;
@@ -33,7 +35,7 @@ mod views;
 /// own links and forms write them (tests post forms with it).
 pub use views::query;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,10 +46,16 @@ use crate::graph::Secret;
 
 /// The default `--listen`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9465";
+/// What one letter costs a snapshot at most, in bytes, whatever headers and
+/// body it carries (see the `snapshot` module).
+pub const LETTER_BYTES_MAX: usize = snapshot::LETTER_BYTES_MAX;
+
 /// The default `--refresh`: automatic snapshots at most this often.
 pub const DEFAULT_REFRESH: Duration = Duration::from_secs(10);
 /// The default `--max-letters`: a snapshot costs about 1.6 KiB of memory
-/// per letter (measured at 100,000, README), so about 400 MiB.
+/// per letter (measured at 100,000, README), so about 400 MiB, and at most
+/// [`LETTER_BYTES_MAX`] (6 KiB) per letter whatever the letters carry, so
+/// at most about 1.5 GiB.
 pub const DEFAULT_MAX_LETTERS: usize = 250_000;
 
 /// How the console runs.
@@ -65,10 +73,15 @@ pub struct ConsoleConfig {
     pub read_only: bool,
     /// Automatic snapshots at most this often.
     pub refresh: Duration,
-    /// Letters a snapshot holds at most (the scan's hold bound).
+    /// Letters a snapshot holds at most (the scan's hold bound); each costs
+    /// at most [`LETTER_BYTES_MAX`] bytes.
     pub max_letters: usize,
     /// The replay rate a confirmation page offers (letters/s, 0 = no limit).
     pub replay_rate: u32,
+    /// Reverse proxies whose `X-Forwarded-For` names the client that
+    /// wrong-token limits count (see the `limit` module); empty: the peer
+    /// address is the client.
+    pub trusted_proxies: Vec<IpAddr>,
 }
 
 impl ConsoleConfig {
@@ -83,6 +96,7 @@ impl ConsoleConfig {
             refresh: DEFAULT_REFRESH,
             max_letters: DEFAULT_MAX_LETTERS,
             replay_rate: 0,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -121,6 +135,8 @@ pub(crate) struct Shared {
     pub(crate) actions: Arc<actions::Actions>,
     /// Token, sessions and CSRF.
     pub(crate) auth: auth::Auth,
+    /// Wrong-token limits per client.
+    pub(crate) limits: limit::Limits,
     /// Actions hidden and refused.
     pub(crate) read_only: bool,
     /// The replay rate a confirmation page offers.
@@ -207,6 +223,7 @@ pub async fn serve(
         )),
         actions: Arc::new(actions::Actions::new(config.max_letters, stopping.clone())),
         auth: auth::Auth::new(config.token.clone()),
+        limits: limit::Limits::new(config.trusted_proxies.clone()),
         read_only: config.read_only,
         replay_rate: config.replay_rate,
         port: bound.port(),
@@ -216,9 +233,12 @@ pub async fn serve(
     tracing::info!(%bound, prefix = %config.topology.prefix, read_only = config.read_only, "dead-letter console listening");
     ready(bound);
     let app = routes::router(shared.clone());
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
+    let served = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await;
     // stop a running scan (snapshot or action) cleanly: copies in flight
     // settled, held letters returned in order; wait until it let go
     stopping.cancel();

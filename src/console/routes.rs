@@ -15,11 +15,15 @@
 //! | GET | `/actions`, `/actions/{id}` | actions, one action's progress and result |
 //! | POST | `/refresh` | a new snapshot now |
 //! | GET, POST | `/login`; POST `/logout` | the token's login form |
+//!
+//! After a sign-in (`next`) or a refresh (`back`) the console redirects
+//! only to a path of its own ([`local_path`]): never to another site,
+//! whatever the browser makes of the value.
 
 use std::sync::Arc;
 
 use askama::Template;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -29,6 +33,7 @@ use serde::Deserialize;
 
 use super::actions::{Kind, Plan, Scope};
 use super::auth::{self, Auth, Identity};
+use super::limit::{self, Client};
 use super::views::{self, Chrome, SnapshotLine};
 use super::Shared;
 use crate::dlq::Dimension;
@@ -83,11 +88,40 @@ fn text(status: StatusCode, body: String) -> Response {
         .into_response()
 }
 
+/// The answer to a client locked out for sending wrong tokens.
+fn too_many(client: Client, wait: std::time::Duration) -> Response {
+    let seconds = limit::retry_after(wait);
+    tracing::warn!(%client, seconds, "console: a client is locked out after too many wrong tokens");
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        [
+            (header::RETRY_AFTER, seconds.to_string()),
+            (
+                header::CONTENT_TYPE,
+                "text/plain; charset=utf-8".to_string(),
+            ),
+        ],
+        format!("Too many wrong tokens from your address: try again in {seconds} s.\n"),
+    )
+        .into_response()
+}
+
 /// Checks every request before its handler; see the module docs of
-/// [`super::auth`].
+/// [`super::auth`] and [`super::limit`].
 async fn guard(State(st): State<Arc<Shared>>, mut req: Request, next: Next) -> Response {
     let headers = req.headers();
     let get = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+        .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |c| c.0.ip());
+    let client = st.limits.client(
+        peer,
+        headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    );
     let host = get(header::HOST).unwrap_or_default().to_string();
     if !st.auth.required() && !auth::loopback_host(&host) {
         return text(
@@ -111,15 +145,22 @@ async fn guard(State(st): State<Arc<Shared>>, mut req: Request, next: Next) -> R
     let html = get(header::ACCEPT).is_some_and(|a| a.contains("text/html"));
     let mut new_cookie = None;
     let identity = if let Some(authorization) = get(header::AUTHORIZATION) {
+        // a locked-out client is refused before its token is compared
+        if let Some(wait) = st.limits.locked(client) {
+            return too_many(client, wait);
+        }
         match st.auth.bearer(authorization) {
             Some(id) => id,
             None => {
+                if let Some(wait) = st.limits.wrong_token(client) {
+                    return too_many(client, wait);
+                }
                 return (
                     StatusCode::UNAUTHORIZED,
                     [(header::WWW_AUTHENTICATE, "Bearer")],
                     "Refused: that is not the console token.\n",
                 )
-                    .into_response()
+                    .into_response();
             }
         }
     } else {
@@ -153,6 +194,7 @@ async fn guard(State(st): State<Arc<Shared>>, mut req: Request, next: Next) -> R
         }
     };
     req.extensions_mut().insert(identity);
+    req.extensions_mut().insert(client);
     let mut resp = next.run(req).await;
     let h = resp.headers_mut();
     if let Some(c) = new_cookie {
@@ -423,13 +465,20 @@ async fn confirm(
                 s.members(d, key).map(<[u32]>::to_vec).unwrap_or_default(),
             )
         }
-        (None, None, Some(job), Some(fp)) => (
-            Scope::Letter {
-                job_id: job.clone(),
-                fingerprint: fp.clone(),
-            },
-            s.letter_index(job, fp).into_iter().collect(),
-        ),
+        (None, None, Some(job), Some(fp)) => {
+            let index = s.letter_index(job, fp);
+            (
+                Scope::Letter {
+                    // as pages show it, however the link gave it
+                    job_id: index.map_or_else(
+                        || job.clone(),
+                        |i| s.letters[i as usize].job_label().into_owned(),
+                    ),
+                    fingerprint: fp.clone(),
+                },
+                index.into_iter().collect(),
+            )
+        }
         _ => {
             return message(
                 &st,
@@ -582,9 +631,23 @@ struct RefreshForm {
     back: String,
 }
 
-/// Only a path of this console (`/…`, not `//host`).
+/// Where a redirect after a login or a refresh may go: a path of this
+/// console, else `/`.
+///
+/// Accepted: `/` followed by anything but `/` or `\`, with no backslash,
+/// control character or whitespace anywhere. Browsers read `//host` and
+/// `/\host` as another site, and they drop tab, CR and LF from a URL before
+/// reading it, so `/\t/host` is `//host` to them; a redirect never needs any
+/// of these, so none is let through (a value already percent-encoded, such
+/// as `/%09/host`, is a path of this console and stays one).
 fn local_path(p: &str) -> &str {
-    if p.starts_with('/') && !p.starts_with("//") && !p.contains('\\') {
+    let mut chars = p.chars();
+    let local = chars.next() == Some('/')
+        && !matches!(chars.next(), Some('/' | '\\'))
+        && !p
+            .chars()
+            .any(|c| c == '\\' || c.is_control() || c.is_whitespace());
+    if local {
         p
     } else {
         "/"
@@ -651,6 +714,7 @@ struct LoginForm {
 async fn login(
     State(st): State<Arc<Shared>>,
     Extension(id): Extension<Identity>,
+    Extension(client): Extension<Client>,
     headers: HeaderMap,
     Form(f): Form<LoginForm>,
 ) -> Response {
@@ -662,14 +726,15 @@ async fn login(
             Some("This form expired; sign in again.".into()),
         );
     }
-    if !st.auth.login_allowed() {
-        return text(
-            StatusCode::TOO_MANY_REQUESTS,
-            "Too many sign-in attempts; wait a minute.\n".into(),
-        );
+    // a locked-out client is refused before its token is compared
+    if let Some(wait) = st.limits.locked(client) {
+        return too_many(client, wait);
     }
     if !st.auth.token_matches(&f.token) {
-        tracing::warn!("console: a sign-in with a wrong token");
+        tracing::warn!(%client, "console: a sign-in with a wrong token");
+        if let Some(wait) = st.limits.wrong_token(client) {
+            return too_many(client, wait);
+        }
         return login_page(
             &st,
             &id,
@@ -712,4 +777,47 @@ async fn not_found(State(st): State<Arc<Shared>>, Extension(id): Extension<Ident
         "This console has no such page.".into(),
         Some(("/".into(), "Overview".into())),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_paths_of_this_console_are_redirected_to() {
+        for ok in [
+            "/",
+            "/actions",
+            "/group?dim=code&key=2300005",
+            "/login?next=%2F%2Fevil.example",
+            "/%09/evil.example/",
+            "/letter?job=a%5Cb",
+        ] {
+            assert_eq!(local_path(ok), ok, "{ok:?}");
+        }
+        for bad in [
+            "",
+            "//evil.example",
+            "//evil.example/",
+            "/\\evil.example",
+            "\\\\evil.example",
+            "/\t/evil.example/",
+            "/\n/evil.example/",
+            "/\r\n/evil.example/",
+            "/\r/evil.example",
+            "\t//evil.example",
+            "/\u{0}/evil.example",
+            "/\u{7f}/evil.example",
+            "/\u{85}/evil.example",
+            "/a\\b",
+            "/a\r\nSet-Cookie: x=1",
+            "http://evil.example/",
+            "https:evil.example",
+            "javascript:alert(1)",
+            "evil.example",
+            " /x",
+        ] {
+            assert_eq!(local_path(bad), "/", "{bad:?}");
+        }
+    }
 }

@@ -12,37 +12,94 @@
 //!
 //! When the DLQ is busy (another `mmsend dlq` run or console reads it) or
 //! the broker fails, the last snapshot stays and the page says why: never
-//! half a DLQ. What a snapshot keeps is bounded per letter ([`Letter`]: the
-//! summary fields, the `x-mmsend-*` headers and a short masked body preview),
-//! plus an index from each group of each [`Dimension`] to its letters, so a
-//! group's page is a slice, whatever the DLQ's size.
+//! half a DLQ.
+//!
+//! What a snapshot keeps is bounded per letter, whatever the letter
+//! carries ([`LETTER_BYTES_MAX`], under 6 KiB; about 1.6 KiB typically):
+//! the summary fields, the headers a page shows (the `x-mmsend-*` headers
+//! mmsend writes, [`headers::ALL`], and a one-line summary of RabbitMQ's
+//! `x-death`; any other header is dropped), each value cut at
+//! [`VALUE_BYTES`] and all of them at [`HEADERS_BYTES`], and a short masked
+//! body preview; plus an index from each group of each [`Dimension`] to
+//! its letters, so a group's page is a slice, whatever the DLQ's size.
+//! Every text is masked as it enters the snapshot ([`mask`]), so no page
+//! can show a token: the groups are counted here from the masked letters
+//! (as `dlq stats` counts them), not taken from the DLQ library's stats.
+//! (While a scan runs, the letters the broker has sent ahead, up to the
+//! scan's consumer window, are in memory whole for a moment; that passes
+//! with the scan, the bound is what stays.)
 
 use std::collections::{HashMap, HashSet};
+use std::mem::size_of;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use tokio_util::sync::CancellationToken;
 
 use super::access::Access;
-use super::mask;
+use super::mask::{self, Masker, BODY_PREVIEW_BYTES, CUT_MARK};
 use crate::broker::headers;
 use crate::broker::topology::QueueInfo;
 use crate::dlq::{
     self, DeadLetter, Dimension, DlqError, Filter, Flow, Group, LetterKey, Observer, Progress,
-    ScanOptions, ScanReport, Stats, StatsBuilder,
+    ScanOptions, ScanReport,
 };
 
-/// Longest header value kept per letter.
-const HEADER_CHARS: usize = 300;
+/// Longest text kept per value (a header, the last error, a group key:
+/// reason, class, campaign, page), in bytes, before [`CUT_MARK`].
+pub(crate) const VALUE_BYTES: usize = 300;
+/// Header value bytes kept per letter in all; past them a header shows
+/// only [`CUT_MARK`].
+pub(crate) const HEADERS_BYTES: usize = 1024;
+/// RabbitMQ's record of how it dead-lettered a message, kept as a one-line
+/// summary (`delivery_limit from p.send ×2`).
+pub(crate) const X_DEATH: &str = "x-death";
+/// Headers a letter keeps at most: every `x-mmsend-*` header mmsend writes
+/// ([`headers::ALL`]) and the `x-death` summary. Any other header a letter
+/// carries is not kept.
+const SHOWN_HEADERS: usize = headers::ALL.len() + 1;
+/// A job id's bytes at most (the DLQ library's key cuts it at 200
+/// characters).
+const JOB_ID_BYTES: usize = 200 * 4 + CUT_MARK.len();
+/// What the snapshot's indexes hold per letter: its place in five group
+/// lists and in the fingerprint map (with the map's slack).
+const INDEX_BYTES: usize = 5 * size_of::<u32>() + 44;
+/// The count and weak count in front of each shared string.
+const ARC_HEADER: usize = 2 * size_of::<usize>();
+/// What the allocator adds to each allocation at most (its header and the
+/// rounding of sizes to 16 bytes).
+const ALLOC_OVERHEAD: usize = 24;
+
+/// What one letter costs a snapshot at most, in bytes, whatever it
+/// carries (the record, its strings counted as if none were shared, its
+/// share of the indexes); typically a third of it (about 1.6 KiB measured
+/// at 100,000 letters, README). `--max-letters` times this bounds a
+/// snapshot.
+pub(crate) const LETTER_BYTES_MAX: usize = size_of::<Letter>()
+    + (JOB_ID_BYTES + ALLOC_OVERHEAD)
+    + 5 * (ARC_HEADER + VALUE_BYTES + CUT_MARK.len() + ALLOC_OVERHEAD)
+    + ALLOC_OVERHEAD
+    + SHOWN_HEADERS
+        * (size_of::<(&str, Arc<str>)>() + ARC_HEADER + CUT_MARK.len() + ALLOC_OVERHEAD)
+    + HEADERS_BYTES
+    + (BODY_PREVIEW_BYTES + ALLOC_OVERHEAD)
+    + INDEX_BYTES;
+
+// the bound `--max-letters` and the docs state
+const _: () = assert!(LETTER_BYTES_MAX <= 6 * 1024);
 
 /// One dead letter as the snapshot keeps it: bounded, masked.
 #[derive(Debug, Clone)]
 pub(crate) struct Letter {
+    /// As the DLQ library names the letter (not masked: pages show
+    /// [`Letter::job_label`]).
     pub(crate) job_id: Box<str>,
     /// The key's fingerprint, as a number.
     pub(crate) fingerprint: u64,
+    /// The letter's group keys (masked, bounded, as the groups name them).
     pub(crate) reason: Arc<str>,
     pub(crate) class: Option<Arc<str>>,
     pub(crate) code: Option<i64>,
@@ -52,8 +109,8 @@ pub(crate) struct Letter {
     pub(crate) replays: u32,
     pub(crate) dead_at: Option<DateTime<Utc>>,
     pub(crate) error: Option<Arc<str>>,
-    /// Every `x-mmsend-*` header, as text.
-    pub(crate) headers: Box<[(Arc<str>, Arc<str>)]>,
+    /// The headers a page shows (see [`SHOWN_HEADERS`]), masked, bounded.
+    pub(crate) headers: Box<[(&'static str, Arc<str>)]>,
     /// The masked body preview.
     pub(crate) body: Box<str>,
     pub(crate) body_bytes: u32,
@@ -72,6 +129,31 @@ impl Letter {
 
     pub(crate) fn fingerprint_hex(&self) -> String {
         format!("{:016x}", self.fingerprint)
+    }
+
+    /// The job id as pages show it (and link it).
+    pub(crate) fn job_label(&self) -> std::borrow::Cow<'_, str> {
+        mask::shown(&self.job_id, JOB_ID_BYTES)
+    }
+
+    /// What this letter costs the snapshot at most, in bytes: its record,
+    /// its allocations (each string counted whole, though a string shared
+    /// with other letters is stored once) and its share of the indexes.
+    pub(crate) fn bytes(&self) -> usize {
+        let alloc = |n: usize| if n == 0 { 0 } else { n + ALLOC_OVERHEAD };
+        let shared = |s: &str| alloc(ARC_HEADER + s.len());
+        let maybe = |s: &Option<Arc<str>>| s.as_deref().map_or(0, shared);
+        size_of::<Letter>()
+            + alloc(self.job_id.len())
+            + shared(&self.reason)
+            + maybe(&self.class)
+            + maybe(&self.campaign)
+            + maybe(&self.page)
+            + maybe(&self.error)
+            + alloc(self.headers.len() * size_of::<(&str, Arc<str>)>())
+            + self.headers.iter().map(|(_, v)| shared(v)).sum::<usize>()
+            + alloc(self.body.len())
+            + INDEX_BYTES
     }
 }
 
@@ -99,43 +181,58 @@ pub(crate) struct Snapshot {
     pub(crate) taken_at: Option<DateTime<Utc>>,
     pub(crate) took: Duration,
     pub(crate) report: Option<ScanReport>,
-    pub(crate) stats: Stats,
     /// Every queue of the topology with its depth, read just before the scan.
     pub(crate) queues: Vec<QueueInfo>,
     /// Why `queues` is empty, when the depths could not be read.
     pub(crate) depth_note: Option<String>,
     /// In queue order.
     pub(crate) letters: Vec<Letter>,
-    groups: [HashMap<Box<str>, Vec<u32>>; 5],
+    /// Each dimension's groups, largest first, as `dlq stats` counts them
+    /// (keys and errors masked).
+    groups: [Vec<Group>; 5],
+    /// Each dimension's group key → its letters.
+    members: [HashMap<Arc<str>, Vec<u32>>; 5],
     by_fingerprint: HashMap<u64, u32>,
 }
 
 impl Snapshot {
+    /// The groups of a dimension, largest first.
+    pub(crate) fn groups(&self, dimension: Dimension) -> &[Group] {
+        &self.groups[dim_index(dimension)]
+    }
+
     /// The letters of one group (indices into [`Snapshot::letters`], in
     /// queue order).
     pub(crate) fn members(&self, dimension: Dimension, key: &str) -> Option<&[u32]> {
-        self.groups[dim_index(dimension)]
+        self.members[dim_index(dimension)]
             .get(key)
             .map(Vec::as_slice)
     }
 
     /// The counts of one group.
     pub(crate) fn group(&self, dimension: Dimension, key: &str) -> Option<&Group> {
-        self.stats.groups(dimension).iter().find(|g| g.key == key)
+        self.groups(dimension).iter().find(|g| g.key == key)
     }
 
-    /// The letter named by a job id and fingerprint.
+    /// The letter named by a job id (as stored or as shown) and fingerprint.
     pub(crate) fn letter(&self, job_id: &str, fingerprint: &str) -> Option<&Letter> {
         self.letter_index(job_id, fingerprint)
             .map(|i| &self.letters[i as usize])
     }
 
-    /// Where the letter named by a job id and fingerprint is in
-    /// [`Snapshot::letters`].
+    /// Where the letter named by a job id (as stored or as shown) and
+    /// fingerprint is in [`Snapshot::letters`].
     pub(crate) fn letter_index(&self, job_id: &str, fingerprint: &str) -> Option<u32> {
         let fp = u64::from_str_radix(fingerprint, 16).ok()?;
         let i = *self.by_fingerprint.get(&fp)?;
-        (&*self.letters[i as usize].job_id == job_id).then_some(i)
+        let l = &self.letters[i as usize];
+        (&*l.job_id == job_id || l.job_label() == job_id).then_some(i)
+    }
+
+    /// What the snapshot's letters cost at most, in bytes
+    /// ([`Letter::bytes`]).
+    pub(crate) fn bytes(&self) -> usize {
+        self.letters.iter().map(Letter::bytes).sum()
     }
 }
 
@@ -146,59 +243,125 @@ fn dim_index(d: Dimension) -> usize {
         .unwrap_or_default()
 }
 
+/// RabbitMQ's `x-death` as one line: `reason from queue ×count; …`.
+fn death_summary(table: &FieldTable) -> Option<String> {
+    let AMQPValue::FieldArray(entries) = table.inner().get(&ShortString::from(X_DEATH))? else {
+        return None;
+    };
+    let text = |t: &FieldTable, k: &str| {
+        t.inner()
+            .get(&ShortString::from(k))
+            .and_then(headers::as_text)
+            .unwrap_or_else(|| "?".into())
+    };
+    let parts: Vec<String> = entries
+        .as_slice()
+        .iter()
+        .filter_map(|e| match e {
+            AMQPValue::FieldTable(t) => Some(t),
+            _ => None,
+        })
+        .map(|t| {
+            let count = t
+                .inner()
+                .get(&ShortString::from("count"))
+                .and_then(headers::as_int)
+                .unwrap_or(1);
+            format!("{} from {} ×{count}", text(t, "reason"), text(t, "queue"))
+        })
+        .collect();
+    (!parts.is_empty()).then(|| parts.join("; "))
+}
+
+/// One group of a dimension, counted from its letters as `dlq stats`
+/// counts it (the latest error is that of the letter that died last, the
+/// later one of a tie).
+fn count_group(key: &str, members: &[u32], letters: &[Letter]) -> Group {
+    let mut g = Group {
+        key: key.to_string(),
+        count: members.len(),
+        oldest: None,
+        newest: None,
+        latest_error: None,
+    };
+    let mut latest: Option<&Arc<str>> = None;
+    for l in members.iter().map(|&i| &letters[i as usize]) {
+        match l.dead_at {
+            Some(t) => {
+                g.oldest = Some(g.oldest.map_or(t, |o| o.min(t)));
+                if g.newest.is_none_or(|n| t >= n) {
+                    g.newest = Some(t);
+                    latest = l.error.as_ref();
+                }
+            }
+            None if latest.is_none() => latest = l.error.as_ref(),
+            None => {}
+        }
+    }
+    g.latest_error = latest.map(|e| e.to_string());
+    g
+}
+
 /// Builds a [`Snapshot`] from the letters of one scan.
 #[derive(Default)]
 struct Builder {
-    stats: StatsBuilder,
     letters: Vec<Letter>,
-    groups: [HashMap<Box<str>, Vec<u32>>; 5],
+    members: [HashMap<Arc<str>, Vec<u32>>; 5],
     by_fingerprint: HashMap<u64, u32>,
     strings: Interner,
 }
 
 impl Builder {
     fn add(&mut self, d: &DeadLetter) {
-        self.stats.add(d);
         let index = self.letters.len() as u32;
-        for dimension in Dimension::ALL {
-            let key = dimension.key_of(d);
-            let map = &mut self.groups[dim_index(dimension)];
-            match map.get_mut(key.as_ref()) {
+        let s = &mut self.strings;
+        // the same masked, bounded key names the group and the letter's
+        // link to it
+        let keys = Dimension::ALL.map(|dim| s.get(&mask::shown(&dim.key_of(d), VALUE_BYTES)));
+        for (map, key) in self.members.iter_mut().zip(&keys) {
+            match map.get_mut(key) {
                 Some(v) => v.push(index),
                 None => {
-                    map.insert(key.as_ref().into(), vec![index]);
+                    map.insert(key.clone(), vec![index]);
                 }
             }
         }
+        let [reason, class, _, campaign, page] = keys;
         let key = d.key();
         let fingerprint = u64::from_str_radix(&key.fingerprint, 16).unwrap_or_default();
         self.by_fingerprint.entry(fingerprint).or_insert(index);
-        let s = &mut self.strings;
-        let mut kept: Vec<(Arc<str>, Arc<str>)> = Vec::new();
+        let body = mask::preview(&d.body);
+        let masker = Masker::new(body.secrets);
+        let mut kept: Vec<(&'static str, Arc<str>)> = Vec::new();
         if let Some(table) = d.properties.headers() {
-            for (k, v) in table.inner() {
-                let name = k.as_str();
-                if name.starts_with("x-mmsend-") {
-                    let text = headers::as_text(v).unwrap_or_else(|| "(not text)".into());
-                    kept.push((s.get(name), s.get(&mask::header_value(&text, HEADER_CHARS))));
+            let mut budget = HEADERS_BYTES;
+            let mut keep = |name: &'static str, value: &str| {
+                let shown = masker.text(value, VALUE_BYTES.min(budget));
+                budget = budget.saturating_sub(shown.len());
+                kept.push((name, s.get(&shown)));
+            };
+            for name in headers::ALL {
+                if let Some(v) = table.inner().get(&ShortString::from(name)) {
+                    keep(
+                        name,
+                        &headers::as_text(v).unwrap_or_else(|| "(not text)".into()),
+                    );
                 }
+            }
+            if let Some(summary) = death_summary(table) {
+                keep(X_DEATH, &summary);
             }
         }
         let story = &d.story;
-        let body = mask::preview(&d.body);
-        // already bounded by the key (DeadLetter::key)
+        // the job id is already bounded by the key (DeadLetter::key)
         self.letters.push(Letter {
             job_id: key.job_id.into_boxed_str(),
             fingerprint,
-            reason: s.get(&d.reason_label()),
-            class: d.class_label().map(|c| s.get(c)),
+            reason,
+            class: d.class_label().map(|_| class),
             code: d.code(),
-            campaign: d
-                .campaign_str()
-                .map(|c| s.get(&mask::header_value(c, HEADER_CHARS))),
-            page: d
-                .page_str()
-                .map(|p| s.get(&mask::header_value(p, HEADER_CHARS))),
+            campaign: d.campaign_str().map(|_| campaign),
+            page: d.page_str().map(|_| page),
             attempts: story.attempt,
             replays: story.replays,
             dead_at: story.dead_at,
@@ -206,7 +369,7 @@ impl Builder {
                 .last_error
                 .message
                 .as_deref()
-                .map(|m| s.get(&mask::header_value(m, HEADER_CHARS))),
+                .map(|m| s.get(&masker.text(m, VALUE_BYTES))),
             headers: kept.into_boxed_slice(),
             body: body.text.into_boxed_str(),
             body_bytes: u32::try_from(body.bytes).unwrap_or(u32::MAX),
@@ -223,19 +386,28 @@ impl Builder {
         took: Duration,
     ) -> Snapshot {
         self.letters.shrink_to_fit();
-        for map in &mut self.groups {
+        for map in &mut self.members {
             map.values_mut().for_each(Vec::shrink_to_fit);
         }
+        let letters = self.letters;
+        let groups = self.members.each_ref().map(|map| {
+            let mut v: Vec<Group> = map
+                .iter()
+                .map(|(key, members)| count_group(key, members, &letters))
+                .collect();
+            v.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.key.cmp(&b.key)));
+            v
+        });
         Snapshot {
             id,
             taken_at: Some(Utc::now()),
             took,
             report: Some(report),
-            stats: self.stats.build(),
             queues,
             depth_note: None,
-            letters: self.letters,
-            groups: self.groups,
+            letters,
+            groups,
+            members: self.members,
             by_fingerprint: self.by_fingerprint,
         }
     }
@@ -346,7 +518,11 @@ impl Snapshots {
                     st.notice = None;
                     st.stale = false;
                     drop(st);
-                    tracing::debug!(letters = snapshot.letters.len(), "console snapshot taken");
+                    tracing::debug!(
+                        letters = snapshot.letters.len(),
+                        bytes_at_most = snapshot.bytes(),
+                        "console snapshot taken"
+                    );
                     match this.current.write() {
                         Ok(mut c) => *c = Arc::new(snapshot),
                         Err(e) => *e.into_inner() = Arc::new(snapshot),
@@ -434,7 +610,8 @@ impl Observer for Watcher<'_> {
 mod tests {
     use super::*;
     use crate::broker::headers::{LastError, Story};
-    use lapin::types::FieldTable;
+    use crate::dlq::StatsBuilder;
+    use lapin::types::{FieldArray, LongString};
     use lapin::BasicProperties;
 
     fn dead(id: &str, code: i64, campaign: &str, token: &str) -> DeadLetter {
@@ -492,8 +669,13 @@ mod tests {
         letters.iter().for_each(|d| b.add(d));
         let s = b.build(7, report(30), Vec::new(), Duration::ZERO);
         assert!(s.report.as_ref().is_some_and(ScanReport::counted_all));
+        // the groups are `dlq stats`'s (nothing here needs masking)
+        let mut stats = StatsBuilder::default();
+        letters.iter().for_each(|d| stats.add(d));
+        let stats = stats.build();
         for dimension in Dimension::ALL {
-            for g in s.stats.groups(dimension) {
+            assert_eq!(s.groups(dimension), stats.groups(dimension), "{dimension}");
+            for g in s.groups(dimension) {
                 let members = s.members(dimension, &g.key).unwrap();
                 assert_eq!(members.len(), g.count, "{dimension} {}", g.key);
                 assert!(members.windows(2).all(|w| w[0] < w[1]), "queue order");
@@ -523,5 +705,169 @@ mod tests {
         assert!(s.letter("other", &s.letters[0].fingerprint_hex()).is_none());
         // repeated strings are shared, not copied per letter
         assert!(Arc::ptr_eq(&s.letters[0].reason, &s.letters[1].reason));
+    }
+
+    /// A letter as a careless or hostile producer could leave one.
+    fn heavy(extra_headers: usize, value_bytes: usize) -> DeadLetter {
+        let mut d = dead(
+            "heavy",
+            2300005,
+            "c",
+            &format!("recipient-{}", "r".repeat(40)),
+        );
+        let mut h = d.properties.headers().clone().unwrap_or_default();
+        for i in 0..extra_headers {
+            h.insert(
+                format!("x-mmsend-extra-{i:03}").into(),
+                AMQPValue::LongString(LongString::from("v".repeat(value_bytes))),
+            );
+        }
+        // every header mmsend writes, at its longest
+        for name in headers::ALL {
+            h.insert(
+                name.into(),
+                AMQPValue::LongString(LongString::from("é".repeat(value_bytes))),
+            );
+        }
+        let mut death = FieldTable::default();
+        death.insert(
+            "reason".into(),
+            AMQPValue::LongString("delivery_limit".into()),
+        );
+        death.insert(
+            "queue".into(),
+            AMQPValue::LongString("q".repeat(value_bytes).into()),
+        );
+        h.insert(
+            X_DEATH.into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death); 50])),
+        );
+        d.properties = d.properties.with_headers(h);
+        d
+    }
+
+    #[test]
+    fn a_letter_costs_no_more_than_its_bound_whatever_its_headers() {
+        // the review's letter: 300 headers of 1 KiB each
+        let mut b = Builder::default();
+        b.add(&heavy(300, 1024));
+        let s = b.build(1, report(1), Vec::new(), Duration::ZERO);
+        let l = &s.letters[0];
+        assert!(
+            l.bytes() <= LETTER_BYTES_MAX,
+            "{} bytes > {LETTER_BYTES_MAX}",
+            l.bytes()
+        );
+        assert_eq!(s.bytes(), l.bytes());
+        // only the headers a page shows, each cut with a mark
+        assert_eq!(l.headers.len(), SHOWN_HEADERS, "{:?}", l.headers);
+        assert!(l.headers.iter().all(|(k, _)| !k.contains("extra")));
+        let attempt = &l
+            .headers
+            .iter()
+            .find(|(k, _)| *k == headers::ATTEMPT)
+            .unwrap()
+            .1;
+        assert!(attempt.len() <= VALUE_BYTES + CUT_MARK.len() && attempt.ends_with(CUT_MARK));
+        let death = &l.headers.last().unwrap();
+        assert_eq!(death.0, X_DEATH);
+        let values: usize = l.headers.iter().map(|(_, v)| v.len()).sum();
+        assert!(
+            values <= HEADERS_BYTES + SHOWN_HEADERS * CUT_MARK.len(),
+            "{values}"
+        );
+        // a plain letter costs far less
+        let mut b = Builder::default();
+        b.add(&dead(
+            "plain",
+            2300005,
+            "c",
+            "recipient-token-xxxxxxxxxxxxxxxxxxxx",
+        ));
+        let s = b.build(1, report(1), Vec::new(), Duration::ZERO);
+        assert!(s.letters[0].bytes() < 2 * 1024, "{}", s.letters[0].bytes());
+    }
+
+    #[test]
+    fn the_x_death_summary_reads_one_line() {
+        let mut d = dead("j", 2300005, "c", "t");
+        let mut h = d.properties.headers().clone().unwrap_or_default();
+        let entry = |reason: &str, count: i64| {
+            let mut t = FieldTable::default();
+            t.insert("reason".into(), AMQPValue::LongString(reason.into()));
+            t.insert("queue".into(), AMQPValue::LongString("p.send".into()));
+            t.insert("count".into(), AMQPValue::LongLongInt(count));
+            AMQPValue::FieldTable(t)
+        };
+        h.insert(
+            X_DEATH.into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![
+                entry("delivery_limit", 2),
+                entry("expired", 1),
+            ])),
+        );
+        d.properties = d.properties.with_headers(h);
+        let mut b = Builder::default();
+        b.add(&d);
+        let s = b.build(1, report(1), Vec::new(), Duration::ZERO);
+        let (_, v) = s.letters[0]
+            .headers
+            .iter()
+            .find(|(k, _)| *k == X_DEATH)
+            .unwrap();
+        assert_eq!(
+            &**v,
+            "delivery_limit from p.send ×2; expired from p.send ×1"
+        );
+    }
+
+    #[test]
+    fn tokens_in_errors_and_keys_are_masked_before_a_page_sees_them() {
+        const ACCESS: &str = "EAAGm0PX4ZCpsBAFAKEfakeFAKEfake0123456789";
+        let recipient = format!("recipient-7-{}", "q".repeat(32));
+        let mut d = dead("j7", 2300005, ACCESS, &recipient);
+        let mut h = d.properties.headers().clone().unwrap_or_default();
+        let message = format!("Malformed access token {ACCESS} for {recipient}");
+        h.insert(
+            headers::ERROR_MESSAGE.into(),
+            AMQPValue::LongString(message.as_str().into()),
+        );
+        h.insert(headers::WORKER.into(), AMQPValue::LongString(ACCESS.into()));
+        d.properties = d.properties.with_headers(h.clone());
+        d.story = headers::Story::read(Some(&h));
+        let mut b = Builder::default();
+        b.add(&d);
+        b.add(&dead(
+            "j8",
+            2300018,
+            "plain",
+            "recipient-8-xxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+        ));
+        let s = b.build(1, report(2), Vec::new(), Duration::ZERO);
+        let l = &s.letters[0];
+        let mut texts: Vec<String> = vec![l.error.as_deref().unwrap_or_default().into()];
+        texts.extend(l.headers.iter().map(|(_, v)| v.to_string()));
+        texts.extend(l.campaign.as_deref().map(str::to_owned));
+        for d in Dimension::ALL {
+            for g in s.groups(d) {
+                texts.push(g.key.clone());
+                texts.extend(g.latest_error.clone());
+            }
+        }
+        for t in &texts {
+            assert!(!t.contains(ACCESS) && !t.contains(&recipient), "{t}");
+        }
+        let error = l.error.as_deref().unwrap();
+        assert!(
+            error.starts_with("Malformed access token EAAG•••(41 chars) for reci•••("),
+            "{error}"
+        );
+        let by_code = s.group(Dimension::Code, "2300005").unwrap();
+        assert_eq!(by_code.latest_error.as_deref(), Some(error));
+        // the campaign's group is named by the masked key, and the letter
+        // links to it by the same
+        let campaign = l.campaign.as_deref().unwrap();
+        assert_eq!(campaign, mask::text(ACCESS, VALUE_BYTES));
+        assert_eq!(s.members(Dimension::Campaign, campaign), Some(&[0u32][..]));
     }
 }

@@ -3,6 +3,12 @@
 //! the snapshot and the actions. Everything is formatted here (counts,
 //! times, links), so the templates only place text; a page is built from
 //! at most one page of rows, whatever the DLQ's size.
+//!
+//! Every text from a letter reaches a page masked: the snapshot masks what
+//! it keeps ([`super::mask`]); job ids are shown (and linked) as
+//! [`Letter::job_label`]; messages that could quote one (a failed
+//! refresh's or action's error) are masked here. The console offers no
+//! download: every byte it serves is one of these pages.
 
 use std::time::Duration;
 
@@ -10,6 +16,7 @@ use askama::Template;
 use chrono::{DateTime, Utc};
 
 use super::actions::{Action, Kind, Scope, State};
+use super::mask;
 use super::snapshot::{Letter, Notice, Snapshot, Status};
 use crate::dlq::{Dimension, Group, Stop};
 
@@ -79,8 +86,13 @@ pub(crate) fn group_href(d: Dimension, key: &str) -> String {
 pub(crate) fn letter_href(l: &Letter) -> String {
     format!(
         "/letter{}",
-        query(&[("job", &l.job_id), ("fp", &l.fingerprint_hex())])
+        query(&[("job", &l.job_label()), ("fp", &l.fingerprint_hex())])
     )
+}
+
+/// A message that may quote what it failed on, as a page may show it.
+fn masked(message: &str) -> String {
+    mask::text(message, 2_000)
 }
 
 fn confirm_group_href(kind: Kind, d: Dimension, key: &str) -> String {
@@ -157,15 +169,16 @@ impl SnapshotLine {
             Some(Notice::Failed { message, at }) => notes.push((
                 "bad",
                 format!(
-                    "The last refresh failed at {} UTC: {message}.{}",
+                    "The last refresh failed at {} UTC: {}.{}",
                     at.format("%H:%M:%S"),
+                    masked(message),
                     if s.taken_at.is_some() { " Showing the last complete snapshot." } else { "" }
                 ),
             )),
             None => {}
         }
         if let Some(d) = &s.depth_note {
-            notes.push(("info", format!("Queue depths unavailable: {d}.")));
+            notes.push(("info", format!("Queue depths unavailable: {}.", masked(d))));
         }
         if status.stale {
             notes.push((
@@ -255,7 +268,7 @@ impl Overview {
         let dims = Dimension::ALL
             .iter()
             .map(|&d| {
-                let all = s.stats.groups(d);
+                let all = s.groups(d);
                 DimTable {
                     name: d.as_str(),
                     groups: all
@@ -357,7 +370,7 @@ pub(crate) struct Groups {
 
 impl Groups {
     pub(crate) fn new(chrome: Chrome, s: &Snapshot, d: Dimension, page: usize) -> Groups {
-        let all = s.stats.groups(d);
+        let all = s.groups(d);
         let (pager, range) = Pager::new(page, all.len(), "groups", |n| {
             format!(
                 "/groups{}",
@@ -396,7 +409,7 @@ fn or_dash(s: &Option<std::sync::Arc<str>>) -> String {
 impl LetterRow {
     pub(crate) fn new(l: &Letter) -> LetterRow {
         LetterRow {
-            job_id: l.job_id.to_string(),
+            job_id: l.job_label().into_owned(),
             href: letter_href(l),
             campaign: or_dash(&l.campaign),
             page: or_dash(&l.page),
@@ -502,7 +515,7 @@ impl LetterPage {
         }
         LetterPage {
             chrome,
-            job_id: l.job_id.to_string(),
+            job_id: l.job_label().into_owned(),
             fingerprint: l.fingerprint_hex(),
             groups: values
                 .into_iter()
@@ -516,7 +529,7 @@ impl LetterPage {
                 "/confirm{}",
                 query(&[
                     ("kind", "replay"),
-                    ("job", &l.job_id),
+                    ("job", &l.job_label()),
                     ("fp", &l.fingerprint_hex())
                 ])
             ),
@@ -649,7 +662,7 @@ pub(crate) fn action_state(a: &Action) -> (String, &'static str) {
             "Queued: waiting for the DLQ (a snapshot or another action is reading it).".into(),
             "info",
         ),
-        State::Waiting { why } => (format!("Waiting: {why}."), "warn"),
+        State::Waiting { why } => (format!("Waiting: {}.", masked(why)), "warn"),
         State::Running(p) => (
             format!(
                 "Running: {} of {} {verb}, {} letters of the DLQ read ({}).",
@@ -750,7 +763,7 @@ impl ActionPage {
             }
             State::Failed { message: m, moved } => {
                 numbers.push(("moved", count(*moved), "moved"));
-                message = Some(m.clone());
+                message = Some(masked(m));
             }
             State::Queued | State::Waiting { .. } => {}
         }
