@@ -364,7 +364,7 @@ impl Builder {
             page: d.page_str().map(|_| page),
             attempts: story.attempt,
             replays: story.replays,
-            dead_at: story.dead_at,
+            dead_at: d.died_at(),
             error: story
                 .last_error
                 .message
