@@ -10,10 +10,11 @@
 //!   what many jobs become: the first campaign to reach a recipient sends,
 //!   the others are answered 2300035 and end dead as `expired`
 //!   (recipient_capped). That is where a job wrongly settled "sent" hides.
-//! - About one recipient in seven is a simulator trigger (flaky, late
+//! - One recipient of each simulator trigger ([`TRIGGERS`]: flaky, late
 //!   answers, throttling, answers without a tracking id, long bodies,
-//!   terminal errors, a 190 that echoes the token, resets): see
-//!   [`TRIGGERS`]. Their jobs carry the same trigger in every campaign.
+//!   terminal errors, a 190 that echoes the token, resets), and about one in
+//!   seven of the others a trigger drawn by weight. Their jobs carry the
+//!   same trigger in every campaign.
 //! - Every plan has at least one fault of each kind (so two fixed seeds
 //!   cover them all), placed at random in the fault phase, then more of
 //!   random kinds.
@@ -226,26 +227,40 @@ pub fn plan(seed: u64, size: Size) -> Plan {
     let per_campaign = size.jobs.div_ceil(size.campaigns);
     let pool = per_campaign.max(size.jobs / 2);
     let late = (REQUEST_TIMEOUT + Duration::from_millis(500)).as_millis();
-    let recipients: Vec<String> = (0..pool)
-        .map(|r| {
+    // one recipient of each trigger, then one in seven a trigger by weight
+    let mut triggers: Vec<Option<usize>> = (0..pool)
+        .map(|_| {
             if rng.random_range(0..7) != 0 {
-                return format!("psid-{r:05}");
+                return None;
             }
             let total: u32 = TRIGGERS.iter().map(|(_, w)| w).sum();
             let mut pick = rng.random_range(0..total);
-            let (trigger, _) = TRIGGERS
-                .iter()
-                .find(|(_, w)| {
-                    let hit = pick < *w;
-                    pick = pick.saturating_sub(*w);
-                    hit
-                })
-                .expect("a weight was picked");
-            let slow = rng.random_range(200..700u32);
-            let trigger = trigger
-                .replace("{late}", &late.to_string())
-                .replace("{slow}", &slow.to_string());
-            format!("{trigger}:psid-{r:05}")
+            TRIGGERS.iter().position(|(_, w)| {
+                let hit = pick < *w;
+                pick = pick.saturating_sub(*w);
+                hit
+            })
+        })
+        .collect();
+    for (t, r) in rand::seq::index::sample(&mut rng, pool, TRIGGERS.len().min(pool))
+        .iter()
+        .enumerate()
+    {
+        triggers[r] = Some(t);
+    }
+    let recipients: Vec<String> = triggers
+        .into_iter()
+        .enumerate()
+        .map(|(r, trigger)| match trigger {
+            None => format!("psid-{r:05}"),
+            Some(t) => {
+                let slow = rng.random_range(200..700u32);
+                let trigger = TRIGGERS[t]
+                    .0
+                    .replace("{late}", &late.to_string())
+                    .replace("{slow}", &slow.to_string());
+                format!("{trigger}:psid-{r:05}")
+            }
         })
         .collect();
 
