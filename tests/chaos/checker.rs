@@ -74,6 +74,8 @@ pub struct Observed {
     pub texts: Vec<(String, String)>,
     /// Windows in which Redis was unusable.
     pub outages: Vec<(DateTime<Utc>, DateTime<Utc>)>,
+    /// When a worker was killed, stopped or cut off, and which.
+    pub worker_fault_times: Vec<(DateTime<Utc>, String)>,
     /// Kills, terms and connection closes applied.
     pub worker_faults: usize,
     /// Workers that exited without being told to.
@@ -161,6 +163,7 @@ struct Event {
     outcome: String,
     tracking_id: Option<String>,
     suspected: bool,
+    at: Option<DateTime<Utc>>,
 }
 
 fn event(raw: &[u8]) -> Option<Event> {
@@ -173,6 +176,11 @@ fn event(raw: &[u8]) -> Option<Event> {
             .and_then(Value::as_str)
             .map(str::to_owned),
         suspected: v.get("suspected").and_then(Value::as_bool) == Some(true),
+        at: v
+            .get("at")
+            .and_then(Value::as_str)
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc)),
     })
 }
 
@@ -253,6 +261,43 @@ fn books<'a>(plan: &'a Plan, o: &'a Observed, violations: &mut Vec<Violation>) -
         }
     }
     Books { by_job, by_id }
+}
+
+/// What the ledger may have taken for a send: the job's calls before its
+/// settling call (`until`) that a worker fault caught (the worker killed,
+/// stopped or cut off within the lease after the call), or none.
+fn evidence(o: &Observed, requests: &[&SimRequest], until: DateTime<Utc>) -> String {
+    let lease = chrono::Duration::from_std(o.request_timeout + Duration::from_millis(1500))
+        .unwrap_or_default();
+    let mut before: Vec<&&SimRequest> = requests.iter().filter(|r| r.at <= until).collect();
+    // the settling call itself
+    before.pop();
+    if before.is_empty() {
+        return "; it was never called before the call that settled it".into();
+    }
+    let caught: Vec<String> = before
+        .iter()
+        .filter_map(|r| {
+            let fault = o.worker_fault_times.iter().find(|(t, _)| {
+                *t >= r.at - chrono::Duration::milliseconds(200) && *t <= r.at + lease
+            })?;
+            Some(format!(
+                "its call at {} (answered {} {:?}) was followed {} ms later by `{}`",
+                r.at.format("%H:%M:%S%.3f"),
+                r.status,
+                r.code,
+                (fault.0 - r.at).num_milliseconds(),
+                fault.1
+            ))
+        })
+        .collect();
+    match caught.is_empty() {
+        true => format!(
+            "; {} earlier call(s), none near a worker fault",
+            before.len()
+        ),
+        false => format!("; {}", caught.join("; ")),
+    }
 }
 
 /// Whether Redis was unusable at some point in `[from, to]`.
@@ -433,7 +478,7 @@ pub fn check(plan: &Plan, o: &Observed) -> Verdict {
                     Kind::SentWithoutSend,
                     vec![i],
                     format!(
-                        "{} has a `{}` event (suspected: {}, tracking id {:?}) but the simulator never sent it{}{}",
+                        "{} has a `{}` event (suspected: {}, tracking id {:?}) but the simulator never sent it{}{}{}",
                         job.id,
                         e.outcome,
                         e.suspected,
@@ -445,7 +490,8 @@ pub fn check(plan: &Plan, o: &Observed) -> Verdict {
                         match seen.letters.is_empty() {
                             true => "; no letter either: never delivered, and the books say sent",
                             false => "",
-                        }
+                        },
+                        evidence(o, &seen.requests, e.at.unwrap_or(now))
                     ),
                 ),
                 (Some(send), Some(t)) if send.tracking_id.as_deref() != Some(t.as_str()) => push(

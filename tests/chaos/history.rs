@@ -41,6 +41,7 @@ pub struct Record {
 struct Inner {
     records: Vec<Record>,
     outages: Vec<(DateTime<Utc>, Option<DateTime<Utc>>)>,
+    worker_faults: Vec<(DateTime<Utc>, String)>,
 }
 
 /// The run's history, shared by the publisher and the fault executor.
@@ -86,6 +87,19 @@ impl History {
 
     pub fn note(&self, what: impl Into<String>) {
         self.push(Entry::Note(what.into()));
+    }
+
+    /// A worker lost what it held now (killed, told to stop, cut off by
+    /// the broker): noted, and kept for the checker.
+    pub fn worker_fault(&self, what: impl Into<String>) {
+        let what = what.into();
+        self.lock().worker_faults.push((Utc::now(), what.clone()));
+        self.note(what);
+    }
+
+    /// When workers lost what they held, and how.
+    pub fn worker_faults(&self) -> Vec<(DateTime<Utc>, String)> {
+        self.lock().worker_faults.clone()
     }
 
     /// Redis became unusable now (until [`History::redis_back`]).

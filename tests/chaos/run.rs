@@ -198,6 +198,7 @@ impl Workers<'_> {
                     let _ = c.wait();
                 }
                 history.fault("kill", format!("SIGKILL worker {w} ({})", self.id(w)), true);
+                history.worker_fault(format!("SIGKILL {}", self.id(w)));
                 self.slots[w].child = None;
                 self.slots[w].state = State::Down;
             }
@@ -210,6 +211,7 @@ impl Workers<'_> {
                 common::signal(c, "-TERM");
                 self.slots[w].state = State::Stopping;
                 history.fault("term", format!("SIGTERM worker {w} ({})", self.id(w)), true);
+                history.worker_fault(format!("SIGTERM {}", self.id(w)));
             }
             _ => history.fault("term", format!("SIGTERM worker {w}: it is not up"), false),
         }
@@ -364,12 +366,12 @@ async fn execute(
                     format!("rabbitmqctl close_connection of worker {w} ({needle})"),
                     true,
                 );
+                let history = history.clone();
+                // rabbitmqctl takes seconds: the close happens when it returns
                 side.push(tokio::task::spawn_blocking(move || {
                     let n = common::close_connections(&needle);
-                    Some((
-                        format!("closed {n} connection(s) of {needle}"),
-                        String::new(),
-                    ))
+                    history.worker_fault(format!("closed {n} connection(s) of {needle}"));
+                    None
                 }));
             }
             Step::Freeze => match redis_state {
@@ -446,6 +448,7 @@ async fn execute(
                 history.fault("replay", "mmsend dlq replay", true);
                 let mut cmd = h.mmsend(&["dlq", "replay"]);
                 cmd.env("MMSEND_CONFIG", config);
+                let history = history.clone();
                 side.push(tokio::task::spawn_blocking(move || {
                     let out = cmd.output().ok()?;
                     let text = format!(
@@ -453,7 +456,9 @@ async fn execute(
                         String::from_utf8_lossy(&out.stdout),
                         String::from_utf8_lossy(&out.stderr)
                     );
-                    Some((format!("dlq replay: {} {}", out.status, text.trim()), text))
+                    let note = format!("dlq replay: {} {}", out.status, text.trim());
+                    history.note(note.clone());
+                    Some((note, text))
                 }));
             }
         }
@@ -601,7 +606,6 @@ pub async fn run(plan: Plan, drain_limit: Duration) -> Outcome {
     let mut outputs = Vec::new();
     for s in side {
         if let Ok(Some((note, text))) = s.await {
-            history.note(note.clone());
             outputs.push((note, text));
         }
     }
@@ -677,6 +681,7 @@ pub async fn run(plan: Plan, drain_limit: Duration) -> Outcome {
         left,
         texts,
         outages: history.outages(),
+        worker_fault_times: history.worker_faults(),
         worker_faults,
         exits: std::mem::take(&mut workers.exits),
         max_attempts: MAX_ATTEMPTS,
