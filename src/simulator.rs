@@ -9,6 +9,13 @@
 //! (`GET /_sim/stats`, `POST /_sim/reset`) so a test can prove "sent exactly
 //! once".
 //!
+//! With `--record` ([`SimConfig::record`]) it also keeps its own books of
+//! every request (time, recipient, message id, answer) and every accepted
+//! send (time, recipient, message id, tracking id), read with
+//! [`SimHandle::record`] or `GET /_sim/record`: the record a chaos run
+//! checks the fleet against. It is off by default: a load test of millions
+//! of calls must not grow a list per call.
+//!
 //! Deterministic triggers, chosen by the recipient (`subscription_token`);
 //! each may end in `:anything` to make tokens unique:
 //!
@@ -21,7 +28,7 @@
 //! | `sim:fault:html502` | 502 with an HTML body |
 //! | `sim:fault:empty500` | 500 with an empty body |
 //! | `sim:fault:truncated` | 500 with JSON cut off mid-way |
-//! | `sim:fault:429` | 429, `Retry-After: 7`, Graph code 4 |
+//! | `sim:fault:429` | 429, `Retry-After: 7` (or `--throttle-retry-after`), Graph code 4 |
 //! | `sim:fault:429huge` | 429, `Retry-After: 10000000000000` (an absurd hint), Graph code 4 |
 //! | `sim:slow:<ms>` | waits `<ms>` milliseconds, then answers like any other token |
 //! | `sim:fault:hang` | never answers |
@@ -30,6 +37,10 @@
 //! | `sim:fault:html200` | 200 with an HTML page (a captive proxy) |
 //! | `sim:fault:success_false` | 200 `{"success": false}` |
 //! | `sim:fault:no_tracking_id` | the first call is a send answered `{"success": true}` without a tracking id; later calls take the normal path (with `--cap`, 2300035) |
+//! | `sim:fault:long2xx` | a send like any other, answered with a body over 16 KiB (the success fields and a long `padding` field) |
+//! | `sim:fault:token190` | 400 `OAuthException` code 190 whose message echoes the access token received, as Meta does: "Malformed access token EAA…" |
+//! | `sim:latesend:<ms>` | the first send to this recipient is booked at once and answered only after `<ms>` milliseconds: a caller whose request timeout is shorter sees a timeout for a message that went out; later calls answer at once |
+//! | `sim:throttle:<n>` | 429 with Graph code 4 and `Retry-After` (see `--throttle-retry-after`) for the first n requests of this recipient, then the normal path |
 //!
 //! Marketing error codes answer with Meta's description from the
 //! classification table's reference (`classify::table::REFERENCE`).
@@ -40,6 +51,11 @@
 //! with `--cap`, a second successful send to the same recipient within
 //! `--cap-window` answers 2300035; with `--errors 2300012=0.05,…`, each
 //! request fails with that code with that probability.
+//!
+//! Throttling answers (429 and the throttling codes of the classification
+//! table) carry `Retry-After: <seconds>` when `--throttle-retry-after` is set
+//! (whole seconds, at least 1); `sim:fault:429` says 7 without it. A test can
+//! so keep the scope gates a throttling answer closes short.
 //!
 //! Usage headers: the percentage is the number of calls in the last 60 s
 //! against a nominal budget of [`NOMINAL_CALLS_PER_MINUTE`], capped at 100.
@@ -104,6 +120,12 @@ pub(crate) struct SimArgs {
     /// estimated_time_to_regain_access (minutes) sent with throttling errors.
     #[arg(long, env = "MMSEND_SIM_REGAIN_MINUTES", default_value_t = 1)]
     pub(crate) regain_minutes: u32,
+    /// Retry-After sent with throttling answers, e.g. 1s (unset: none, and 7 s for sim:fault:429).
+    #[arg(long, env = "MMSEND_SIM_THROTTLE_RETRY_AFTER")]
+    pub(crate) throttle_retry_after: Option<String>,
+    /// Keep a record of every request and send (GET /_sim/record).
+    #[arg(long, env = "MMSEND_SIM_RECORD")]
+    pub(crate) record: bool,
     /// Threads that serve: 1 = one thread for every connection (the least CPU
     /// per request, so the simulator takes little from a worker on the same
     /// cores), 0 = one per core.
@@ -164,6 +186,11 @@ impl SimArgs {
             access_token: self.access_token.clone(),
             app_secret: self.app_secret.clone(),
             regain_minutes: self.regain_minutes,
+            throttle_retry_after: match &self.throttle_retry_after {
+                Some(s) => Some(dur("throttle-retry-after", s)?),
+                None => None,
+            },
+            record: self.record,
         })
     }
 }
@@ -214,6 +241,53 @@ pub struct SimConfig {
     pub app_secret: Option<String>,
     /// `estimated_time_to_regain_access` (minutes) sent with throttling errors.
     pub regain_minutes: u32,
+    /// `Retry-After` on throttling answers (whole seconds, at least 1);
+    /// `None`: none, and 7 s for `sim:fault:429`.
+    pub throttle_retry_after: Option<Duration>,
+    /// Keep a [`SimRecord`] of every request and send.
+    pub record: bool,
+}
+
+/// The simulator's own books of what it did ([`SimConfig::record`]).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct SimRecord {
+    /// Whether the simulator records at all (`--record`).
+    pub recording: bool,
+    /// Every request to the messages endpoint, in the order answered.
+    pub requests: Vec<SimRequest>,
+    /// Every accepted send, in the order booked.
+    pub sends: Vec<SimSend>,
+}
+
+/// One request to the messages endpoint.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct SimRequest {
+    /// When its answer was ready (a late answer: when it was booked).
+    pub at: chrono::DateTime<chrono::Utc>,
+    /// The recipient, if the body named one.
+    pub token: Option<String>,
+    /// The message id, if the body named one.
+    pub message_id: Option<String>,
+    /// HTTP status of the answer (0: the connection was dropped unanswered).
+    pub status: u16,
+    /// The Graph code of an error answer (the subcode when there is one).
+    pub code: Option<u64>,
+    /// Whether the request was a send.
+    pub sent: bool,
+}
+
+/// One accepted send.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct SimSend {
+    /// When it was booked.
+    pub at: chrono::DateTime<chrono::Utc>,
+    /// The recipient (`subscription_token`).
+    pub token: String,
+    /// The marketing message id.
+    pub message_id: String,
+    /// The tracking id it was given; `None` when answered without one
+    /// (`sim:fault:no_tracking_id`).
+    pub tracking_id: Option<String>,
 }
 
 /// What the simulator received.
@@ -250,6 +324,8 @@ struct Books {
     /// The last usage headers written, kept while their inputs stay the same
     /// (the percent moves once every 6,000 calls).
     usage: Option<Usage>,
+    /// Requests and sends, with [`SimConfig::record`].
+    record: SimRecord,
 }
 
 /// The usage headers of one (ad account, percent, regain) answer.
@@ -295,6 +371,15 @@ struct Sim {
 impl Sim {
     fn books(&self) -> std::sync::MutexGuard<'_, Books> {
         self.books.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record(&self) -> SimRecord {
+        let books = self.books();
+        SimRecord {
+            recording: self.config.record,
+            requests: books.record.requests.clone(),
+            sends: books.record.sends.clone(),
+        }
     }
 
     fn error(&self, books: &mut Books, key: String) {
@@ -407,6 +492,7 @@ fn app(config: SimConfig) -> (Router, Arc<Sim>) {
     let router = Router::new()
         .route("/{version}/{account}/messages", post(messages))
         .route("/_sim/stats", get(stats_handler))
+        .route("/_sim/record", get(record_handler))
         .route("/_sim/reset", post(reset_handler))
         .fallback(unknown_path)
         .with_state(sim.clone());
@@ -499,8 +585,14 @@ impl SimHandle {
         self.sim.books().stats.sends_by_recipient.len()
     }
 
+    /// A copy of the record of every request and send (empty unless
+    /// [`SimConfig::record`]).
+    pub fn record(&self) -> SimRecord {
+        self.sim.record()
+    }
+
     /// Forgets everything received (stats, populating and budget windows,
-    /// flaky counters, recipient caps, usage); the configuration stays.
+    /// flaky counters, recipient caps, usage, the record); the configuration stays.
     pub fn reset(&self) {
         *self.sim.books() = Books::default();
     }
@@ -516,7 +608,7 @@ impl SimHandle {
 pub(crate) async fn serve(args: &SimArgs) -> anyhow::Result<()> {
     let handle = Simulator::start(&args.listen, args.to_config()?).await?;
     println!(
-        "simulator listening on {} (POST /v24.0/act_<id>/messages, GET /_sim/stats, POST /_sim/reset)",
+        "simulator listening on {} (POST /v24.0/act_<id>/messages, GET /_sim/stats, GET /_sim/record, POST /_sim/reset)",
         handle.base_url()
     );
     tracing::info!(url = %handle.base_url(), "simulator up");
@@ -527,6 +619,10 @@ pub(crate) async fn serve(args: &SimArgs) -> anyhow::Result<()> {
 
 async fn stats_handler(State(sim): State<Arc<Sim>>) -> Json<SimStats> {
     Json(sim.books().stats.clone())
+}
+
+async fn record_handler(State(sim): State<Arc<Sim>>) -> Json<SimRecord> {
+    Json(sim.record())
 }
 
 async fn reset_handler(State(sim): State<Arc<Sim>>) -> StatusCode {
@@ -709,9 +805,13 @@ async fn handle_message(
             .map(str::to_owned)
     });
     let mut response = answer(&sim, &reset, &headers, &body, proof.as_deref()).await;
-    let regain = match response.extensions().get::<Throttled>() {
-        Some(_) => sim.config.regain_minutes,
-        None => 0,
+    if sim.config.record {
+        sim.record_request(&body, &response);
+    }
+    let throttled = response.extensions().get::<Throttled>().is_some();
+    let regain = match throttled {
+        true => sim.config.regain_minutes,
+        false => 0,
     };
     // the header values only: they share their bytes, the account is not copied
     let (app, buc) = {
@@ -726,7 +826,48 @@ async fn handle_message(
     headers.insert("x-app-usage", app);
     headers.insert("x-business-use-case-usage", buc);
     headers.insert("x-fb-trace-id", trace_id_header());
+    if let (true, Some(after)) = (throttled, sim.config.throttle_retry_after) {
+        if !headers.contains_key("retry-after") {
+            headers.insert("retry-after", HeaderValue::from(after.as_secs().max(1)));
+        }
+    }
+    // booked already: a caller that gives up before this sees a timeout
+    // for a message that went out
+    if let Some(Late(after)) = response.extensions().get::<Late>().copied() {
+        tokio::time::sleep(after).await;
+    }
     response
+}
+
+/// Holds a send's answer back this long (`sim:latesend`).
+#[derive(Clone, Copy)]
+struct Late(Duration);
+
+/// The Graph code of an error answer (the subcode when there is one).
+#[derive(Clone, Copy)]
+struct ErrorCode(u64);
+
+/// Marks an answer that booked a send.
+#[derive(Clone, Copy)]
+struct Booked;
+
+impl Sim {
+    /// Adds a request to the record: its recipient and message id (read
+    /// again from the body: recording is for tests, the hot path does not
+    /// pay for it) and what it was answered.
+    fn record_request(&self, body: &[u8], response: &Response) {
+        let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        let text = |p: &str| v.pointer(p).and_then(Value::as_str).map(str::to_owned);
+        let request = SimRequest {
+            at: chrono::Utc::now(),
+            token: text("/messenger_delivery_data/subscription_token"),
+            message_id: text("/message_id"),
+            status: response.status().as_u16(),
+            code: response.extensions().get::<ErrorCode>().map(|c| c.0),
+            sent: response.extensions().get::<Booked>().is_some(),
+        };
+        self.books().record.requests.push(request);
+    }
 }
 
 /// Marks a throttling answer (its BUC header carries the regain time).
@@ -755,6 +896,8 @@ async fn answer(
         if is_throttle(subcode.unwrap_or(code)) {
             r.extensions_mut().insert(Throttled);
         }
+        r.extensions_mut()
+            .insert(ErrorCode(subcode.unwrap_or(code)));
         r
     };
 
@@ -878,9 +1021,33 @@ async fn answer(
                 return fail(&mut books, 2, None);
             }
         }
-        // sent, but the answer lacks its tracking id; later calls for the
-        // same recipient take the normal path (the cap answers 2300035)
-        Some(("fault", "no_tracking_id")) => {}
+        Some(("throttle", n)) => {
+            let n: u64 = n.parse().unwrap_or(0);
+            let mut books = sim.books();
+            let seen = books.flaky.entry(recipient.to_string()).or_insert(0);
+            *seen += 1;
+            if *seen <= n {
+                sim.error(&mut books, "fault_429".into());
+                let mut r = too_many_requests(sim.retry_after("7"));
+                r.extensions_mut().insert(ErrorCode(4));
+                return r;
+            }
+        }
+        Some(("fault", "token190")) => {
+            let mut books = sim.books();
+            sim.error(&mut books, "190".into());
+            let mut r = graph_error(
+                StatusCode::BAD_REQUEST,
+                &ErrorSpec::new(190, None, &format!("Malformed access token {token}")),
+                "OAuthException",
+            );
+            r.extensions_mut().insert(ErrorCode(190));
+            return r;
+        }
+        // sent, but the answer lacks its tracking id, is long, or late;
+        // later calls for the same recipient take the normal path (the cap
+        // answers 2300035)
+        Some(("fault", "no_tracking_id" | "long2xx")) | Some(("latesend", _)) => {}
         Some(("slow", ms)) => {
             let ms: u64 = ms.parse().unwrap_or(0);
             tokio::time::sleep(Duration::from_millis(ms.min(600_000))).await;
@@ -889,8 +1056,19 @@ async fn answer(
             {
                 let mut books = sim.books();
                 sim.error(&mut books, format!("fault_{name}"));
+                // these never answer: booked here, with no status
+                if sim.config.record && matches!(name, "reset" | "hang") {
+                    books.record.requests.push(SimRequest {
+                        at: chrono::Utc::now(),
+                        token: Some(recipient.to_string()),
+                        message_id: Some(message_id.to_string()),
+                        status: 0,
+                        code: None,
+                        sent: false,
+                    });
+                }
             }
-            return fault(name, reset).await;
+            return fault(name, reset, sim.retry_after("7")).await;
         }
         _ => {}
     }
@@ -956,35 +1134,79 @@ async fn answer(
             stats.by_message_id.insert(message_id.to_string(), 1);
         }
     }
-    drop(books);
-    if trigger(recipient) == Some(("fault", "no_tracking_id")) && nth == 1 {
-        return (StatusCode::OK, Json(json!({"success": true}))).into_response();
+    let trigger = trigger(recipient);
+    let tracking_id = match trigger == Some(("fault", "no_tracking_id")) && nth == 1 {
+        true => None,
+        false => Some(format!(
+            "mm.{:012}",
+            sim.ids.fetch_add(1, Ordering::Relaxed)
+        )),
+    };
+    if sim.config.record {
+        books.record.sends.push(SimSend {
+            at: chrono::Utc::now(),
+            token: recipient.to_string(),
+            message_id: message_id.to_string(),
+            tracking_id: tracking_id.clone(),
+        });
     }
-    let id = sim.ids.fetch_add(1, Ordering::Relaxed);
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        format!(r#"{{"success":true,"marketing_message_tracking_id":"mm.{id:012}"}}"#),
-    )
-        .into_response()
+    drop(books);
+    let mut response = match (tracking_id, trigger) {
+        (None, _) => (StatusCode::OK, Json(json!({"success": true}))).into_response(),
+        (Some(id), Some(("fault", "long2xx"))) => (
+            StatusCode::OK,
+            Json(json!({"success": true, "marketing_message_tracking_id": id,
+                        "padding": "x".repeat(LONG_BODY)})),
+        )
+            .into_response(),
+        (Some(id), _) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            format!(r#"{{"success":true,"marketing_message_tracking_id":"{id}"}}"#),
+        )
+            .into_response(),
+    };
+    if let Some(("latesend", ms)) = trigger {
+        if nth == 1 {
+            let ms: u64 = ms.parse().unwrap_or(0);
+            response
+                .extensions_mut()
+                .insert(Late(Duration::from_millis(ms.min(600_000))));
+        }
+    }
+    response.extensions_mut().insert(Booked);
+    response
+}
+
+/// Bytes of padding in a `sim:fault:long2xx` answer: past the 16 KiB that
+/// error bodies are cut at.
+const LONG_BODY: usize = 20 * 1024;
+
+impl Sim {
+    /// The `Retry-After` of a 429: `--throttle-retry-after`, else `default`.
+    fn retry_after(&self, default: &'static str) -> HeaderValue {
+        match self.config.throttle_retry_after {
+            Some(d) => HeaderValue::from(d.as_secs().max(1)),
+            None => HeaderValue::from_static(default),
+        }
+    }
 }
 
 /// A 429 with Graph code 4 and `Retry-After: <retry_after>` (seconds).
-fn too_many_requests(retry_after: &'static str) -> Response {
+fn too_many_requests(retry_after: HeaderValue) -> Response {
     let mut r = graph_error(
         StatusCode::TOO_MANY_REQUESTS,
         &ErrorSpec::for_code(4),
         "OAuthException",
     );
-    r.headers_mut()
-        .insert("retry-after", HeaderValue::from_static(retry_after));
+    r.headers_mut().insert("retry-after", retry_after);
     r.extensions_mut().insert(Throttled);
     r
 }
 
-async fn fault(name: &str, reset: &Notify) -> Response {
+async fn fault(name: &str, reset: &Notify, retry_after: HeaderValue) -> Response {
     match name {
         "html502" => (
             StatusCode::BAD_GATEWAY,
@@ -999,8 +1221,8 @@ async fn fault(name: &str, reset: &Notify) -> Response {
             r#"{"error": {"message": "Unexpected"#,
         )
             .into_response(),
-        "429" => too_many_requests("7"),
-        "429huge" => too_many_requests("10000000000000"),
+        "429" => too_many_requests(retry_after),
+        "429huge" => too_many_requests(HeaderValue::from_static("10000000000000")),
         "hang" => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             StatusCode::GATEWAY_TIMEOUT.into_response()
@@ -1041,5 +1263,129 @@ async fn fault(name: &str, reset: &Notify) -> Response {
             &ErrorSpec::new(100, None, &format!("unknown simulator fault {other:?}")),
             "GraphMethodException",
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn post(
+        client: &reqwest::Client,
+        sim: &SimHandle,
+        to: &str,
+        mid: &str,
+    ) -> reqwest::Result<reqwest::Response> {
+        client
+            .post(format!("{}/v24.0/act_1/messages", sim.base_url()))
+            .bearer_auth("EAAtoken123")
+            .json(
+                &json!({"message_id": mid, "messenger_delivery_data": {"subscription_token": to}}),
+            )
+            .send()
+            .await
+    }
+
+    /// The record lists every request and send; the chaos run's triggers
+    /// answer as the module's table says.
+    #[tokio::test]
+    async fn the_record_and_the_chaos_triggers() {
+        let sim = Simulator::start(
+            "127.0.0.1:0",
+            SimConfig {
+                cap_window: Some(Duration::from_secs(3600)),
+                throttle_retry_after: Some(Duration::from_secs(1)),
+                record: true,
+                ..SimConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_millis(300))
+            .build()
+            .unwrap();
+        // a late answer: the caller times out, the send is booked
+        let late = post(&client, &sim, "sim:latesend:800:a", "1").await;
+        assert!(late.is_err_and(|e| e.is_timeout()));
+        assert_eq!(sim.sent(), 1);
+        // the next call to that recipient is answered at once (capped)
+        let r = post(&client, &sim, "sim:latesend:800:a", "2")
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+        // a long success body
+        let r = post(&client, &sim, "sim:fault:long2xx:b", "1")
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let body = r.bytes().await.unwrap();
+        assert!(body.len() > 16 * 1024);
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert!(v["marketing_message_tracking_id"].is_string());
+        // Meta echoes a malformed token in its message
+        let r = post(&client, &sim, "sim:fault:token190:c", "1")
+            .await
+            .unwrap();
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], 190);
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("EAAtoken123"));
+        // throttled once, with the configured Retry-After, then sent
+        let r = post(&client, &sim, "sim:throttle:1:d", "1").await.unwrap();
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()["retry-after"], "1");
+        let r = post(&client, &sim, "sim:throttle:1:d", "1").await.unwrap();
+        assert_eq!(r.status(), 200);
+        // the late answer's request is booked once it was answered
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let record = sim.record();
+        assert!(record.recording);
+        let sends: Vec<(&str, &str)> = record
+            .sends
+            .iter()
+            .map(|s| (s.token.as_str(), s.message_id.as_str()))
+            .collect();
+        assert_eq!(
+            sends,
+            [
+                ("sim:latesend:800:a", "1"),
+                ("sim:fault:long2xx:b", "1"),
+                ("sim:throttle:1:d", "1")
+            ]
+        );
+        assert!(record.sends.iter().all(|s| s.tracking_id.is_some()));
+        let answers: Vec<(u16, Option<u64>, bool)> = record
+            .requests
+            .iter()
+            .map(|r| (r.status, r.code, r.sent))
+            .collect();
+        assert_eq!(
+            answers,
+            [
+                (200, None, true),
+                (400, Some(2300035), false),
+                (200, None, true),
+                (400, Some(190), false),
+                (429, Some(4), false),
+                (200, None, true)
+            ]
+        );
+        sim.shutdown().await;
+    }
+
+    /// Without `record`, nothing is kept.
+    #[tokio::test]
+    async fn nothing_is_recorded_by_default() {
+        let sim = Simulator::start("127.0.0.1:0", SimConfig::default())
+            .await
+            .unwrap();
+        let client = reqwest::Client::new();
+        post(&client, &sim, "r", "1").await.unwrap();
+        assert_eq!(sim.sent(), 1);
+        assert_eq!(sim.record(), SimRecord::default());
+        sim.shutdown().await;
     }
 }

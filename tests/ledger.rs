@@ -7,10 +7,9 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{eventually, job, Harness, Opts};
+use common::{eventually, job, Harness, Opts, PrivateRedis};
 use mmsend::fleet::FailMode;
 use mmsend::simulator::Latency;
 
@@ -157,74 +156,6 @@ async fn two_copies_of_a_job_at_once_in_one_worker_call_once() {
     assert_eq!(h.metrics.duplicates_suppressed(), 1);
     assert!(h.drain_dlq().await.is_empty());
     h.finish().await;
-}
-
-/// A Redis of the test's own on a free port (the shared one must not stop).
-struct PrivateRedis {
-    port: u16,
-    child: Option<Child>,
-    dir: std::path::PathBuf,
-    extra: Vec<String>,
-}
-
-impl PrivateRedis {
-    fn start() -> PrivateRedis {
-        PrivateRedis::start_with(&[])
-    }
-
-    /// A private Redis with these extra `redis-server` arguments.
-    fn start_with(extra: &[&str]) -> PrivateRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = std::env::temp_dir().join(format!("mmsend-redis-{port}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut r = PrivateRedis {
-            port,
-            child: None,
-            dir,
-            extra: extra.iter().map(|a| a.to_string()).collect(),
-        };
-        r.up();
-        r
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn up(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .args(&self.extra)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (deploy/local/ensure-redis.sh)");
-        self.child = Some(child);
-        let port = self.port;
-        common::eventually_blocking(Duration::from_secs(10), "redis-server starts", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-    }
-
-    fn down(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.down();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 async fn redis_stops_mid_run(name: &'static str, mode: FailMode) {

@@ -8,7 +8,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{job, Harness, Opts};
+use common::{job, signal, Harness, Opts};
 
 fn spawn_worker(h: &Harness, dir: &std::path::Path, concurrency: u16, logs: Stdio) -> Child {
     spawn_worker_with(h, dir, concurrency, logs, "", &[])
@@ -33,15 +33,6 @@ fn spawn_worker_with(
         cmd.env(k, v);
     }
     cmd.spawn().unwrap()
-}
-
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} failed");
 }
 
 async fn wait_sent(h: &Harness, n: u64) {

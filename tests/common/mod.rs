@@ -61,6 +61,102 @@ pub fn close_connections(needle: &str) -> usize {
     closed
 }
 
+/// Sends `sig` (`-TERM`, `-KILL`, `-STOP`, …) to a child process.
+pub fn signal(child: &std::process::Child, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} failed");
+}
+
+/// A Redis of the test's own on a free port (the shared one must not stop),
+/// with no persistence: [`PrivateRedis::down`] then [`PrivateRedis::up`] is
+/// a restart that has lost every key.
+pub struct PrivateRedis {
+    port: u16,
+    child: Option<std::process::Child>,
+    dir: std::path::PathBuf,
+    extra: Vec<String>,
+}
+
+impl PrivateRedis {
+    pub fn start() -> PrivateRedis {
+        PrivateRedis::start_with(&[])
+    }
+
+    /// A private Redis with these extra `redis-server` arguments.
+    pub fn start_with(extra: &[&str]) -> PrivateRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("mmsend-redis-{port}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut r = PrivateRedis {
+            port,
+            child: None,
+            dir,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
+        };
+        r.up();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Starts the server (again) on its port.
+    pub fn up(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(&self.extra)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (deploy/local/ensure-redis.sh)");
+        self.child = Some(child);
+        let port = self.port;
+        eventually_blocking(Duration::from_secs(10), "redis-server starts", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    }
+
+    /// Kills the server (SIGKILL: a crash, nothing saved).
+    pub fn down(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open, nothing answers.
+    pub fn freeze(&self) {
+        if let Some(c) = &self.child {
+            signal(c, "-STOP");
+        }
+    }
+
+    /// Lets a frozen server go on (SIGCONT), every key still there.
+    pub fn thaw(&self) {
+        if let Some(c) = &self.child {
+            signal(c, "-CONT");
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.down();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 pub fn random_prefix(name: &str) -> String {
     format!("mmsend-test-{name}-{:08x}", rand::random::<u32>())
 }
@@ -302,7 +398,7 @@ impl Harness {
     }
 
     /// Writes a config file (`mmsend.toml` in `dir`) that makes the binary see
-    /// this harness's topology (tiers, delivery limit) with pacing off, plus
+    /// this harness's topology (tiers, delivery limit, results stream) with pacing off, plus
     /// `extra` TOML; returns its path.
     pub fn write_config(&self, dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
         let tiers: Vec<String> = self
@@ -315,9 +411,14 @@ impl Harness {
         std::fs::write(
             &path,
             format!(
-                "[topology]\ntiers = [{}]\ndelivery_limit = {}\n[pacing]\nper_page = 0\n{extra}",
+                "[topology]\ntiers = [{}]\ndelivery_limit = {}\n{}[pacing]\nper_page = 0\n{extra}",
                 tiers.join(", "),
-                self.topology.delivery_limit
+                self.topology.delivery_limit,
+                match self.topology.results {
+                    Some(age) =>
+                        format!("results = true\nresults_max_age = \"{}s\"\n", age.as_secs()),
+                    None => String::new(),
+                }
             ),
         )
         .unwrap();

@@ -1,0 +1,820 @@
+//! The checker: reads what the run left behind — the simulator's own record
+//! (every request and every accepted send), the DLQ's letters, the results
+//! stream's events, what is still in the work and delay queues, and every
+//! log line the workers and the `mmsend` commands wrote — and holds it
+//! against the plan. It never asks the workers what they think they did.
+//!
+//! A job is `(subscription_token, message_id)`, one per `job_id`. The
+//! invariants:
+//!
+//! 1. **No job sent twice**: the simulator booked at most one send per job.
+//! 2. **No recipient twice inside the cap window** (the simulator's cap
+//!    enforces it; the record is checked anyway).
+//! 3. **Every job ends exactly once**: sent (the simulator has its send) or
+//!    dead with a reason this build knows (a DLQ letter). None lost (neither;
+//!    whatever was still queued after every worker stopped is listed), none
+//!    both — unless the letter itself says the job may have been sent
+//!    (`x-mmsend-ambiguous`), or the send's ledger record was lost (Redis
+//!    restarted empty or unusable between the send and the letter) and the
+//!    letter is the 2300035 of a second copy that Meta's cap stopped: the
+//!    ledger cannot remember a send it never stored. Two letters of one job
+//!    are allowed when it was published more than once or workers were
+//!    killed or cut off (a crash between a letter's confirm and the ack
+//!    repeats it: at-least-once).
+//! 4. **Nothing settled "sent" that the simulator did not send**: every
+//!    `sent` results event (`suspected` or not) and every `duplicate` event
+//!    names a job the simulator sent, with that send's tracking id when it
+//!    gives one. A suspected send must be this job's own send, not another
+//!    campaign's send to the same recipient.
+//! 5. **Every end has its event**: a sent job a `sent` event, a dead one a
+//!    `dead` event (not for `delivery_limit`: the broker moved it). A
+//!    `duplicate` event (a copy the ledger suppressed) is no new end; it
+//!    stands for the `sent` event only when the copy that sent lost its
+//!    event with its connection (its ack was lost too, so it came back).
+//! 6. **An attempt is a call**: a letter's `x-mmsend-attempt` is at most
+//!    the requests the simulator got for that job, and a job dead
+//!    `retries_exhausted` died on the answer to a call (the simulator got a
+//!    request for it within the request timeout, and a second, before it
+//!    died): waits that make no call (a busy lease, `fail_mode = hold`, a
+//!    second copy, a closed gate) must not spend attempts.
+//! 7. **No secret anywhere**: no 19-character stretch of the access token,
+//!    the app secret or the `appsecret_proof` in any log line, DLQ header or
+//!    body, results event or command output.
+//! 8. No worker panicked or exited by itself.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use mmsend::dlq::DeadLetter;
+use mmsend::simulator::{SimRecord, SimRequest, SimSend};
+use serde_json::Value;
+
+use super::faults::Plan;
+use super::history::{Entry, Record};
+
+/// A secret the run configured, by name.
+pub struct Secret {
+    pub name: &'static str,
+    pub value: String,
+}
+
+/// What the run left behind.
+pub struct Observed {
+    /// Copies published per job (1 + duplicates).
+    pub copies: Vec<u32>,
+    pub sim: SimRecord,
+    pub letters: Vec<DeadLetter>,
+    /// Raw results events.
+    pub events: Vec<Vec<u8>>,
+    /// (queue, body) of every message still in the work or delay queues
+    /// after every worker stopped.
+    pub left: Vec<(String, Vec<u8>)>,
+    /// (name, text) of every log and command output.
+    pub texts: Vec<(String, String)>,
+    /// Windows in which Redis was unusable.
+    pub outages: Vec<(DateTime<Utc>, DateTime<Utc>)>,
+    /// When a worker was killed, stopped or cut off, and which.
+    pub worker_fault_times: Vec<(DateTime<Utc>, String)>,
+    /// Kills, terms and connection closes applied.
+    pub worker_faults: usize,
+    /// Workers that exited without being told to.
+    pub exits: Vec<String>,
+    pub max_attempts: u32,
+    pub cap_window: Duration,
+    pub request_timeout: Duration,
+    pub secrets: Vec<Secret>,
+}
+
+/// Which invariant broke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    SentTwice,
+    CapBreached,
+    Lost,
+    SentAndDead,
+    DeadTwice,
+    SentWithoutSend,
+    NoResultEvent,
+    UnknownReason,
+    AttemptsWithoutCalls,
+    DiedWithoutCall,
+    LeftInQueue,
+    UnknownJob,
+    SecretLeak,
+    WorkerPanic,
+    WorkerExit,
+}
+
+/// One broken invariant: the jobs (plan indexes) it concerns and what was seen.
+#[derive(Debug, Clone)]
+pub struct Violation {
+    pub kind: Kind,
+    pub jobs: Vec<usize>,
+    pub detail: String,
+}
+
+/// Counts for the summary table.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    pub jobs: usize,
+    /// Jobs whose end is a send.
+    pub sent: usize,
+    /// Final letters by reason.
+    pub dead: BTreeMap<String, usize>,
+    /// `sent` events with `suspected: true`.
+    pub suspected: usize,
+    /// `duplicate` events (a copy the ledger suppressed).
+    pub duplicates: usize,
+    /// Calls for a job already sent, stopped by Meta's cap (2300035).
+    pub repeat_calls: usize,
+    /// Sent jobs whose letter says "may have been sent" (allowed).
+    pub ambiguous_dead: usize,
+    /// Sent jobs dead by a second copy after the ledger was lost (allowed).
+    pub ledger_lost_dead: usize,
+    /// Jobs with two or more letters (allowed when copies or crashes explain them).
+    pub twin_letters: usize,
+    pub requests: usize,
+    pub events: usize,
+}
+
+pub struct Verdict {
+    pub violations: Vec<Violation>,
+    pub summary: Summary,
+}
+
+impl Verdict {
+    pub fn passed(&self) -> bool {
+        self.violations.is_empty()
+    }
+
+    /// Every job a violation names.
+    pub fn offending(&self) -> BTreeSet<usize> {
+        self.violations
+            .iter()
+            .flat_map(|v| v.jobs.iter().copied())
+            .collect()
+    }
+}
+
+/// A results event, as far as the checker reads it.
+struct Event {
+    job_id: String,
+    outcome: String,
+    tracking_id: Option<String>,
+    suspected: bool,
+    at: Option<DateTime<Utc>>,
+}
+
+fn event(raw: &[u8]) -> Option<Event> {
+    let v: Value = serde_json::from_slice(raw).ok()?;
+    Some(Event {
+        job_id: v.get("job_id")?.as_str()?.to_string(),
+        outcome: v.get("outcome")?.as_str()?.to_string(),
+        tracking_id: v
+            .get("tracking_id")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        suspected: v.get("suspected").and_then(Value::as_bool) == Some(true),
+        at: v
+            .get("at")
+            .and_then(Value::as_str)
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc)),
+    })
+}
+
+/// Everything the sources say about one job.
+#[derive(Default)]
+struct Seen<'a> {
+    sends: Vec<&'a SimSend>,
+    requests: Vec<&'a SimRequest>,
+    letters: Vec<&'a DeadLetter>,
+    events: Vec<Event>,
+}
+
+/// The checker's indexes over the observations.
+struct Books<'a> {
+    by_job: Vec<Seen<'a>>,
+    by_id: HashMap<&'a str, usize>,
+}
+
+fn books<'a>(plan: &'a Plan, o: &'a Observed, violations: &mut Vec<Violation>) -> Books<'a> {
+    let mut by_key: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut by_id = HashMap::new();
+    for (i, j) in plan.jobs.iter().enumerate() {
+        by_key.insert((&j.token, &plan.campaigns[j.campaign].message_id), i);
+        by_id.insert(j.id.as_str(), i);
+    }
+    let mut by_job: Vec<Seen<'a>> = plan.jobs.iter().map(|_| Seen::default()).collect();
+    for s in &o.sim.sends {
+        match by_key.get(&(s.token.as_str(), s.message_id.as_str())) {
+            Some(&i) => by_job[i].sends.push(s),
+            None => violations.push(Violation {
+                kind: Kind::UnknownJob,
+                jobs: vec![],
+                detail: format!(
+                    "the simulator sent {} / {}, which no job asked for",
+                    s.token, s.message_id
+                ),
+            }),
+        }
+    }
+    for r in &o.sim.requests {
+        let key = (
+            r.token.as_deref().unwrap_or(""),
+            r.message_id.as_deref().unwrap_or(""),
+        );
+        if let Some(&i) = by_key.get(&key) {
+            by_job[i].requests.push(r);
+        }
+    }
+    for d in &o.letters {
+        match d.job_id().and_then(|id| by_id.get(id.as_str()).copied()) {
+            Some(i) => by_job[i].letters.push(d),
+            None => violations.push(Violation {
+                kind: Kind::UnknownJob,
+                jobs: vec![],
+                detail: format!("a dead letter of no job: {:?}", d.job_id()),
+            }),
+        }
+    }
+    for raw in &o.events {
+        let Some(e) = event(raw) else {
+            violations.push(Violation {
+                kind: Kind::UnknownJob,
+                jobs: vec![],
+                detail: format!(
+                    "a results event that does not read: {}",
+                    String::from_utf8_lossy(raw)
+                ),
+            });
+            continue;
+        };
+        match by_id.get(e.job_id.as_str()) {
+            Some(&i) => by_job[i].events.push(e),
+            None => violations.push(Violation {
+                kind: Kind::UnknownJob,
+                jobs: vec![],
+                detail: format!("a results event of no job: {}", e.job_id),
+            }),
+        }
+    }
+    Books { by_job, by_id }
+}
+
+/// What the ledger may have taken for a send: the job's calls before its
+/// settling call (`until`) that a worker fault caught (the worker killed,
+/// stopped or cut off within the lease after the call), or none.
+fn evidence(o: &Observed, requests: &[&SimRequest], until: DateTime<Utc>) -> String {
+    let lease = chrono::Duration::from_std(o.request_timeout + Duration::from_millis(1500))
+        .unwrap_or_default();
+    let mut before: Vec<&&SimRequest> = requests.iter().filter(|r| r.at <= until).collect();
+    // the settling call itself
+    before.pop();
+    if before.is_empty() {
+        return "; it was never called before the call that settled it".into();
+    }
+    let caught: Vec<String> = before
+        .iter()
+        .filter_map(|r| {
+            let fault = o.worker_fault_times.iter().find(|(t, _)| {
+                *t >= r.at - chrono::Duration::milliseconds(200) && *t <= r.at + lease
+            })?;
+            Some(format!(
+                "its call at {} (answered {} {:?}) was followed {} ms later by `{}`",
+                r.at.format("%H:%M:%S%.3f"),
+                r.status,
+                r.code,
+                (fault.0 - r.at).num_milliseconds(),
+                fault.1
+            ))
+        })
+        .collect();
+    match caught.is_empty() {
+        true => format!(
+            "; {} earlier call(s), none near a worker fault",
+            before.len()
+        ),
+        false => format!("; {}", caught.join("; ")),
+    }
+}
+
+/// Whether Redis was unusable at some point in `[from, to]`.
+fn outage_within(o: &Observed, from: DateTime<Utc>, to: DateTime<Utc>) -> bool {
+    o.outages.iter().any(|(a, b)| *a <= to && *b >= from)
+}
+
+/// Checks every invariant.
+pub fn check(plan: &Plan, o: &Observed) -> Verdict {
+    let mut v = Vec::new();
+    let b = books(plan, o, &mut v);
+    let mut s = Summary {
+        jobs: plan.jobs.len(),
+        requests: o.sim.requests.len(),
+        events: o.events.len(),
+        ..Summary::default()
+    };
+    let now = Utc::now();
+    let slack = chrono::Duration::from_std(o.request_timeout * 2).unwrap_or_default();
+    let mut push =
+        |kind, jobs: Vec<usize>, detail: String| v.push(Violation { kind, jobs, detail });
+
+    for (i, seen) in b.by_job.iter().enumerate() {
+        let job = &plan.jobs[i];
+        // 1. one send per job
+        if seen.sends.len() > 1 {
+            let times: Vec<String> = seen.sends.iter().map(|s| s.at.to_rfc3339()).collect();
+            push(
+                Kind::SentTwice,
+                vec![i],
+                format!("{} sent {} times, at {times:?}", job.id, seen.sends.len()),
+            );
+        }
+        let sent = seen.sends.first();
+        s.repeat_calls += seen
+            .requests
+            .iter()
+            .filter(|r| r.code == Some(2300035) && sent.is_some_and(|s| r.at >= s.at))
+            .count();
+
+        // 3. one end
+        let mut unexplained = Vec::new();
+        for d in &seen.letters {
+            let Some(send) = sent else { continue };
+            let dead_at = d.story.dead_at.unwrap_or(now);
+            if d.story.last_error.ambiguous {
+                s.ambiguous_dead += 1;
+            } else if d.has_code(2300035) && outage_within(o, send.at - slack, dead_at) {
+                s.ledger_lost_dead += 1;
+            } else {
+                unexplained.push(format!(
+                    "letter {} ({:?} {:?}, dead at {dead_at}) after the send at {}",
+                    d.reason_label(),
+                    d.class_label(),
+                    d.code(),
+                    send.at
+                ));
+            }
+        }
+        if !unexplained.is_empty() {
+            push(
+                Kind::SentAndDead,
+                vec![i],
+                format!(
+                    "{} was sent and is dead: {}",
+                    job.id,
+                    unexplained.join("; ")
+                ),
+            );
+        }
+        // a job settled "sent" without a send is reported below, once
+        let claimed = seen
+            .events
+            .iter()
+            .any(|e| e.outcome == "sent" || e.outcome == "duplicate");
+        if sent.is_none() && seen.letters.is_empty() && !claimed {
+            push(
+                Kind::Lost,
+                vec![i],
+                format!(
+                    "{} was neither sent nor dead-lettered ({} requests, {} events)",
+                    job.id,
+                    seen.requests.len(),
+                    seen.events.len()
+                ),
+            );
+        }
+        if seen.letters.len() > 1 {
+            s.twin_letters += 1;
+            if o.copies[i] <= 1 && o.worker_faults == 0 {
+                push(
+                    Kind::DeadTwice,
+                    vec![i],
+                    format!(
+                        "{} has {} letters, published once, no worker crashed",
+                        job.id,
+                        seen.letters.len()
+                    ),
+                );
+            }
+        }
+        match (sent, seen.letters.is_empty()) {
+            (Some(_), true) => s.sent += 1,
+            _ => {
+                for d in &seen.letters {
+                    *s.dead.entry(d.reason_label()).or_insert(0) += 1;
+                }
+            }
+        }
+        for d in &seen.letters {
+            if d.reason().is_none() {
+                push(
+                    Kind::UnknownReason,
+                    vec![i],
+                    format!("{}: dead reason {:?}", job.id, d.reason_label()),
+                );
+            }
+            // 6. attempts are calls
+            if d.story.attempt as usize > seen.requests.len() {
+                push(
+                    Kind::AttemptsWithoutCalls,
+                    vec![i],
+                    format!(
+                        "{} is dead {} ({:?}) at attempt {} after {} calls (max_attempts {}); last error: {:?}",
+                        job.id,
+                        d.reason_label(),
+                        d.class_label(),
+                        d.story.attempt,
+                        seen.requests.len(),
+                        o.max_attempts,
+                        d.story.last_error.message
+                    ),
+                );
+            }
+        }
+
+        for d in &seen.letters {
+            if d.story.dead_reason.as_deref() != Some("retries_exhausted") {
+                continue;
+            }
+            let dead_at = d.story.dead_at.unwrap_or(now);
+            let last = seen
+                .requests
+                .iter()
+                .filter(|r| r.at <= dead_at)
+                .map(|r| r.at)
+                .max();
+            let call_slack = chrono::Duration::from_std(o.request_timeout + Duration::from_secs(1))
+                .unwrap_or_default();
+            if last.is_none_or(|at| dead_at - at > call_slack) {
+                push(
+                    Kind::DiedWithoutCall,
+                    vec![i],
+                    format!(
+                        "{} died retries_exhausted ({:?}, attempt {}) at {dead_at} without a call: its last request was {}; last error: {:?}",
+                        job.id,
+                        d.class_label(),
+                        d.story.attempt,
+                        last.map_or("never".to_string(), |t| t.to_rfc3339()),
+                        d.story.last_error.message
+                    ),
+                );
+            }
+        }
+
+        // 4. nothing "sent" without a send
+        for e in &seen.events {
+            match e.outcome.as_str() {
+                "sent" if e.suspected => s.suspected += 1,
+                "duplicate" => s.duplicates += 1,
+                _ => {}
+            }
+            if e.outcome != "sent" && e.outcome != "duplicate" {
+                continue;
+            }
+            match (sent, &e.tracking_id) {
+                (None, _) => push(
+                    Kind::SentWithoutSend,
+                    vec![i],
+                    format!(
+                        "{} has a `{}` event (suspected: {}, tracking id {:?}) but the simulator never sent it{}{}{}",
+                        job.id,
+                        e.outcome,
+                        e.suspected,
+                        e.tracking_id,
+                        match o.sim.sends.iter().filter(|s| s.token == job.token).count() {
+                            0 => String::new(),
+                            n => format!(" (its recipient got {n} send(s) of other campaigns)"),
+                        },
+                        match seen.letters.is_empty() {
+                            true => "; no letter either: never delivered, and the books say sent",
+                            false => "",
+                        },
+                        evidence(o, &seen.requests, e.at.unwrap_or(now))
+                    ),
+                ),
+                (Some(send), Some(t)) if send.tracking_id.as_deref() != Some(t.as_str()) => push(
+                    Kind::SentWithoutSend,
+                    vec![i],
+                    format!(
+                        "{}'s `{}` event names tracking id {t}, the simulator's send has {:?}",
+                        job.id, e.outcome, send.tracking_id
+                    ),
+                ),
+                _ => {}
+            }
+        }
+        // 5. every end has its event
+        let has = |outcome: &str| seen.events.iter().any(|e| e.outcome == outcome);
+        // (a copy settled as sent whose event was lost with its connection
+        // is acked, when redelivered, as a duplicate: that event tells the end)
+        if sent.is_some() && seen.letters.is_empty() && !has("sent") && !has("duplicate") {
+            push(
+                Kind::NoResultEvent,
+                vec![i],
+                format!(
+                    "{} was sent, and has no `sent` (or `duplicate`) event",
+                    job.id
+                ),
+            );
+        }
+        let by_worker = seen.letters.iter().any(|d| d.story.dead_reason.is_some());
+        if by_worker && !has("dead") {
+            push(
+                Kind::NoResultEvent,
+                vec![i],
+                format!("{} is dead, and has no `dead` event", job.id),
+            );
+        }
+    }
+
+    // 2. the cap
+    let mut by_recipient: HashMap<&str, Vec<&SimSend>> = HashMap::new();
+    for send in &o.sim.sends {
+        by_recipient.entry(&send.token).or_default().push(send);
+    }
+    let window = chrono::Duration::from_std(o.cap_window).unwrap_or_default();
+    for (token, mut sends) in by_recipient {
+        sends.sort_by_key(|s| s.at);
+        for pair in sends.windows(2) {
+            if pair[1].at - pair[0].at < window {
+                let jobs = pair
+                    .iter()
+                    .filter_map(|s| {
+                        plan.jobs.iter().position(|j| {
+                            j.token == s.token
+                                && plan.campaigns[j.campaign].message_id == s.message_id
+                        })
+                    })
+                    .collect();
+                v.push(Violation {
+                    kind: Kind::CapBreached,
+                    jobs,
+                    detail: format!(
+                        "{token} got {} and {} at {} and {}",
+                        pair[0].message_id, pair[1].message_id, pair[0].at, pair[1].at
+                    ),
+                });
+            }
+        }
+    }
+
+    // left in the queues
+    if !o.left.is_empty() {
+        let mut jobs = Vec::new();
+        let mut names = Vec::new();
+        for (queue, body) in &o.left {
+            let id = serde_json::from_slice::<Value>(body)
+                .ok()
+                .and_then(|v| v.get("job_id")?.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            if let Some(&i) = b.by_id.get(id.as_str()) {
+                jobs.push(i);
+            }
+            names.push(format!("{id} in {queue}"));
+        }
+        v.push(Violation {
+            kind: Kind::LeftInQueue,
+            jobs,
+            detail: format!(
+                "{} messages still queued after every worker stopped: {}",
+                names.len(),
+                names.join(", ")
+            ),
+        });
+    }
+
+    // 7. secrets
+    for (name, text) in &o.texts {
+        for (n, line) in text.lines().enumerate() {
+            if let Some(secret) = leaked(&o.secrets, line) {
+                v.push(Violation {
+                    kind: Kind::SecretLeak,
+                    jobs: vec![],
+                    detail: format!(
+                        "the {secret} in {name} line {}: {}",
+                        n + 1,
+                        mask(&o.secrets, line)
+                    ),
+                });
+            }
+            if line.contains("panicked at") {
+                v.push(Violation {
+                    kind: Kind::WorkerPanic,
+                    jobs: vec![],
+                    detail: format!("{name} line {}: {}", n + 1, mask(&o.secrets, line)),
+                });
+            }
+        }
+    }
+    for d in &o.letters {
+        let text = letter_text(d);
+        if let Some(secret) = leaked(&o.secrets, &text) {
+            let jobs = d
+                .job_id()
+                .and_then(|id| b.by_id.get(id.as_str()).copied())
+                .into_iter()
+                .collect();
+            v.push(Violation {
+                kind: Kind::SecretLeak,
+                jobs,
+                detail: format!(
+                    "the {secret} in the dead letter of {:?}: {}",
+                    d.job_id(),
+                    mask(&o.secrets, &text)
+                ),
+            });
+        }
+    }
+    for raw in &o.events {
+        let text = String::from_utf8_lossy(raw);
+        if let Some(secret) = leaked(&o.secrets, &text) {
+            v.push(Violation {
+                kind: Kind::SecretLeak,
+                jobs: vec![],
+                detail: format!(
+                    "the {secret} in a results event: {}",
+                    mask(&o.secrets, &text)
+                ),
+            });
+        }
+    }
+    for exit in &o.exits {
+        v.push(Violation {
+            kind: Kind::WorkerExit,
+            jobs: vec![],
+            detail: exit.clone(),
+        });
+    }
+    v.sort_by_key(|v| v.kind);
+    Verdict {
+        violations: v,
+        summary: s,
+    }
+}
+
+/// A dead letter as text: every header (strings as text, not bytes), the
+/// message id and the body.
+fn letter_text(d: &DeadLetter) -> String {
+    use lapin::types::AMQPValue;
+    fn render(v: &AMQPValue, out: &mut String) {
+        match v {
+            AMQPValue::LongString(s) => out.push_str(&String::from_utf8_lossy(s.as_bytes())),
+            AMQPValue::ShortString(s) => out.push_str(s.as_str()),
+            AMQPValue::ByteArray(b) => out.push_str(&String::from_utf8_lossy(b.as_slice())),
+            AMQPValue::FieldTable(t) => {
+                for (k, v) in t.inner() {
+                    out.push_str(&format!(" {k}="));
+                    render(v, out);
+                }
+            }
+            AMQPValue::FieldArray(a) => {
+                for v in a.as_slice() {
+                    out.push(' ');
+                    render(v, out);
+                }
+            }
+            other => out.push_str(&format!("{other:?}")),
+        }
+    }
+    let mut out = String::new();
+    if let Some(headers) = d.properties.headers() {
+        render(&AMQPValue::FieldTable(headers.clone()), &mut out);
+    }
+    if let Some(id) = d.properties.message_id() {
+        out.push_str(&format!(" message_id={id}"));
+    }
+    out.push_str(" body=");
+    out.push_str(&String::from_utf8_lossy(&d.body));
+    out
+}
+
+/// Stretches of a secret looked for: any 16 characters starting at a
+/// multiple of 4, so any leak of 19 characters or more is found.
+fn pieces(secret: &str) -> impl Iterator<Item = &str> {
+    (0..secret.len().saturating_sub(15))
+        .step_by(4)
+        .map(move |i| &secret[i..i + 16])
+}
+
+/// The name of the first secret a text holds a stretch of.
+pub fn leaked(secrets: &[Secret], text: &str) -> Option<&'static str> {
+    secrets
+        .iter()
+        .find(|s| pieces(&s.value).any(|p| text.contains(p)))
+        .map(|s| s.name)
+}
+
+/// `text` with every stretch of a secret (each found piece, grown while
+/// the text goes on matching the secret either way) replaced by the
+/// secret's name, cut to 600 characters: safe to print.
+pub fn mask(secrets: &[Secret], text: &str) -> String {
+    let bytes = text.as_bytes();
+    // (start, end, name) of every masked stretch
+    let mut cover: Vec<(usize, usize, &str)> = Vec::new();
+    for s in secrets {
+        let secret = s.value.as_bytes();
+        for k in (0..secret.len().saturating_sub(15)).step_by(4) {
+            for (p, _) in text.match_indices(&s.value[k..k + 16]) {
+                let (mut a, mut ka) = (p, k);
+                while a > 0 && ka > 0 && bytes[a - 1] == secret[ka - 1] {
+                    a -= 1;
+                    ka -= 1;
+                }
+                let (mut b, mut kb) = (p + 16, k + 16);
+                while b < bytes.len() && kb < secret.len() && bytes[b] == secret[kb] {
+                    b += 1;
+                    kb += 1;
+                }
+                cover.push((a, b, s.name));
+            }
+        }
+    }
+    cover.sort();
+    let mut out = String::new();
+    let mut at = 0;
+    for (a, b, name) in cover {
+        if b <= at {
+            continue;
+        }
+        if a >= at {
+            out.push_str(&text[at..a]);
+            out.push_str(&format!("«{name}»"));
+        }
+        at = b;
+    }
+    out.push_str(&text[at..]);
+    out.chars().take(600).collect()
+}
+
+/// Everything known about one job, for a failure report (secrets masked).
+pub fn story(plan: &Plan, o: &Observed, job: usize, publishes: &[Record]) -> String {
+    let j = &plan.jobs[job];
+    let message_id = &plan.campaigns[j.campaign].message_id;
+    let mut out = format!(
+        "job {} — recipient {}, message {message_id}, page {}\n",
+        j.id, j.token, j.page
+    );
+    for r in publishes {
+        if let Entry::Publish { copy, .. } = r.entry {
+            out.push_str(&format!(
+                "    published (copy {copy}) at {:.3}s {}\n",
+                r.since.as_secs_f64(),
+                r.at.format("%H:%M:%S%.3f")
+            ));
+        }
+    }
+    for r in o.sim.requests.iter().filter(|r| {
+        r.token.as_deref() == Some(j.token.as_str()) && r.message_id.as_deref() == Some(message_id)
+    }) {
+        out.push_str(&format!(
+            "    request at {}: {} {:?}{}\n",
+            r.at.format("%H:%M:%S%.3f"),
+            r.status,
+            r.code,
+            if r.sent { " SENT" } else { "" }
+        ));
+    }
+    let others: Vec<String> = o
+        .sim
+        .sends
+        .iter()
+        .filter(|s| s.token == j.token && &s.message_id != message_id)
+        .map(|s| format!("{} at {}", s.message_id, s.at.format("%H:%M:%S%.3f")))
+        .collect();
+    if !others.is_empty() {
+        out.push_str(&format!(
+            "    its recipient got other campaigns: {}\n",
+            others.join(", ")
+        ));
+    }
+    for d in o
+        .letters
+        .iter()
+        .filter(|d| d.job_id().as_deref() == Some(j.id.as_str()))
+    {
+        let e = &d.story.last_error;
+        out.push_str(&format!(
+            "    letter: {} class {:?} code {:?} ambiguous {} attempt {} dead at {:?} by {:?}, replays {}: {}\n",
+            d.reason_label(),
+            e.class,
+            d.code(),
+            e.ambiguous,
+            d.story.attempt,
+            d.story.dead_at.map(|t| t.format("%H:%M:%S%.3f").to_string()),
+            d.story.worker,
+            d.story.replays,
+            mask(&o.secrets, e.message.as_deref().unwrap_or(""))
+        ));
+    }
+    for raw in &o.events {
+        if event(raw).is_some_and(|e| e.job_id == j.id) {
+            out.push_str(&format!(
+                "    event: {}\n",
+                mask(&o.secrets, &String::from_utf8_lossy(raw))
+            ));
+        }
+    }
+    out
+}
