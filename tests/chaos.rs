@@ -148,7 +148,8 @@ fn report(o: &run::Outcome) -> String {
         let n = shown.entry(v.kind).or_insert(0);
         *n += 1;
         if *n <= 25 {
-            out.push_str(&format!("  {:?}: {}\n", v.kind, v.detail));
+            let detail = checker::mask(&o.observed.secrets, &v.detail);
+            out.push_str(&format!("  {:?}: {detail}\n", v.kind));
         }
     }
     for (kind, n) in shown.iter().filter(|(_, n)| **n > 25) {

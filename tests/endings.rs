@@ -345,3 +345,60 @@ async fn a_worker_id_too_long_for_its_consumer_tag_is_refused_not_a_panic() {
     assert!(refused.to_string().contains("at most 200"), "{refused}");
     h.finish().await;
 }
+
+#[tokio::test]
+async fn a_job_claimed_but_not_called_when_the_connection_drops_is_not_settled_as_sent() {
+    let mut opts = fleet_opts("claimdrop");
+    opts.sim.cap_window = Some(Duration::from_secs(3600));
+    opts.start_worker = false;
+    let mut h = Harness::start(opts).await;
+    // one send a second for the page: a job's slot can be seconds away
+    h.config.pacing.per_page = 1;
+    h.start_worker();
+    // campaign 111 reaches the recipient
+    h.publish_job(&job_for("x-1", "recipient-r", "111")).await;
+    h.wait_settled(1, T).await;
+    // campaign 222: a filler, then the recipient's job, which is claimed
+    // and waits for its pacing slot, about 2 s away
+    h.publish_job(&job_for("y-0", "recipient-f", "222")).await;
+    h.publish_job(&job_for("y-1", "recipient-r", "222")).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        h.sim.stats().requests,
+        1,
+        "y-1 waits for its slot, not called"
+    );
+    // the broker drops the worker's connection while y-1 waits
+    assert_eq!(common::close_connections(&h.config.worker_id), 1);
+    // (the filler may have been in its call: then it is sent by the old
+    // session and its redelivery suppressed, and counts twice as settled)
+    eventually!(
+        T,
+        h.metrics.settled_counts().dead >= 1,
+        "y-1 ends: {:?}",
+        h.metrics.settled_counts()
+    );
+    h.wait_settled(3, T).await;
+
+    let stats = h.sim.stats();
+    assert_eq!(stats.sent, 2, "x-1 and the filler: {stats:?}");
+    assert_eq!(
+        h.metrics.suspected_duplicates(),
+        0,
+        "y-1 was never called before: its 2300035 is campaign 111's send"
+    );
+    let dead = h.drain_dlq().await;
+    assert_eq!(
+        dead.len(),
+        1,
+        "y-1 waits for the cap, then expires: {:?}, {} suppressed, sim {stats:?}",
+        h.metrics.settled_counts(),
+        h.metrics.duplicates_suppressed()
+    );
+    let story = common::headers(&dead[0]);
+    assert_eq!(
+        text(&story, headers::CLASS).as_deref(),
+        Some("recipient_capped")
+    );
+    h.finish().await;
+}

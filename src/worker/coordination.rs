@@ -64,6 +64,49 @@ pub(crate) enum Ahead {
     Wait { delay: Duration, why: String },
 }
 
+/// This worker's send-ledger claim on a job it has not called yet. Dropped
+/// before [`Claim::calling`] (the job's task ended by a lost session, a
+/// stop's grace period or a panic, while it waited for its pacing slot or
+/// before its call), it is given back in a task of its own: a claim left to
+/// run out would make the job's next delivery "maybe sent", and a 2300035
+/// answer to it (another campaign's send to the recipient) would settle as
+/// sent a job that was never called.
+pub(crate) struct Claim<'a> {
+    coord: &'a Coordination,
+    job: &'a Job,
+    held: bool,
+}
+
+impl Claim<'_> {
+    /// The call starts: from here the claim stays until the call is told
+    /// ([`Coordination::after`]) or its lease runs out (Meta may have the
+    /// call).
+    pub(crate) fn calling(mut self) {
+        self.held = false;
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if !self.held {
+            return;
+        }
+        let (Some(fleet), Ok(runtime)) = (
+            self.coord.fleet.clone(),
+            tokio::runtime::Handle::try_current(),
+        ) else {
+            return;
+        };
+        let job = self.job.clone();
+        let tell = self.coord.release(&job);
+        // a failure leaves the claim to run out with its lease (the job's
+        // next delivery is then taken for maybe sent, as before)
+        runtime.spawn(async move {
+            let _ = fleet.after(&job, &tell).await;
+        });
+    }
+}
+
 /// How a call ended, for [`Coordination::after`].
 pub(crate) enum After<'a> {
     /// Sent, with Meta's tracking id.
@@ -204,7 +247,11 @@ impl Coordination {
     }
 
     /// Asks before a call; waits out the job's pacing slot when it is a go.
-    pub(crate) async fn before(&self, job: &Job) -> Ahead {
+    /// With the ledger, a go comes with the job's [`Claim`]: held until the
+    /// call starts ([`Claim::calling`]), and given back if the job is
+    /// dropped before (a session lost, a stop, a panic), so the job's next
+    /// delivery finds no claim and is not taken for maybe sent.
+    pub(crate) async fn before<'a>(&'a self, job: &'a Job) -> (Ahead, Option<Claim<'a>>) {
         if let Some(fleet) = self.fleet() {
             let ask = Ask {
                 request_timeout: self.request_timeout,
@@ -217,7 +264,7 @@ impl Coordination {
             match fleet.before(job, &ask).await {
                 Ok(answer) => {
                     self.redis_ok();
-                    return match answer {
+                    let answer = match answer {
                         Before::AlreadySent { tracking_id } => Ahead::AlreadySent { tracking_id },
                         Before::Reused { sent } => Ahead::Reused { sent },
                         Before::Busy { worker, remaining } => Ahead::Wait {
@@ -232,36 +279,62 @@ impl Coordination {
                             maybe_sent,
                             pace_wait,
                         } => {
+                            let claim = Claim {
+                                coord: self,
+                                job,
+                                held: true,
+                            };
                             self.metrics.paced(pace_wait);
                             if !pace_wait.is_zero() {
                                 tokio::time::sleep(pace_wait).await;
                             }
-                            Ahead::Call {
-                                maybe_sent,
-                                claimed: true,
-                            }
+                            return (
+                                Ahead::Call {
+                                    maybe_sent,
+                                    claimed: true,
+                                },
+                                Some(claim),
+                            );
                         }
                     };
+                    return (answer, None);
                 }
                 Err(e) => self.redis_failed(&e),
             }
         }
         if self.fleet.is_some() && self.fail_mode == FailMode::Hold {
             // look again soon: the shortest wait a gate's probe gets
-            return Ahead::Wait {
+            let wait = Ahead::Wait {
                 delay: self.gate_times.probe_wait,
                 why: "waiting for Redis (fail_mode = hold): no send without the send ledger".into(),
             };
+            return (wait, None);
         }
         if let Some(held) = self.gates.closed_for(job, Instant::now()) {
-            return Ahead::Held(held);
+            return (Ahead::Held(held), None);
         }
         let started = Instant::now();
         self.pacer.until_ready(&job.page_id).await;
         self.metrics.paced(started.elapsed());
-        Ahead::Call {
+        let call = Ahead::Call {
             maybe_sent: false,
             claimed: false,
+        };
+        (call, None)
+    }
+
+    /// What gives back a claim whose job was not called (see [`Claim`]):
+    /// the ledger deletes it if it is still this worker's. Gates and pacing
+    /// are left as they are (nothing was learnt).
+    fn release(&self, job: &Job) -> Tell<'static> {
+        Tell {
+            record: Record::Release,
+            success: false,
+            close: None,
+            lower_page_rate: false,
+            page_rate: f64::from(self.pacing.page_rate(&job.page_id)),
+            gates: false,
+            gate_grace: PROBE_TIMEOUT + self.gate_times.probe_wait,
         }
     }
 

@@ -721,8 +721,28 @@ async fn session(
     };
     match end {
         End::ConsumerLost(e) => {
-            // whatever is in flight cannot be acked on this channel
-            tasks.shutdown().await;
+            // Nothing can be acked on this channel any more: every delivery
+            // returns to the queue with the connection. Jobs that have not
+            // called go back at once (their ledger claims given back); calls
+            // in flight run to their end in the background and tell the
+            // ledger how they ended, so their jobs' redeliveries find them
+            // sent (a suppressed duplicate, no second call) or released (a
+            // fresh claim, not "maybe sent"). Aborting them instead left
+            // their claims to run out, and a redelivery past the lease was
+            // taken for maybe sent: a 2300035 answer (another campaign's
+            // send to the recipient) then settled a never-called job as sent.
+            ctl.stopping.cancel();
+            ctl.grace_over.cancel();
+            let limit = config.graph.request_timeout + SETTLE_MARGIN;
+            let mut running = std::mem::take(&mut tasks);
+            tokio::spawn(async move {
+                if tokio::time::timeout(limit, join_all(&mut running))
+                    .await
+                    .is_err()
+                {
+                    running.shutdown().await;
+                }
+            });
             flusher.abort();
             bounded_close(conn.close(200, "reconnecting".into())).await;
             Err(SessionError::Lost(e, healthy))

@@ -295,9 +295,9 @@ async fn decide(ctx: &Ctx, body: &[u8], mut story: Story, redelivered: bool) -> 
 
     // Gates, pacing and the send ledger: local, or the fleet's (once per
     // job id at a time in this worker; held until the outcome is told).
-    let (ahead, _in_flight) = match ctx.coord.enter(&job) {
+    let ((ahead, claim), _in_flight) = match ctx.coord.enter(&job) {
         Ok(in_flight) => (ctx.coord.before(&job).await, Some(in_flight)),
-        Err(wait) => (wait, None),
+        Err(wait) => ((wait, None), None),
     };
     let claimed = match ahead {
         Ahead::Call {
@@ -367,6 +367,9 @@ async fn decide(ctx: &Ctx, body: &[u8], mut story: Story, redelivered: bool) -> 
 
     story.attempt = story.attempt.saturating_add(1);
     span.record("attempt", story.attempt);
+    if let Some(claim) = claim {
+        claim.calling();
+    }
     let started = Instant::now();
     let outcome = ctx.client.send(&token, &SendRequest::from(&job)).await;
     ctx.metrics.graph_call(started.elapsed());
