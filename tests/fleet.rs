@@ -896,3 +896,51 @@ async fn a_bad_url_is_refused_without_its_password() {
         assert!(e.contains("MMSEND_REDIS_URL"), "{e}");
     }
 }
+
+/// A claim Redis runs after the worker gave up on it (Redis frozen, then
+/// thawed) writes nothing: an orphan claim would run out and make the
+/// job's next claim "maybe sent", and a 2300035 answer to it (another
+/// campaign's send to the recipient) would settle as sent a job that was
+/// never called. Found by the chaos run (Redis frozen and paused).
+#[tokio::test]
+async fn a_claim_redis_runs_after_the_worker_gave_up_writes_nothing() {
+    let redis = common::PrivateRedis::start();
+    let prefix = common::random_prefix("late");
+    let fleet = Fleet::new(
+        FleetConfig::new(&redis.url()),
+        &prefix,
+        "worker-a",
+        Metrics::new(),
+    )
+    .expect("a valid URL");
+    let j = job("late-1", "1001", "2001");
+    // the scripts are loaded and the clock measured while Redis answers
+    assert!(go(&fleet
+        .before(&job("warm-1", "1001", "2001"), &ask())
+        .await
+        .unwrap())
+    .is_some());
+    fleet.measure_clock().await.unwrap();
+
+    redis.freeze();
+    let e = fleet.before(&j, &ask()).await;
+    assert!(e.is_err(), "a frozen Redis does not answer: {e:?}");
+    redis.thaw();
+
+    // the script queued while Redis was frozen has run by now
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: String = redis::cmd("PING").query_async(&mut conn).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let record: Option<String> = redis::cmd("GET")
+        .arg(format!("{{{prefix}}}:job:late-1"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(record, None, "no orphan claim");
+    // and the job's next claim is a fresh one, not "maybe sent"
+    assert_eq!(
+        go(&fleet.before(&j, &ask()).await.unwrap()),
+        Some((false, Duration::ZERO))
+    );
+}

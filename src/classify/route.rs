@@ -226,6 +226,27 @@ impl RetryPolicy {
         Route::Retry { class, delay: wait }
     }
 
+    /// The route of a copy of a job that waits, without a call, behind
+    /// another copy of the same send in flight (another worker's live
+    /// claim in the send ledger, or a copy in this worker). Bounded by
+    /// `not_after` only, not by age: the copy in flight settles the job —
+    /// sent, and this copy is acked as a duplicate; not sent, and this copy
+    /// takes its turn, under its class's limits after its call — and the
+    /// wait itself ends with the holder's lease. Dead by age here, a job
+    /// the other copy then sent had two ends (a letter and a send).
+    pub fn route_behind(&self, class: Class, wait: Duration, attempt: &Attempt) -> Route {
+        if attempt
+            .not_after
+            .is_some_and(|deadline| later(attempt.now, wait) > deadline)
+        {
+            return Route::Dead {
+                class: Some(class),
+                reason: DeadReason::Expired,
+            };
+        }
+        Route::Retry { class, delay: wait }
+    }
+
     /// The route of a failed attempt of `class` that no answer classified
     /// (the worker panicked processing the job): `delay`, within the class's
     /// limits (`max_attempts` for `transient`).
@@ -607,6 +628,31 @@ mod tests {
             Route::Dead {
                 class: Some(Class::Transient),
                 reason: DeadReason::RetriesExhausted
+            }
+        );
+    }
+
+    #[test]
+    fn a_copy_behind_a_copy_in_flight_waits_whatever_its_age() {
+        let p = RetryPolicy::default();
+        let wait = Duration::from_secs(5);
+        // past every age limit and max_attempts: still a wait (the copy in
+        // flight ends the job; this one is its duplicate or its next turn)
+        for class in [Class::NotReady, Class::Transient, Class::Throttled] {
+            assert_eq!(
+                p.route_behind(class, wait, &at(12, 30 * 24 * 3600)),
+                Route::Retry { class, delay: wait },
+                "{class}"
+            );
+        }
+        // not_after still ends it
+        let mut a = at(1, 0);
+        a.not_after = Some(a.now + chrono::Duration::seconds(2));
+        assert_eq!(
+            p.route_behind(Class::NotReady, wait, &a),
+            Route::Dead {
+                class: Some(Class::NotReady),
+                reason: DeadReason::Expired
             }
         );
     }

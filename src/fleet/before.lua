@@ -16,6 +16,7 @@
 --             5 probe wait ms     6 probe lock ms
 --             7 gates on (1/0)    8 ledger on (1/0)
 --             9 ledger retention ms
+-- round's last argument: its deadline in Redis's clock, ms (0 = none)
 -- own args    1 the send's digest (hex: ad account, page, message id,
 --               recipient, message; src/fleet/mod.rs `send_digest`)
 --
@@ -25,6 +26,8 @@
 --   {'sent', tracking_id, sent_at_ms}          already sent: ack, no call
 --   {'busy', worker, remaining_ms}             in flight on another worker
 --   {'gated', scope_index, class, code, wait_ms}  held: no claim, no call
+--   {'late', ms}                               run past the round's deadline:
+--                                              nothing written
 --   pace_wait_ms * 2 + maybe_sent (an integer)   claimed: call after the wait
 -- (the common answer is one integer: nothing for Redis to format or the
 -- worker to parse as strings)
@@ -134,6 +137,17 @@ local function one(ledger, k, o, a)
     redis.call('SET', ledger, claim(worker, now + wait + lease, digest), 'PX', ARGV[a + 9])
   end
   return wait * 2 + (previous and 1 or 0)
+end
+
+-- The round's deadline in Redis's clock, its last argument (0: none): a
+-- round Redis runs after it (it was paused, frozen or stalled, and the
+-- worker has given up on it) writes nothing, or its claims would be
+-- orphans a later claim takes for maybe sent (src/fleet/mod.rs).
+local deadline = tonumber(ARGV[#ARGV]) or 0
+if deadline > 0 and now > deadline then
+  local late, by = {}, string.format('%d', now - deadline)
+  for j = 1, tonumber(ARGV[1]) do late[j] = {'late', by} end
+  return late
 end
 
 return each_job(own, 9, one)

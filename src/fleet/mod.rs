@@ -44,6 +44,20 @@
 //! (`push_scope_keys`). Redis's clock (`TIME`) is the only clock the scripts use, so
 //! workers' clocks never disagree about a lease.
 //!
+//! A claim Redis makes after the worker gave up on it would be an orphan:
+//! a Redis paused (`CLIENT PAUSE`), frozen or stalled keeps the worker's
+//! `before.lua` queued, the worker times out and sends the job back to
+//! wait without a call, and Redis later runs the script and writes a claim
+//! nobody holds. Its lease runs out, and the job's next claim is told "an
+//! earlier call may have been the send": a 2300035 answer (another
+//! campaign's send to the recipient) then settles a never-called job as
+//! sent. So each round of `before.lua` carries a deadline in Redis's clock
+//! (the worker's own clock plus the offset it measured with `TIME`,
+//! [`Fleet::measure_clock`]): half the op timeout after it was sent, so
+//! the answer still has the other half to arrive. A round Redis runs later
+//! writes nothing and answers `late`. Until the offset is known (the first
+//! housekeeping after start) rounds go without a deadline.
+//!
 //! Redis trouble is handled by the worker (`worker::coordination`), not
 //! here: these calls return [`FleetError`] and the worker falls back as
 //! configured ([`FailMode`]).
@@ -453,8 +467,40 @@ pub struct Tell<'a> {
 }
 
 /// The Redis side of a fleet of workers. Cheap to share (`Arc`).
+/// The offset of Redis's clock from this host's (ms), for the deadline of
+/// `before.lua` rounds (module docs): measured with `TIME` by
+/// [`Fleet::measure_clock`]; `i64::MIN` until then.
+#[derive(Debug)]
+struct RedisClock {
+    offset_ms: std::sync::atomic::AtomicI64,
+}
+
+impl RedisClock {
+    const UNKNOWN: i64 = i64::MIN;
+
+    fn new() -> RedisClock {
+        RedisClock {
+            offset_ms: std::sync::atomic::AtomicI64::new(Self::UNKNOWN),
+        }
+    }
+
+    /// Redis's time `after` from now, in its clock (ms), if the offset is
+    /// known.
+    fn redis_ms_in(&self, after: Duration) -> Option<u64> {
+        let offset = self.offset_ms.load(std::sync::atomic::Ordering::Relaxed);
+        (offset != Self::UNKNOWN).then(|| {
+            let local = i64::try_from(now_ms_approx()).unwrap_or(i64::MAX);
+            let at = local
+                .saturating_add(offset)
+                .saturating_add(ms(after) as i64);
+            u64::try_from(at).unwrap_or(0)
+        })
+    }
+}
+
 pub struct Fleet {
     conn: ConnectionManager,
+    clock: Arc<RedisClock>,
     prefix: String,
     /// `{<prefix>}`: the hash tag of every key.
     tag: String,
@@ -621,6 +667,7 @@ struct Link {
     conn: ConnectionManager,
     metrics: Arc<Metrics>,
     op_timeout: Duration,
+    clock: Arc<RedisClock>,
 }
 
 /// The task of the [`Batcher`]: takes every job queued, calls each script
@@ -647,11 +694,13 @@ async fn rounds(
         // outer error is the connection's)
         let mut pipe = redis::pipe();
         for &k in &kinds {
-            pipe.add_command(command(
-                &scripts[k as usize],
-                k.layout(),
-                &batches[k as usize],
-            ));
+            let mut cmd = command(&scripts[k as usize], k.layout(), &batches[k as usize]);
+            if k == Kind::Before {
+                // the last argument: the round's deadline (module docs; 0:
+                // none)
+                cmd.arg(link.clock.redis_ms_in(link.op_timeout / 2).unwrap_or(0));
+            }
+            pipe.add_command(cmd);
         }
         pipe.ignore_errors();
         let op = match kinds.as_slice() {
@@ -824,6 +873,7 @@ impl Fleet {
             .map_err(|e| url_error(format!("{:?}", e.kind())))?;
         Ok(Fleet {
             conn,
+            clock: Arc::new(RedisClock::new()),
             prefix: prefix.to_string(),
             tag: format!("{{{prefix}}}"),
             worker: worker.to_string(),
@@ -843,6 +893,7 @@ impl Fleet {
             conn: self.conn.clone(),
             metrics: self.metrics.clone(),
             op_timeout: self.config.op_timeout,
+            clock: self.clock.clone(),
         }
     }
 
@@ -1003,6 +1054,27 @@ impl Fleet {
         })
     }
 
+    /// Measures the offset of Redis's clock from this host's with `TIME`
+    /// (to a round trip's half), for the deadline of `before.lua` rounds
+    /// (module docs). The worker does it in its housekeeping; the offset
+    /// is kept between measurements (and through an outage: clocks drift
+    /// by far less than the op timeout).
+    pub async fn measure_clock(&self) -> Result<(), FleetError> {
+        let mut conn = self.conn.clone();
+        let sent = now_ms_approx();
+        let (secs, micros): (u64, u64) = self
+            .timed(RedisOp::Ping, redis::cmd("TIME").query_async(&mut conn))
+            .await?;
+        let back = now_ms_approx();
+        let redis_ms = secs.saturating_mul(1000) + micros / 1000;
+        let local_mid = sent / 2 + back / 2;
+        let offset = redis_ms as i64 - local_mid as i64;
+        self.clock
+            .offset_ms
+            .store(offset, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Whether Redis answers.
     pub async fn ping(&self) -> Result<(), FleetError> {
         let mut conn = self.conn.clone();
@@ -1070,6 +1142,12 @@ fn parse_before(job: &Job, answer: &BeforeAnswer) -> Result<Before, FleetError> 
         }),
         [kind, tracking, _at] if kind == "sent" => Ok(Before::AlreadySent {
             tracking_id: tracking.clone(),
+        }),
+        [kind, by] if kind == "late" => Err(FleetError::Command {
+            op: RedisOp::Before.as_str(),
+            message: format!(
+                "Redis ran the claim {by} ms after its deadline (paused, frozen or overloaded?); it wrote nothing"
+            ),
         }),
         [kind, worker, remaining] if kind == "busy" => Ok(Before::Busy {
             worker: worker.clone(),

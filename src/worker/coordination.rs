@@ -61,7 +61,15 @@ pub(crate) enum Ahead {
     /// A closed gate holds the job.
     Held(Held),
     /// Not now: in flight on another worker, or waiting for Redis.
-    Wait { delay: Duration, why: String },
+    /// `behind`: another copy of this very send is in flight (another
+    /// worker's live claim, or a copy in this worker): that copy settles
+    /// the job, so this one waits for it whatever its age (see
+    /// `Policy::route_behind`).
+    Wait {
+        delay: Duration,
+        why: String,
+        behind: bool,
+    },
 }
 
 /// This worker's send-ledger claim on a job it has not called yet. Dropped
@@ -194,6 +202,7 @@ impl Coordination {
             return Err(Ahead::Wait {
                 delay: self.gate_times.probe_wait,
                 why: "another copy of this job is being processed by this worker; looked at again later, not called".into(),
+                behind: true,
             });
         }
         Ok(InFlight {
@@ -273,6 +282,7 @@ impl Coordination {
                                 "in flight on worker {worker} (its lease runs {}s more); looked at again later, not called",
                                 remaining.as_secs()
                             ),
+                            behind: true,
                         },
                         Before::Gated(held) => Ahead::Held(held),
                         Before::Go {
@@ -307,6 +317,7 @@ impl Coordination {
             let wait = Ahead::Wait {
                 delay: self.gate_times.probe_wait,
                 why: "waiting for Redis (fail_mode = hold): no send without the send ledger".into(),
+                behind: false,
             };
             return (wait, None);
         }
@@ -394,10 +405,13 @@ impl Coordination {
                 .await
                 .map(|open| self.metrics.set_gates(&open));
             match census {
-                Ok(()) => fleet
-                    .eviction()
-                    .await
-                    .map(|e| eviction_seen(&self.metrics, &e)),
+                Ok(()) => match fleet.measure_clock().await {
+                    Ok(()) => fleet
+                        .eviction()
+                        .await
+                        .map(|e| eviction_seen(&self.metrics, &e)),
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(e),
             }
         } else {

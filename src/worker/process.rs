@@ -316,7 +316,10 @@ async fn decide(ctx: &Ctx, body: &[u8], mut story: Story, redelivered: bool) -> 
         }
         Ahead::AlreadySent { tracking_id } => {
             debug!(tracking_id = %tracking_id, "already sent (send ledger); acked without a call");
-            return Decided::new(ctx, Route::Duplicate, story, Some(tracking_id));
+            // a send settled on evidence (2300035) or a 2xx without one has
+            // no tracking id: the event then has none, never an empty one
+            let tracking_id = Some(tracking_id).filter(|t| !t.is_empty());
+            return Decided::new(ctx, Route::Duplicate, story, tracking_id);
         }
         Ahead::Reused { sent } => {
             let other = if sent {
@@ -331,18 +334,23 @@ async fn decide(ctx: &Ctx, body: &[u8], mut story: Story, redelivered: bool) -> 
         }
         // Waits without a call (in flight elsewhere, a second copy, Redis
         // down in hold mode) spend no attempt and keep the job's story: its
-        // class and last error stay those of its last call, and the wait
-        // is bounded by its age under that class, and by `not_after`.
-        Ahead::Wait { delay, why } => {
+        // class and last error stay those of its last call. Waiting for
+        // Redis is bounded by the job's age under that class and by
+        // `not_after`; a copy behind another copy in flight by `not_after`
+        // only (that copy ends the job: dead here by age, a job that copy
+        // then sent had two ends).
+        Ahead::Wait { delay, why, behind } => {
             debug!(wait_ms = delay.as_millis() as u64, why = %why, "waiting without a call");
             let class = story
                 .last_error
                 .class
                 .as_deref()
                 .and_then(|c| c.parse().ok());
-            let route = ctx
-                .policy
-                .route_gated(class.unwrap_or(Class::Transient), delay, &attempt);
+            let known = class.unwrap_or(Class::Transient);
+            let route = match behind {
+                true => ctx.policy.route_behind(known, delay, &attempt),
+                false => ctx.policy.route_gated(known, delay, &attempt),
+            };
             if class.is_none() {
                 story.last_error.message = Some(why);
             }
