@@ -466,7 +466,6 @@ pub struct Tell<'a> {
     pub gate_grace: Duration,
 }
 
-/// The Redis side of a fleet of workers. Cheap to share (`Arc`).
 /// The offset of Redis's clock from this host's (ms), for the deadline of
 /// `before.lua` rounds (module docs): measured with `TIME` by
 /// [`Fleet::measure_clock`]; `i64::MIN` until then.
@@ -498,6 +497,7 @@ impl RedisClock {
     }
 }
 
+/// The Redis side of a fleet of workers. Cheap to share (`Arc`).
 pub struct Fleet {
     conn: ConnectionManager,
     clock: Arc<RedisClock>,
