@@ -1407,22 +1407,7 @@ async fn a_job_id_too_long_for_a_message_id_dies_invalid_and_gets_its_results_ev
     assert_eq!(dead[0].reason(), Some(DeadReason::InvalidJob));
     let why = dead[0].story.last_error.message.clone().unwrap_or_default();
     assert!(why.contains("255"), "{why}");
-    let ch = h.conn.create_channel().await.unwrap();
-    ch.basic_qos(10, Default::default()).await.unwrap();
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-stream-offset".into(),
-        AMQPValue::LongString("first".into()),
-    );
-    let mut consumer = ch
-        .basic_consume(
-            h.topology.results_stream().as_str().into(),
-            "results-test".into(),
-            BasicConsumeOptions::default(),
-            args,
-        )
-        .await
-        .unwrap();
+    let (ch, mut consumer) = h.results_consumer("results-test", 10).await;
     let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
         .await
         .expect("an event")

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use common::{eventually, job_for, Harness, Opts};
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::options::BasicAckOptions;
+use lapin::types::{AMQPValue, FieldTable};
 use mmsend::broker::headers;
 use mmsend::fleet::FailMode;
 use mmsend::results::{ResultEvent, ResultOutcome};
@@ -34,22 +34,7 @@ fn fleet_opts(name: &'static str) -> Opts {
 /// Every event on the results stream, read from the first offset until
 /// `n` have come (or 10 s passed), in order.
 async fn results(h: &Harness, n: usize) -> Vec<ResultEvent> {
-    let ch = h.conn.create_channel().await.unwrap();
-    ch.basic_qos(100, BasicQosOptions::default()).await.unwrap();
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-stream-offset".into(),
-        AMQPValue::LongString(LongString::from("first")),
-    );
-    let mut consumer = ch
-        .basic_consume(
-            h.topology.results_stream().as_str().into(),
-            "endings-test".into(),
-            BasicConsumeOptions::default(),
-            args,
-        )
-        .await
-        .unwrap();
+    let (ch, mut consumer) = h.results_consumer("endings-test", 100).await;
     let mut events = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while events.len() < n && std::time::Instant::now() < deadline {

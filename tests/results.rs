@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use common::{eventually, job, Harness, Opts};
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::options::BasicAckOptions;
 use mmsend::results::{ResultEvent, ResultOutcome};
 
 #[tokio::test]
@@ -24,22 +23,7 @@ async fn every_settled_job_has_one_event_with_its_tracking_id_or_its_reason() {
     h.wait_settled(3, Duration::from_secs(30)).await;
 
     // a campaign service reading the stream from the start
-    let ch = h.conn.create_channel().await.unwrap();
-    ch.basic_qos(100, BasicQosOptions::default()).await.unwrap();
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-stream-offset".into(),
-        AMQPValue::LongString(LongString::from("first")),
-    );
-    let mut consumer = ch
-        .basic_consume(
-            h.topology.results_stream().as_str().into(),
-            "results-test".into(),
-            BasicConsumeOptions::default(),
-            args,
-        )
-        .await
-        .unwrap();
+    let (ch, mut consumer) = h.results_consumer("results-test", 100).await;
     let mut events = BTreeMap::new();
     eventually!(
         Duration::from_secs(10),

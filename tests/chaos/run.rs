@@ -29,8 +29,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::options::{BasicAckOptions, BasicGetOptions};
+use lapin::types::FieldTable;
 use mmsend::graph::Secret as GraphSecret;
 use mmsend::simulator::{Latency, SimConfig};
 
@@ -506,24 +506,7 @@ async fn read_results(
     h: &Harness,
     events: Arc<Mutex<Vec<Vec<u8>>>>,
 ) -> tokio::task::JoinHandle<()> {
-    let ch = h.conn.create_channel().await.expect("a channel");
-    ch.basic_qos(500, BasicQosOptions::default())
-        .await
-        .expect("qos");
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-stream-offset".into(),
-        AMQPValue::LongString(LongString::from("first")),
-    );
-    let mut consumer = ch
-        .basic_consume(
-            h.topology.results_stream().as_str().into(),
-            "chaos-results".into(),
-            BasicConsumeOptions::default(),
-            args,
-        )
-        .await
-        .expect("the results stream");
+    let (ch, mut consumer) = h.results_consumer("chaos-results", 500).await;
     tokio::spawn(async move {
         let _channel = ch;
         while let Some(Ok(d)) = consumer.next().await {

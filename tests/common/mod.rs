@@ -618,6 +618,35 @@ impl Harness {
     }
 
     /// Takes every message out of the DLQ, as the DLQ tools see them.
+    /// A consumer of the results stream from its first event (as a
+    /// campaign service reads it), on a channel of its own with `prefetch`;
+    /// the channel is returned to keep it open.
+    pub async fn results_consumer(
+        &self,
+        tag: &str,
+        prefetch: u16,
+    ) -> (lapin::Channel, lapin::Consumer) {
+        let ch = self.conn.create_channel().await.expect("a channel");
+        ch.basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .expect("qos");
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-stream-offset".into(),
+            lapin::types::AMQPValue::LongString("first".into()),
+        );
+        let consumer = ch
+            .basic_consume(
+                self.topology.results_stream().as_str().into(),
+                tag.into(),
+                lapin::options::BasicConsumeOptions::default(),
+                args,
+            )
+            .await
+            .expect("the results stream");
+        (ch, consumer)
+    }
+
     pub async fn drain_dlq(&self) -> Vec<mmsend::dlq::DeadLetter> {
         let ch = self.conn.create_channel().await.unwrap();
         let mut out = Vec::new();
