@@ -235,6 +235,17 @@ impl Client {
         self.send(req).await
     }
 
+    /// Opens the login form and signs in with `token`, going on to `next`.
+    async fn sign_in(&mut self, token: &str, next: &str) -> Answer {
+        let form = self.get("/login").await;
+        let csrf = field(&form.body, "csrf");
+        self.post(
+            "/login",
+            &[("csrf", &csrf), ("token", token), ("next", next)],
+        )
+        .await
+    }
+
     async fn post(&mut self, path: &str, form: &[(&str, &str)]) -> Answer {
         let body = console::query(form).trim_start_matches('?').to_string();
         let req = self
@@ -1423,17 +1434,7 @@ async fn wrong_tokens_lock_out_their_own_client_only() {
     assert!(retry_after(&refused) >= 1);
     assert!(refused.body.contains("Too many"), "{}", refused.body);
     // the right token does not help it now: no answer tells a guess apart
-    let form = guesser.get("/login").await;
-    let a = guesser
-        .post(
-            "/login",
-            &[
-                ("csrf", &field(&form.body, "csrf")),
-                ("token", TOKEN),
-                ("next", "/"),
-            ],
-        )
-        .await;
+    let a = guesser.sign_in(TOKEN, "/").await;
     assert_eq!(a.status, 429);
     // nor does a bearer token, or a made-up X-Forwarded-For
     guesser.bearer = Some(TOKEN.into());
@@ -1450,17 +1451,7 @@ async fn wrong_tokens_lock_out_their_own_client_only() {
 
     // an operator on another machine signs in as usual
     let mut operator = from(&c, 2);
-    let form = operator.get("/login").await;
-    let a = operator
-        .post(
-            "/login",
-            &[
-                ("csrf", &field(&form.body, "csrf")),
-                ("token", TOKEN),
-                ("next", "/actions"),
-            ],
-        )
-        .await;
+    let a = operator.sign_in(TOKEN, "/actions").await;
     assert_eq!((a.status, a.location()), (303, "/actions"));
     assert_eq!(operator.get("/").await.status, 200);
 

@@ -366,10 +366,7 @@ pub async fn scan<O: Observer + ?Sized>(
     observer: &mut O,
 ) -> Result<ScanReport, DlqError> {
     let queue = topology.dead_queue();
-    let amqp = |source| DlqError::Amqp {
-        queue: queue.clone(),
-        source,
-    };
+    let amqp = amqp_error(&queue);
     let channel = conn.create_channel().await.map_err(amqp)?;
     let Some(state) = passive_declare(&channel, &queue).await.map_err(amqp)? else {
         return Err(DlqError::Missing { queue });
@@ -394,6 +391,14 @@ pub async fn scan<O: Observer + ?Sized>(
     result
 }
 
+/// A broker error on `queue`, as a [`DlqError`].
+fn amqp_error(queue: &str) -> impl Fn(lapin::Error) -> DlqError + Copy + '_ {
+    move |source| DlqError::Amqp {
+        queue: queue.to_string(),
+        source,
+    }
+}
+
 /// [`scan`] once it holds the [`ReaderLock`].
 async fn scan_locked<O: Observer + ?Sized>(
     conn: &Connection,
@@ -404,10 +409,7 @@ async fn scan_locked<O: Observer + ?Sized>(
     observer: &mut O,
 ) -> Result<ScanReport, DlqError> {
     let queue = topology.dead_queue();
-    let amqp = |source| DlqError::Amqp {
-        queue: queue.clone(),
-        source,
-    };
+    let amqp = amqp_error(&queue);
     let mut waited = Duration::ZERO;
     let state = loop {
         let Some(state) = passive_declare(&channel, &queue).await.map_err(amqp)? else {
