@@ -274,6 +274,10 @@ pub struct SimRequest {
     pub code: Option<u64>,
     /// Whether the request was a send.
     pub sent: bool,
+    /// How long the answer was held back (`sim:latesend`), in ms: a caller
+    /// with a shorter request timeout saw a timeout, not this answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub late_ms: Option<u64>,
 }
 
 /// One accepted send.
@@ -865,6 +869,10 @@ impl Sim {
             status: response.status().as_u16(),
             code: response.extensions().get::<ErrorCode>().map(|c| c.0),
             sent: response.extensions().get::<Booked>().is_some(),
+            late_ms: response
+                .extensions()
+                .get::<Late>()
+                .map(|l| u64::try_from(l.0.as_millis()).unwrap_or(u64::MAX)),
         };
         self.books().record.requests.push(request);
     }
@@ -1065,6 +1073,7 @@ async fn answer(
                         status: 0,
                         code: None,
                         sent: false,
+                        late_ms: None,
                     });
                 }
             }

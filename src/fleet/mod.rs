@@ -626,6 +626,26 @@ impl Batcher {
         kind: Kind,
         part: Part,
     ) -> Result<T, FleetError> {
+        let value = self.enqueue(link, kind, part).await.unwrap_or_else(|_| {
+            Err(FleetError::Command {
+                op: kind.op().as_str(),
+                message: "the worker stopped before Redis answered".into(),
+            })
+        })?;
+        T::from_redis_value(value).map_err(|e| FleetError::Answer {
+            op: kind.op().as_str(),
+            answer: e.to_string(),
+        })
+    }
+
+    /// Queues one job's part for the next round, now; the receiver gets its
+    /// answer.
+    fn enqueue(
+        &self,
+        link: &Link,
+        kind: Kind,
+        part: Part,
+    ) -> oneshot::Receiver<Result<redis::Value, FleetError>> {
         let (reply, answer) = oneshot::channel();
         let mut queued = Queued { kind, part, reply };
         for _ in 0..2 {
@@ -648,16 +668,7 @@ impl Batcher {
                 }
             }
         }
-        let value = answer.await.unwrap_or_else(|_| {
-            Err(FleetError::Command {
-                op: kind.op().as_str(),
-                message: "the worker stopped before Redis answered".into(),
-            })
-        })?;
-        T::from_redis_value(value).map_err(|e| FleetError::Answer {
-            op: kind.op().as_str(),
-            answer: e.to_string(),
-        })
+        answer
     }
 }
 
@@ -928,6 +939,21 @@ impl Fleet {
     /// Tells the fleet how a call ended (one script call, shared with the
     /// jobs that tell at the same time).
     pub async fn after(&self, job: &Job, tell: &Tell<'_>) -> Result<(), FleetError> {
+        let part = self.after_part(job, tell);
+        let _: i64 = self.batcher.call(&self.link(), Kind::After, part).await?;
+        Ok(())
+    }
+
+    /// [`Fleet::after`] without waiting for its answer: queued for the next
+    /// round before this returns (so a later ask of this worker is run
+    /// after it), its answer dropped. For a `Drop`, which cannot wait: a
+    /// claim given back by a job that ended before its call.
+    pub fn after_detached(&self, job: &Job, tell: &Tell<'_>) {
+        let part = self.after_part(job, tell);
+        drop(self.batcher.enqueue(&self.link(), Kind::After, part));
+    }
+
+    fn after_part(&self, job: &Job, tell: &Tell<'_>) -> Part {
         let (outcome, tracking) = match tell.record {
             Record::Sent(id) => ("sent", id),
             Record::Suspected => ("suspected", ""),
@@ -972,8 +998,7 @@ impl Fleet {
                     .concat(&[digest]);
             }
         }
-        let _: i64 = self.batcher.call(&self.link(), Kind::After, part).await?;
-        Ok(())
+        part
     }
 
     /// The gates open in the whole fleet now: (scope kind, class) each.

@@ -72,13 +72,16 @@ pub(crate) enum Ahead {
     },
 }
 
-/// This worker's send-ledger claim on a job it has not called yet. Dropped
-/// before [`Claim::calling`] (the job's task ended by a lost session, a
-/// stop's grace period or a panic, while it waited for its pacing slot or
-/// before its call), it is given back in a task of its own: a claim left to
-/// run out would make the job's next delivery "maybe sent", and a 2300035
-/// answer to it (another campaign's send to the recipient) would settle as
-/// sent a job that was never called.
+/// This worker's send-ledger claim on a job it has not called yet, from
+/// the moment it is asked for. Dropped before [`Claim::calling`] (the job's
+/// task ended by a lost session, a stop's grace period or a panic, while
+/// its ask was in flight, while it waited for its pacing slot or before its
+/// call), it is given back: queued for Redis at once, ahead of any later
+/// ask of this worker. A claim left to run out would make the job's next
+/// delivery "maybe sent", and a 2300035 answer to it (another campaign's
+/// send to the recipient) would settle as sent a job that was never
+/// called. Giving back a claim that was never written, or that another
+/// worker holds, does nothing (`after.lua` deletes only this worker's).
 pub(crate) struct Claim<'a> {
     coord: &'a Coordination,
     job: &'a Job,
@@ -92,6 +95,11 @@ impl Claim<'_> {
     pub(crate) fn calling(mut self) {
         self.held = false;
     }
+
+    /// The answer wrote no claim (already sent, busy, gated, reused).
+    fn none_written(mut self) {
+        self.held = false;
+    }
 }
 
 impl Drop for Claim<'_> {
@@ -99,19 +107,13 @@ impl Drop for Claim<'_> {
         if !self.held {
             return;
         }
-        let (Some(fleet), Ok(runtime)) = (
-            self.coord.fleet.clone(),
-            tokio::runtime::Handle::try_current(),
-        ) else {
-            return;
-        };
-        let job = self.job.clone();
-        let tell = self.coord.release(&job);
-        // a failure leaves the claim to run out with its lease (the job's
-        // next delivery is then taken for maybe sent, as before)
-        runtime.spawn(async move {
-            let _ = fleet.after(&job, &tell).await;
-        });
+        if let Some(fleet) = &self.coord.fleet {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                // a failure leaves the claim to run out with its lease (the
+                // job's next delivery is then taken for maybe sent)
+                fleet.after_detached(self.job, &self.coord.release(self.job));
+            }
+        }
     }
 }
 
@@ -270,6 +272,13 @@ impl Coordination {
                 probe_lock: PROBE_TIMEOUT,
                 gates: self.gates_on,
             };
+            // armed before the ask: a job dropped while its ask is in
+            // flight gives back whatever claim Redis may have written
+            let claim = Claim {
+                coord: self,
+                job,
+                held: true,
+            };
             match fleet.before(job, &ask).await {
                 Ok(answer) => {
                     self.redis_ok();
@@ -289,11 +298,6 @@ impl Coordination {
                             maybe_sent,
                             pace_wait,
                         } => {
-                            let claim = Claim {
-                                coord: self,
-                                job,
-                                held: true,
-                            };
                             self.metrics.paced(pace_wait);
                             if !pace_wait.is_zero() {
                                 tokio::time::sleep(pace_wait).await;
@@ -307,8 +311,11 @@ impl Coordination {
                             );
                         }
                     };
+                    claim.none_written();
                     return (answer, None);
                 }
+                // (a round Redis ran before its deadline whose answer was
+                // lost: the claim is given back when `claim` drops here)
                 Err(e) => self.redis_failed(&e),
             }
         }

@@ -29,7 +29,8 @@
 //!    Exceptions, by design and counted in the summary (README, "What can
 //!    still repeat a send", 5): a suspected send of a job an earlier call
 //!    of which was caught by a worker fault (killed, stopped or cut off
-//!    within the lease) or answered ambiguously (the simulator reset it);
+//!    within the lease) or answered ambiguously (the simulator reset it,
+//!    or held its answer past the request timeout);
 //!    in `fail_mode = local`, a suspected send settled while Redis was
 //!    unusable (without the ledger a redelivered job is maybe sent). A
 //!    suspected send with no such earlier call is a violation.
@@ -291,7 +292,13 @@ fn evidence(o: &Observed, requests: &[&SimRequest], until: DateTime<Utc>) -> (St
         let text = "; it was never called before the call that settled it";
         return (text.into(), false);
     }
-    let reset = before.iter().any(|r| r.status == 0);
+    // reset unanswered, or answered after the caller's request timeout:
+    // ambiguous to the worker, whatever the simulator answered
+    let reset = before.iter().any(|r| {
+        r.status == 0
+            || r.late_ms
+                .is_some_and(|ms| Duration::from_millis(ms) >= o.request_timeout)
+    });
     let caught: Vec<String> = before
         .iter()
         .filter_map(|r| {

@@ -124,7 +124,7 @@ impl Workers<'_> {
         // another worker may be reading at that moment
         let own = self.dir.join(format!("w{w}"));
         std::fs::create_dir_all(&own).expect("worker directory");
-        let mut cmd = self.h.worker_command(&own, &worker_toml());
+        let mut cmd = own_binary(self.h.worker_command(&own, &worker_toml()), &self.dir);
         cmd.env("MMSEND_CONCURRENCY", CONCURRENCY)
             .env("MMSEND_REDIS_URL", &self.redis_url)
             .env("MMSEND_REDIS_FAIL_MODE", self.plan.fail_mode)
@@ -446,7 +446,7 @@ async fn execute(
             }
             Step::Replay => {
                 history.fault("replay", "mmsend dlq replay", true);
-                let mut cmd = h.mmsend(&["dlq", "replay"]);
+                let mut cmd = own_binary(h.mmsend(&["dlq", "replay"]), &workers.dir);
                 cmd.env("MMSEND_CONFIG", config);
                 let history = history.clone();
                 side.push(tokio::task::spawn_blocking(move || {
@@ -499,6 +499,23 @@ async fn client_pause(url: &str, hold: Duration) -> bool {
         tokio::time::timeout(Duration::from_secs(2), pause).await,
         Ok(Some(()))
     )
+}
+
+/// The name of the run's copy of the `mmsend` binary in its directory.
+const BINARY: &str = "mmsend";
+
+/// `cmd` (arguments and environment kept) with the run's copy of the
+/// binary in `dir`.
+fn own_binary(cmd: std::process::Command, dir: &Path) -> std::process::Command {
+    let mut own = std::process::Command::new(dir.join(BINARY));
+    own.args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => own.env(k, v),
+            None => own.env_remove(k),
+        };
+    }
+    own
 }
 
 /// Reads the results stream from its first event, into `events`.
@@ -559,6 +576,9 @@ pub async fn run(plan: Plan, drain_limit: Duration) -> Outcome {
     opts.results = true;
     let h = Harness::start(opts).await;
     let dir = common::tmpdir("chaos");
+    // the run's own copy of the binary: one build from start to end, and
+    // `cargo build` is free to replace target/ meanwhile
+    std::fs::copy(env!("CARGO_BIN_EXE_mmsend"), dir.join(BINARY)).expect("a copy of mmsend");
     let config = h.write_config(&dir, &worker_toml());
     let history = History::new();
     let events = Arc::new(Mutex::new(Vec::new()));
