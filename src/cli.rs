@@ -508,6 +508,7 @@ impl WorkerArgs {
             graph,
             tokens,
         );
+        config.tokens_file = self.page_tokens_file.clone();
         config.table = file.code_table()?;
         let mut config = config.with_policy(file.retry.clone());
         config.pacing = file.pacing.clone();

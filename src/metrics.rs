@@ -57,6 +57,8 @@ mod name {
     pub(super) const REDIS_ERRORS: &str = "mmsend_redis_errors_total";
     pub(super) const PUBLISH_FAILURES: &str = "mmsend_publish_failures_total";
     pub(super) const JOB_PANICS: &str = "mmsend_job_panics_total";
+    pub(super) const PAGE_TOKENS: &str = "mmsend_page_tokens";
+    pub(super) const PAGE_TOKENS_RELOADS: &str = "mmsend_page_tokens_reloads_total";
 }
 
 /// Every series mmsend exports (histograms without their `_bucket`/`_sum`/
@@ -87,6 +89,8 @@ pub const SERIES: &[&str] = &[
     name::REDIS_ERRORS,
     name::PUBLISH_FAILURES,
     name::JOB_PANICS,
+    name::PAGE_TOKENS,
+    name::PAGE_TOKENS_RELOADS,
 ];
 
 /// Why a retry or dead copy was not published: the `reason` label of
@@ -253,6 +257,8 @@ pub struct Metrics {
     redis_errors: IntCounterVec,
     publish_failures: IntCounterVec,
     job_panics: IntCounter,
+    page_tokens: IntGauge,
+    page_tokens_reloads: IntCounterVec,
     ready: AtomicBool,
     holding: AtomicBool,
 }
@@ -383,6 +389,20 @@ impl Metrics {
             name::REDIS_MAY_EVICT,
             "1 when the fleet's Redis has a memory limit and a maxmemory-policy other than noeviction: it may evict send-ledger records and claims (a job could be sent twice). 0 otherwise, or not known yet.",
         );
+        let page_tokens = gauge(
+            name::PAGE_TOKENS,
+            "Pages with a token of their own in MMSEND_PAGE_TOKENS_FILE, as now in use (the file is read again when it changes and on SIGHUP).",
+        );
+        let page_tokens_reloads = counter_vec(
+            name::PAGE_TOKENS_RELOADS,
+            "Reads of a changed MMSEND_PAGE_TOKENS_FILE, by result: ok (swapped in), failed (the tokens before stay in use; the log says why).",
+            &["result"],
+        );
+        // both series from the start, at 0: an alert on their increase
+        // sees the first failure
+        for result in ["ok", "failed"] {
+            page_tokens_reloads.with_label_values(&[result]);
+        }
         let redis_duration = HistogramVec::new(
             histogram_opts(
                 name::REDIS_DURATION,
@@ -469,6 +489,8 @@ impl Metrics {
             redis_errors,
             publish_failures,
             job_panics,
+            page_tokens,
+            page_tokens_reloads,
             ready: AtomicBool::new(false),
             holding: AtomicBool::new(false),
         })
@@ -735,6 +757,20 @@ impl Metrics {
     /// What Redis's eviction policy was last seen to be.
     pub fn set_redis_may_evict(&self, may: bool) {
         self.redis_may_evict.set(i64::from(may));
+    }
+
+    /// Pages with a token of their own, as now in use.
+    pub fn set_page_tokens(&self, pages: usize) {
+        self.page_tokens
+            .set(i64::try_from(pages).unwrap_or(i64::MAX));
+    }
+
+    /// A read of a changed page tokens file: `ok` and the pages now in use.
+    pub fn page_tokens_reloaded(&self, ok: bool, pages: usize) {
+        self.set_page_tokens(pages);
+        self.page_tokens_reloads
+            .with_label_values(&[if ok { "ok" } else { "failed" }])
+            .inc();
     }
 
     /// Whether Redis was last seen able to evict keys.

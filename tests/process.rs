@@ -458,3 +458,93 @@ async fn a_token_with_a_trailing_newline_is_trimmed_and_said() {
     std::fs::remove_dir_all(dir).unwrap();
     h.finish().await;
 }
+
+/// A tokens file replaced the way Kubernetes does it: written aside, then
+/// renamed over the old one.
+fn write_tokens(path: &std::path::Path, text: &str) {
+    let aside = path.with_extension("new");
+    std::fs::write(&aside, text).unwrap();
+    std::fs::rename(&aside, path).unwrap();
+}
+
+/// The worker's log so far.
+fn log_of(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_page_added_to_the_tokens_file_is_sent_for_without_a_restart() {
+    let h = Harness::start(Opts::idle("tokens")).await;
+    let dir = common::tmpdir("tokens");
+    let tokens = dir.join("tokens.json");
+    let log_path = dir.join("worker.log");
+    let token_a = "EAApageAtoken0123456789abcdef";
+    let token_b = "EAApageBtoken0123456789abcdef";
+    write_tokens(&tokens, &format!(r#"{{"1000000001": "{token_a}"}}"#));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut cmd = h.worker_command(&dir, "");
+    cmd.env_remove("MMSEND_ACCESS_TOKEN")
+        .env("MMSEND_PAGE_TOKENS_FILE", &tokens)
+        .env("MMSEND_LOG", "info")
+        .stderr(log);
+    let mut child = cmd.spawn().unwrap();
+    let page_job = |id: &str, page: &str| {
+        let mut j = common::job(id, &format!("r-{id}"));
+        j["page_id"] = serde_json::json!(page);
+        j
+    };
+    h.publish_job(&page_job("a-1", "1000000001")).await;
+    wait_sent(&h, 1).await;
+
+    // page B is onboarded: its token is in use within 5 s, no restart
+    write_tokens(
+        &tokens,
+        &format!(r#"{{"1000000001": "{token_a}", "1000000002": "{token_b}"}}"#),
+    );
+    common::eventually!(
+        Duration::from_secs(5),
+        log_of(&log_path).contains("page tokens reloaded"),
+        "the reload in the log: {}",
+        log_of(&log_path)
+    );
+    h.publish_job(&page_job("b-1", "1000000002")).await;
+    wait_sent(&h, 2).await;
+
+    // a broken file keeps the tokens in use and says why
+    write_tokens(&tokens, r#"{"1000000001": "#);
+    common::eventually!(
+        Duration::from_secs(5),
+        log_of(&log_path).contains("page tokens file not reloaded"),
+        "the refusal in the log: {}",
+        log_of(&log_path)
+    );
+    h.publish_job(&page_job("b-2", "1000000002")).await;
+    wait_sent(&h, 3).await;
+
+    // SIGHUP reads it again at once (fixed now, page B dropped: its jobs
+    // have no token any more and are dead-lettered `no_token`)
+    write_tokens(&tokens, &format!(r#"{{"1000000001": "{token_a}"}}"#));
+    common::signal(&child, "-HUP");
+    common::eventually!(
+        Duration::from_secs(5),
+        log_of(&log_path).matches("page tokens reloaded").count() >= 2,
+        "the second reload in the log: {}",
+        log_of(&log_path)
+    );
+    h.publish_job(&page_job("b-3", "1000000002")).await;
+    common::eventually!(
+        Duration::from_secs(10),
+        h.depth(&h.topology.dead_queue()).await == 1,
+        "b-3 dead for want of a token"
+    );
+    assert_eq!(h.sim.stats().sent, 3);
+
+    common::signal(&child, "-TERM");
+    assert!(child.wait().unwrap().success());
+    let text = log_of(&log_path);
+    for token in [token_a, token_b] {
+        assert!(!text.contains(token), "a token in the log");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+    h.finish().await;
+}

@@ -140,6 +140,7 @@ fn every_command_and_flag_in_the_readme_exists() {
         include_str!("../src/cli.rs"),
         include_str!("../src/simulator.rs"),
         include_str!("../tests/readme.rs"),
+        include_str!("../tests/chaos.rs"),
         include_str!("../benches/pipeline.rs"),
         include_str!("../deploy/local/test.sh"),
     ]

@@ -217,6 +217,17 @@ impl TokenStore {
         Ok(self)
     }
 
+    /// The same default token with the pages of `path` read afresh (a
+    /// changed page tokens file); `self` is left as it is whatever happens.
+    pub fn reloaded(&self, path: &Path) -> Result<Self, TokenFileError> {
+        TokenStore::new(self.default.clone()).load_pages(path)
+    }
+
+    /// How many pages have a token of their own.
+    pub fn page_count(&self) -> usize {
+        self.pages.len()
+    }
+
     /// Pages whose token in the file had whitespace around it (trimmed).
     pub fn trimmed_pages(&self) -> &[String] {
         &self.trimmed

@@ -67,6 +67,7 @@ mod coordination;
 pub mod gates;
 pub mod pacing;
 mod process;
+mod tokens;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -101,6 +102,9 @@ pub struct WorkerConfig {
     pub graph: ClientConfig,
     /// The access tokens, by page.
     pub tokens: TokenStore,
+    /// The page tokens file `tokens` was loaded from: read again when it
+    /// changes and on SIGHUP (`worker::tokens`); `None`: tokens fixed.
+    pub tokens_file: Option<std::path::PathBuf>,
     /// The classification table.
     pub table: CodeTable,
     /// The retry schedule and limits.
@@ -183,6 +187,7 @@ impl WorkerConfig {
             topology,
             graph,
             tokens,
+            tokens_file: None,
             table: CodeTable::default(),
             policy: RetryPolicy::default(),
             pacing: PacingConfig::default(),
@@ -246,7 +251,7 @@ mod id_tests {
 pub(crate) struct Ctx {
     pub topology: Topology,
     pub client: Api,
-    pub tokens: TokenStore,
+    pub tokens: tokens::LiveTokens,
     pub table: CodeTable,
     pub policy: RetryPolicy,
     pub coord: Coordination,
@@ -420,7 +425,7 @@ pub async fn run(
     let ctx = Arc::new(Ctx {
         topology: config.topology.clone(),
         client,
-        tokens: config.tokens.clone(),
+        tokens: Arc::new(arc_swap::ArcSwap::from_pointee(config.tokens.clone())),
         table: config.table.clone(),
         policy: config.policy.clone(),
         coord: Coordination::new(
@@ -436,6 +441,15 @@ pub async fn run(
         job_hook: config.job_hook.clone(),
     });
 
+    let token_watch = config.tokens_file.clone().map(|path| {
+        metrics.set_page_tokens(config.tokens.page_count());
+        tokio::spawn(tokens::watch(
+            path,
+            ctx.tokens.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ))
+    });
     let housekeeping = {
         let ctx = ctx.clone();
         let stop = shutdown.clone();
@@ -495,6 +509,9 @@ pub async fn run(
     };
     metrics.set_ready(false);
     housekeeping.abort();
+    if let Some(watch) = token_watch {
+        watch.abort();
+    }
     result
 }
 

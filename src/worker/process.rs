@@ -264,7 +264,7 @@ async fn decide(ctx: &Ctx, body: &[u8], mut story: Story, redelivered: bool) -> 
     if let Some(c) = &job.campaign {
         span.record("campaign", c.as_str());
     }
-    let Some(token) = ctx.tokens.token_for(&job.page_id).cloned() else {
+    let Some(token) = ctx.tokens.load().token_for(&job.page_id).cloned() else {
         let message = format!(
             "no access token for page {}; set MMSEND_ACCESS_TOKEN or add the page to MMSEND_PAGE_TOKENS_FILE, then replay",
             job.page_id
