@@ -15,9 +15,9 @@
 //!    whatever was still queued after every worker stopped is listed), none
 //!    both — unless the letter itself says the job may have been sent
 //!    (`x-mmsend-ambiguous`), or the send's ledger record was lost (Redis
-//!    restarted empty or unusable between the send and the letter) and the
-//!    letter is the 2300035 of a second copy that Meta's cap stopped: the
-//!    ledger cannot remember a send it never stored. Two letters of one job
+//!    restarted empty between the send and the letter: any letter; or
+//!    unusable then: the 2300035 of a second copy that Meta's cap
+//!    stopped): the ledger cannot remember a send it no longer has. Two letters of one job
 //!    are allowed when it was published more than once or workers were
 //!    killed or cut off (a crash between a letter's confirm and the ack
 //!    repeats it: at-least-once).
@@ -29,7 +29,9 @@
 //!    Exceptions, by design and counted in the summary (README, "What can
 //!    still repeat a send", 5): a suspected send of a job an earlier call
 //!    of which was caught by a worker fault (killed, stopped or cut off
-//!    within the lease) or answered ambiguously (the simulator reset it,
+//!    within the lease), or whose claim a SIGKILLed worker may have held
+//!    (killed after the job was published, within 30 s of the settling
+//!    call), or that was answered ambiguously (the simulator reset it,
 //!    or held its answer past the request timeout);
 //!    in `fail_mode = local`, a suspected send settled while Redis was
 //!    unusable (without the ledger a redelivered job is maybe sent). A
@@ -71,6 +73,8 @@ pub struct Secret {
 pub struct Observed {
     /// Copies published per job (1 + duplicates).
     pub copies: Vec<u32>,
+    /// When each job was first published.
+    pub published: Vec<Option<DateTime<Utc>>>,
     pub sim: SimRecord,
     pub letters: Vec<DeadLetter>,
     /// Raw results events.
@@ -82,6 +86,8 @@ pub struct Observed {
     pub texts: Vec<(String, String)>,
     /// Windows in which Redis was unusable.
     pub outages: Vec<(DateTime<Utc>, DateTime<Utc>)>,
+    /// When Redis was killed (it came back empty: the ledger lost).
+    pub ledger_losses: Vec<DateTime<Utc>>,
     /// When a worker was killed, stopped or cut off, and which.
     pub worker_fault_times: Vec<(DateTime<Utc>, String)>,
     /// Kills, terms and connection closes applied.
@@ -327,6 +333,22 @@ fn evidence(o: &Observed, requests: &[&SimRequest], until: DateTime<Utc>) -> (St
     }
 }
 
+/// Whether a worker was SIGKILLed between the job's first publish and `at`
+/// (within the longest a claim and the waits behind it last): it may have
+/// held the job's claim, and to the ledger a claim that ran out under a
+/// dead worker is a call that may have been the send (README, "What can
+/// still repeat a send", 1 and 5). Nothing can tell a claim killed before
+/// its call from one killed mid-call.
+fn killed_holding(o: &Observed, published: Option<DateTime<Utc>>, at: DateTime<Utc>) -> bool {
+    let Some(published) = published else {
+        return false;
+    };
+    let window = chrono::Duration::seconds(30);
+    o.worker_fault_times.iter().any(|(t, what)| {
+        what.starts_with("SIGKILL") && *t >= published && *t <= at && at - *t <= window
+    })
+}
+
 /// Whether Redis was unusable at some point in `[from, to]`.
 fn outage_within(o: &Observed, from: DateTime<Utc>, to: DateTime<Utc>) -> bool {
     o.outages.iter().any(|(a, b)| *a <= to && *b >= from)
@@ -372,7 +394,13 @@ pub fn check(plan: &Plan, o: &Observed) -> Verdict {
             let dead_at = d.story.dead_at.unwrap_or(now);
             if d.story.last_error.ambiguous {
                 s.ambiguous_dead += 1;
-            } else if d.has_code(2300035) && outage_within(o, send.at - slack, dead_at) {
+            } else if (d.has_code(2300035) && outage_within(o, send.at - slack, dead_at))
+                || o.ledger_losses
+                    .iter()
+                    .any(|t| *t >= send.at && *t <= dead_at)
+            {
+                // the send's record was lost (or unreadable) before this
+                // copy died: the worker could not know the job was sent
                 s.ledger_lost_dead += 1;
             } else {
                 unexplained.push(format!(
@@ -499,9 +527,12 @@ pub fn check(plan: &Plan, o: &Observed) -> Verdict {
         }
 
         // 4. nothing "sent" without a send
+        let first_published = o.published.get(i).copied().flatten();
         let maybe_sent = |e: &Event| {
-            (plan.fail_mode == "local" && e.at.is_some_and(|at| outage_within(o, at - slack, at)))
-                || evidence(o, &seen.requests, e.at.unwrap_or(now)).1
+            let at = e.at.unwrap_or(now);
+            (plan.fail_mode == "local" && outage_within(o, at - slack, at))
+                || evidence(o, &seen.requests, at).1
+                || killed_holding(o, first_published, at)
         };
         let suspected_allowed = seen
             .events

@@ -41,6 +41,7 @@ pub struct Record {
 struct Inner {
     records: Vec<Record>,
     outages: Vec<(DateTime<Utc>, Option<DateTime<Utc>>)>,
+    ledger_losses: Vec<DateTime<Utc>>,
     worker_faults: Vec<(DateTime<Utc>, String)>,
 }
 
@@ -111,6 +112,16 @@ impl History {
         }
     }
 
+    /// Redis lost every key now (killed; it comes back empty).
+    pub fn ledger_lost(&self) {
+        self.lock().ledger_losses.push(Utc::now());
+    }
+
+    /// When Redis lost every key.
+    pub fn ledger_losses(&self) -> Vec<DateTime<Utc>> {
+        self.lock().ledger_losses.clone()
+    }
+
     /// Redis usable again.
     pub fn redis_back(&self) {
         if let Some((_, end @ None)) = self.lock().outages.last_mut() {
@@ -133,6 +144,17 @@ impl History {
             .iter()
             .map(|(a, b)| (*a, b.unwrap_or(now)))
             .collect()
+    }
+
+    /// When each job (by index) was first published.
+    pub fn first_published(&self, jobs: usize) -> Vec<Option<DateTime<Utc>>> {
+        let mut first = vec![None; jobs];
+        for r in &self.lock().records {
+            if let Entry::Publish { job, .. } = r.entry {
+                first[job].get_or_insert(r.at);
+            }
+        }
+        first
     }
 
     /// Copies published per job index.

@@ -412,6 +412,7 @@ async fn execute(
                     redis.down();
                     redis_state = RedisState::Down;
                     history.redis_gone();
+                    history.ledger_lost();
                     history.fault(
                         "redis restart",
                         "Redis killed (SIGKILL): the ledger is lost",
@@ -678,6 +679,7 @@ pub async fn run(plan: Plan, drain_limit: Duration) -> Outcome {
         .sum();
     let observed = Observed {
         copies: history.copies(plan.jobs.len()),
+        published: history.first_published(plan.jobs.len()),
         sim: h.sim.record(),
         letters,
         events: std::mem::take(&mut *events.lock().unwrap_or_else(|p| p.into_inner())),
@@ -685,6 +687,7 @@ pub async fn run(plan: Plan, drain_limit: Duration) -> Outcome {
         texts,
         outages: history.outages(),
         worker_fault_times: history.worker_faults(),
+        ledger_losses: history.ledger_losses(),
         worker_faults,
         exits: std::mem::take(&mut workers.exits),
         max_attempts: MAX_ATTEMPTS,
