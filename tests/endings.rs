@@ -182,6 +182,71 @@ async fn a_redelivered_job_never_called_is_not_settled_as_sent_on_another_campai
     h.finish().await;
 }
 
+/// Closes `page`'s gate in the fleet for `wait` as a throttling answer
+/// would.
+async fn close_page_gate(h: &Harness, page: &str, wait: Duration) {
+    let client = redis::Client::open(common::redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let time: (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let until = time.0 * 1000 + time.1 / 1000 + wait.as_millis() as u64;
+    let tag = format!("{{{}}}", h.topology.prefix);
+    let gate = format!("{tag}:gate:page:{page}");
+    let _: () = redis::cmd("HSET")
+        .arg(&gate)
+        .arg("class")
+        .arg("throttled")
+        .arg("code")
+        .arg("2300078")
+        .arg("until")
+        .arg(until)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("ZADD")
+        .arg(format!("{tag}:gates"))
+        .arg(until + 60_000)
+        .arg(&gate)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_gate_hold_keeps_an_earlier_calls_maybe_sent() {
+    let mut opts = fleet_opts("holdambiguous");
+    opts.sim.cap_window = Some(Duration::from_secs(3600));
+    let h = Harness::start(opts).await;
+    // the recipient got this job's message: its first call timed out after
+    // the request was written (the job's story says maybe sent) ...
+    h.publish_job(&job_for("a-0", "recipient-h", "111")).await;
+    h.wait_settled(1, T).await;
+    let mut story = FieldTable::default();
+    story.insert(headers::ATTEMPT.into(), AMQPValue::LongUInt(1));
+    story.insert(
+        headers::CLASS.into(),
+        AMQPValue::LongString("transient".into()),
+    );
+    story.insert(headers::AMBIGUOUS.into(), AMQPValue::Boolean(true));
+    story.insert(
+        headers::FIRST_ATTEMPT_AT.into(),
+        AMQPValue::LongString(chrono::Utc::now().to_rfc3339().into()),
+    );
+    // ... and its page is gated when it comes back: held without a call
+    let page = common::job("x", "y")["page_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    close_page_gate(&h, &page, Duration::from_millis(300)).await;
+    let body = serde_json::to_vec(&job_for("a-1", "recipient-h", "111")).unwrap();
+    h.publish_raw(&body, story).await;
+    // its call after the hold is answered 2300035: the earlier call was
+    // the send, settled as sent (suspected), not retried until it expires
+    h.wait_settled(2, T).await;
+    assert_eq!(h.settled(), (2, 0), "{:?}", h.dead_reasons().await);
+    assert_eq!(h.metrics.suspected_duplicates(), 1);
+    h.finish().await;
+}
+
 /// Writes a live claim of another worker on `job_id`'s ledger record.
 async fn claim_elsewhere(h: &Harness, job_id: &str, lease: Duration) {
     let client = redis::Client::open(common::redis_url()).unwrap();

@@ -61,16 +61,22 @@ struct Decided {
 
 impl Decided {
     /// A route taken without a call (invalid job, no token, expired, gated).
+    /// An earlier call that may have been the send stays one: no call
+    /// makes it less ambiguous (the chaos run found a gate's hold dropping
+    /// the flag; the job's next 2300035 then read as another campaign's
+    /// send, and a job that was sent died `expired`).
     fn without_call(ctx: &Ctx, route: Route, mut story: Story, message: String) -> Decided {
         let class = match route {
             Route::Retry { class, .. } => Some(class),
             Route::Dead { class, .. } => class,
             Route::Sent { .. } | Route::Duplicate => None,
         };
+        let ambiguous = story.last_error.ambiguous;
         story.set_last_error(
             class,
             LastError {
                 message: Some(message),
+                ambiguous,
                 ..Default::default()
             },
         );
