@@ -140,8 +140,8 @@ fn report(o: &run::Outcome) -> String {
     ));
     let s = &o.verdict.summary;
     out.push_str(&format!(
-        "allowed: {} ambiguous letters of sent jobs, {} letters after a lost ledger, {} suspected sends maybe sent by design, {} jobs with twin letters; {} requests, {} events\nviolations:\n",
-        s.ambiguous_dead, s.ledger_lost_dead, s.suspected_allowed, s.twin_letters, s.requests, s.events
+        "allowed: {} ambiguous letters of sent jobs, {} letters after a lost ledger, {} suspected sends maybe sent by design, {} twin letters dead before the send, {} jobs with twin letters; {} requests, {} events\nviolations:\n",
+        s.ambiguous_dead, s.ledger_lost_dead, s.suspected_allowed, s.twin_dead_before_send, s.twin_letters, s.requests, s.events
     ));
     let mut shown = std::collections::BTreeMap::new();
     for v in &o.verdict.violations {

@@ -20,7 +20,8 @@
 //!    stopped): the ledger cannot remember a send it no longer has. Two letters of one job
 //!    are allowed when it was published more than once or workers were
 //!    killed or cut off (a crash between a letter's confirm and the ack
-//!    repeats it: at-least-once).
+//!    repeats it: at-least-once), and then one of the twins may die, after
+//!    its calls, before another (replayed) is sent.
 //! 4. **Nothing settled "sent" that the simulator did not send**: every
 //!    `sent` results event (`suspected` or not) and every `duplicate` event
 //!    names a job the simulator sent, with that send's tracking id when it
@@ -152,6 +153,9 @@ pub struct Summary {
     /// settled while Redis was unusable in `fail_mode = local` (without the
     /// ledger, redelivered is maybe sent).
     pub suspected_allowed: usize,
+    /// Letters of a copy that died (after its calls) before a twin copy
+    /// of the job was sent (allowed: at-least-once letters, replayed).
+    pub twin_dead_before_send: usize,
     /// Jobs with two or more letters (allowed when copies or crashes explain them).
     pub twin_letters: usize,
     pub requests: usize,
@@ -392,8 +396,14 @@ pub fn check(plan: &Plan, o: &Observed) -> Verdict {
         for d in &seen.letters {
             let Some(send) = sent else { continue };
             let dead_at = d.story.dead_at.unwrap_or(now);
+            // a twin's letter: a crash between a letter's confirm and its
+            // ack repeats the letter (at-least-once), a replay moves both,
+            // and one copy dies (with its calls) before the other is sent
+            let twin = seen.letters.len() > 1 && (o.copies[i] > 1 || o.worker_faults > 0);
             if d.story.last_error.ambiguous {
                 s.ambiguous_dead += 1;
+            } else if twin && dead_at < send.at && d.story.attempt > 0 {
+                s.twin_dead_before_send += 1;
             } else if (d.has_code(2300035) && outage_within(o, send.at - slack, dead_at))
                 || o.ledger_losses
                     .iter()
@@ -502,10 +512,13 @@ pub fn check(plan: &Plan, o: &Observed) -> Verdict {
                 continue;
             }
             let dead_at = d.story.dead_at.unwrap_or(now);
+            // (the letter's time is cut to the millisecond, and the
+            // simulator books a request as its answer leaves: the call that
+            // killed the job may read a little later than its death)
             let last = seen
                 .requests
                 .iter()
-                .filter(|r| r.at <= dead_at)
+                .filter(|r| r.at <= dead_at + chrono::Duration::seconds(1))
                 .map(|r| r.at)
                 .max();
             let call_slack = chrono::Duration::from_std(o.request_timeout + Duration::from_secs(1))
