@@ -33,7 +33,7 @@ if command -v promtool >/dev/null 2>&1; then
     python3 monitoring/generate.py --out '$tmp/custom' \
       --set 'mmsend_selector=job=\"mmsend-worker\",namespace=\"messaging\"' \
       --set 'rabbitmq_selector=namespace=\"messaging\",job=~\"rabbitmq.*\"' \
-      --set 'work_queue_regex=shop[.]send' --set runbook_base_url=https://docs.example/mmsend/README.md >/dev/null &&
+      --set 'work_queue_regex=shop[.]send' --set runbook_base_url=https://docs.example/mmsend/docs/src/operating/runbook.md >/dev/null &&
     promtool check rules '$tmp/custom/alerts.yml' && python3 -m json.tool '$tmp/custom/mmsend.json' >/dev/null"
   rm -rf "$tmp"
 else

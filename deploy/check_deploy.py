@@ -135,13 +135,14 @@ def _():
     assert exprs and not missing, "\n".join(missing)
 
 
-@check("every alert has a summary, a description and a runbook_url into a README heading")
+@check("every alert has a summary, a description and a runbook_url into a runbook heading")
 def _():
-    readme = (ROOT / "README.md").read_text()
+    # the default runbook_base_url is the runbook's path in the repository
+    runbook = (ROOT / MONITORING["runbook_base_url"]).read_text()
     # GitHub's anchors: lower case, punctuation dropped, spaces to dashes
     anchors = {
         re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
-        for h in re.findall(r"^#+ (.+)$", readme, re.M)
+        for h in re.findall(r"^#+ (.+)$", runbook, re.M)
     }
     rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
     problems = []
@@ -156,7 +157,7 @@ def _():
         if not url.startswith(base + "#") or anchor != r["alert"].lower():
             problems.append(f"{r['alert']}: runbook_url {url!r} is not {base}#{r['alert'].lower()}")
         elif anchor not in anchors:
-            problems.append(f"{r['alert']}: README has no heading for #{anchor}")
+            problems.append(f"{r['alert']}: {base} has no heading for #{anchor}")
     assert not problems, "\n".join(problems)
 
 

@@ -18,7 +18,7 @@ use crate::metrics::{self, Metrics};
 use crate::worker::{self, WorkerConfig};
 use crate::{health, producer, report, simulator};
 
-/// The exit codes, as `--help` shows them (README: "Exit status").
+/// The exit codes, as `--help` shows them (docs/src/operating/worker.md: "Exit status, JSON and pipes").
 pub(crate) const EXIT_STATUS: &str = "\
 Exit status:
   0  ok
@@ -738,7 +738,7 @@ async fn healthcheck_command(args: &HealthcheckArgs) -> anyhow::Result<ExitCode>
 /// `--threads` threads: with one (the default) every job task, the consume
 /// loop and the HTTP client share the main thread, which saves the
 /// cross-thread wake-ups a multi-threaded scheduler pays per job (about 15 %
-/// of the worker's CPU per job, see the README's Performance section); the
+/// of the worker's CPU per job, see docs/src/performance-history.md); the
 /// simulator serves on `--threads` threads too (one by default);
 /// every other command gets one thread per core.
 pub fn runtime(cli: &Cli) -> std::io::Result<tokio::runtime::Runtime> {

@@ -9,7 +9,7 @@
 //! and skip, unless `MMSEND_REQUIRE_CHROMIUM=1` (set by
 //! `deploy/local/test.sh` once it has installed them) makes that a failure.
 //! `MMSEND_UPDATE_SCREENSHOT=1` writes the overview's screenshot to
-//! `docs/console.png` (always to `console-overview.png` in cargo's
+//! `docs/src/console.png` (always to `console-overview.png` in cargo's
 //! `CARGO_TARGET_TMPDIR`, `target/tmp/` by default).
 
 mod common;
@@ -626,7 +626,7 @@ async fn the_overview_counts_what_dlq_stats_counts_and_a_letter_tells_its_story(
     std::fs::create_dir_all(&scratch).unwrap();
     std::fs::write(scratch.join("console-overview.png"), &shot).unwrap();
     if std::env::var("MMSEND_UPDATE_SCREENSHOT").as_deref() == Ok("1") {
-        let docs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs");
+        let docs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/src");
         std::fs::create_dir_all(&docs).unwrap();
         std::fs::write(docs.join("console.png"), &shot).unwrap();
     }

@@ -321,7 +321,7 @@ async fn a_url_list_connects_to_the_first_node_that_answers() {
 /// worker holds the same jobs again: a connection lost `delivery_limit` + 1
 /// times in a row before they are processed sends innocent jobs to the DLQ
 /// as `delivery_limit`. This cannot be fixed from the worker (the channel
-/// is gone; nothing can be settled on it); the README's "Limits" says how
+/// is gone; nothing can be settled on it); docs/src/limits.md says how
 /// to size the limit and how to replay. This test keeps the number true.
 #[tokio::test]
 async fn connection_losses_in_a_row_push_held_jobs_to_the_delivery_limit() {

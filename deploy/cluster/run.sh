@@ -23,7 +23,7 @@
 #
 # Needs: RabbitMQ 3.10+ installed (not necessarily running), Rust, curl, jq.
 # Runs outside CI (it takes a minute and three Erlang VMs); the last result
-# is in the README, "Guarantees".
+# is in docs/src/deploying.md, "On a RabbitMQ cluster".
 set -euo pipefail
 
 jobs=20000

@@ -16,7 +16,7 @@ Settings (config.json holds the defaults; --config overrides some or all,
                        scrape job, the ServiceMonitor's jobLabel)
     rabbitmq_selector  label matchers for RabbitMQ's rabbitmq_prometheus series
     work_queue_regex   the work queues the queue alerts watch
-    runbook_base_url   where the README is read; alerts link to
+    runbook_base_url   where the runbook is read; alerts link to
                        <runbook_base_url>#<alert name in lower case>
 
 Templates mark a setting as @name@. Selectors must be one or more matchers

@@ -5,7 +5,7 @@
 //! The built-in rows ([`BUILTIN`]) follow Meta's API Errors reference for
 //! the Marketing Message API for Messenger (updated April 2026) and the
 //! Graph API's generic codes; [`REFERENCE`] keeps each marketing code's
-//! description, which the simulator answers with and the README shows. The
+//! description, which the simulator answers with and the book shows. The
 //! TOML `[classification]` section can add or override any row, every
 //! column of it:
 //!
@@ -17,7 +17,7 @@
 //! "2300096" = { class = "recipient_capped", already_sent = true }
 //! ```
 //!
-//! Decisions written down here (the README repeats them):
+//! Decisions written down here (docs/src/classification.md repeats them):
 //!
 //! - **2300018**: the seed list named it `REGION_NOT_SUPPORTED`; Meta's
 //!   current reference says the attachment could not be saved. The current
@@ -449,7 +449,7 @@ impl CodeTable {
 }
 
 /// The classification table as Markdown (class, route, codes with the scope
-/// they hold), generated from [`BUILTIN`]; the README embeds it and a test
+/// they hold), generated from [`BUILTIN`]; docs/src/classification.md embeds it and a test
 /// keeps the two equal.
 pub fn markdown_table() -> String {
     let mut out = String::from(

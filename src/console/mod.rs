@@ -53,7 +53,7 @@ pub const LETTER_BYTES_MAX: usize = snapshot::LETTER_BYTES_MAX;
 /// The default `--refresh`: automatic snapshots at most this often.
 pub const DEFAULT_REFRESH: Duration = Duration::from_secs(10);
 /// The default `--max-letters`: a snapshot costs about 1.6 KiB of memory
-/// per letter (measured at 100,000, README), so about 400 MiB, and at most
+/// per letter (measured at 100,000, docs/src/console.md), so about 400 MiB, and at most
 /// [`LETTER_BYTES_MAX`] (6 KiB) per letter whatever the letters carry, so
 /// at most about 1.5 GiB.
 pub const DEFAULT_MAX_LETTERS: usize = 250_000;

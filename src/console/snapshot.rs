@@ -76,7 +76,7 @@ const ALLOC_OVERHEAD: usize = 24;
 /// What one letter costs a snapshot at most, in bytes, whatever it
 /// carries (the record, its strings counted as if none were shared, its
 /// share of the indexes); typically a third of it (about 1.6 KiB measured
-/// at 100,000 letters, README). `--max-letters` times this bounds a
+/// at 100,000 letters, docs/src/console.md). `--max-letters` times this bounds a
 /// snapshot.
 pub(crate) const LETTER_BYTES_MAX: usize = size_of::<Letter>()
     + (JOB_ID_BYTES + ALLOC_OVERHEAD)

@@ -41,7 +41,7 @@
 //!   DLQ as well, the at-least-once window every confirmed move has.)
 //!
 //! The broker keeps every held letter's bookkeeping until the end of the
-//! run; the README ("Operating the dead-letter queue") has what that costs
+//! run; the book (docs/src/dlq.md, "Measured") has what that costs
 //! at 100,000 and 1,000,000 letters.
 //!
 //! **One reader at a time, atomically.** Two scans of one queue at once
@@ -150,7 +150,7 @@ pub struct ScanOptions {
     /// Every letter read and not moved is held until the end of the run;
     /// measured on 3.10.8, a held letter costs the broker about 300 bytes
     /// (queue and channel bookkeeping; bodies stay on disk), plus the
-    /// windows in flight (README, "Operating the dead-letter queue"). At the
+    /// windows in flight (docs/src/dlq.md, "What a scan promises"). At the
     /// bound the scan stops with [`Stop::HoldLimit`].
     pub max_held: Option<usize>,
 }

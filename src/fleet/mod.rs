@@ -35,7 +35,7 @@
 //! KEEPTTL`. Builds before 0.2 wrote a hash of the same fields (four
 //! commands per job); those records are still read, and replaced by a
 //! string when written, but an earlier build cannot read a string record
-//! (its script fails, and it falls back to its fail mode): see the README
+//! (its script fails, and it falls back to its fail mode): see docs/src/fleet.md
 //! on upgrading a fleet.
 //!
 //! Keys live under the topology prefix with one hash tag, `{<prefix>}`, so

@@ -14,7 +14,7 @@
 //! jobs wait in a delay tier, `/readyz` answers 503). While down, at most
 //! one call a second tries Redis again, so a dead Redis costs no latency;
 //! the first success marks it up again. What each failure costs is in the
-//! README ("Fleet coordination on Redis").
+//! book (docs/src/fleet.md, "Fleet coordination on Redis").
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

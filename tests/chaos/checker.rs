@@ -27,8 +27,8 @@
 //!    names a job the simulator sent, with that send's tracking id when it
 //!    gives one. A suspected send must be this job's own send, not another
 //!    campaign's send to the same recipient.
-//!    Exceptions, by design and counted in the summary (README, "What can
-//!    still repeat a send", 5): a suspected send of a job an earlier call
+//!    Exceptions, by design and counted in the summary (docs/src/guarantees.md,
+//!    "What can still repeat a send", 5): a suspected send of a job an earlier call
 //!    of which was caught by a worker fault (killed, stopped or cut off
 //!    within the lease), or whose claim a SIGKILLed worker may have held
 //!    (killed after the job was published, within 30 s of the settling
@@ -340,8 +340,8 @@ fn evidence(o: &Observed, requests: &[&SimRequest], until: DateTime<Utc>) -> (St
 /// Whether a worker was SIGKILLed between the job's first publish and `at`
 /// (within the longest a claim and the waits behind it last): it may have
 /// held the job's claim, and to the ledger a claim that ran out under a
-/// dead worker is a call that may have been the send (README, "What can
-/// still repeat a send", 1 and 5). Nothing can tell a claim killed before
+/// dead worker is a call that may have been the send (docs/src/guarantees.md, "What
+/// can still repeat a send", 1 and 5). Nothing can tell a claim killed before
 /// its call from one killed mid-call.
 fn killed_holding(o: &Observed, published: Option<DateTime<Utc>>, at: DateTime<Utc>) -> bool {
     let Some(published) = published else {
@@ -563,7 +563,7 @@ pub fn check(plan: &Plan, o: &Observed) -> Verdict {
             match (sent, &e.tracking_id) {
                 // by design: without the ledger (Redis unusable, `fail_mode
                 // = local`) a redelivered job is taken for maybe sent, and a
-                // 2300035 answer settles it as a suspected send (README,
+                // 2300035 answer settles it as a suspected send (docs/src/guarantees.md,
                 // "What can still repeat a send"); counted, not a violation
                 // (and the duplicates of such a send: no tracking id)
                 (None, _)
