@@ -214,7 +214,7 @@ pub fn properties(job_id: &str) -> BasicProperties {
     BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
-        .with_message_id(job::amqp_message_id(job_id))
+        .with_message_id(job::amqp_message_id(job_id).into())
         .with_app_id("mmsend".into())
         .with_timestamp(now.timestamp().max(0) as u64)
         .with_headers(headers)

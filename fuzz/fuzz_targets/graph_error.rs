@@ -2,6 +2,10 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
+#[path = "../../src/graph/auth.rs"]
+#[allow(dead_code)]
+mod auth;
+
 #[path = "../../src/graph/error.rs"]
 #[allow(dead_code)]
 mod error;

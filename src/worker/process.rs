@@ -565,7 +565,7 @@ async fn publish_result(
     let props = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
-        .with_message_id(crate::job::amqp_message_id(&event.job_id));
+        .with_message_id(crate::job::amqp_message_id(&event.job_id).into());
     if let Err(e) = publisher
         .publish(&ctx.topology.results_stream(), &bytes, props)
         .await
