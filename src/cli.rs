@@ -478,13 +478,7 @@ impl WorkerArgs {
         let mut tokens = TokenStore::new(clean(&self.access_token, "MMSEND_ACCESS_TOKEN")?);
         if let Some(path) = &self.page_tokens_file {
             tokens = tokens.load_pages(path)?;
-            if !tokens.trimmed_pages().is_empty() {
-                tracing::warn!(
-                    pages = %tokens.trimmed_pages().join(","),
-                    "page tokens with whitespace around them in {}; using them trimmed",
-                    path.display()
-                );
-            }
+            crate::worker::tokens::warn_trimmed(&tokens, path);
         }
         let app_secret = clean(&self.app_secret, "MMSEND_APP_SECRET")?;
         if tokens.is_empty() {

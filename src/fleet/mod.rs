@@ -1110,8 +1110,9 @@ impl Fleet {
     }
 }
 
-/// Milliseconds since the epoch by this host's clock (only to prune the gate
-/// index, where a little skew does not matter).
+/// Milliseconds since the epoch by this host's clock: to prune the gate
+/// index (a little skew does not matter), and for a round's deadline,
+/// where [`RedisClock`] adds the offset to Redis's clock.
 fn now_ms_approx() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -407,20 +407,13 @@ impl Coordination {
             return;
         };
         let result = if self.up.load(Ordering::Relaxed) {
-            let census = fleet
-                .gate_census()
-                .await
-                .map(|open| self.metrics.set_gates(&open));
-            match census {
-                Ok(()) => match fleet.measure_clock().await {
-                    Ok(()) => fleet
-                        .eviction()
-                        .await
-                        .map(|e| eviction_seen(&self.metrics, &e)),
-                    Err(e) => Err(e),
-                },
-                Err(e) => Err(e),
+            async {
+                self.metrics.set_gates(&fleet.gate_census().await?);
+                fleet.measure_clock().await?;
+                eviction_seen(&self.metrics, &fleet.eviction().await?);
+                Ok(())
             }
+            .await
         } else {
             fleet.ping().await
         };

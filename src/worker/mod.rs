@@ -67,7 +67,7 @@ mod coordination;
 pub mod gates;
 pub mod pacing;
 mod process;
-mod tokens;
+pub(crate) mod tokens;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -31,7 +31,7 @@ use crate::graph::TokenStore;
 use crate::metrics::Metrics;
 
 /// How often the file is looked at.
-pub(crate) const POLL: Duration = Duration::from_secs(1);
+const POLL: Duration = Duration::from_secs(1);
 
 /// The tokens jobs use now; swapped whole by [`watch`].
 pub(crate) type LiveTokens = Arc<ArcSwap<TokenStore>>;
@@ -44,20 +44,25 @@ fn fingerprint(path: &Path) -> Fingerprint {
     Some((m.modified().ok()?, m.len(), m.ino()))
 }
 
-/// Reads `path` again into `live` (see the module docs); returns whether
-/// the tokens changed hands.
-pub(crate) fn reload(path: &Path, live: &LiveTokens, metrics: &Metrics, why: &str) -> bool {
+/// Says which pages of the file at `path` had whitespace around their
+/// token (at start and at every reload).
+pub(crate) fn warn_trimmed(store: &TokenStore, path: &Path) {
+    if !store.trimmed_pages().is_empty() {
+        tracing::warn!(
+            pages = %store.trimmed_pages().join(","),
+            "page tokens with whitespace around them in {}; using them trimmed",
+            path.display()
+        );
+    }
+}
+
+/// Reads `path` again into `live` (see the module docs).
+fn reload(path: &Path, live: &LiveTokens, metrics: &Metrics, why: &str) {
     let before = live.load();
     match before.reloaded(path) {
         Ok(store) => {
             let pages = store.page_count();
-            if !store.trimmed_pages().is_empty() {
-                tracing::warn!(
-                    pages = %store.trimmed_pages().join(","),
-                    "page tokens with whitespace around them in {}; using them trimmed",
-                    path.display()
-                );
-            }
+            warn_trimmed(&store, path);
             live.store(Arc::new(store));
             metrics.page_tokens_reloaded(true, pages);
             info!(
@@ -67,7 +72,6 @@ pub(crate) fn reload(path: &Path, live: &LiveTokens, metrics: &Metrics, why: &st
                 "page tokens reloaded from {}",
                 path.display()
             );
-            true
         }
         Err(e) => {
             metrics.page_tokens_reloaded(false, before.page_count());
@@ -77,7 +81,6 @@ pub(crate) fn reload(path: &Path, live: &LiveTokens, metrics: &Metrics, why: &st
                 kept = before.page_count(),
                 "page tokens file not reloaded; the tokens loaded before stay in use. Fix the file (it is read again when it changes, or on SIGHUP)"
             );
-            false
         }
     }
 }
