@@ -20,8 +20,9 @@
 //!    stopped): the ledger cannot remember a send it no longer has. Two letters of one job
 //!    are allowed when it was published more than once or workers were
 //!    killed or cut off (a crash between a letter's confirm and the ack
-//!    repeats it: at-least-once), and then one of the twins may die, after
-//!    its calls, before another (replayed) is sent.
+//!    repeats it: at-least-once), and then one of the twins may die (after
+//!    its calls, or waiting without a call: each copy's age is its own)
+//!    before another copy is sent.
 //! 4. **Nothing settled "sent" that the simulator did not send**: every
 //!    `sent` results event (`suspected` or not) and every `duplicate` event
 //!    names a job the simulator sent, with that send's tracking id when it
@@ -396,13 +397,15 @@ pub fn check(plan: &Plan, o: &Observed) -> Verdict {
         for d in &seen.letters {
             let Some(send) = sent else { continue };
             let dead_at = d.story.dead_at.unwrap_or(now);
-            // a twin's letter: a crash between a letter's confirm and its
-            // ack repeats the letter (at-least-once), a replay moves both,
-            // and one copy dies (with its calls) before the other is sent
-            let twin = seen.letters.len() > 1 && (o.copies[i] > 1 || o.worker_faults > 0);
+            // a twin's letter: a job published twice has two copies that
+            // route on their own, and a crash between a letter's confirm and
+            // its ack repeats the letter (at-least-once); one copy may die
+            // (after its calls, or waiting without one: each copy's age is
+            // its own) before another copy is sent
+            let twin = o.copies[i] > 1 || (seen.letters.len() > 1 && o.worker_faults > 0);
             if d.story.last_error.ambiguous {
                 s.ambiguous_dead += 1;
-            } else if twin && dead_at < send.at && d.story.attempt > 0 {
+            } else if twin && dead_at < send.at {
                 s.twin_dead_before_send += 1;
             } else if (d.has_code(2300035) && outage_within(o, send.at - slack, dead_at))
                 || o.ledger_losses
