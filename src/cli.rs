@@ -29,6 +29,7 @@ Exit status:
 Output: --json prints one JSON document to stdout for scripts. Colour only
 on a terminal, never with NO_COLOR set. A closed pipe (| head) ends quietly.";
 
+pub(crate) mod campaign;
 pub(crate) mod dlq;
 
 /// The `mmsend` command line: the binary parses it, calls [`init_logging`],
@@ -85,6 +86,11 @@ pub(crate) enum Command {
     Healthcheck(HealthcheckArgs),
     /// Serve the dead-letter console: the DLQ in a browser (groups, letters, replay, purge).
     Console(ConsoleArgs),
+    /// See a campaign's progress; pause, resume or cancel it across the fleet (needs Redis).
+    Campaign {
+        #[command(subcommand)]
+        command: campaign::CampaignCommand,
+    },
 }
 
 /// `mmsend console`.
@@ -200,6 +206,10 @@ pub(crate) struct EnqueueArgs {
     /// Print the report as JSON (no progress bar, no table).
     #[arg(long)]
     pub(crate) json: bool,
+    /// Redis of the workers: count the published jobs per campaign (`enqueued`, for
+    /// `mmsend campaign` progress and ETA). Unset: not counted.
+    #[arg(long, env = "MMSEND_REDIS_URL", hide_env_values = true)]
+    pub(crate) redis_url: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -668,11 +678,20 @@ async fn enqueue_command(args: &EnqueueArgs) -> anyhow::Result<ExitCode> {
     let producer = if args.dry_run {
         None
     } else {
-        Some(
-            producer::Producer::connect_and_declare(&args.broker.amqp_url, &topology)
-                .await?
-                .with_max_inflight(args.max_inflight),
-        )
+        let mut p = producer::Producer::connect_and_declare(&args.broker.amqp_url, &topology)
+            .await?
+            .with_max_inflight(args.max_inflight);
+        if let Some(url) = args.redis_url.as_deref().filter(|u| !u.trim().is_empty()) {
+            let config = file.redis.fleet(url, crate::fleet::FailMode::Local);
+            match crate::fleet::campaign::Campaigns::connect(&config, &args.broker.prefix).await {
+                Ok(campaigns) => p = p.counting(campaigns),
+                Err(e) => eprintln!(
+                    "warning: {}; publishing without counting the campaigns' enqueued jobs",
+                    report::printable(&e.to_string())
+                ),
+            }
+        }
+        Some(p)
     };
     let verb = if args.dry_run { "valid" } else { "published" };
     let started = std::time::Instant::now();
@@ -778,6 +797,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Enqueue(args) => enqueue_command(&args).await,
         Command::Healthcheck(args) => healthcheck_command(&args).await,
         Command::Dlq { command } => crate::cli::dlq::run(command).await,
+        Command::Campaign { command } => crate::cli::campaign::run(command).await,
         Command::Demo(args) => {
             let report = crate::demo::run(crate::demo::DemoOptions {
                 amqp_url: args.amqp_url.clone(),

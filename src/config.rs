@@ -46,6 +46,7 @@
 //! op_timeout = "500ms"
 //! lowered_rate_for = "10m"
 //! allow_eviction = false    # start even if Redis may evict keys (warns)
+//! campaign_retention = "30d" # campaign state and counters, after the last activity
 //! ```
 
 use std::collections::BTreeMap;
@@ -127,6 +128,10 @@ pub struct RedisSection {
     /// `maxmemory-policy` other than `noeviction`); the worker refuses to
     /// start then unless this is `true`, and warns while it runs.
     pub allow_eviction: bool,
+    /// How long a campaign's state and counters are kept after its last
+    /// activity.
+    #[serde(with = "humantime_serde")]
+    pub campaign_retention: Duration,
 }
 
 impl Default for RedisSection {
@@ -138,6 +143,7 @@ impl Default for RedisSection {
             op_timeout: d.op_timeout,
             lowered_rate_for: d.lowered_rate_for,
             allow_eviction: d.allow_eviction,
+            campaign_retention: d.campaign_retention,
         }
     }
 }
@@ -153,6 +159,7 @@ impl RedisSection {
             op_timeout: self.op_timeout,
             lowered_rate_for: self.lowered_rate_for,
             allow_eviction: self.allow_eviction,
+            campaign_retention: self.campaign_retention,
         }
     }
 }

@@ -266,6 +266,12 @@ impl Job {
         })
     }
 
+    /// The campaign the job belongs to for campaign control and counters:
+    /// its `campaign` label, else its `message_id` (Meta's campaign).
+    pub fn campaign_name(&self) -> &str {
+        self.campaign.as_deref().unwrap_or(&self.message_id)
+    }
+
     /// Fails when `not_after` is set and already passed at `now`.
     pub fn check_not_after(&self, now: DateTime<Utc>) -> Result<(), JobError> {
         match self.not_after {
@@ -492,6 +498,8 @@ pub struct JobLabels {
     pub campaign: Option<String>,
     /// `page_id`.
     pub page_id: Option<String>,
+    /// `message_id` (the campaign of a job without a `campaign` label).
+    pub message_id: Option<String>,
 }
 
 impl JobLabels {
@@ -506,8 +514,8 @@ impl JobLabels {
     }
 }
 
-/// The three labelled fields, by position in [`LabelsVisitor`]'s arrays.
-const LABELS: [&str; 3] = ["job_id", "campaign", "page_id"];
+/// The labelled fields, by position in [`LabelsVisitor`]'s arrays.
+const LABELS: [&str; 4] = ["job_id", "campaign", "page_id", "message_id"];
 
 struct LabelsVisitor;
 
@@ -519,8 +527,8 @@ impl<'de> Visitor<'de> for LabelsVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<JobLabels, A::Error> {
-        let mut values: [Option<String>; 3] = Default::default();
-        let mut seen = [0u32; 3];
+        let mut values: [Option<String>; 4] = Default::default();
+        let mut seen = [0u32; 4];
         while let Some(LabelKey(which)) = access.next_key()? {
             match which {
                 Some(i) => {
@@ -536,7 +544,7 @@ impl<'de> Visitor<'de> for LabelsVisitor {
                 }
             }
         }
-        let [job_id, campaign, page_id] = std::array::from_fn(|i| match seen[i] {
+        let [job_id, campaign, page_id, message_id] = std::array::from_fn(|i| match seen[i] {
             1 => values[i].take(),
             _ => None,
         });
@@ -544,6 +552,7 @@ impl<'de> Visitor<'de> for LabelsVisitor {
             job_id,
             campaign,
             page_id,
+            message_id,
         })
     }
 }
@@ -871,6 +880,7 @@ mod tests {
                 job_id: Some("17".into()),
                 campaign: None,
                 page_id: Some("42".into()),
+                message_id: None,
             }
         );
         let twice = JobLabels::read(br#"{"job_id":"a","campaign":"c","job_id":"b"}"#);

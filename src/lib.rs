@@ -37,7 +37,10 @@
 //! - [`classify`]: outcome → class → route: `verdict`, `route`, `table` (the one
 //!   table of codes).
 //! - [`fleet`]: what workers share through Redis (two Lua scripts): the send
-//!   ledger, fleet-wide pacing and gates.
+//!   ledger, fleet-wide pacing and gates; `campaign`: campaign state,
+//!   counters and the audit trail.
+//! - [`control`]: pause, resume and cancel a campaign (state, the held
+//!   queue, the audit trail), for the CLI and the console.
 //! - [`results`]: the results stream, one event per settled job, for producers.
 //! - [`dlq`]: the dead-letter library, printing nothing: `letter`, `filter`,
 //!   `scan` (the engine), `stats`.
@@ -65,6 +68,7 @@ pub mod classify;
 pub mod cli;
 pub mod config;
 pub mod console;
+pub mod control;
 pub mod demo;
 pub mod dlq;
 pub mod fleet;

@@ -141,16 +141,20 @@ pub enum RedisOp {
     Census,
     /// A health check.
     Ping,
+    /// Campaign counters, state and audit (`mmsend campaign`, the
+    /// workers' counter writes).
+    Campaigns,
 }
 
 impl RedisOp {
     /// Every op.
-    pub const ALL: [RedisOp; 5] = [
+    pub const ALL: [RedisOp; 6] = [
         RedisOp::Before,
         RedisOp::After,
         RedisOp::BeforeAfter,
         RedisOp::Census,
         RedisOp::Ping,
+        RedisOp::Campaigns,
     ];
 
     /// The label value.
@@ -161,6 +165,7 @@ impl RedisOp {
             RedisOp::BeforeAfter => "before_after",
             RedisOp::Census => "census",
             RedisOp::Ping => "ping",
+            RedisOp::Campaigns => "campaigns",
         }
     }
 }
@@ -194,18 +199,26 @@ pub enum Settled {
     Retried,
     /// Copied to the dead-letter queue.
     Dead,
+    /// Parked in the held queue: its campaign is paused.
+    Held,
 }
 
 impl Settled {
     /// Every outcome.
-    pub const ALL: [Settled; 3] = [Settled::Sent, Settled::Retried, Settled::Dead];
+    pub const ALL: [Settled; 4] = [
+        Settled::Sent,
+        Settled::Retried,
+        Settled::Dead,
+        Settled::Held,
+    ];
 
-    /// The label value (`sent`, `retried`, `dead`).
+    /// The label value (`sent`, `retried`, `dead`, `held`).
     pub fn label(self) -> &'static str {
         match self {
             Settled::Sent => "sent",
             Settled::Retried => "retried",
             Settled::Dead => "dead",
+            Settled::Held => "held",
         }
     }
 }

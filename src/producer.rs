@@ -42,7 +42,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::{SecondsFormat, Utc};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -52,6 +52,7 @@ use crate::broker::headers::ENQUEUED_AT;
 use crate::broker::publish::{ConfirmWindow, Pending};
 use crate::broker::{self, PublishError, Publisher, Topology, TopologyError};
 use crate::dlq::letter::Exported;
+use crate::fleet::campaign::{Campaigns, Tally};
 use crate::job::{self, Job, JobError};
 
 /// Confirms kept outstanding by [`Producer::send_batch`] by default.
@@ -83,7 +84,21 @@ pub struct Producer {
     publisher: Publisher,
     routing_key: String,
     max_inflight: usize,
+    counts: Option<Enqueued>,
 }
+
+/// The `enqueued` counters of campaigns ([`Producer::counting`]): counted
+/// on each confirm, written to Redis at most once a second and on
+/// [`Producer::close`].
+struct Enqueued {
+    campaigns: Campaigns,
+    tally: Tally,
+    last: std::sync::Mutex<Instant>,
+    warned: std::sync::atomic::AtomicBool,
+}
+
+/// How often a producer writes its `enqueued` counts at most.
+const COUNT_EVERY: Duration = Duration::from_secs(1);
 
 impl Producer {
     /// Connects and opens a confirm-mode channel. The topology must exist
@@ -118,7 +133,48 @@ impl Producer {
             publisher,
             routing_key: topology.send_queue(),
             max_inflight: DEFAULT_MAX_INFLIGHT,
+            counts: None,
         })
+    }
+
+    /// Counts every confirmed job in its campaign's `enqueued` counter on
+    /// Redis (`mmsend campaign show`: progress and ETA). A Redis failure
+    /// never fails a publish: it is logged once, and the counts are kept
+    /// for the next write.
+    pub fn counting(mut self, campaigns: Campaigns) -> Self {
+        self.counts = Some(Enqueued {
+            campaigns,
+            tally: Tally::default(),
+            last: std::sync::Mutex::new(Instant::now()),
+            warned: std::sync::atomic::AtomicBool::new(false),
+        });
+        self
+    }
+
+    /// One confirmed job of `campaign`.
+    async fn counted(&self, campaign: &str) {
+        let Some(c) = &self.counts else { return };
+        c.tally.add(campaign, "enqueued", 1);
+        let due = {
+            let mut last = c.last.lock().unwrap_or_else(|e| e.into_inner());
+            let due = last.elapsed() >= COUNT_EVERY;
+            if due {
+                *last = Instant::now();
+            }
+            due
+        };
+        if due {
+            self.write_counts().await;
+        }
+    }
+
+    async fn write_counts(&self) {
+        let Some(c) = &self.counts else { return };
+        if let Err(e) = c.tally.flush(&c.campaigns).await {
+            if !c.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(error = %e, "campaign `enqueued` counts not written to Redis (kept for the next try); publishing goes on");
+            }
+        }
     }
 
     /// Sets how many confirms `send_batch` keeps outstanding (≥ 1).
@@ -131,6 +187,7 @@ impl Producer {
     pub async fn send(&self, body: &[u8]) -> Result<Job, ProducerError> {
         let (job, pending) = self.start(body).await?;
         pending.wait().await?;
+        self.counted(job.campaign_name()).await;
         Ok(job)
     }
 
@@ -185,14 +242,20 @@ impl Producer {
         while let Some(done) = window.next().await {
             settle(&mut results, done);
         }
-        results
+        let results: Vec<_> = results
             .into_iter()
             .map(|r| r.expect("every slot is filled"))
-            .collect()
+            .collect();
+        for job in results.iter().flatten() {
+            self.counted(job.campaign_name()).await;
+        }
+        results
     }
 
-    /// Closes the connection if this producer opened it.
+    /// Closes the connection if this producer opened it (after writing the
+    /// last `enqueued` counts).
     pub async fn close(self) {
+        self.write_counts().await;
         let _ = self.publisher.channel().close(200, "done".into()).await;
         if let Some(conn) = self.conn {
             let _ = conn.close(200, "done".into()).await;
@@ -301,8 +364,11 @@ pub async fn enqueue<R: tokio::io::AsyncBufRead + Unpin>(
         };
         match p.start_with(body, exported.as_ref()).await {
             Ok((job, pending)) => {
-                if let Some(done) = window.push((line_no, job.job_id), pending).await {
-                    settle(&mut report, done);
+                let campaign = job.campaign_name().to_string();
+                if let Some(done) = window.push((line_no, job.job_id, campaign), pending).await {
+                    if let Some(c) = settle(&mut report, done) {
+                        p.counted(&c).await;
+                    }
                 }
             }
             Err(ProducerError::Invalid(e)) => report.invalid.push(error_at(e.to_string(), None)),
@@ -311,24 +377,33 @@ pub async fn enqueue<R: tokio::io::AsyncBufRead + Unpin>(
         progress(bytes, report.published);
     }
     while let Some(done) = window.next().await {
-        settle(&mut report, done);
+        if let (Some(c), Some(p)) = (settle(&mut report, done), producer) {
+            p.counted(&c).await;
+        }
     }
     progress(bytes, report.published);
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
 }
 
-/// Counts one confirm verdict of `enqueue`.
+/// Counts one confirm verdict of `enqueue`; the campaign of a confirmed
+/// job.
 fn settle(
     report: &mut EnqueueReport,
-    ((line, job_id), verdict): ((usize, String), Result<(), PublishError>),
-) {
+    ((line, job_id, campaign), verdict): ((usize, String, String), Result<(), PublishError>),
+) -> Option<String> {
     match verdict {
-        Ok(()) => report.published += 1,
-        Err(e) => report.failed.push(LineError {
-            line,
-            job_id: Some(job_id),
-            error: e.to_string(),
-        }),
+        Ok(()) => {
+            report.published += 1;
+            Some(campaign)
+        }
+        Err(e) => {
+            report.failed.push(LineError {
+                line,
+                job_id: Some(job_id),
+                error: e.to_string(),
+            });
+            None
+        }
     }
 }

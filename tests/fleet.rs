@@ -944,3 +944,55 @@ async fn a_claim_redis_runs_after_the_worker_gave_up_writes_nothing() {
         Some((false, Duration::ZERO))
     );
 }
+
+/// The chaos run found it (seed 675350838): a job dropped while its ask was
+/// still queued for the next round gave its claim back in that same round,
+/// where `after.lua` runs before `before.lua`: the release found nothing,
+/// then the claim was written, an orphan. The job's redelivery was "maybe
+/// sent", and a 2300035 (another campaign's send) settled a job that was
+/// never called. A claim given back runs after the asks queued before it.
+#[tokio::test]
+async fn a_claim_given_back_while_its_ask_waits_for_the_round_is_not_left_behind() {
+    let _scripts = SCRIPTS.read().await;
+    let prefix = common::random_prefix("giveback");
+    let fleet = Fleet::new(
+        FleetConfig::new(&redis_url()),
+        &prefix,
+        "worker-a",
+        Metrics::new(),
+    )
+    .expect("a valid URL");
+    // warm: the scripts are loaded, the rounds task runs
+    assert!(go(&fleet
+        .before(&job("warm-1", "1001", "2001"), &ask())
+        .await
+        .unwrap())
+    .is_some());
+    let j = job("giveback-1", "1001", "2001");
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("{{{prefix}}}:job:giveback-1");
+    for round in 0..20 {
+        // the ask is queued (first poll), then its claim is given back
+        // before the rounds task took it: both wait for the same round
+        let a = ask();
+        let asking = fleet.before(&j, &a);
+        tokio::pin!(asking);
+        assert!(futures_util::FutureExt::now_or_never(&mut asking).is_none());
+        fleet.after_detached(&j, &tell(Record::Release));
+        let answer = asking.await.unwrap();
+        assert!(go(&answer).is_some(), "round {round}: {answer:?}");
+        // the release's answer is dropped: wait for the round after
+        fleet
+            .after(&job("flush", "1001", "2001"), &tell(Record::Release))
+            .await
+            .unwrap();
+        let record: Option<String> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(record, None, "round {round}: an orphan claim is left");
+    }
+    fleet.delete_all().await.unwrap();
+}

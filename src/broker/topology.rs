@@ -301,6 +301,13 @@ impl Topology {
         format!("{}.dead", self.prefix)
     }
 
+    /// The held queue `<prefix>.held`: jobs of paused campaigns, parked
+    /// without a TTL until `mmsend campaign resume` (or `cancel`) moves them
+    /// back to work. Quorum, declared like the DLQ.
+    pub fn held_queue(&self) -> String {
+        format!("{}.held", self.prefix)
+    }
+
     /// The results stream: one event per settled job, for producers.
     pub fn results_stream(&self) -> String {
         format!("{}.results", self.prefix)
@@ -341,6 +348,11 @@ impl Topology {
         out.push((
             self.dead_queue(),
             "dead letters".to_string(),
+            self.dead_args(),
+        ));
+        out.push((
+            self.held_queue(),
+            "held (paused campaigns)".to_string(),
             self.dead_args(),
         ));
         if let Some(max_age) = self.results {
@@ -710,7 +722,9 @@ mod tests {
             six_h.get("x-dead-letter-routing-key"),
             Some(&long_string("mm.send"))
         );
-        assert_eq!(qs.len(), 8);
+        assert_eq!(qs.len(), 9);
+        assert_eq!(qs[8].0, "mm.held");
+        assert_eq!(qs[8].2, qs[7].2, "the held queue is declared like the DLQ");
         let dead = qs[7].2.inner();
         assert_eq!(qs[7].0, "mm.dead");
         assert_eq!(

@@ -182,17 +182,21 @@ pub enum DeadReason {
     DeliveryLimit,
     /// No access token for the job's page.
     NoToken,
+    /// Its campaign was cancelled (`mmsend campaign cancel`): never called
+    /// after the cancel.
+    Cancelled,
 }
 
 impl DeadReason {
     /// Every reason.
-    pub const ALL: [DeadReason; 6] = [
+    pub const ALL: [DeadReason; 7] = [
         DeadReason::Terminal,
         DeadReason::RetriesExhausted,
         DeadReason::Expired,
         DeadReason::InvalidJob,
         DeadReason::DeliveryLimit,
         DeadReason::NoToken,
+        DeadReason::Cancelled,
     ];
 
     /// The name used in headers, metrics and the CLI.
@@ -204,6 +208,7 @@ impl DeadReason {
             DeadReason::InvalidJob => "invalid_job",
             DeadReason::DeliveryLimit => "delivery_limit",
             DeadReason::NoToken => "no_token",
+            DeadReason::Cancelled => "cancelled",
         }
     }
 }

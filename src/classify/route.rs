@@ -44,6 +44,12 @@ pub enum Route {
         /// How long to wait.
         delay: Duration,
     },
+    /// A copy is parked in the held queue (`<prefix>.held`) without a call:
+    /// its campaign is paused. `campaign resume` brings it back to work.
+    Park {
+        /// The class of the job's last failure, if any.
+        class: Option<Class>,
+    },
     /// A copy goes to the dead-letter queue.
     Dead {
         /// The class of the last failure; `None` when no call was made

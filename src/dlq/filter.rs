@@ -23,7 +23,8 @@ pub struct Filter {
     pub class: Option<Class>,
     /// Matches the error code or the subcode.
     pub code: Option<i64>,
-    /// The job's `campaign` label, exactly.
+    /// The job's campaign, exactly: its `campaign` label, else its
+    /// `message_id` (as campaign control names it).
     pub campaign: Option<String>,
     /// The job's `page_id`, exactly.
     pub page: Option<String>,
@@ -47,7 +48,7 @@ impl Filter {
             && self
                 .campaign
                 .as_ref()
-                .is_none_or(|c| d.campaign().as_ref() == Some(c))
+                .is_none_or(|c| d.campaign_name() == Some(c.as_str()))
             && self
                 .page
                 .as_ref()

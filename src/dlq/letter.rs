@@ -124,6 +124,15 @@ impl DeadLetter {
         self.fields.campaign.clone()
     }
 
+    /// The job's campaign as campaign control names it: its `campaign`
+    /// label, else its `message_id` ([`crate::job::Job::campaign_name`]).
+    pub fn campaign_name(&self) -> Option<&str> {
+        self.fields
+            .campaign
+            .as_deref()
+            .or(self.fields.message_id.as_deref())
+    }
+
     /// The job's `page_id`, if the body has one.
     pub fn page_id(&self) -> Option<String> {
         self.fields.page_id.clone()

@@ -133,11 +133,36 @@ pub enum Action {
     Purge,
 }
 
+/// Which queue a scan reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Source {
+    /// The dead-letter queue; a replay copy is a fresh start
+    /// ([`DeadLetter::replay_properties`]).
+    #[default]
+    Dead,
+    /// The held queue (jobs of paused campaigns); a "replay" is the resume
+    /// of a parked job: back to work with its story as it was (attempts,
+    /// class, last error).
+    Held,
+}
+
+impl Source {
+    /// The queue's name.
+    pub fn queue(self, topology: &Topology) -> String {
+        match self {
+            Source::Dead => topology.dead_queue(),
+            Source::Held => topology.held_queue(),
+        }
+    }
+}
+
 /// How a scan runs.
 #[derive(Debug, Clone)]
 pub struct ScanOptions {
     /// What to do with each selected letter.
     pub action: Action,
+    /// The queue read.
+    pub source: Source,
     /// Largest prefetch of a consumer the scan opens (at most 65,535).
     pub consumer_window: u16,
     /// Replay copies published but not yet confirmed, at most.
@@ -166,6 +191,7 @@ impl ScanOptions {
     pub fn new(action: Action) -> ScanOptions {
         ScanOptions {
             action,
+            source: Source::Dead,
             consumer_window: match action {
                 Action::Peek => MAX_PREFETCH,
                 Action::Replay { .. } | Action::Purge => ACTION_WINDOW,
@@ -365,7 +391,7 @@ pub async fn scan<O: Observer + ?Sized>(
     options: &ScanOptions,
     observer: &mut O,
 ) -> Result<ScanReport, DlqError> {
-    let queue = topology.dead_queue();
+    let queue = options.source.queue(topology);
     let amqp = amqp_error(&queue);
     let channel = conn.create_channel().await.map_err(amqp)?;
     let Some(state) = passive_declare(&channel, &queue).await.map_err(amqp)? else {
@@ -408,7 +434,7 @@ async fn scan_locked<O: Observer + ?Sized>(
     options: &ScanOptions,
     observer: &mut O,
 ) -> Result<ScanReport, DlqError> {
-    let queue = topology.dead_queue();
+    let queue = options.source.queue(topology);
     let amqp = amqp_error(&queue);
     let mut waited = Duration::ZERO;
     let state = loop {
@@ -779,7 +805,10 @@ impl Engine<'_> {
                 if let Some(l) = limiter {
                     l.until_ready().await;
                 }
-                let props = letter.replay_properties(chrono::Utc::now());
+                let props = match self.options.source {
+                    Source::Dead => letter.replay_properties(chrono::Utc::now()),
+                    Source::Held => letter.story.restamp(&letter.properties),
+                };
                 match publisher.send(send_queue, &letter.body, props).await {
                     Ok(confirm) => self.in_flight.push_back(InFlight {
                         delivery_tag: tag,

@@ -77,7 +77,8 @@ local function one(ledger, k, o, a)
       if s > 0 then
         local key = KEYS[k + s]
         local wait = tonumber(ARGV[o + 7])
-        redis.call('HSET', key, 'class', ARGV[o + 5], 'code', ARGV[o + 6], 'until', now + wait)
+        redis.call('HSET', key, 'class', ARGV[o + 5], 'code', ARGV[o + 6], 'until', now + wait,
+          'at', now_text)
         redis.call('PEXPIRE', key, wait + tonumber(ARGV[a + 5]))
         redis.call('ZADD', index, now + wait + tonumber(ARGV[a + 5]), key)
         gates_indexed[index] = nil

@@ -11,6 +11,8 @@
 --             10     GCRA state of the whole fleet (global pacing)
 --             11     lowered rate of the page (after a page rate limit)
 --             12     index of open gates (sorted set, score = expiry)
+--             13     the campaign's hash (state, counters: campaign.rs)
+--             14     the set of paused and cancelled campaigns
 -- shared args 1 worker id         2 lease ms (request timeout + margin)
 --             3 page rate /s      4 global rate /s (0 = off)
 --             5 probe wait ms     6 probe lock ms
@@ -26,6 +28,10 @@
 --   {'sent', tracking_id, sent_at_ms}          already sent: ack, no call
 --   {'busy', worker, remaining_ms}             in flight on another worker
 --   {'gated', scope_index, class, code, wait_ms}  held: no claim, no call
+--   {'paused' | 'cancelled', previous}         the campaign is stopped: no
+--                                              claim, no call; previous '1'
+--                                              when a record was there
+--                                              (maybe sent)
 --   {'late', ms}                               run past the round's deadline:
 --                                              nothing written
 --   pace_wait_ms * 2 + maybe_sent (an integer)   claimed: call after the wait
@@ -57,6 +63,22 @@ end
 
 -- one own argument per job: its digest
 local function own() return 1 end
+
+-- whether any campaign is paused or cancelled at all: most of the time
+-- none is, and one SCARD per round stands for a lookup per job; then the
+-- state of each campaign asked about, once per round
+local controlled_count, controlled_state = nil, {}
+local function stopped(set, campaign)
+  if controlled_count == nil then controlled_count = redis.call('SCARD', set) end
+  if controlled_count == 0 then return nil end
+  local state = controlled_state[campaign]
+  if state == nil then
+    state = redis.call('HGET', campaign, 'state') or 'active'
+    controlled_state[campaign] = state
+  end
+  if state == 'paused' or state == 'cancelled' then return state end
+  return nil
+end
 
 local function one(ledger, k, o, a)
   local worker = ARGV[a + 1]
@@ -96,7 +118,17 @@ local function one(ledger, k, o, a)
     end
   end
 
-  -- 2. gates: a closed scope holds the job; once its time is up, one job
+  -- 2. campaign control: a job of a paused or cancelled campaign is not
+  --    called. The claim written above is taken back; a record that was
+  --    there stays as it was (its job may have been sent: the worker is
+  --    told, and the job keeps saying so)
+  local state = stopped(KEYS[k + 14], KEYS[k + 13])
+  if state then
+    if claimed then redis.call('DEL', ledger) end
+    return {state, previous and '1' or '0'}
+  end
+
+  -- 3. gates: a closed scope holds the job; once its time is up, one job
   --    at a time goes through as the probe
   if ARGV[a + 7] == '1' and any_gate(KEYS[k + 12]) then
     for i = 1, 4 do
@@ -118,7 +150,7 @@ local function one(ledger, k, o, a)
     end
   end
 
-  -- 3. pacing: the page's slot (at its lowered rate after a page rate
+  -- 4. pacing: the page's slot (at its lowered rate after a page rate
   --    limit) and the fleet's
   local page_rate = tonumber(ARGV[a + 3]) or 0
   if page_rate > 0 then
@@ -129,7 +161,7 @@ local function one(ledger, k, o, a)
     reserve(KEYS[k + 10], tonumber(ARGV[a + 4]) or 0))
   wait = math.ceil(wait)
 
-  -- 4. the claim: sending, by this worker, for the wait plus a lease that
+  -- 5. the claim: sending, by this worker, for the wait plus a lease that
   --    covers the request timeout (already written above unless a record
   --    was there or the job waits for its slot); the key expires after
   --    the ledger retention, counted from here

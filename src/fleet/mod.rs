@@ -62,6 +62,8 @@
 //! here: these calls return [`FleetError`] and the worker falls back as
 //! configured ([`FailMode`]).
 
+pub mod campaign;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -119,6 +121,9 @@ pub struct FleetConfig {
     /// Start even when Redis may evict keys (a memory limit with any
     /// `maxmemory-policy` but `noeviction`): the worker then only warns.
     pub allow_eviction: bool,
+    /// How long a campaign's state and counters are kept after its last
+    /// activity ([`campaign`]).
+    pub campaign_retention: Duration,
 }
 
 impl FleetConfig {
@@ -132,6 +137,7 @@ impl FleetConfig {
             op_timeout: Duration::from_millis(500),
             lowered_rate_for: Duration::from_secs(600),
             allow_eviction: false,
+            campaign_retention: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -277,13 +283,13 @@ impl Part {
 }
 
 /// Scope keys per group in the scripts' KEYS (see `prelude.lua`).
-const SCOPE_KEYS: usize = 12;
+const SCOPE_KEYS: usize = 14;
 
 /// How a script's arguments split: `shared` are sent once per group of jobs
 /// with equal scope keys and shared arguments, up to `own` once per job. A call
 /// is laid out as (`prelude.lua`, `each_job`):
 ///
-/// - KEYS: each job's ledger key, then each group's 12 scope keys;
+/// - KEYS: each job's ledger key, then each group's 14 scope keys;
 /// - ARGV: the number of jobs, each job's group (from 1), each job's own
 ///   arguments, each group's shared arguments.
 #[derive(Debug, Clone, Copy)]
@@ -360,8 +366,10 @@ const SCOPES: [ScopeKind; 4] = [
 /// Writes the scope keys of `job` under the hash tag `tag` (`{<prefix>}`):
 /// `{<prefix>}:gate:<scope>:<id>` for the four scopes, `{<prefix>}:probe:…`
 /// likewise, `{<prefix>}:pace:page:<page_id>`, `{<prefix>}:pace:global`,
-/// `{<prefix>}:rate:page:<page_id>` and the gate index `{<prefix>}:gates`,
-/// in the scripts' order. The job's own key, [`push_ledger_key`], comes
+/// `{<prefix>}:rate:page:<page_id>`, the gate index `{<prefix>}:gates`, the
+/// campaign's hash `{<prefix>}:campaign:<campaign>` and the set of paused and
+/// cancelled campaigns `{<prefix>}:campaigns:controlled`, in the scripts'
+/// order. The job's own key, [`push_ledger_key`], comes
 /// after the shared arguments.
 fn push_scope_keys(part: &mut Part, tag: &str, job: &Job) {
     for what in [":gate:", ":probe:"] {
@@ -373,7 +381,9 @@ fn push_scope_keys(part: &mut Part, tag: &str, job: &Job) {
     part.concat(&[tag, ":pace:page:", &job.page_id])
         .concat(&[tag, ":pace:global"])
         .concat(&[tag, ":rate:page:", &job.page_id])
-        .concat(&[tag, ":gates"]);
+        .concat(&[tag, ":gates"])
+        .concat(&[tag, campaign::CAMPAIGN_KEY, job.campaign_name()])
+        .concat(&[tag, campaign::CONTROLLED_KEY]);
 }
 
 /// `{<prefix>}:job:<job_id>`: the job's ledger record.
@@ -409,6 +419,15 @@ pub enum Before {
     },
     /// A closed gate holds the job: no claim was taken.
     Gated(Held),
+    /// The job's campaign is paused or cancelled (`mmsend campaign`): no
+    /// claim was taken, no call is made.
+    Controlled {
+        /// `Paused` or `Cancelled`.
+        state: campaign::CampaignState,
+        /// A record was there (an expired claim of a worker that died, maybe
+        /// mid-call): an earlier call may have been the send.
+        maybe_sent: bool,
+    },
     /// Claimed: call after `pace_wait`.
     Go {
         /// An earlier claim expired under a worker that died (maybe mid-call).
@@ -599,6 +618,10 @@ struct Queued {
     kind: Kind,
     part: Part,
     reply: oneshot::Sender<Result<redis::Value, FleetError>>,
+    /// Must run after every ask queued before it (a claim given back,
+    /// [`Fleet::after_detached`]): a round runs `after.lua` first, so such
+    /// a part never joins a round that already holds asks.
+    after_asks: bool,
 }
 
 impl Batcher {
@@ -626,12 +649,15 @@ impl Batcher {
         kind: Kind,
         part: Part,
     ) -> Result<T, FleetError> {
-        let value = self.enqueue(link, kind, part).await.unwrap_or_else(|_| {
-            Err(FleetError::Command {
-                op: kind.op().as_str(),
-                message: "the worker stopped before Redis answered".into(),
-            })
-        })?;
+        let value = self
+            .enqueue(link, kind, part, false)
+            .await
+            .unwrap_or_else(|_| {
+                Err(FleetError::Command {
+                    op: kind.op().as_str(),
+                    message: "the worker stopped before Redis answered".into(),
+                })
+            })?;
         T::from_redis_value(value).map_err(|e| FleetError::Answer {
             op: kind.op().as_str(),
             answer: e.to_string(),
@@ -645,9 +671,15 @@ impl Batcher {
         link: &Link,
         kind: Kind,
         part: Part,
+        after_asks: bool,
     ) -> oneshot::Receiver<Result<redis::Value, FleetError>> {
         let (reply, answer) = oneshot::channel();
-        let mut queued = Queued { kind, part, reply };
+        let mut queued = Queued {
+            kind,
+            part,
+            reply,
+            after_asks,
+        };
         for _ in 0..2 {
             let sender = {
                 let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
@@ -689,10 +721,26 @@ async fn rounds(
     mut queue: mpsc::UnboundedReceiver<Queued>,
 ) {
     let mut batches: [Vec<Queued>; 2] = [Vec::new(), Vec::new()];
-    while let Some(first) = queue.recv().await {
+    // a part held back for the next round (it must follow this round's asks)
+    let mut carried: Option<Queued> = None;
+    loop {
+        let first = match carried.take() {
+            Some(q) => q,
+            None => match queue.recv().await {
+                Some(q) => q,
+                None => break,
+            },
+        };
         batches[first.kind as usize].push(first);
         while batches.iter().all(|b| b.len() < MAX_BATCH) {
             match queue.try_recv() {
+                // a claim given back after its ask was queued: in this
+                // round `after.lua` would run first and find no claim to
+                // delete, and the ask would then write it, an orphan
+                Ok(next) if next.after_asks && !batches[Kind::Before as usize].is_empty() => {
+                    carried = Some(next);
+                    break;
+                }
                 Ok(next) => batches[next.kind as usize].push(next),
                 Err(_) => break,
             }
@@ -894,6 +942,16 @@ impl Fleet {
         })
     }
 
+    /// The campaign side of the same Redis ([`campaign::Campaigns`]).
+    pub fn campaigns(&self) -> campaign::Campaigns {
+        campaign::Campaigns::over(
+            self.conn.clone(),
+            &self.prefix,
+            &self.config,
+            self.metrics.clone(),
+        )
+    }
+
     /// The configuration.
     pub fn config(&self) -> &FleetConfig {
         &self.config
@@ -950,7 +1008,7 @@ impl Fleet {
     /// claim given back by a job that ended before its call.
     pub fn after_detached(&self, job: &Job, tell: &Tell<'_>) {
         let part = self.after_part(job, tell);
-        drop(self.batcher.enqueue(&self.link(), Kind::After, part));
+        drop(self.batcher.enqueue(&self.link(), Kind::After, part, true));
     }
 
     fn after_part(&self, job: &Job, tell: &Tell<'_>) -> Part {
@@ -1178,6 +1236,10 @@ fn parse_before(job: &Job, answer: &BeforeAnswer) -> Result<Before, FleetError> 
         [kind, worker, remaining] if kind == "busy" => Ok(Before::Busy {
             worker: worker.clone(),
             remaining: millis(remaining)?,
+        }),
+        [kind, previous] if kind == "paused" || kind == "cancelled" => Ok(Before::Controlled {
+            state: kind.parse().map_err(|_| bad())?,
+            maybe_sent: previous == "1",
         }),
         [kind, index, class, code, wait] if kind == "gated" => {
             let kind = index

@@ -8,10 +8,10 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local now_text = string.format('%d', now)
 
 -- A call carries one or more jobs (the worker gathers the jobs that asked
--- while its previous call was in flight). Jobs with the same 12 scope keys
+-- while its previous call was in flight). Jobs with the same 14 scope keys
 -- and the same shared arguments (same app, ad account, page and campaign,
 -- same settings) form a group, sent once:
---   KEYS  each job's ledger key (n of them), then each group's 12 scope keys
+--   KEYS  each job's ledger key (n of them), then each group's 14 scope keys
 --   ARGV  n, each job's group (from 1), each job's `own` arguments, then
 --         each group's `shared` arguments
 -- `own` tells how many own arguments a job has from its first one (a
@@ -29,7 +29,7 @@ local function each_job(own, shared, f)
   local out = {}
   for j = 1, n do
     local g = tonumber(ARGV[1 + j]) - 1
-    out[j] = f(KEYS[j], n + 12 * g, starts[j], o + shared * g)
+    out[j] = f(KEYS[j], n + 14 * g, starts[j], o + shared * g)
   end
   return out
 end

@@ -26,6 +26,7 @@ use tracing::{info, warn};
 use super::gates::{GateTimes, Gates, Held, PROBE_TIMEOUT};
 use super::pacing::{Pacer, PacingConfig};
 use crate::classify::{Class, Route, ScopeKind, Verdict};
+use crate::fleet::campaign::CampaignState;
 use crate::fleet::{Ask, Before, FailMode, Fleet, Record, Tell};
 use crate::job::Job;
 use crate::metrics::Metrics;
@@ -60,6 +61,13 @@ pub(crate) enum Ahead {
     Reused { sent: bool },
     /// A closed gate holds the job.
     Held(Held),
+    /// The job's campaign is paused or cancelled: no call. `maybe_sent`:
+    /// the ledger had a record of an earlier claim (that call may have
+    /// been the send).
+    Stopped {
+        state: CampaignState,
+        maybe_sent: bool,
+    },
     /// Not now: in flight on another worker, or waiting for Redis.
     /// `behind`: another copy of this very send is in flight (another
     /// worker's live claim, or a copy in this worker): that copy settles
@@ -294,6 +302,9 @@ impl Coordination {
                             behind: true,
                         },
                         Before::Gated(held) => Ahead::Held(held),
+                        Before::Controlled { state, maybe_sent } => {
+                            Ahead::Stopped { state, maybe_sent }
+                        }
                         Before::Go {
                             maybe_sent,
                             pace_wait,

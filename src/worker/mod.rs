@@ -80,10 +80,11 @@ use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::broker::{self, Publisher, Topology};
 use crate::classify::{CodeTable, RetryPolicy};
+use crate::fleet::campaign::Tally;
 use crate::fleet::{Fleet, FleetConfig};
 use crate::graph::{self, ClientConfig, Outcome, Secret, SendRequest, TokenStore};
 use crate::metrics::Metrics;
@@ -258,6 +259,8 @@ pub(crate) struct Ctx {
     pub metrics: Arc<Metrics>,
     pub worker_id: String,
     pub job_hook: Option<JobHook>,
+    /// Campaign counters, written to Redis once a second (with Redis).
+    pub tally: Option<Arc<Tally>>,
 }
 
 /// A problem that retrying cannot fix; the worker stops.
@@ -374,6 +377,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// After the last call in flight may have timed out, time left to settle
 /// (publish the copy, ack) before the task is dropped.
 const SETTLE_MARGIN: Duration = Duration::from_secs(10);
+/// How often a worker writes its campaign counters to Redis.
+const COUNTERS_EVERY: Duration = Duration::from_secs(1);
 
 /// Runs a worker until `shutdown` is cancelled. Returns an error only for
 /// problems that retrying cannot fix (bad topology arguments, a bad Graph
@@ -422,6 +427,8 @@ pub async fn run(
         Some(f) => info!(fleet = ?f, fail_mode = f.config().fail_mode.as_str(), "send ledger, pacing and gates shared through Redis"),
         None => info!("MMSEND_REDIS_URL is not set: pacing and gates are per process and there is no send ledger"),
     }
+    let campaigns = fleet.as_ref().map(|f| f.campaigns());
+    let tally = campaigns.as_ref().map(|_| Arc::new(Tally::default()));
     let ctx = Arc::new(Ctx {
         topology: config.topology.clone(),
         client,
@@ -439,7 +446,28 @@ pub async fn run(
         metrics: metrics.clone(),
         worker_id: config.worker_id.clone(),
         job_hook: config.job_hook.clone(),
+        tally: tally.clone(),
     });
+    // the campaign counters: once a second, and once more at the end
+    let counters = match (&campaigns, &tally) {
+        (Some(campaigns), Some(tally)) => {
+            let (campaigns, tally, stop) = (campaigns.clone(), tally.clone(), shutdown.clone());
+            Some(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(COUNTERS_EVERY);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tick.tick() => {}
+                    }
+                    if let Err(e) = tally.flush(&campaigns).await {
+                        debug!(error = %e, "campaign counters not written; kept for the next try");
+                    }
+                }
+            }))
+        }
+        _ => None,
+    };
 
     let token_watch = config.tokens_file.clone().map(|path| {
         metrics.set_page_tokens(config.tokens.page_count());
@@ -509,6 +537,14 @@ pub async fn run(
     };
     metrics.set_ready(false);
     housekeeping.abort();
+    if let Some(counters) = counters {
+        counters.abort();
+    }
+    if let (Some(campaigns), Some(tally)) = (&campaigns, &tally) {
+        if let Err(e) = tally.flush(campaigns).await {
+            warn!(error = %e, "the last campaign counters could not be written");
+        }
+    }
     if let Some(watch) = token_watch {
         watch.abort();
     }

@@ -46,6 +46,7 @@ use super::{Ctx, SessionCtl};
 use crate::broker::headers::{LastError, Story};
 use crate::broker::{PublishError, Publisher};
 use crate::classify::{self, Attempt, Class, CodeLabel, DeadReason, Route};
+use crate::fleet::campaign::{CampaignState, Counted};
 use crate::graph::{Failure, FailureKind, Outcome, SendRequest};
 use crate::job::Job;
 use crate::metrics::{PublishFailure, Settled};
@@ -57,6 +58,9 @@ struct Decided {
     route: Route,
     story: Story,
     tracking_id: Option<String>,
+    /// The job's campaign, for its counters (with Redis; `None` for a body
+    /// that is not a job).
+    campaign: Option<String>,
 }
 
 impl Decided {
@@ -68,7 +72,7 @@ impl Decided {
     fn without_call(ctx: &Ctx, route: Route, mut story: Story, message: String) -> Decided {
         let class = match route {
             Route::Retry { class, .. } => Some(class),
-            Route::Dead { class, .. } => class,
+            Route::Dead { class, .. } | Route::Park { class } => class,
             Route::Sent { .. } | Route::Duplicate => None,
         };
         let ambiguous = story.last_error.ambiguous;
@@ -93,6 +97,7 @@ impl Decided {
             route,
             story,
             tracking_id,
+            campaign: None,
         }
     }
 }
@@ -252,18 +257,31 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
 
 /// Everything up to the decision; no broker I/O. One straight line: parse,
 /// token, deadline, gates, pace, call, classify and route (once).
-async fn decide(ctx: &Ctx, body: &[u8], mut story: Story, redelivered: bool) -> Decided {
+async fn decide(ctx: &Ctx, body: &[u8], story: Story, redelivered: bool) -> Decided {
+    let job = match Job::parse(body) {
+        Ok(job) => job,
+        Err(e) => {
+            let dead = Route::Dead {
+                class: None,
+                reason: DeadReason::InvalidJob,
+            };
+            return Decided::without_call(ctx, dead, story, e.to_string());
+        }
+    };
+    let mut decided = decide_job(ctx, &job, story, redelivered).await;
+    if ctx.tally.is_some() {
+        decided.campaign = Some(job.campaign_name().to_string());
+    }
+    decided
+}
+
+/// [`decide`] for a job that parsed.
+async fn decide_job(ctx: &Ctx, job: &Job, mut story: Story, redelivered: bool) -> Decided {
     let now = Utc::now();
     let span = tracing::Span::current();
     let dead = |reason| Route::Dead {
         class: None,
         reason,
-    };
-    let job = match Job::parse(body) {
-        Ok(job) => job,
-        Err(e) => {
-            return Decided::without_call(ctx, dead(DeadReason::InvalidJob), story, e.to_string())
-        }
     };
     span.record("job_id", job.job_id.as_str());
     span.record("page_id", job.page_id.as_str());
@@ -301,8 +319,8 @@ async fn decide(ctx: &Ctx, body: &[u8], mut story: Story, redelivered: bool) -> 
 
     // Gates, pacing and the send ledger: local, or the fleet's (once per
     // job id at a time in this worker; held until the outcome is told).
-    let ((ahead, claim), _in_flight) = match ctx.coord.enter(&job) {
-        Ok(in_flight) => (ctx.coord.before(&job).await, Some(in_flight)),
+    let ((ahead, claim), _in_flight) = match ctx.coord.enter(job) {
+        Ok(in_flight) => (ctx.coord.before(job).await, Some(in_flight)),
         Err(wait) => ((wait, None), None),
     };
     let claimed = match ahead {
@@ -362,6 +380,36 @@ async fn decide(ctx: &Ctx, body: &[u8], mut story: Story, redelivered: bool) -> 
             }
             return Decided::new(ctx, route, story, None);
         }
+        // A stopped campaign: parked (paused) or dead (cancelled), without
+        // a call, keeping the job's class and its "maybe sent" flag
+        Ahead::Stopped { state, maybe_sent } => {
+            let campaign = job.campaign_name();
+            let class = story
+                .last_error
+                .class
+                .as_deref()
+                .and_then(|c| c.parse().ok());
+            story.last_error.ambiguous |= maybe_sent;
+            let (route, message) = match state {
+                CampaignState::Cancelled => (
+                    Route::Dead {
+                        class,
+                        reason: DeadReason::Cancelled,
+                    },
+                    format!(
+                        "campaign {campaign} is cancelled; not sent. To send it after all: mmsend campaign resume {campaign}, then mmsend dlq replay --reason cancelled --campaign {campaign}"
+                    ),
+                ),
+                _ => (
+                    Route::Park { class },
+                    format!(
+                        "held without a call: campaign {campaign} is paused; mmsend campaign resume {campaign} sends it"
+                    ),
+                ),
+            };
+            debug!(campaign, state = %state, "campaign stopped; not calling the API");
+            return Decided::without_call(ctx, route, story, message);
+        }
         // A closed gate sends the job straight back to wait, without a call.
         Ahead::Held(held) => {
             debug!(scope = %held.scope, wait_s = held.wait.as_secs(), "scope gated; not calling the API");
@@ -385,7 +433,7 @@ async fn decide(ctx: &Ctx, body: &[u8], mut story: Story, redelivered: bool) -> 
         claim.calling();
     }
     let started = Instant::now();
-    let outcome = ctx.client.send(&token, &SendRequest::from(&job)).await;
+    let outcome = ctx.client.send(&token, &SendRequest::from(job)).await;
     ctx.metrics.graph_call(started.elapsed());
     attempt.number = story.attempt;
     attempt.now = Utc::now();
@@ -394,7 +442,7 @@ async fn decide(ctx: &Ctx, body: &[u8], mut story: Story, redelivered: bool) -> 
         Outcome::Sent { tracking_id, hint } => {
             ctx.metrics.record_usage(&hint);
             ctx.coord
-                .after(&job, claimed, After::Sent(&tracking_id))
+                .after(job, claimed, After::Sent(&tracking_id))
                 .await;
             span.record("tracking_id", tracking_id.as_str());
             let route = Route::Sent { suspected: false };
@@ -408,7 +456,7 @@ async fn decide(ctx: &Ctx, body: &[u8], mut story: Story, redelivered: bool) -> 
             ctx.metrics.graph_error(&verdict);
             ctx.coord
                 .after(
-                    &job,
+                    job,
                     claimed,
                     After::Failed {
                         verdict: &verdict,
@@ -461,7 +509,13 @@ async fn settle_delivery(
         route,
         story,
         tracking_id,
+        campaign,
     } = decided;
+    let count = |what| {
+        if let (Some(tally), Some(c)) = (&ctx.tally, &campaign) {
+            tally.count(c, what);
+        }
+    };
     let (outcome, class) = match route {
         Route::Sent { suspected } => {
             debug!(
@@ -474,12 +528,14 @@ async fn settle_delivery(
                 .class
                 .as_deref()
                 .and_then(|c| c.parse().ok());
+            count(Counted::Sent);
             (Settled::Sent, class)
         }
         Route::Duplicate => {
             // sent before: ack, and count it apart from the sends; its event
             // names the send it duplicates
             ctx.metrics.duplicate_suppressed();
+            count(Counted::Suppressed);
             if ctx.topology.results.is_some() {
                 publish_result(ctx, publisher, &delivery, &story, route, tracking_id).await;
             }
@@ -494,7 +550,16 @@ async fn settle_delivery(
                 return;
             }
             ctx.metrics.retried_to(&tier.name);
+            count(Counted::Retried);
             (Settled::Retried, Some(class))
+        }
+        Route::Park { class } => {
+            let queue = ctx.topology.held_queue();
+            if !copy(ctx, publisher, &delivery, &queue, &story, ctl).await {
+                return;
+            }
+            count(Counted::Held);
+            (Settled::Held, class)
         }
         Route::Dead { class, reason } => {
             info!(
@@ -508,10 +573,11 @@ async fn settle_delivery(
                 return;
             }
             ctx.metrics.dead_lettered(reason);
+            count(Counted::Dead(class, reason));
             (Settled::Dead, class)
         }
     };
-    if ctx.topology.results.is_some() && outcome != Settled::Retried {
+    if ctx.topology.results.is_some() && !matches!(outcome, Settled::Retried | Settled::Held) {
         publish_result(ctx, publisher, &delivery, &story, route, tracking_id).await;
     }
     ctl.acks.ack(delivery.delivery_tag);
