@@ -130,6 +130,9 @@ pub(crate) struct ConsoleArgs {
         value_delimiter = ','
     )]
     pub(crate) trusted_proxies: Vec<std::net::IpAddr>,
+    /// The workers' Redis: the Campaigns pages (state, progress, pause, resume, cancel) and the audit trail.
+    #[arg(long, env = "MMSEND_REDIS_URL", hide_env_values = true)]
+    pub(crate) redis_url: Option<String>,
 }
 
 impl ConsoleArgs {
@@ -149,6 +152,11 @@ impl ConsoleArgs {
         config.max_letters = self.max_letters;
         config.replay_rate = self.replay_rate;
         config.trusted_proxies = self.trusted_proxies.clone();
+        config.redis = self
+            .redis_url
+            .as_deref()
+            .filter(|u| !u.trim().is_empty())
+            .map(|url| file.redis.fleet(url, crate::fleet::FailMode::Local));
         Ok(config)
     }
 }
@@ -346,6 +354,9 @@ pub(crate) struct DlqSelect {
     /// broker memory each); it stops there. 0 = no bound.
     #[arg(long, env = "MMSEND_DLQ_MAX_HELD", default_value_t = crate::dlq::DEFAULT_MAX_HELD)]
     pub(crate) max_held: usize,
+    /// The workers' Redis: replays and purges are recorded in its audit trail.
+    #[arg(long, env = "MMSEND_REDIS_URL", hide_env_values = true)]
+    pub(crate) redis_url: Option<String>,
 }
 
 impl DlqSelect {

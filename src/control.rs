@@ -45,6 +45,9 @@ pub enum ControlError {
     /// parked).
     #[error(transparent)]
     Held(#[from] DlqError),
+    /// The broker cannot be reached (the parked jobs are there).
+    #[error(transparent)]
+    Broker(#[from] crate::broker::ConnectError),
     /// The action does not apply to the campaign's state.
     #[error("campaign {campaign} is {state}: {hint}")]
     State {

@@ -369,7 +369,7 @@ fn print_show(v: &CampaignView, trail: &[AuditEntry]) -> std::io::Result<()> {
         rows.push(vec![format!("dead, reason {reason}"), n.to_string()]);
     }
     writeln!(out, "campaign {}", report::printable(&v.campaign))?;
-    writeln!(out, "{}", table(&["", ""], &[], rows))?;
+    writeln!(out, "{}", table(&["", "value"], &[], rows))?;
     if !trail.is_empty() {
         let rows = trail
             .iter()

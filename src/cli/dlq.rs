@@ -19,6 +19,7 @@ use crate::dlq::{
     self, Action, DeadLetter, Flow, LetterSummary, Observer, Progress, ScanOptions, ScanReport,
     Stats, StatsBuilder, Stop,
 };
+use crate::fleet::campaign::{cli_user, Campaigns};
 use crate::report::{self, ScanBar};
 
 /// Rows of a letters table printed at once; more are printed in further
@@ -38,7 +39,52 @@ pub(crate) async fn run(command: DlqCommand) -> anyhow::Result<ExitCode> {
     let topology = select.broker.topology(&select.broker.file_config()?)?;
     let conn = broker::connect(&select.broker.amqp_url, "dlq").await?;
     let max_held = (select.max_held > 0).then_some(select.max_held);
-    let result = run_on(&conn, &topology, filter, max_held, command).await;
+    let audit = match select.redis_url.as_deref().filter(|u| !u.trim().is_empty()) {
+        Some(url)
+            if matches!(
+                command,
+                DlqCommand::Replay { dry_run: false, .. } | DlqCommand::Purge { yes: true, .. }
+            ) =>
+        {
+            let config = select
+                .broker
+                .file_config()?
+                .redis
+                .fleet(url, crate::fleet::FailMode::Local);
+            match Campaigns::connect(&config, &select.broker.prefix).await {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    eprintln!(
+                        "warning: {}; this run is not recorded in the audit trail",
+                        report::printable(&e.to_string())
+                    );
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let what = filter.describe();
+    let campaign = filter.campaign.clone();
+    let mut moved = None;
+    let result = run_on(&conn, &topology, filter, max_held, command, &mut moved).await;
+    if let (Some(audit), Some((action, count))) = (&audit, moved) {
+        let recorded = audit
+            .audit(
+                &cli_user(),
+                action,
+                campaign.as_deref(),
+                &what,
+                Some(count as u64),
+            )
+            .await;
+        if let Err(e) = recorded {
+            eprintln!(
+                "warning: not recorded in the audit trail: {}",
+                report::printable(&e.to_string())
+            );
+        }
+    }
     let _ = conn.close(200, "bye".into()).await;
     result
 }
@@ -49,6 +95,7 @@ async fn run_on(
     filter: dlq::Filter,
     max_held: Option<usize>,
     command: DlqCommand,
+    moved: &mut Option<(&'static str, usize)>,
 ) -> anyhow::Result<ExitCode> {
     let warnings: Vec<String> = match topology.check_dead_queue(conn).await? {
         Some(w) => {
@@ -177,6 +224,7 @@ async fn run_on(
                 &mut obs,
             )
             .await?;
+            *moved = Some(("replay", report.replayed));
             if json {
                 print_json(&ActionDoc {
                     scan: &report,
@@ -211,6 +259,7 @@ async fn run_on(
             });
             let report =
                 dlq::scan(conn, topology, filter, &options(Action::Purge), &mut obs).await?;
+            *moved = Some(("purge", report.purged));
             if json {
                 print_json(&ActionDoc {
                     scan: &report,

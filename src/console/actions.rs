@@ -256,6 +256,7 @@ impl Actions {
         rate: u32,
         access: &Arc<Access>,
         snapshots: &Arc<Snapshots>,
+        audit: Option<Audit>,
     ) -> Result<String, StartError> {
         let mut entries = lock(&self.entries);
         if let Some(e) = entries.iter().find(|e| lock(&e.action).id == plan_id) {
@@ -269,7 +270,7 @@ impl Actions {
                     a.requested_at = Utc::now();
                     a.finished_at = None;
                     drop(a);
-                    self.spawn(e, set, access, snapshots);
+                    self.spawn(e, set, access, snapshots, audit);
                 }
                 _ => a.repeats += 1,
             }
@@ -299,7 +300,7 @@ impl Actions {
             })),
             set: Arc::new(Mutex::new(Some(set.clone()))),
         };
-        self.spawn(&entry, set, access, snapshots);
+        self.spawn(&entry, set, access, snapshots, audit);
         entries.insert(0, entry);
         // forget the oldest finished ones
         let mut finished = 0;
@@ -320,6 +321,7 @@ impl Actions {
         set: LetterSet,
         access: &Arc<Access>,
         snapshots: &Arc<Snapshots>,
+        audit: Option<Audit>,
     ) {
         let action = entry.action.clone();
         let kept = entry.set.clone();
@@ -332,6 +334,37 @@ impl Actions {
         tokio::spawn(async move {
             let state = run(&action, set, options, &access).await;
             let moved_any = !matches!(state, State::Failed { moved: 0, .. });
+            if let Some(audit) = audit {
+                let (kind, scope) = {
+                    let a = lock(&action);
+                    (a.kind, a.scope.clone())
+                };
+                let moved = match &state {
+                    State::Done(r) => r.replayed + r.purged,
+                    State::Failed { moved, .. } => *moved,
+                    _ => 0,
+                };
+                let campaign = match &scope {
+                    Scope::Group {
+                        dimension: Dimension::Campaign,
+                        key,
+                    } => Some(key.as_str()),
+                    _ => None,
+                };
+                let recorded = audit
+                    .campaigns
+                    .audit(
+                        &audit.who,
+                        kind.as_str(),
+                        campaign,
+                        &scope.to_string(),
+                        Some(moved as u64),
+                    )
+                    .await;
+                if let Err(e) = recorded {
+                    tracing::warn!(error = %e, "console: an action was not recorded in the audit trail");
+                }
+            }
             {
                 let mut a = lock(&action);
                 a.state = state;
@@ -344,6 +377,13 @@ impl Actions {
             snapshots.refresh(&access, true);
         });
     }
+}
+
+/// Where a finished action is recorded (with Redis): the audit trail, and
+/// who started it.
+pub(crate) struct Audit {
+    pub(crate) campaigns: crate::fleet::campaign::Campaigns,
+    pub(crate) who: String,
 }
 
 /// Runs one action to its end and says how it ended.
@@ -490,7 +530,7 @@ mod tests {
             CancellationToken::new(),
         ));
         assert_eq!(
-            actions.start("nope", 0, &access, &snapshots),
+            actions.start("nope", 0, &access, &snapshots, None),
             Err(StartError::Expired)
         );
         assert!(actions.list().is_empty());

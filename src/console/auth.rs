@@ -42,6 +42,25 @@ pub(crate) struct Identity {
     pub(crate) bearer: bool,
 }
 
+impl Identity {
+    /// Who acts, for the audit trail: `bearer` (the token in a header),
+    /// `session-<8 hex>` (a signed-in browser session, by a hash of its
+    /// nonce), or `loopback` (a console without a token). The token itself
+    /// is never written.
+    pub(crate) fn who(&self) -> String {
+        use sha2::Digest as _;
+        if self.bearer {
+            return "bearer".into();
+        }
+        let digest = sha2::Sha256::digest(self.nonce.as_bytes());
+        let short: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+        match self.authenticated {
+            true => format!("session-{short}"),
+            false => format!("loopback-{short}"),
+        }
+    }
+}
+
 /// A session read from (or made for) a cookie.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Session {

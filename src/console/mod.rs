@@ -25,6 +25,7 @@
 mod access;
 mod actions;
 mod auth;
+mod campaigns;
 mod limit;
 mod mask;
 mod routes;
@@ -82,6 +83,9 @@ pub struct ConsoleConfig {
     /// wrong-token limits count (see the `limit` module); empty: the peer
     /// address is the client.
     pub trusted_proxies: Vec<IpAddr>,
+    /// The workers' Redis, for the Campaigns pages and the audit trail
+    /// (`None`: the pages say they need it).
+    pub redis: Option<crate::fleet::FleetConfig>,
 }
 
 impl ConsoleConfig {
@@ -97,6 +101,7 @@ impl ConsoleConfig {
             max_letters: DEFAULT_MAX_LETTERS,
             replay_rate: 0,
             trusted_proxies: Vec::new(),
+            redis: None,
         }
     }
 }
@@ -121,6 +126,8 @@ pub enum ConsoleError {
     },
     #[error(transparent)]
     Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Redis(#[from] crate::fleet::FleetError),
     #[error("the console's HTTP server failed: {0}")]
     Serve(#[source] std::io::Error),
 }
@@ -143,6 +150,8 @@ pub(crate) struct Shared {
     pub(crate) replay_rate: u32,
     /// The port listened on (for messages).
     pub(crate) port: u16,
+    /// Campaign state, counters and audit (with `MMSEND_REDIS_URL`).
+    pub(crate) campaigns: Option<crate::fleet::campaign::Campaigns>,
 }
 
 /// Resolves `listen` and checks that it may be served as configured:
@@ -228,6 +237,13 @@ pub async fn serve(
         replay_rate: config.replay_rate,
         port: bound.port(),
         access: access.clone(),
+        campaigns: match &config.redis {
+            Some(redis) => Some(crate::fleet::campaign::Campaigns::lazy(
+                redis,
+                &config.topology.prefix,
+            )?),
+            None => None,
+        },
     });
     shared.snapshots.refresh(&access, true);
     tracing::info!(%bound, prefix = %config.topology.prefix, read_only = config.read_only, "dead-letter console listening");

@@ -15,6 +15,7 @@
 //! | GET | `/actions`, `/actions/{id}` | actions, one action's progress and result |
 //! | POST | `/refresh` | a new snapshot now |
 //! | GET, POST | `/login`; POST `/logout` | the token's login form |
+//! | GET, POST | `/campaigns`, `/campaign…` | campaigns (module `campaigns`) |
 //!
 //! After a sign-in (`next`) or a refresh (`back`) the console redirects
 //! only to a path of its own ([`local_path`]): never to another site,
@@ -55,6 +56,10 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/refresh", post(refresh))
         .route("/login", get(login_form).post(login))
         .route("/logout", post(logout))
+        .route("/campaigns", get(super::campaigns::list))
+        .route("/campaign", get(super::campaigns::show))
+        .route("/campaign/confirm", get(super::campaigns::confirm))
+        .route("/campaign/act", post(super::campaigns::act))
         .route(
             "/console.css",
             get(|| async { asset("text/css; charset=utf-8", CSS) }),
@@ -224,7 +229,7 @@ async fn guard(State(st): State<Arc<Shared>>, mut req: Request, next: Next) -> R
 }
 
 /// The frame of a page: the snapshot line, the running actions.
-fn chrome(st: &Shared, id: &Identity, title: impl Into<String>, back: &str) -> Chrome {
+pub(super) fn chrome(st: &Shared, id: &Identity, title: impl Into<String>, back: &str) -> Chrome {
     let snapshot = st.snapshots.current();
     let status = st.snapshots.status();
     Chrome {
@@ -246,7 +251,7 @@ fn chrome(st: &Shared, id: &Identity, title: impl Into<String>, back: &str) -> C
     }
 }
 
-fn page(status: StatusCode, t: &impl Template) -> Response {
+pub(super) fn page(status: StatusCode, t: &impl Template) -> Response {
     match t.render() {
         Ok(body) => (
             status,
@@ -264,7 +269,7 @@ fn page(status: StatusCode, t: &impl Template) -> Response {
     }
 }
 
-fn message(
+pub(super) fn message(
     st: &Shared,
     id: &Identity,
     status: StatusCode,
@@ -427,7 +432,7 @@ struct ConfirmQuery {
     fp: Option<String>,
 }
 
-fn read_only(st: &Shared, id: &Identity) -> Response {
+pub(super) fn read_only(st: &Shared, id: &Identity) -> Response {
     message(
         st,
         id,
@@ -536,7 +541,7 @@ struct StartForm {
     rate: String,
 }
 
-fn csrf_refused(st: &Shared, id: &Identity) -> Response {
+pub(super) fn csrf_refused(st: &Shared, id: &Identity) -> Response {
     message(
         st,
         id,
@@ -574,7 +579,14 @@ async fn start(
             }
         },
     };
-    match st.actions.start(&f.plan, rate, &st.access, &st.snapshots) {
+    let audit = st.campaigns.clone().map(|campaigns| super::actions::Audit {
+        campaigns,
+        who: format!("console:{}", id.who()),
+    });
+    match st
+        .actions
+        .start(&f.plan, rate, &st.access, &st.snapshots, audit)
+    {
         Ok(action) => Redirect::to(&format!("/actions/{action}")).into_response(),
         Err(e) => message(
             &st,

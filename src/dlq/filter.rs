@@ -38,6 +38,40 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// The filter in the CLI's words (`--reason cancelled --campaign bf`),
+    /// `every letter` when empty: for the audit trail.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(r) = self.reason {
+            parts.push(format!("--reason {r}"));
+        }
+        if let Some(c) = self.class {
+            parts.push(format!("--class {c}"));
+        }
+        if let Some(c) = self.code {
+            parts.push(format!("--code {c}"));
+        }
+        for (flag, v) in [
+            ("--campaign", &self.campaign),
+            ("--page", &self.page),
+            ("--job-id", &self.job_id),
+        ] {
+            if let Some(v) = v {
+                parts.push(format!("{flag} {v}"));
+            }
+        }
+        if let Some(s) = self.since {
+            parts.push(format!("--since {}", s.to_rfc3339()));
+        }
+        if let Some(l) = self.limit {
+            parts.push(format!("--limit {l}"));
+        }
+        match parts.is_empty() {
+            true => "every letter".into(),
+            false => parts.join(" "),
+        }
+    }
+
     /// Whether the letter matches (the limit is the scan's business).
     pub fn matches(&self, d: &DeadLetter) -> bool {
         self.reason.is_none_or(|r| d.reason() == Some(r))

@@ -366,12 +366,28 @@ pub struct RejectedPage {
     pub held_until: Option<DateTime<Utc>>,
 }
 
-/// Who runs a command line: `cli:<user>` from `USER` or `LOGNAME`.
+/// Who runs a command line: `cli:<user>` from `USER` or `LOGNAME`, else
+/// `cli:uid-<uid>` (a container often sets neither).
 pub fn cli_user() -> String {
     let user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| "unknown".into());
-    format!("cli:{user}")
+        .ok()
+        .filter(|u| !u.trim().is_empty());
+    match user {
+        Some(u) => format!("cli:{u}"),
+        None => {
+            #[cfg(unix)]
+            let uid = {
+                use std::os::unix::fs::MetadataExt as _;
+                std::fs::metadata("/proc/self")
+                    .map(|m| m.uid().to_string())
+                    .ok()
+            };
+            #[cfg(not(unix))]
+            let uid: Option<String> = None;
+            format!("cli:uid-{}", uid.unwrap_or_else(|| "unknown".into()))
+        }
+    }
 }
 
 /// The campaign side of Redis, for the CLI, the console and the workers'
@@ -406,6 +422,25 @@ impl Campaigns {
             op_timeout: config.op_timeout.max(Duration::from_secs(2)),
             metrics,
         }
+    }
+
+    /// A client that connects on first use and again after a failure
+    /// (for a server: the console starts while Redis is down). Only a
+    /// malformed URL fails here.
+    pub fn lazy(config: &super::FleetConfig, prefix: &str) -> Result<Campaigns, FleetError> {
+        let url_error = |reason: String| FleetError::Url {
+            url: redact_url(&config.url),
+            reason,
+        };
+        let client = redis::Client::open(config.url.as_str())
+            .map_err(|e| url_error(format!("{:?}", e.kind())))?;
+        let manager = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(1);
+        let conn = ConnectionManager::new_lazy_with_config(client, manager)
+            .map_err(|e| url_error(format!("{:?}", e.kind())))?;
+        Ok(Campaigns::over(conn, prefix, config, Metrics::new()))
     }
 
     /// Connects for a command: fails with a clear error when Redis does not

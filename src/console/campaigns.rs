@@ -1,0 +1,469 @@
+//! The Campaigns pages (needs Redis: `MMSEND_REDIS_URL`): every campaign
+//! with its state and progress, one campaign's counters, its dead letters
+//! by code (from the snapshot) and its audit trail, and pause, resume and
+//! cancel, each behind a confirmation page (cancel: type the campaign's
+//! name). The actions are [`crate::control`]'s, as `mmsend campaign` runs
+//! them, and recorded in the audit trail as `console:<who>`.
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET | `/campaigns` | every campaign; pages whose token Meta rejected |
+//! | GET | `/campaign?c=` | one campaign |
+//! | GET | `/campaign/confirm?c=&action=` | confirm pause, resume or cancel |
+//! | POST | `/campaign/act` | do it |
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use askama::Template;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::{Extension, Form};
+use serde::Deserialize;
+
+use super::auth::Identity;
+use super::routes::{chrome, csrf_refused, message, page, read_only};
+use super::views::{count, query, time, Chrome};
+use super::{mask, Shared};
+use crate::control::{self, ControlError};
+use crate::fleet::campaign::{CampaignState, CampaignView, Campaigns};
+
+/// One row of the Campaigns page.
+pub(crate) struct Row {
+    pub(crate) name: String,
+    pub(crate) href: String,
+    pub(crate) state: &'static str,
+    /// `(value, max)` of the progress bar, when `enqueued` is known.
+    pub(crate) progress: Option<(u64, u64)>,
+    pub(crate) done: String,
+    pub(crate) enqueued: String,
+    pub(crate) sent: String,
+    pub(crate) dead: String,
+    pub(crate) retried: String,
+    pub(crate) held: String,
+    pub(crate) rate: String,
+    pub(crate) eta: String,
+    pub(crate) last: String,
+}
+
+impl Row {
+    fn new(v: &CampaignView) -> Row {
+        let progress = v
+            .enqueued
+            .filter(|n| *n > 0)
+            .map(|n| ((v.sent + v.dead).min(n), n));
+        Row {
+            name: mask::text(&v.campaign, 200),
+            href: campaign_href(&v.campaign),
+            state: v.state.as_str(),
+            progress,
+            done: progress.map_or("-".into(), |(d, n)| {
+                format!("{:.0}%", 100.0 * d as f64 / n as f64)
+            }),
+            enqueued: v.enqueued.map_or("-".into(), |n| count(n as usize)),
+            sent: count(v.sent as usize),
+            dead: count(v.dead as usize),
+            retried: count(v.retried as usize),
+            held: count(v.held as usize),
+            rate: format!("{:.1}/min", v.rate_per_min),
+            eta: v.eta_seconds.map_or("-".into(), |s| {
+                super::views::age(std::time::Duration::from_secs(s))
+            }),
+            last: time(v.last_activity),
+        }
+    }
+}
+
+fn campaign_href(c: &str) -> String {
+    format!("/campaign{}", query(&[("c", c)]))
+}
+
+#[derive(Template)]
+#[template(path = "campaigns.html", config = "src/console/askama.toml")]
+pub(crate) struct CampaignsPage {
+    pub(crate) chrome: Chrome,
+    pub(crate) rows: Vec<Row>,
+    /// (page, code, rejected at, held until)
+    pub(crate) pages: Vec<(String, String, String, String)>,
+    pub(crate) problem: Option<String>,
+}
+
+#[derive(Template)]
+#[template(path = "campaign.html", config = "src/console/askama.toml")]
+pub(crate) struct CampaignPage {
+    pub(crate) chrome: Chrome,
+    pub(crate) row: Row,
+    pub(crate) state_line: String,
+    /// (label, value)
+    pub(crate) counters: Vec<(String, String)>,
+    /// (code, letters, link to the letters)
+    pub(crate) codes: Vec<(String, String, String)>,
+    /// (at, who, action, what, count)
+    pub(crate) trail: Vec<(String, String, String, String, String)>,
+    /// (confirmation link, label, dangerous) of each action the state allows
+    pub(crate) actions: Vec<(String, &'static str, bool)>,
+    pub(crate) notice: Option<String>,
+}
+
+#[derive(Template)]
+#[template(path = "campaign_confirm.html", config = "src/console/askama.toml")]
+pub(crate) struct ConfirmPage {
+    pub(crate) chrome: Chrome,
+    pub(crate) campaign: String,
+    pub(crate) action: &'static str,
+    pub(crate) verb: &'static str,
+    pub(crate) effect: String,
+    pub(crate) danger: bool,
+    pub(crate) back: String,
+}
+
+fn needs_redis(st: &Shared, id: &Identity) -> Response {
+    message(
+        st,
+        id,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Campaigns need Redis",
+        "Campaign state and counters live in the workers' Redis: start the console with MMSEND_REDIS_URL (or --redis-url) set to it.".into(),
+        Some(("/".into(), "Overview".into())),
+    )
+}
+
+fn campaigns(st: &Shared) -> Option<&Campaigns> {
+    st.campaigns.as_ref()
+}
+
+pub(crate) async fn list(
+    State(st): State<Arc<Shared>>,
+    Extension(id): Extension<Identity>,
+) -> Response {
+    let Some(campaigns) = campaigns(&st) else {
+        return needs_redis(&st, &id);
+    };
+    let mut c = chrome(&st, &id, "Campaigns", "/campaigns");
+    c.auto_refresh = Some(10);
+    let (rows, pages, problem) = match (campaigns.list().await, campaigns.rejected_pages().await) {
+        (Ok(list), Ok(pages)) => (
+            list.iter().map(Row::new).collect(),
+            pages
+                .iter()
+                .map(|p| {
+                    (
+                        mask::text(&p.page_id, 100),
+                        mask::text(&p.code, 20),
+                        time(p.rejected_at),
+                        time(p.held_until),
+                    )
+                })
+                .collect(),
+            None,
+        ),
+        (Err(e), _) | (_, Err(e)) => (
+            Vec::new(),
+            Vec::new(),
+            Some(mask::text(&e.to_string(), 500)),
+        ),
+    };
+    super::routes::page(
+        StatusCode::OK,
+        &CampaignsPage {
+            chrome: c,
+            rows,
+            pages,
+            problem,
+        },
+    )
+}
+
+#[derive(Deserialize)]
+pub(crate) struct CampaignQuery {
+    #[serde(default)]
+    c: String,
+    #[serde(default)]
+    action: String,
+    #[serde(default)]
+    done: Option<String>,
+}
+
+pub(crate) async fn show(
+    State(st): State<Arc<Shared>>,
+    Extension(id): Extension<Identity>,
+    Query(q): Query<CampaignQuery>,
+) -> Response {
+    let Some(campaigns) = campaigns(&st) else {
+        return needs_redis(&st, &id);
+    };
+    let view = match campaigns.show(&q.c).await {
+        Ok(Some(v)) => v,
+        Ok(None) => {
+            return message(
+                &st,
+                &id,
+                StatusCode::NOT_FOUND,
+                "No such campaign",
+                format!(
+                    "Redis knows no campaign {} (no job of it was counted yet, or its counters expired).",
+                    mask::text(&q.c, 200)
+                ),
+                Some(("/campaigns".into(), "Campaigns".into())),
+            )
+        }
+        Err(e) => {
+            return message(
+                &st,
+                &id,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Redis did not answer",
+                mask::text(&e.to_string(), 500),
+                Some(("/campaigns".into(), "Campaigns".into())),
+            )
+        }
+    };
+    let trail = campaigns.trail(Some(&q.c), 50).await.unwrap_or_default();
+    // its dead letters by code, from the snapshot
+    let snapshot = st.snapshots.current();
+    let mut codes: BTreeMap<String, usize> = BTreeMap::new();
+    for l in &snapshot.letters {
+        if l.campaign.as_deref() == Some(view.campaign.as_str()) {
+            let code = l.code.map_or("none".to_string(), |c| c.to_string());
+            *codes.entry(code).or_default() += 1;
+        }
+    }
+    let mut c = chrome(
+        &st,
+        &id,
+        format!("Campaign {}", view.campaign),
+        &campaign_href(&q.c),
+    );
+    c.auto_refresh = Some(10);
+    let state_line = match (&view.state_by, view.state_at) {
+        (Some(by), at) => format!(
+            "{} since {} by {}{}",
+            view.state,
+            time(at),
+            mask::text(by, 100),
+            view.state_why
+                .as_deref()
+                .map_or(String::new(), |w| format!(": {}", mask::text(w, 300)))
+        ),
+        _ => view.state.to_string(),
+    };
+    let mut counters = vec![
+        (
+            "suppressed duplicates".to_string(),
+            count(view.suppressed as usize),
+        ),
+        ("first activity".to_string(), time(view.first_activity)),
+    ];
+    for (class, n) in &view.dead_by_class {
+        counters.push((format!("dead, class {class}"), count(*n as usize)));
+    }
+    for (reason, n) in &view.dead_by_reason {
+        counters.push((format!("dead, reason {reason}"), count(*n as usize)));
+    }
+    let actions = if st.read_only {
+        Vec::new()
+    } else {
+        let allowed: &[(&str, &'static str)] = match view.state {
+            CampaignState::Active => &[("pause", "Pause"), ("cancel", "Cancel")],
+            CampaignState::Paused => &[("resume", "Resume"), ("cancel", "Cancel")],
+            CampaignState::Cancelled => &[("resume", "Resume (undo the cancel)")],
+        };
+        allowed
+            .iter()
+            .map(|(action, label)| {
+                let href = format!(
+                    "/campaign/confirm{}",
+                    query(&[("c", &view.campaign), ("action", action)])
+                );
+                (href, *label, *action == "cancel")
+            })
+            .collect()
+    };
+    page(
+        StatusCode::OK,
+        &CampaignPage {
+            chrome: c,
+            row: Row::new(&view),
+            state_line,
+            counters,
+            codes: codes
+                .into_iter()
+                .map(|(code, n)| {
+                    let href = format!("/group{}", query(&[("dim", "code"), ("key", &code)]));
+                    (code, count(n), href)
+                })
+                .collect(),
+            trail: trail
+                .iter()
+                .map(|e| {
+                    (
+                        time(Some(e.at)),
+                        mask::text(&e.who, 100),
+                        e.action.clone(),
+                        mask::text(&e.what, 300),
+                        e.count.map_or("-".into(), |n| count(n as usize)),
+                    )
+                })
+                .collect(),
+            actions,
+            notice: q.done.map(|d| mask::text(&d, 500)),
+        },
+    )
+}
+
+fn effect(action: &str, c: &str) -> Option<(&'static str, String, bool)> {
+    Some(match action {
+        "pause" => ("Pause", format!("No worker calls for {c} from about 2 s after you confirm; its jobs are parked in the held queue, without a call, until you resume it. Other campaigns are not touched."), false),
+        "resume" => ("Resume", format!("New jobs of {c} are sent again at once, and every parked job goes back to work (a cancelled campaign's dead letters stay in the DLQ: replay them with --reason cancelled)."), false),
+        "cancel" => ("Cancel", format!("Final: no further call for {c}; every job of it still to be sent, queued, retrying or parked, is dead-lettered `cancelled` without a call. Undo: resume it, then replay its `cancelled` letters."), true),
+        _ => return None,
+    })
+}
+
+pub(crate) async fn confirm(
+    State(st): State<Arc<Shared>>,
+    Extension(id): Extension<Identity>,
+    Query(q): Query<CampaignQuery>,
+) -> Response {
+    if campaigns(&st).is_none() {
+        return needs_redis(&st, &id);
+    }
+    if st.read_only {
+        return read_only(&st, &id);
+    }
+    let Some((verb, effect, danger)) = effect(&q.action, &mask::text(&q.c, 200)) else {
+        return message(
+            &st,
+            &id,
+            StatusCode::BAD_REQUEST,
+            "No such action",
+            "A campaign can be paused, resumed or cancelled.".into(),
+            Some(("/campaigns".into(), "Campaigns".into())),
+        );
+    };
+    let action = match q.action.as_str() {
+        "pause" => "pause",
+        "resume" => "resume",
+        _ => "cancel",
+    };
+    page(
+        StatusCode::OK,
+        &ConfirmPage {
+            chrome: chrome(&st, &id, format!("{verb} {}", q.c), &campaign_href(&q.c)),
+            campaign: q.c.clone(),
+            action,
+            verb,
+            effect,
+            danger,
+            back: campaign_href(&q.c),
+        },
+    )
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ActForm {
+    csrf: String,
+    campaign: String,
+    action: String,
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    typed: String,
+}
+
+pub(crate) async fn act(
+    State(st): State<Arc<Shared>>,
+    Extension(id): Extension<Identity>,
+    Form(f): Form<ActForm>,
+) -> Response {
+    if !st.auth.csrf_ok(&id, &f.csrf) {
+        return csrf_refused(&st, &id);
+    }
+    if st.read_only {
+        return read_only(&st, &id);
+    }
+    let Some(campaigns) = campaigns(&st) else {
+        return needs_redis(&st, &id);
+    };
+    if f.action == "cancel" && f.typed.trim() != f.campaign {
+        return message(
+            &st,
+            &id,
+            StatusCode::BAD_REQUEST,
+            "Not cancelled",
+            "To cancel, type the campaign's name exactly. Nothing was changed.".into(),
+            Some((campaign_href(&f.campaign), "Back to the campaign".into())),
+        );
+    }
+    let who = format!("console:{}", id.who());
+    let result = match f.action.as_str() {
+        "pause" => control::pause(campaigns, &f.campaign, &who, f.reason.trim()).await,
+        "resume" | "cancel" => match st.access.connection().await {
+            Ok(conn) => {
+                let topology = &st.access.topology;
+                if f.action == "resume" {
+                    control::resume(&conn, topology, campaigns, &f.campaign, &who, None).await
+                } else {
+                    control::cancel(
+                        &conn,
+                        topology,
+                        campaigns,
+                        &f.campaign,
+                        &who,
+                        f.reason.trim(),
+                        None,
+                    )
+                    .await
+                }
+            }
+            Err(e) => Err(ControlError::Broker(e)),
+        },
+        _ => {
+            return message(
+                &st,
+                &id,
+                StatusCode::BAD_REQUEST,
+                "No such action",
+                "A campaign can be paused, resumed or cancelled.".into(),
+                Some(("/campaigns".into(), "Campaigns".into())),
+            )
+        }
+    };
+    match result {
+        Ok(r) => {
+            let done = match r.action {
+                "pause" => format!("Paused ({} → {}).", r.previous, r.state),
+                _ => format!(
+                    "{} ({} → {}): {} parked job(s) back to work{}.",
+                    if r.action == "resume" {
+                        "Resumed"
+                    } else {
+                        "Cancelled"
+                    },
+                    r.previous,
+                    r.state,
+                    r.moved,
+                    if r.failed > 0 || r.interrupted {
+                        "; some stayed parked: do it again"
+                    } else {
+                        ""
+                    }
+                ),
+            };
+            Redirect::to(&format!(
+                "/campaign{}",
+                query(&[("c", &f.campaign), ("done", &done)])
+            ))
+            .into_response()
+        }
+        Err(e) => message(
+            &st,
+            &id,
+            StatusCode::CONFLICT,
+            "Not done",
+            mask::text(&e.to_string(), 1_000),
+            Some((campaign_href(&f.campaign), "Back to the campaign".into())),
+        ),
+    }
+}
