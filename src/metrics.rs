@@ -93,6 +93,20 @@ pub const SERIES: &[&str] = &[
     name::PAGE_TOKENS_RELOADS,
 ];
 
+/// The series `mmsend console` serves at its `/metrics` (with Redis):
+/// each campaign's counters from Redis, for the most recently active
+/// [`CAMPAIGN_SERIES_MAX`] campaigns only, so the label set stays bounded
+/// however many campaigns a year brings. Workers export no per-campaign
+/// label (their series are multiplied by the fleet's size).
+pub const CONSOLE_SERIES: &[&str] = &[
+    "mmsend_campaign_jobs",
+    "mmsend_campaign_state",
+    "mmsend_campaign_rate_per_minute",
+];
+
+/// Campaigns the console's `/metrics` covers at most.
+pub const CAMPAIGN_SERIES_MAX: usize = 50;
+
 /// Why a retry or dead copy was not published: the `reason` label of
 /// `mmsend_publish_failures_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -239,7 +239,11 @@ fn every_command_and_flag_in_the_docs_exists() {
 /// monitoring generator (`deploy/monitoring/config.json`).
 #[test]
 fn documented_metric_names_exist() {
-    let series: BTreeSet<&str> = mmsend::metrics::SERIES.iter().copied().collect();
+    let series: BTreeSet<&str> = mmsend::metrics::SERIES
+        .iter()
+        .chain(mmsend::metrics::CONSOLE_SERIES)
+        .copied()
+        .collect();
     let settings = include_str!("../deploy/monitoring/config.json");
     let mut checked = 0;
     for (page, text) in pages() {

@@ -15,6 +15,8 @@ Settings (config.json holds the defaults; --config overrides some or all,
                        (the Prometheus job of the workers: the compose
                        scrape job, the ServiceMonitor's jobLabel)
     rabbitmq_selector  label matchers for RabbitMQ's rabbitmq_prometheus series
+    console_selector   label matchers for `mmsend console`'s /metrics (campaign
+                       progress, the Campaigns row)
     work_queue_regex   the work queues the queue alerts watch
     runbook_base_url   where the runbook is read; alerts link to
                        <runbook_base_url>#<alert name in lower case>
@@ -57,7 +59,7 @@ def load_config(config_path, sets):
     unknown = set(cfg) - known
     if unknown:
         sys.exit(f"unknown settings {sorted(unknown)}; known: {sorted(known)}")
-    for key in ("mmsend_selector", "rabbitmq_selector"):
+    for key in ("mmsend_selector", "rabbitmq_selector", "console_selector"):
         if not MATCHERS.match(cfg[key]):
             sys.exit(
                 f'{key} = {cfg[key]!r}: give one or more label matchers, e.g. job="mmsend",namespace="messaging"'

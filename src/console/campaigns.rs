@@ -11,6 +11,7 @@
 //! | GET | `/campaign?c=` | one campaign |
 //! | GET | `/campaign/confirm?c=&action=` | confirm pause, resume or cancel |
 //! | POST | `/campaign/act` | do it |
+//! | GET | `/metrics` | campaign progress for Prometheus (bounded: see [`metrics`]) |
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -466,4 +467,104 @@ pub(crate) async fn act(
             Some((campaign_href(&f.campaign), "Back to the campaign".into())),
         ),
     }
+}
+
+/// `GET /metrics` (Prometheus text): the counters of the most recently
+/// active [`crate::metrics::CAMPAIGN_SERIES_MAX`] campaigns
+/// ([`crate::metrics::CONSOLE_SERIES`]). Behind the console's guard like
+/// every page: scrape it with the console token as a bearer token.
+pub(crate) async fn metrics(State(st): State<Arc<Shared>>) -> Response {
+    use prometheus::{Encoder as _, GaugeVec, IntGaugeVec, Opts, Registry, TextEncoder};
+    let Some(campaigns) = campaigns(&st) else {
+        return (
+            StatusCode::NOT_FOUND,
+            "campaign metrics need MMSEND_REDIS_URL\n",
+        )
+            .into_response();
+    };
+    let list = match campaigns.list().await {
+        Ok(list) => list,
+        Err(e) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "Redis did not answer: {}\n",
+                    mask::text(&e.to_string(), 300)
+                ),
+            )
+                .into_response()
+        }
+    };
+    let registry = Registry::new();
+    let names = crate::metrics::CONSOLE_SERIES;
+    let jobs = IntGaugeVec::new(
+        Opts::new(
+            names[0],
+            "Jobs of a recently active campaign, by counter (from Redis)",
+        ),
+        &["campaign", "counter"],
+    );
+    let state = IntGaugeVec::new(
+        Opts::new(
+            names[1],
+            "1 for the campaign's state (active, paused, cancelled)",
+        ),
+        &["campaign", "state"],
+    );
+    let rate = GaugeVec::new(
+        Opts::new(names[2], "Sends per minute over the last five minutes"),
+        &["campaign"],
+    );
+    let (Ok(jobs), Ok(state), Ok(rate)) = (jobs, state, rate) else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "metrics unavailable\n").into_response();
+    };
+    for c in [
+        Box::new(jobs.clone()) as Box<dyn prometheus::core::Collector>,
+        Box::new(state.clone()),
+        Box::new(rate.clone()),
+    ] {
+        let _ = registry.register(c);
+    }
+    for v in list.iter().take(crate::metrics::CAMPAIGN_SERIES_MAX) {
+        let name = v.campaign.as_str();
+        let counters = [
+            ("sent", Some(v.sent)),
+            ("dead", Some(v.dead)),
+            ("retried", Some(v.retried)),
+            ("held", Some(v.held)),
+            ("suppressed", Some(v.suppressed)),
+            ("enqueued", v.enqueued),
+        ];
+        for (counter, n) in counters {
+            if let Some(n) = n {
+                jobs.with_label_values(&[name, counter])
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
+        for s in [
+            CampaignState::Active,
+            CampaignState::Paused,
+            CampaignState::Cancelled,
+        ] {
+            state
+                .with_label_values(&[name, s.as_str()])
+                .set(i64::from(v.state == s));
+        }
+        rate.with_label_values(&[name]).set(v.rate_per_min);
+    }
+    let mut out = Vec::new();
+    if TextEncoder::new()
+        .encode(&registry.gather(), &mut out)
+        .is_err()
+    {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "metrics unavailable\n").into_response();
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
 }

@@ -60,6 +60,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/campaign", get(super::campaigns::show))
         .route("/campaign/confirm", get(super::campaigns::confirm))
         .route("/campaign/act", post(super::campaigns::act))
+        .route("/metrics", get(super::campaigns::metrics))
         .route(
             "/console.css",
             get(|| async { asset("text/css; charset=utf-8", CSS) }),
