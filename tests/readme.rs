@@ -149,6 +149,9 @@ fn every_command_and_flag_in_the_docs_exists() {
         vec!["dlq", "replay"],
         vec!["healthcheck"],
         vec!["console"],
+        vec!["campaign", "show"],
+        vec!["campaign", "pause"],
+        vec!["campaign", "cancel"],
     ] {
         all_help.push_str(&help(here, &sub));
     }
