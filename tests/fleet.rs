@@ -103,6 +103,8 @@ fn ask() -> Ask {
         probe_wait: Duration::from_millis(50),
         probe_lock: Duration::from_secs(5),
         gates: true,
+        call: String::new(),
+        last_call: String::new(),
     }
 }
 
@@ -572,7 +574,7 @@ async fn records_are_strings_and_an_earlier_builds_hashes_are_still_read() {
     let digest = mmsend::fleet::send_digest(&j);
     assert!(
         claim.starts_with("sending\n")
-            && claim.ends_with(&format!("\nworker-a\n{}", digest.as_str())),
+            && claim.ends_with(&format!("\nworker-a\n{}\n", digest.as_str())),
         "{claim:?}"
     );
     t.a.after(&j, &tell(Record::Sent("mm.f1"))).await.unwrap();
@@ -714,7 +716,7 @@ async fn records_are_strings_and_an_earlier_builds_hashes_are_still_read() {
         "the claim over an earlier build's hash is a string"
     );
     assert!(claim.unwrap().ends_with(&format!(
-        "\nworker-b\n{}",
+        "\nworker-b\n{}\n",
         mmsend::fleet::send_digest(&old_dead).as_str()
     )));
     // a send recorded over an earlier build's live claim
@@ -995,4 +997,55 @@ async fn a_claim_given_back_while_its_ask_waits_for_the_round_is_not_left_behind
         assert_eq!(record, None, "round {round}: an orphan claim is left");
     }
     fleet.delete_all().await.unwrap();
+}
+
+/// The chaos run found it (seed 352670813): a call answered 2300035 (not
+/// sent: another campaign's send to the recipient) whose end the worker
+/// could not tell Redis (Redis paused) left its claim; the job's retry took
+/// the expired claim for "maybe sent", and its next 2300035 settled a job
+/// that was never sent as sent. A claim now carries its call's id, and the
+/// job's story names its last call: the claim of that very call is not
+/// "maybe sent" (the story has its answer); any other expired claim still is.
+#[tokio::test]
+async fn a_claim_left_by_the_jobs_own_last_call_is_not_maybe_sent() {
+    let _scripts = SCRIPTS.read().await;
+    let mut config = FleetConfig::new(&redis_url());
+    config.lease_margin = Duration::ZERO;
+    let t = Two::new("lastcall", config);
+    let short = |call: &str, last_call: &str| Ask {
+        request_timeout: Duration::from_millis(100),
+        call: call.into(),
+        last_call: last_call.into(),
+        ..ask()
+    };
+    // the call whose end was never told, then its lease runs out
+    let j = job("lc-1", "7", "c");
+    assert_eq!(
+        go(&t.a.before(&j, &short("c1", "")).await.unwrap()),
+        Some((false, Duration::ZERO))
+    );
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // the retry of that very call: its story has the answer
+    assert_eq!(
+        go(&t.b.before(&j, &short("c2", "c1")).await.unwrap()),
+        Some((false, Duration::ZERO)),
+        "the job's own last call, answered, is not maybe sent"
+    );
+    // a copy whose story names another call (a twin, a redelivery from
+    // before that call) cannot know how that call ended
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(
+        go(&t.a.before(&j, &short("c3", "c0")).await.unwrap()),
+        Some((true, Duration::ZERO)),
+        "a claim of a call the story does not know is maybe sent"
+    );
+    // and a copy that knows no call at all
+    let k = job("lc-2", "7", "c");
+    assert!(go(&t.a.before(&k, &short("d1", "")).await.unwrap()).is_some());
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(
+        go(&t.b.before(&k, &short("d2", "")).await.unwrap()),
+        Some((true, Duration::ZERO))
+    );
+    t.cleanup().await;
 }

@@ -63,9 +63,15 @@ pub const REPLAYED_AT: &str = "x-mmsend-replayed-at";
 /// delivery limit (carried over from the `x-death` of the message a copy
 /// was made from).
 pub const DELIVERY_LIMIT_HITS: &str = "x-mmsend-delivery-limit-hits";
+/// The id of the job's last call (its send-ledger claim): a claim that
+/// outlived its call (the worker could not tell Redis how it ended) is
+/// known for that call's, whose answer this story carries, not taken for
+/// "maybe sent".
+pub const CALL: &str = "x-mmsend-call";
 
-/// Every header mmsend writes, in the order of DESIGN §5.
-pub const ALL: [&str; 16] = [
+/// Every header mmsend writes, in the order of DESIGN §5 (the call id
+/// last).
+pub const ALL: [&str; 17] = [
     ATTEMPT,
     FIRST_ATTEMPT_AT,
     ENQUEUED_AT,
@@ -82,6 +88,7 @@ pub const ALL: [&str; 16] = [
     REPLAYS,
     REPLAYED_AT,
     DELIVERY_LIMIT_HITS,
+    CALL,
 ];
 
 /// Headers RabbitMQ writes about a message's own life in the broker; never
@@ -189,6 +196,9 @@ pub struct Story {
     pub replays: u32,
     /// When the last replay happened; `None` if never replayed.
     pub replayed_at: Option<DateTime<Utc>>,
+    /// The id of the last call ([`CALL`]); `None` before the first call
+    /// with the send ledger.
+    pub call: Option<String>,
 }
 
 impl Story {
@@ -229,6 +239,8 @@ impl Story {
             worker: text(WORKER),
             replays: int(REPLAYS).map_or(0, saturate_u32),
             replayed_at: time(REPLAYED_AT),
+            call: text(CALL)
+                .filter(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_alphanumeric())),
         }
     }
 
@@ -305,6 +317,9 @@ impl Story {
         }
         if let Some(t) = &self.replayed_at {
             put(REPLAYED_AT, time(t));
+        }
+        if let Some(c) = &self.call {
+            put(CALL, text(c));
         }
         *headers = FieldTable::from(map);
     }
@@ -433,6 +448,7 @@ mod tests {
             worker: Some("w1".into()),
             replays: 2,
             replayed_at: Some(now),
+            call: Some("0f1e2d3c4b5a6978".into()),
         };
         let mut h = FieldTable::default();
         h.insert("traceparent".into(), AMQPValue::LongString("00-abc".into()));

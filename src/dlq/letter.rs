@@ -367,6 +367,9 @@ pub(crate) fn replay_story(old: &Story, now: DateTime<Utc>) -> Story {
         worker: None,
         replays: old.replays.saturating_add(1),
         replayed_at: Some(now),
+        // the last call's answer stays known (its claim, if left behind,
+        // is not "maybe sent"), like the last error
+        call: old.call.clone(),
     }
 }
 

@@ -21,6 +21,8 @@
 -- round's last argument: its deadline in Redis's clock, ms (0 = none)
 -- own args    1 the send's digest (hex: ad account, page, message id,
 --               recipient, message; src/fleet/mod.rs `send_digest`)
+--             2 this call's id (alphanumeric, written into the claim)
+--             3 the id of the job's last call, as its story says ('' none)
 --
 -- Returns, for each job, one of
 --   {'reused', state, worker}                  the record is another send's
@@ -57,12 +59,13 @@ local function reserve(key, rate)
 end
 
 -- this worker's claim with its lease until `untl` (prelude.lua's layout)
-local function claim(worker, untl, digest)
+local function claim(worker, untl, digest, call)
   return 'sending\n' .. string.format('%d', untl) .. '\n' .. worker .. '\n' .. digest
+    .. '\n' .. call
 end
 
--- one own argument per job: its digest
-local function own() return 1 end
+-- three own arguments per job: its digest, this call's id, its last call's
+local function own() return 3 end
 
 -- whether any campaign is paused or cancelled at all: most of the time
 -- none is, and one SCARD per round stands for a lookup per job; then the
@@ -82,7 +85,7 @@ end
 
 local function one(ledger, k, o, a)
   local worker = ARGV[a + 1]
-  local digest = ARGV[o + 1]
+  local digest, call = ARGV[o + 1], ARGV[o + 2]
 
   -- 1. the ledger: a job already sent is never called again; a live lease
   --    of another worker means the call is in flight elsewhere. The claim
@@ -93,12 +96,12 @@ local function one(ledger, k, o, a)
   local lease = tonumber(ARGV[a + 2])
   local claimed, previous = false, false
   if ledger_on then
-    local value = redis.pcall('SET', ledger, claim(worker, now + lease, digest),
+    local value = redis.pcall('SET', ledger, claim(worker, now + lease, digest, call),
       'NX', 'GET', 'PX', ARGV[a + 9])
     if value == false then
       claimed = true
     else
-      local state, holder, untl, tracking, at, was = read_record(ledger, value)
+      local state, holder, untl, tracking, at, was, by_call = read_record(ledger, value)
       -- the same job_id for another send (a producer that numbers jobs
       -- per campaign): never a duplicate of this one, never called under
       -- the other's record
@@ -113,8 +116,10 @@ local function one(ledger, k, o, a)
         return {'busy', holder or '', tostring(left)}
       end
       -- the holder died (or lost its broker connection) mid-call, or this
-      -- worker's own earlier claim
-      previous = true
+      -- worker's own earlier claim: maybe sent; unless the claim is the
+      -- job's last call, whose answer its story carries (the worker could
+      -- not tell Redis how it ended: Redis paused or frozen then)
+      previous = by_call == nil or by_call == '' or by_call ~= ARGV[o + 3]
     end
   end
 
@@ -166,7 +171,7 @@ local function one(ledger, k, o, a)
   --    was there or the job waits for its slot); the key expires after
   --    the ledger retention, counted from here
   if ledger_on and (not claimed or wait > 0) then
-    redis.call('SET', ledger, claim(worker, now + wait + lease, digest), 'PX', ARGV[a + 9])
+    redis.call('SET', ledger, claim(worker, now + wait + lease, digest, call), 'PX', ARGV[a + 9])
   end
   return wait * 2 + (previous and 1 or 0)
 end

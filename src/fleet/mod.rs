@@ -452,6 +452,13 @@ pub struct Ask {
     pub probe_lock: Duration,
     /// Gates on.
     pub gates: bool,
+    /// The id of the call this ask claims for (alphanumeric; written into
+    /// the claim and, once the call is made, into the job's story).
+    pub call: String,
+    /// The id of the job's last call as its story says (`""`: none): a
+    /// claim of that very call, left behind because its end could not be
+    /// told, is not taken for "maybe sent" (the story has its answer).
+    pub last_call: String,
 }
 
 /// How the ledger records a call.
@@ -989,7 +996,9 @@ impl Fleet {
             .int(1u8)
             .int(ms(self.config.ledger_retention));
         push_ledger_key(&mut part, &self.tag, job);
-        part.concat(&[send_digest(job).as_str()]);
+        part.concat(&[send_digest(job).as_str()])
+            .concat(&[&ask.call])
+            .concat(&[&ask.last_call]);
         let answer: BeforeAnswer = self.batcher.call(&self.link(), Kind::Before, part).await?;
         parse_before(job, &answer)
     }

@@ -62,10 +62,12 @@ local function a_hash(value)
 end
 
 -- A job's ledger record (KEYS of the job's own key), one string:
---   sending\n<lease until, ms>\n<worker>\n<digest>
+--   sending\n<lease until, ms>\n<worker>\n<digest>\n<call id>
 --   sent\n<at, ms>\n<suspected 0/1>\n<worker>\n<tracking id>\n<digest>
 -- (a worker id has no control characters: src/fleet/mod.rs; the digest is
--- hex, a hash of what makes the send: src/fleet/mod.rs `send_digest`).
+-- hex, a hash of what makes the send: src/fleet/mod.rs `send_digest`; the
+-- call id alphanumeric, as the job's story names its last call). Claims
+-- written before the call id was added have none.
 -- Builds 0.2 wrote the same without the digest; builds before 0.2 wrote a
 -- hash (state, worker, until, tracking, at, suspected, expiry); both are
 -- still read (with no digest: a reuse cannot be told from a duplicate
@@ -73,14 +75,17 @@ end
 -- (`redis.pcall`) returned for the key: a string, false (no record) or a
 -- hash's WRONGTYPE error (any other error is raised). Returns state,
 -- worker, lease until, tracking id, sent at, digest (nothing for no
--- record; digest '' when the record has none). A string of no known shape
+-- record; digest '' when the record has none), and a claim's call id
+-- (nil when it has none). A string of no known shape
 -- that starts as a sent record reads as sent (never called again); any
 -- other reads as a claim with no lease left (the worker that takes it
 -- over is told it may have been sent).
 local function read_record(key, value)
   if not value then return nil end
   if type(value) == 'string' then
-    local untl, worker, digest = string.match(value, '^sending\n(%d+)\n([^\n]*)\n(%x+)$')
+    local untl, worker, digest, call = string.match(value, '^sending\n(%d+)\n([^\n]*)\n(%x+)\n(%w*)$')
+    if untl then return 'sending', worker, untl, nil, nil, digest, call end
+    untl, worker, digest = string.match(value, '^sending\n(%d+)\n([^\n]*)\n(%x+)$')
     if untl then return 'sending', worker, untl, nil, nil, digest end
     untl, worker = string.match(value, '^sending\n(%d+)\n(.*)$')
     if untl then return 'sending', worker, untl, nil, nil, '' end

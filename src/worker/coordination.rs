@@ -94,14 +94,18 @@ pub(crate) struct Claim<'a> {
     coord: &'a Coordination,
     job: &'a Job,
     held: bool,
+    /// The id of the call this claim is for (the job's story records it
+    /// once the call is made: see [`crate::broker::headers::CALL`]).
+    call: String,
 }
 
 impl Claim<'_> {
     /// The call starts: from here the claim stays until the call is told
     /// ([`Coordination::after`]) or its lease runs out (Meta may have the
-    /// call).
-    pub(crate) fn calling(mut self) {
+    /// call). Answers the call's id, for the job's story.
+    pub(crate) fn calling(mut self) -> String {
         self.held = false;
+        std::mem::take(&mut self.call)
     }
 
     /// The answer wrote no claim (already sent, busy, gated, reused).
@@ -270,8 +274,13 @@ impl Coordination {
     /// call starts ([`Claim::calling`]), and given back if the job is
     /// dropped before (a session lost, a stop, a panic), so the job's next
     /// delivery finds no claim and is not taken for maybe sent.
-    pub(crate) async fn before<'a>(&'a self, job: &'a Job) -> (Ahead, Option<Claim<'a>>) {
+    pub(crate) async fn before<'a>(
+        &'a self,
+        job: &'a Job,
+        last_call: Option<&str>,
+    ) -> (Ahead, Option<Claim<'a>>) {
         if let Some(fleet) = self.fleet() {
+            let call = format!("{:016x}", rand::random::<u64>());
             let ask = Ask {
                 request_timeout: self.request_timeout,
                 page_rate: f64::from(self.pacing.page_rate(&job.page_id)),
@@ -279,6 +288,8 @@ impl Coordination {
                 probe_wait: self.gate_times.probe_wait,
                 probe_lock: PROBE_TIMEOUT,
                 gates: self.gates_on,
+                call: call.clone(),
+                last_call: last_call.unwrap_or_default().to_string(),
             };
             // armed before the ask: a job dropped while its ask is in
             // flight gives back whatever claim Redis may have written
@@ -286,6 +297,7 @@ impl Coordination {
                 coord: self,
                 job,
                 held: true,
+                call,
             };
             match fleet.before(job, &ask).await {
                 Ok(answer) => {

@@ -320,7 +320,10 @@ async fn decide_job(ctx: &Ctx, job: &Job, mut story: Story, redelivered: bool) -
     // Gates, pacing and the send ledger: local, or the fleet's (once per
     // job id at a time in this worker; held until the outcome is told).
     let ((ahead, claim), _in_flight) = match ctx.coord.enter(job) {
-        Ok(in_flight) => (ctx.coord.before(job).await, Some(in_flight)),
+        Ok(in_flight) => (
+            ctx.coord.before(job, story.call.as_deref()).await,
+            Some(in_flight),
+        ),
         Err(wait) => ((wait, None), None),
     };
     let claimed = match ahead {
@@ -430,7 +433,7 @@ async fn decide_job(ctx: &Ctx, job: &Job, mut story: Story, redelivered: bool) -
     story.attempt = story.attempt.saturating_add(1);
     span.record("attempt", story.attempt);
     if let Some(claim) = claim {
-        claim.calling();
+        story.call = Some(claim.calling());
     }
     let started = Instant::now();
     let outcome = ctx.client.send(&token, &SendRequest::from(job)).await;
