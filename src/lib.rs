@@ -39,6 +39,7 @@
 //! - [`fleet`]: what workers share through Redis (two Lua scripts): the send
 //!   ledger, fleet-wide pacing and gates.
 //! - [`results`]: the results stream, one event per settled job, for producers.
+//! - [`schema`]: the JSON Schemas of the job and the results event (`schemas/`).
 //! - [`dlq`]: the dead-letter library, printing nothing: `letter`, `filter`,
 //!   `scan` (the engine), `stats`.
 //! - [`console`]: `mmsend console`, the dead-letter queue in a browser: one
@@ -75,5 +76,6 @@ pub mod metrics;
 pub mod producer;
 pub mod report;
 pub mod results;
+pub mod schema;
 pub mod simulator;
 pub mod worker;
