@@ -210,6 +210,7 @@ fn every_command_and_flag_in_the_docs_exists() {
         include_str!("../tests/readme.rs"),
         include_str!("../tests/chaos.rs"),
         include_str!("../tests/schemas.rs"),
+        include_str!("../tests/producers.rs"),
         include_str!("../benches/pipeline.rs"),
         include_str!("../deploy/local/test.sh"),
     ]

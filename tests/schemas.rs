@@ -362,9 +362,11 @@ fn job_fixtures() -> Vec<(String, Value)> {
         "deploy/cluster/run.sh".into(),
         serde_json::from_str(&template.replace("%d", "7")).expect("the cluster job is JSON"),
     ));
-    // the example's json! literal
+    // the examples: the Rust one's json! literal and the other languages' literals
     for (path, marker) in [
         ("examples/produce.rs", "let job = json!("),
+        ("examples/producers/producer.py", "job = "),
+        ("examples/producers/producer.js", "const job = "),
     ] {
         let text = read(path);
         let literal = object_after(&text, marker)
