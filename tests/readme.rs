@@ -270,6 +270,20 @@ fn documented_metric_names_exist() {
 
 /// GitHub's (and mdBook's) anchor for a heading: lower case, every character
 /// but letters, digits, `-`, `_` and spaces dropped, spaces to `-`.
+#[test]
+fn every_series_is_in_the_metrics_chapter() {
+    let chapter = std::fs::read_to_string(root().join("docs/src/operating/metrics.md")).unwrap();
+    let missing: Vec<&str> = mmsend::metrics::SERIES
+        .iter()
+        .copied()
+        .filter(|name| !chapter.contains(&format!("`{name}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/src/operating/metrics.md has no row for {missing:?}; add one to its table"
+    );
+}
+
 fn slug(heading: &str) -> String {
     heading
         .trim()
