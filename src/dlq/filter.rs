@@ -205,12 +205,12 @@ mod tests {
 
     #[test]
     fn filters_combine() {
-        let d = letter(Some("terminal"), "region", 2300018, "bf");
+        let d = letter(Some("terminal"), "region", 2300030, "bf");
         assert!(Filter::default().matches(&d));
         let f = Filter {
             reason: Some(DeadReason::Terminal),
             class: Some(Class::Region),
-            code: Some(2300018),
+            code: Some(2300030),
             campaign: Some("bf".into()),
             page: Some("42".into()),
             job_id: Some("j".into()),
@@ -253,7 +253,7 @@ mod tests {
 
     #[test]
     fn limits_and_exact_sets_say_when_they_are_done() {
-        let d = letter(Some("terminal"), "region", 2300018, "bf");
+        let d = letter(Some("terminal"), "region", 2300030, "bf");
         let mut s = Selector::new(
             Filter {
                 limit: Some(2),
@@ -265,7 +265,7 @@ mod tests {
         assert!(s.take(&d) && s.done());
         assert!(!s.take(&d));
 
-        let other = letter(Some("terminal"), "region", 2300030, "bf");
+        let other = letter(Some("terminal"), "region", 2300031, "bf");
         let mut s = Selector::new([d.key(), d.key()].into_iter().collect::<LetterSet>().into());
         assert!(!s.take(&other));
         assert!(s.take(&d) && !s.done());
