@@ -180,22 +180,30 @@ impl Selector {
     }
 }
 
+/// Why a `--since` value cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SinceError {
+    /// A duration that reaches back before any representable time (the
+    /// value given).
+    #[error("{0:?} reaches back before any time mmsend can represent; give a shorter duration or an RFC 3339 time")]
+    TooFarBack(String),
+    /// Neither a duration nor an RFC 3339 time (the value given).
+    #[error("{0:?}: give a duration (30m, 2h, 1d) or an RFC 3339 time (2026-11-24T10:00:00Z)")]
+    Unreadable(String),
+}
+
 /// `--since`: a duration back from `now` (`30m`, `2d`) or an RFC 3339 time.
 /// Too long a duration is an error, never a panic.
-pub fn parse_since(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
+pub fn parse_since(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, SinceError> {
     if let Ok(d) = humantime::parse_duration(s) {
         return chrono::Duration::from_std(d)
             .ok()
             .and_then(|d| now.checked_sub_signed(d))
-            .ok_or_else(|| format!("{s:?} reaches back before any time mmsend can represent; give a shorter duration or an RFC 3339 time"));
+            .ok_or_else(|| SinceError::TooFarBack(s.to_string()));
     }
     DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&Utc))
-        .map_err(|_| {
-            format!(
-                "{s:?}: give a duration (30m, 2h, 1d) or an RFC 3339 time (2026-11-24T10:00:00Z)"
-            )
-        })
+        .map_err(|_| SinceError::Unreadable(s.to_string()))
 }
 
 #[cfg(test)]
@@ -287,9 +295,10 @@ mod tests {
             "2026-10-31T23:00:00Z".parse::<DateTime<Utc>>().unwrap()
         );
         let e = parse_since("300000years", now).unwrap_err();
-        assert!(e.contains("shorter duration"), "{e}");
-        assert!(parse_since("yesterday", now)
-            .unwrap_err()
-            .contains("RFC 3339"));
+        assert_eq!(e, SinceError::TooFarBack("300000years".into()));
+        assert!(e.to_string().contains("shorter duration"), "{e}");
+        let e = parse_since("yesterday", now).unwrap_err();
+        assert_eq!(e, SinceError::Unreadable("yesterday".into()));
+        assert!(e.to_string().contains("RFC 3339"), "{e}");
     }
 }
