@@ -12,9 +12,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{self, DEFAULT_AMQP_URL};
-use crate::config::{defaults, FileConfig};
+use crate::config::defaults;
 use crate::graph::{ClientConfig, Secret, TokenStore};
 use crate::metrics::{self, Metrics};
+use crate::settings::FileConfig;
 use crate::worker::{self, WorkerConfig};
 use crate::{health, producer, report, simulator};
 
@@ -517,7 +518,7 @@ impl WorkerArgs {
             .redis_url
             .as_deref()
             .filter(|u| !u.trim().is_empty())
-            .map(|url| file.redis.fleet(url, self.redis_fail_mode));
+            .map(|url| file.fleet(url, self.redis_fail_mode));
         Ok(config)
     }
 }

@@ -46,7 +46,9 @@
 //!   shared snapshot, grouped views, confirmed replay and purge with progress.
 //! - [`metrics`]: the registry, the typed recording API, `/metrics`, `/healthz`,
 //!   `/readyz`.
-//! - [`config`]: the TOML config file and the one home of every default,
+//! - [`config`]: the one home of every default and the config file's plain
+//!   sections; it uses nothing else of the crate.
+//! - [`settings`]: the TOML config file as a whole, every stage's section,
 //!   validated once at start.
 //!
 //! Public for the binary, the integration tests and the benches, not a stable API:
@@ -77,5 +79,6 @@ pub mod producer;
 pub mod report;
 pub mod results;
 pub mod schema;
+pub mod settings;
 pub mod simulator;
 pub mod worker;
