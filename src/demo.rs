@@ -278,7 +278,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
     };
     print_summary(&report);
     println!("\nDead-letter queue:");
-    crate::cli::dlq::print_stats_of(&conn, &topology).await?;
+    let (stats, scan) = crate::dlq::stats(&conn, &topology, crate::dlq::Filter::default()).await?;
+    println!("{}", crate::report::dlq_stats_summary(&stats, &scan));
     if opts.keep {
         println!(
             "\nThe demo queues are kept. Inspect and replay the dead letters:\n\
