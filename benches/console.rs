@@ -45,9 +45,9 @@ const CODES: [(i64, &str, &str); 5] = [
         "AD_ACCOUNT_NOT_MATCH: the ad account does not own this campaign",
     ),
     (
-        2300018,
+        2300030,
         "region",
-        "Marketing messages are not available in the business's region.",
+        "The ad account is not in a supported region.",
     ),
     (
         2300012,

@@ -58,7 +58,7 @@ fn amqp_url() -> String {
 const CODES: [(i64, &str); 5] = [
     (2300005, "mismatch"),
     (2300014, "mismatch"),
-    (2300018, "region"),
+    (2300030, "region"),
     (2300012, "not_ready"),
     (2300015, "budget"),
 ];

@@ -12,9 +12,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{self, DEFAULT_AMQP_URL};
-use crate::config::{defaults, FileConfig};
+use crate::config::defaults;
 use crate::graph::{ClientConfig, Secret, TokenStore};
 use crate::metrics::{self, Metrics};
+use crate::settings::FileConfig;
 use crate::worker::{self, WorkerConfig};
 use crate::{health, producer, report, simulator};
 
@@ -156,7 +157,7 @@ impl ConsoleArgs {
             .redis_url
             .as_deref()
             .filter(|u| !u.trim().is_empty())
-            .map(|url| file.redis.fleet(url, crate::fleet::FailMode::Local));
+            .map(|url| file.fleet(url, crate::fleet::FailMode::Local));
         Ok(config)
     }
 }
@@ -538,7 +539,7 @@ impl WorkerArgs {
             .redis_url
             .as_deref()
             .filter(|u| !u.trim().is_empty())
-            .map(|url| file.redis.fleet(url, self.redis_fail_mode));
+            .map(|url| file.fleet(url, self.redis_fail_mode));
         Ok(config)
     }
 }
@@ -693,7 +694,7 @@ async fn enqueue_command(args: &EnqueueArgs) -> anyhow::Result<ExitCode> {
             .await?
             .with_max_inflight(args.max_inflight);
         if let Some(url) = args.redis_url.as_deref().filter(|u| !u.trim().is_empty()) {
-            let config = file.redis.fleet(url, crate::fleet::FailMode::Local);
+            let config = file.fleet(url, crate::fleet::FailMode::Local);
             match crate::fleet::campaign::Campaigns::connect(&config, &args.broker.prefix).await {
                 Ok(campaigns) => p = p.counting(campaigns),
                 Err(e) => eprintln!(

@@ -90,8 +90,9 @@ const BUDGET_CAMPAIGN: (&str, &str) = ("vip-budget", "120210000000000009");
 const PAGES: [&str; 3] = ["9876543210", "9876543211", "9876543212"];
 
 /// The sample job `i`: campaign, page and a recipient token that makes the
-/// simulator answer what the demo wants to show.
-fn sample_job(i: usize) -> serde_json::Value {
+/// simulator answer what the demo wants to show (public for `tests/schemas.rs`,
+/// which checks the demo's jobs against the published schema).
+pub fn sample_job(i: usize) -> serde_json::Value {
     let (mut campaign, mut message_id) = CAMPAIGNS[i % CAMPAIGNS.len()];
     let page = PAGES[i % PAGES.len()];
     let token = match i % 100 {
@@ -277,7 +278,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
     };
     print_summary(&report);
     println!("\nDead-letter queue:");
-    crate::cli::dlq::print_stats_of(&conn, &topology).await?;
+    let (stats, scan) = crate::dlq::stats(&conn, &topology, crate::dlq::Filter::default()).await?;
+    println!("{}", crate::report::dlq_stats_summary(&stats, &scan));
     if opts.keep {
         println!(
             "\nThe demo queues are kept. Inspect and replay the dead letters:\n\

@@ -2,7 +2,7 @@
 //! answers yes or no, for probes that have no shell, curl or wget (a
 //! distroless image, Docker's `HEALTHCHECK`, a Kubernetes exec probe).
 //!
-//! The worker serves its endpoints on `MMSEND_METRICS_ADDR` ([`crate::metrics`]);
+//! The worker serves its endpoints on `MMSEND_METRICS_ADDR` (the `metrics` module);
 //! the probe reads the same variable, so one setting serves both. A wildcard
 //! bind (`0.0.0.0`, `::`) is asked on the loopback address of its family. The
 //! request is one plain `HTTP/1.0` GET and only the status line decides, so

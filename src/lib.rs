@@ -42,13 +42,16 @@
 //! - [`control`]: pause, resume and cancel a campaign (state, the held
 //!   queue, the audit trail), for the CLI and the console.
 //! - [`results`]: the results stream, one event per settled job, for producers.
+//! - [`schema`]: the JSON Schemas of the job and the results event (`schemas/`).
 //! - [`dlq`]: the dead-letter library, printing nothing: `letter`, `filter`,
 //!   `scan` (the engine), `stats`.
 //! - [`console`]: `mmsend console`, the dead-letter queue in a browser: one
 //!   shared snapshot, grouped views, confirmed replay and purge with progress.
 //! - [`metrics`]: the registry, the typed recording API, `/metrics`, `/healthz`,
 //!   `/readyz`.
-//! - [`config`]: the TOML config file and the one home of every default,
+//! - [`config`]: the one home of every default and the config file's plain
+//!   sections; it uses nothing else of the crate.
+//! - [`settings`]: the TOML config file as a whole, every stage's section,
 //!   validated once at start.
 //!
 //! Public for the binary, the integration tests and the benches, not a stable API:
@@ -79,5 +82,7 @@ pub mod metrics;
 pub mod producer;
 pub mod report;
 pub mod results;
+pub mod schema;
+pub mod settings;
 pub mod simulator;
 pub mod worker;

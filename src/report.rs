@@ -100,7 +100,7 @@ pub(crate) fn colour(stream: &impl IsTerminal) -> bool {
 fn no_colour_requested(value: Option<&std::ffi::OsStr>) -> bool {
     value.is_some_and(|v| !v.is_empty())
 }
-use crate::dlq::{Group, LetterSummary, Phase, Progress, Stats};
+use crate::dlq::{Group, LetterSummary, Phase, Progress, ScanReport, Stats, Stop};
 
 /// `text` safe to print on a terminal: control characters (C0, DEL, C1)
 /// and the invisible characters that reorder or break text (bidirectional
@@ -360,6 +360,39 @@ impl ScanBar {
         if p.phase == Phase::Finished {
             self.bar.finish_and_clear();
         }
+    }
+}
+
+/// The DLQ's stats as text: a line on the scan, then the tables of
+/// [`dlq_stats`] (what `mmsend dlq stats` and the demo print).
+pub fn dlq_stats_summary(stats: &Stats, report: &ScanReport) -> String {
+    let mut text = format!(
+        "{} dead letters in {} ({} selected)",
+        report.depth_at_start,
+        printable(&report.queue),
+        stats.total
+    );
+    if !report.counted_all() {
+        text += &format!(
+            "; the scan stopped early ({}), so these count only the letters read",
+            stop_text(report.stop)
+        );
+    }
+    for t in dlq_stats(stats) {
+        text += &format!("\n{t}");
+    }
+    text
+}
+
+/// Why a DLQ scan stopped, in words.
+pub fn stop_text(stop: Stop) -> &'static str {
+    match stop {
+        Stop::Depth => "read every letter",
+        Stop::QueueEmpty => "the queue ran out of letters before the depth at the start: something that is not mmsend took or removed some (a consumer of its own? a purge?), and letters it holds were not seen",
+        Stop::Selected => "limit reached",
+        Stop::Observer => "output closed",
+        Stop::Interrupted => "interrupted",
+        Stop::HoldLimit => "stopped at --max-held: a scan holds every letter it reads on the broker (about 300 bytes each); raise --max-held if the broker has the memory",
     }
 }
 

@@ -19,7 +19,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 /// How a job was settled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ResultOutcome {
     /// Sent (Meta's answer, or its 2300035 evidence: see `suspected`).
@@ -32,17 +32,19 @@ pub enum ResultOutcome {
     Duplicate,
 }
 
-/// One settled job.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One settled job: an event on the stream `<prefix>.results`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[schemars(title = "mmsend results event v1")]
 pub struct ResultEvent {
-    /// Schema version.
+    /// Schema version: 1.
+    #[schemars(extend("const" = 1))]
     pub v: u32,
     /// The job.
     pub job_id: String,
     /// The job's campaign label, if it had one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub campaign: Option<String>,
-    /// `sent` or `dead`.
+    /// `sent`, `dead` or `duplicate`.
     pub outcome: ResultOutcome,
     /// The class of the last failure (for `dead`, why; for `sent`, what it
     /// met before it went through).

@@ -1295,6 +1295,31 @@ mod tests {
             .await
     }
 
+    /// Every marketing code answers with Meta's reference text, read from
+    /// the classification table (never typed a second time here).
+    #[tokio::test]
+    async fn errors_carry_metas_reference_text() {
+        let sim = Simulator::start("127.0.0.1:0", SimConfig::default())
+            .await
+            .unwrap();
+        let client = reqwest::Client::new();
+        for &(code, text) in crate::classify::table::REFERENCE {
+            assert_eq!(message_for(code as u64), text, "{code}");
+        }
+        for (code, text) in [
+            (2300030, "The ad account is not in a supported region."),
+            (2300052, "This person is not available right now."),
+        ] {
+            let body: Value = post(&client, &sim, &format!("sim:err:{code}:x"), "m")
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(body["error"]["message"], text, "{code}: {body}");
+        }
+    }
+
     /// The record lists every request and send; the chaos run's triggers
     /// answer as the module's table says.
     #[tokio::test]

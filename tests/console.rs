@@ -63,8 +63,8 @@ fn mixed(n: usize, prefix: &str) -> Vec<Dead> {
         (
             Some("terminal"),
             "region",
-            2300018,
-            "Marketing messages are not available in the business's region.",
+            2300030,
+            "The ad account is not in a supported region.",
         ),
         (
             Some("expired"),
@@ -848,7 +848,7 @@ async fn viewing_pages_many_times_leaves_every_letter_in_place() {
     let letter = &letters[7];
     let pages = [
         "/".to_string(),
-        "/group?dim=code&key=2300018".to_string(),
+        "/group?dim=code&key=2300030".to_string(),
         "/group?dim=campaign&key=xmas&page=3".to_string(),
         "/groups?dim=page".to_string(),
         "/actions".to_string(),
@@ -1049,7 +1049,7 @@ async fn a_busy_dlq_keeps_the_last_snapshot_and_an_action_waits_for_it() {
     assert!(body.contains("Snapshot of 50 letters"));
     // an action confirmed meanwhile waits, and says why
     let page = cl
-        .get("/confirm?kind=purge&dim=code&key=2300018")
+        .get("/confirm?kind=purge&dim=code&key=2300030")
         .await
         .body;
     let a = cl

@@ -92,19 +92,19 @@ fn mismatch(id: impl Into<String>, campaign: &str) -> Dead<'_> {
     )
 }
 
-/// A terminal unsupported region (2300018).
+/// A terminal unsupported region (2300030).
 fn region(id: impl Into<String>, campaign: &str) -> Dead<'_> {
     dead(
         id,
         Some(DeadReason::Terminal),
         Class::Region,
-        2300018,
+        2300030,
         campaign,
     )
 }
 
 /// `n` letters `l0…`, every fifth with code 2300005 (mismatch, campaign
-/// `cm`), the rest 2300018 (region, campaign `bf`).
+/// `cm`), the rest 2300030 (region, campaign `bf`).
 fn mixed(n: usize) -> Vec<Dead<'static>> {
     (0..n)
         .map(|i| match i % 5 {
@@ -288,13 +288,13 @@ async fn stats_replay_by_code_and_purge_touch_exactly_the_selected() {
     assert!(stats.by_reason[0].newest.is_some());
     assert_eq!(
         stats.by_code[0].latest_error.as_deref(),
-        Some("error 2300018")
+        Some("error 2300030")
     );
     // peeking kept everything
     assert_eq!(h.depth(&h.topology.dead_queue()).await, 14);
 
     // replay only the region ones
-    let r = scan(&h, by_code(2300018), &small(Action::Replay { rate: 0 })).await;
+    let r = scan(&h, by_code(2300030), &small(Action::Replay { rate: 0 })).await;
     assert_eq!((r.selected, r.replayed, r.failed), (6, 6, 0));
     assert_eq!(h.depth(&h.topology.send_queue()).await, 6);
     assert_eq!(h.depth(&h.topology.dead_queue()).await, 8);
@@ -650,7 +650,7 @@ async fn replay_racing_a_dead_lettering_worker_neither_loses_nor_doubles() {
     }
     let r = scan(
         &h,
-        by_code(2300018),
+        by_code(2300030),
         &ScanOptions::new(Action::Replay { rate: 0 }),
     )
     .await;
@@ -689,7 +689,7 @@ async fn the_dlq_cli_speaks_json_uses_exit_codes_and_round_trips_an_export() {
     assert_eq!(stats["counted_all"], true);
     assert_eq!(
         stats["by_code"][0],
-        json!({"key": "2300018", "count": 40, "oldest": stats["by_code"][0]["oldest"], "newest": stats["by_code"][0]["newest"], "latest_error": "error 2300018"})
+        json!({"key": "2300030", "count": 40, "oldest": stats["by_code"][0]["oldest"], "newest": stats["by_code"][0]["newest"], "latest_error": "error 2300030"})
     );
 
     let (code, out, _) = run(

@@ -212,6 +212,8 @@ fn every_command_and_flag_in_the_docs_exists() {
         include_str!("../src/simulator.rs"),
         include_str!("../tests/readme.rs"),
         include_str!("../tests/chaos.rs"),
+        include_str!("../tests/schemas.rs"),
+        include_str!("../tests/producers.rs"),
         include_str!("../benches/pipeline.rs"),
         include_str!("../deploy/local/test.sh"),
     ]
@@ -275,6 +277,20 @@ fn documented_metric_names_exist() {
 
 /// GitHub's (and mdBook's) anchor for a heading: lower case, every character
 /// but letters, digits, `-`, `_` and spaces dropped, spaces to `-`.
+#[test]
+fn every_series_is_in_the_metrics_chapter() {
+    let chapter = std::fs::read_to_string(root().join("docs/src/operating/metrics.md")).unwrap();
+    let missing: Vec<&str> = mmsend::metrics::SERIES
+        .iter()
+        .copied()
+        .filter(|name| !chapter.contains(&format!("`{name}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/src/operating/metrics.md has no row for {missing:?}; add one to its table"
+    );
+}
+
 fn slug(heading: &str) -> String {
     heading
         .trim()

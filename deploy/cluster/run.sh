@@ -60,7 +60,9 @@ done
 
 echo "cluster: building mmsend"
 (cd "$root" && cargo build --release --quiet)
-mmsend="$root/target/release/mmsend"
+# where cargo put it (CARGO_TARGET_DIR included)
+mmsend="$(cd "$root" && cargo metadata --format-version 1 --no-deps \
+  | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/release/mmsend"
 
 work="$(mktemp -d -t mmsend-cluster.XXXXXX)"
 export HOME="$work" # the nodes' and rabbitmqctl's Erlang cookie lives here

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The first command: RabbitMQ up, build, run `mmsend demo` (extra arguments are passed on,
-# e.g. deploy/local/demo.sh --jobs 500 --keep).
+# e.g. deploy/local/demo.sh --jobs 500 --keep). `cargo run` finds the binary wherever
+# the build puts it (CARGO_TARGET_DIR included).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 deploy/local/ensure-rabbitmq.sh
 deploy/local/ensure-redis.sh
-echo "== building mmsend (first build takes a few minutes)"
-cargo build --quiet
-exec target/debug/mmsend demo "$@"
+echo "== building and running mmsend (the first build takes a few minutes)"
+exec cargo run --quiet -- demo "$@"

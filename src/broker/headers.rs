@@ -437,7 +437,7 @@ mod tests {
             last_error: LastError {
                 class: Some("region".into()),
                 code: Some(100),
-                subcode: Some(2300018),
+                subcode: Some(2300030),
                 message: Some("not supported".into()),
                 http_status: Some(400),
                 fbtrace_id: Some("Ab1".into()),

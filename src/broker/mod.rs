@@ -16,8 +16,7 @@ use std::time::Duration;
 use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Connection, ConnectionProperties};
 
-/// The default broker URL.
-pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub use crate::config::defaults::DEFAULT_AMQP_URL;
 
 /// How long one node may take to accept a connection (TCP, TLS and the
 /// AMQP handshake) before the next URL of the list is tried.

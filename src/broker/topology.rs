@@ -89,14 +89,7 @@ const MAX_PREFIX_BYTES: usize = 200;
 /// Longest tier name, for the same reason.
 const MAX_TIER_NAME_BYTES: usize = 32;
 
-/// The default tiers of DESIGN §5.
-pub const DEFAULT_TIERS: [&str; 6] = ["5s", "30s", "2m", "10m", "1h", "6h"];
-
-/// The default `x-delivery-limit` of the work queue.
-pub const DEFAULT_DELIVERY_LIMIT: u32 = 10;
-
-/// The default name prefix.
-pub const DEFAULT_PREFIX: &str = "mmsend";
+pub use crate::config::defaults::{DEFAULT_DELIVERY_LIMIT, DEFAULT_PREFIX, DEFAULT_TIERS};
 
 /// A topology setting that cannot work.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -251,15 +251,16 @@ pub const BUILTIN: &[(i64, i64, Row)] = &[
 ];
 
 /// Meta's API Errors reference for the Marketing Message API for Messenger
-/// (April 2026): each marketing code and its description, condensed where
-/// the reference is long. The simulator answers with these messages; a test
-/// checks that every code here has a row in [`BUILTIN`].
+/// (April 2026; 2300052's text from its changelog): each marketing code and
+/// its description. The simulator answers with these messages and has no
+/// copy of its own; a test checks that every code here has a row in
+/// [`BUILTIN`].
 pub const REFERENCE: &[(i64, &str)] = &[
     (2300000, "You cannot send a message unless the message campaign under which the message exists is active."),
     (2300001, "The message ID you supplied is invalid. The message with this ID either does not exist, or you do not have the permission to load it."),
     (2300002, "Messages cannot be sent if the message set under which the message exists is inactive. Please make sure your message set is activated."),
     (2300003, "The message must be in active status before it can be sent."),
-    (2300004, "The subscription token you passed in could not be loaded. The token id may be invalid, or you may not have permission to load it."),
+    (2300004, "The subscription token you passed in could not be loaded. This could be because the token id you passed was invalid - or you may not have permissions to load it."),
     (2300005, "The page id behind your message does not match the page id on the messenger subscription token. Pages can only message their own subscribers."),
     (2300006, "The message campaign is not set up for marketing messages on Messenger."),
     (2300007, "The message is not set up for marketing messages on Messenger."),
@@ -283,7 +284,7 @@ pub const REFERENCE: &[(i64, &str)] = &[
     (2300025, "The message buttons are invalid."),
     (2300026, "The message quick replies are invalid."),
     (2300027, "The message contains an unsupported element."),
-    (2300030, "Marketing messages are not available in the business's region."),
+    (2300030, "The ad account is not in a supported region."),
     (2300031, "The recipient's region is excluded from marketing messages."),
     (2300032, "The recipient's region is not supported."),
     (2300033, "The message campaign is not ready to send yet."),
@@ -301,7 +302,7 @@ pub const REFERENCE: &[(i64, &str)] = &[
     (2300046, "The message payload is too large."),
     (2300047, "The message contains an invalid personalisation field."),
     (2300048, "The message language is not supported."),
-    (2300052, "The recipient is not available right now: min_conversation_gap_seconds has not passed since the last conversation."),
+    (2300052, "This person is not available right now."),
     (2300053, "The campaign has reached its lifetime budget."),
     (2300054, "The campaign has reached its daily budget; sending will resume tomorrow."),
     (2300055, "Sending is temporarily unavailable. Try again in about 30 minutes."),

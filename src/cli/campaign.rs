@@ -87,7 +87,7 @@ impl CampaignArgs {
             anyhow::bail!("mmsend campaign needs Redis: set MMSEND_REDIS_URL (or --redis-url) to the workers' Redis, where campaign state and counters live");
         };
         let file = self.broker.file_config()?;
-        let config = file.redis.fleet(url, crate::fleet::FailMode::Local);
+        let config = file.fleet(url, crate::fleet::FailMode::Local);
         Ok(Campaigns::connect(&config, &self.broker.prefix).await?)
     }
 }

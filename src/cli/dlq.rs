@@ -49,7 +49,6 @@ pub(crate) async fn run(command: DlqCommand) -> anyhow::Result<ExitCode> {
             let config = select
                 .broker
                 .file_config()?
-                .redis
                 .fleet(url, crate::fleet::FailMode::Local);
             match Campaigns::connect(&config, &select.broker.prefix).await {
                 Ok(c) => Some(c),
@@ -280,27 +279,8 @@ async fn run_on(
     }
 }
 
-/// `mmsend demo` and friends: the DLQ's stats as tables.
-pub(crate) async fn print_stats_of(conn: &Connection, topology: &Topology) -> anyhow::Result<()> {
-    let (stats, report) = dlq::stats(conn, topology, dlq::Filter::default()).await?;
-    print_stats(&stats, &report)
-}
-
 fn print_stats(stats: &Stats, report: &ScanReport) -> anyhow::Result<()> {
-    let mut text = format!(
-        "{} dead letters in {} ({} selected)",
-        report.depth_at_start, report.queue, stats.total
-    );
-    if !report.counted_all() {
-        text += &format!(
-            "; the scan stopped early ({}), so these count only the letters read",
-            stop_text(report.stop)
-        );
-    }
-    for t in report::dlq_stats(stats) {
-        text += &format!("\n{t}");
-    }
-    out(&text)
+    out(&report::dlq_stats_summary(stats, report))
 }
 
 /// 0, or 1 when the run only partly did its job (a queue that ran dry
@@ -318,17 +298,6 @@ fn exit(report: &ScanReport) -> ExitCode {
     }
 }
 
-fn stop_text(stop: Stop) -> &'static str {
-    match stop {
-        Stop::Depth => "read every letter",
-        Stop::QueueEmpty => "the queue ran out of letters before the depth at the start: something that is not mmsend took or removed some (a consumer of its own? a purge?), and letters it holds were not seen",
-        Stop::Selected => "limit reached",
-        Stop::Observer => "output closed",
-        Stop::Interrupted => "interrupted",
-        Stop::HoldLimit => "stopped at --max-held: a scan holds every letter it reads on the broker (about 300 bytes each); raise --max-held if the broker has the memory",
-    }
-}
-
 fn note_stop(report: &ScanReport) {
     match report.stop {
         Stop::Interrupted => eprintln!(
@@ -337,7 +306,7 @@ fn note_stop(report: &ScanReport) {
         ),
         Stop::HoldLimit | Stop::QueueEmpty => eprintln!(
             "{} after {} of {} letters; run it again for the rest",
-            stop_text(report.stop),
+            report::stop_text(report.stop),
             report.read,
             report.depth_at_start
         ),
@@ -356,7 +325,7 @@ fn selected_line(report: &ScanReport, what: &str, limit: Option<usize>) -> Strin
     }
     let why = match (report.stop, limit) {
         (Stop::Selected, Some(l)) => format!("stopped at --limit {l}"),
-        (stop, _) => stop_text(stop).to_string(),
+        (stop, _) => report::stop_text(stop).to_string(),
     };
     format!(
         "{} dead letters {what}; {why} after reading {} of the {} in {} (matches beyond were not counted)",

@@ -35,6 +35,7 @@ use serde::Deserialize;
 use super::actions::{Kind, Plan, Scope};
 use super::auth::{self, Auth, Identity};
 use super::limit::{self, Client};
+use super::snapshot::Snapshot;
 use super::views::{self, Chrome, SnapshotLine};
 use super::Shared;
 use crate::dlq::Dimension;
@@ -295,6 +296,18 @@ pub(super) fn message(
     )
 }
 
+/// A page that says why nothing was done, with a way back to the overview.
+fn refused(
+    st: &Shared,
+    id: &Identity,
+    status: StatusCode,
+    heading: &str,
+    text: impl Into<String>,
+) -> Response {
+    let back = Some(("/".into(), "Overview".into()));
+    message(st, id, status, heading, text.into(), back)
+}
+
 /// A view of the snapshot: starts a refresh in the background when one is due.
 fn viewed(st: &Shared) {
     st.snapshots.refresh(&st.access, false);
@@ -330,15 +343,25 @@ fn page_number(p: &Option<String>) -> usize {
 
 fn dimension(st: &Shared, id: &Identity, dim: &str) -> Result<Dimension, Box<Response>> {
     dim.parse().map_err(|e: String| {
-        Box::new(message(
+        Box::new(refused(
             st,
             id,
             StatusCode::BAD_REQUEST,
             "Unknown dimension",
             e,
-            Some(("/".into(), "Overview".into())),
         ))
     })
+}
+
+/// Where the group pages start: the view counted, the dimension asked for
+/// (or the page that says it is unknown) and the current snapshot.
+fn dimension_view(
+    st: &Shared,
+    id: &Identity,
+    dim: &str,
+) -> Result<(Dimension, Arc<Snapshot>), Box<Response>> {
+    viewed(st);
+    Ok((dimension(st, id, dim)?, st.snapshots.current()))
 }
 
 async fn groups(
@@ -346,12 +369,10 @@ async fn groups(
     Extension(id): Extension<Identity>,
     Query(q): Query<GroupsQuery>,
 ) -> Response {
-    viewed(&st);
-    let d = match dimension(&st, &id, &q.dim) {
-        Ok(d) => d,
+    let (d, s) = match dimension_view(&st, &id, &q.dim) {
+        Ok(v) => v,
         Err(r) => return *r,
     };
-    let s = st.snapshots.current();
     let back = format!("/groups{}", views::query(&[("dim", d.as_str())]));
     let c = chrome(&st, &id, format!("Groups by {d}"), &back);
     page(
@@ -365,15 +386,13 @@ async fn group(
     Extension(id): Extension<Identity>,
     Query(q): Query<GroupsQuery>,
 ) -> Response {
-    viewed(&st);
-    let d = match dimension(&st, &id, &q.dim) {
-        Ok(d) => d,
+    let (d, s) = match dimension_view(&st, &id, &q.dim) {
+        Ok(v) => v,
         Err(r) => return *r,
     };
     let key = q.key.unwrap_or_default();
-    let s = st.snapshots.current();
     let (Some(g), Some(members)) = (s.group(d, &key), s.members(d, &key)) else {
-        return message(
+        return refused(
             &st,
             &id,
             StatusCode::NOT_FOUND,
@@ -382,7 +401,6 @@ async fn group(
                 "The snapshot of {} UTC has no group {d} = {key} (it may have emptied since).",
                 views::time(s.taken_at)
             ),
-            Some(("/".into(), "Overview".into())),
         );
     };
     let back = views::group_href(d, &key);
@@ -409,13 +427,12 @@ async fn letter(
     viewed(&st);
     let s = st.snapshots.current();
     let Some(l) = s.letter(&q.job, &q.fp) else {
-        return message(
+        return refused(
             &st,
             &id,
             StatusCode::NOT_FOUND,
             "No such letter",
             format!("The snapshot of {} UTC has no letter {} with fingerprint {} (replayed or purged since?).", views::time(s.taken_at), q.job, q.fp),
-            Some(("/".into(), "Overview".into())),
         );
     };
     let back = views::letter_href(l);
@@ -434,14 +451,8 @@ struct ConfirmQuery {
 }
 
 pub(super) fn read_only(st: &Shared, id: &Identity) -> Response {
-    message(
-        st,
-        id,
-        StatusCode::FORBIDDEN,
-        "Read-only console",
-        "This console was started with --read-only: it shows the DLQ and changes nothing. Use mmsend dlq replay / purge, or a console without --read-only.".into(),
-        Some(("/".into(), "Overview".into())),
-    )
+    const WHY: &str = "This console was started with --read-only: it shows the DLQ and changes nothing. Use mmsend dlq replay / purge, or a console without --read-only.";
+    refused(st, id, StatusCode::FORBIDDEN, "Read-only console", WHY)
 }
 
 async fn confirm(
@@ -497,7 +508,7 @@ async fn confirm(
         }
     };
     if members.is_empty() {
-        return message(
+        return refused(
             &st,
             &id,
             StatusCode::NOT_FOUND,
@@ -506,7 +517,6 @@ async fn confirm(
                 "The snapshot of {} UTC has no letters in {scope}.",
                 views::time(s.taken_at)
             ),
-            Some(("/".into(), "Overview".into())),
         );
     }
     let keys = members
@@ -543,14 +553,8 @@ struct StartForm {
 }
 
 pub(super) fn csrf_refused(st: &Shared, id: &Identity) -> Response {
-    message(
-        st,
-        id,
-        StatusCode::FORBIDDEN,
-        "Refused",
-        "This form has no valid CSRF token (it was not sent from this console's own page, or the session changed). Open the page again and resend.".into(),
-        Some(("/".into(), "Overview".into())),
-    )
+    const WHY: &str = "This form has no valid CSRF token (it was not sent from this console's own page, or the session changed). Open the page again and resend.";
+    refused(st, id, StatusCode::FORBIDDEN, "Refused", WHY)
 }
 
 async fn start(
@@ -589,13 +593,12 @@ async fn start(
         .start(&f.plan, rate, &st.access, &st.snapshots, audit)
     {
         Ok(action) => Redirect::to(&format!("/actions/{action}")).into_response(),
-        Err(e) => message(
+        Err(e) => refused(
             &st,
             &id,
             StatusCode::CONFLICT,
             "Confirmation expired",
             e.to_string(),
-            Some(("/".into(), "Overview".into())),
         ),
     }
 }
@@ -782,13 +785,12 @@ async fn logout(
 }
 
 async fn not_found(State(st): State<Arc<Shared>>, Extension(id): Extension<Identity>) -> Response {
-    message(
+    refused(
         &st,
         &id,
         StatusCode::NOT_FOUND,
         "Not found",
-        "This console has no such page.".into(),
-        Some(("/".into(), "Overview".into())),
+        "This console has no such page.",
     )
 }
 

@@ -428,13 +428,8 @@ impl LetterRow {
 pub(crate) struct GroupPage {
     pub(crate) chrome: Chrome,
     pub(crate) dim: &'static str,
-    pub(crate) key: String,
-    pub(crate) count: String,
-    pub(crate) oldest: String,
-    pub(crate) newest: String,
-    pub(crate) error: String,
-    pub(crate) replay_href: String,
-    pub(crate) purge_href: String,
+    /// The group as the overview lists it.
+    pub(crate) group: GroupRow,
     pub(crate) rows: Vec<LetterRow>,
     pub(crate) pager: Pager,
 }
@@ -461,13 +456,7 @@ impl GroupPage {
         GroupPage {
             chrome,
             dim: d.as_str(),
-            key: g.key.clone(),
-            count: format!("{} letters", count(g.count)),
-            oldest: time(g.oldest),
-            newest: time(g.newest),
-            error: g.latest_error.clone().unwrap_or_default(),
-            replay_href: confirm_group_href(Kind::Replay, d, &g.key),
-            purge_href: confirm_group_href(Kind::Purge, d, &g.key),
+            group: GroupRow::new(d, g),
             rows: members[range]
                 .iter()
                 .map(|&i| LetterRow::new(&s.letters[i as usize]))

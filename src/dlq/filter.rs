@@ -215,22 +215,30 @@ impl Selector {
     }
 }
 
+/// Why a `--since` value cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SinceError {
+    /// A duration that reaches back before any representable time (the
+    /// value given).
+    #[error("{0:?} reaches back before any time mmsend can represent; give a shorter duration or an RFC 3339 time")]
+    TooFarBack(String),
+    /// Neither a duration nor an RFC 3339 time (the value given).
+    #[error("{0:?}: give a duration (30m, 2h, 1d) or an RFC 3339 time (2026-11-24T10:00:00Z)")]
+    Unreadable(String),
+}
+
 /// `--since`: a duration back from `now` (`30m`, `2d`) or an RFC 3339 time.
 /// Too long a duration is an error, never a panic.
-pub fn parse_since(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
+pub fn parse_since(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, SinceError> {
     if let Ok(d) = humantime::parse_duration(s) {
         return chrono::Duration::from_std(d)
             .ok()
             .and_then(|d| now.checked_sub_signed(d))
-            .ok_or_else(|| format!("{s:?} reaches back before any time mmsend can represent; give a shorter duration or an RFC 3339 time"));
+            .ok_or_else(|| SinceError::TooFarBack(s.to_string()));
     }
     DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&Utc))
-        .map_err(|_| {
-            format!(
-                "{s:?}: give a duration (30m, 2h, 1d) or an RFC 3339 time (2026-11-24T10:00:00Z)"
-            )
-        })
+        .map_err(|_| SinceError::Unreadable(s.to_string()))
 }
 
 #[cfg(test)]
@@ -240,12 +248,12 @@ mod tests {
 
     #[test]
     fn filters_combine() {
-        let d = letter(Some("terminal"), "region", 2300018, "bf");
+        let d = letter(Some("terminal"), "region", 2300030, "bf");
         assert!(Filter::default().matches(&d));
         let f = Filter {
             reason: Some(DeadReason::Terminal),
             class: Some(Class::Region),
-            code: Some(2300018),
+            code: Some(2300030),
             campaign: Some("bf".into()),
             page: Some("42".into()),
             job_id: Some("j".into()),
@@ -288,7 +296,7 @@ mod tests {
 
     #[test]
     fn limits_and_exact_sets_say_when_they_are_done() {
-        let d = letter(Some("terminal"), "region", 2300018, "bf");
+        let d = letter(Some("terminal"), "region", 2300030, "bf");
         let mut s = Selector::new(
             Filter {
                 limit: Some(2),
@@ -300,7 +308,7 @@ mod tests {
         assert!(s.take(&d) && s.done());
         assert!(!s.take(&d));
 
-        let other = letter(Some("terminal"), "region", 2300030, "bf");
+        let other = letter(Some("terminal"), "region", 2300031, "bf");
         let mut s = Selector::new([d.key(), d.key()].into_iter().collect::<LetterSet>().into());
         assert!(!s.take(&other));
         assert!(s.take(&d) && !s.done());
@@ -322,9 +330,10 @@ mod tests {
             "2026-10-31T23:00:00Z".parse::<DateTime<Utc>>().unwrap()
         );
         let e = parse_since("300000years", now).unwrap_err();
-        assert!(e.contains("shorter duration"), "{e}");
-        assert!(parse_since("yesterday", now)
-            .unwrap_err()
-            .contains("RFC 3339"));
+        assert_eq!(e, SinceError::TooFarBack("300000years".into()));
+        assert!(e.to_string().contains("shorter duration"), "{e}");
+        let e = parse_since("yesterday", now).unwrap_err();
+        assert_eq!(e, SinceError::Unreadable("yesterday".into()));
+        assert!(e.to_string().contains("RFC 3339"), "{e}");
     }
 }

@@ -443,12 +443,12 @@ pub(crate) mod tests {
 
     #[test]
     fn keys_ignore_the_broker_counter_and_tell_different_stories_apart() {
-        let a = letter(Some("terminal"), "region", 2300018, "bf");
+        let a = letter(Some("terminal"), "region", 2300030, "bf");
         let mut counted = a.properties.headers().clone().unwrap();
         counted.insert("x-delivery-count".into(), AMQPValue::LongLongInt(3));
         let b = DeadLetter::new(a.body.clone(), a.properties.clone().with_headers(counted));
         assert_eq!(a.key(), b.key(), "a peek does not change the key");
-        let c = letter(Some("terminal"), "region", 2300030, "bf");
+        let c = letter(Some("terminal"), "region", 2300031, "bf");
         assert_ne!(a.key(), c.key());
         assert_eq!(a.key().job_id, "j");
         assert_eq!(a.key().fingerprint.len(), 16);
@@ -521,7 +521,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_letter_dies_when_a_worker_or_rabbitmq_says() {
-        let worker = letter(Some("terminal"), "region", 2300018, "bf");
+        let worker = letter(Some("terminal"), "region", 2300030, "bf");
         assert_eq!(worker.died_at(), worker.story.dead_at);
         let t = |s: i64| DateTime::from_timestamp(s, 0);
         let broker = DeadLetter::new(
@@ -592,14 +592,14 @@ pub(crate) mod tests {
 
     #[test]
     fn summaries_are_bounded_and_typed_views_parse() {
-        let mut d = letter(Some("terminal"), "region", 2300018, &"c".repeat(10_000));
+        let mut d = letter(Some("terminal"), "region", 2300030, &"c".repeat(10_000));
         d.story.last_error.message = Some("é".repeat(5_000));
         let s = d.summary();
         assert_eq!(s.campaign.unwrap().chars().count(), SUMMARY_TEXT_CHARS + 1);
         assert_eq!(s.error.unwrap().chars().count(), SUMMARY_TEXT_CHARS + 1);
         assert_eq!(d.class(), Some(Class::Region));
         assert_eq!(d.reason(), Some(DeadReason::Terminal));
-        assert_eq!(d.code(), Some(2300018));
-        assert!(d.has_code(100) && d.has_code(2300018));
+        assert_eq!(d.code(), Some(2300030));
+        assert!(d.has_code(100) && d.has_code(2300030));
     }
 }

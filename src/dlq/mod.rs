@@ -27,7 +27,7 @@ pub mod letter;
 pub mod scan;
 pub mod stats;
 
-pub use filter::{parse_since, Filter, LetterSet, Selection};
+pub use filter::{parse_since, Filter, LetterSet, Selection, SinceError};
 pub use letter::{DeadLetter, LetterKey, LetterSummary};
 pub use scan::{
     scan, Action, Flow, Observer, Phase, Progress, ScanOptions, ScanReport, Stop, DEFAULT_MAX_HELD,

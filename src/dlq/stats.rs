@@ -266,11 +266,11 @@ mod tests {
     fn groups_count_and_remember_times_and_the_latest_error() {
         let mut s = StatsBuilder::default();
         s.add(&letter(None, "-", 1, "a"));
-        let mut later = letter(Some("terminal"), "region", 2300018, "a");
+        let mut later = letter(Some("terminal"), "region", 2300030, "a");
         later.story.dead_at = Some("2026-11-25T10:00:00Z".parse().unwrap());
         later.story.last_error.message = Some("newest".into());
         s.add(&later);
-        s.add(&letter(Some("terminal"), "region", 2300030, "b"));
+        s.add(&letter(Some("terminal"), "region", 2300031, "b"));
         let st = s.build();
         assert_eq!(st.total, 3);
         let reasons: Vec<(&str, usize)> = st
@@ -304,7 +304,7 @@ mod tests {
     fn every_letter_is_in_the_group_its_key_names() {
         let mut letters = vec![
             letter(None, "-", 1, "a"),
-            letter(Some("terminal"), "region", 2300018, "a"),
+            letter(Some("terminal"), "region", 2300030, "a"),
             letter(Some("expired"), "budget", 2300015, "b"),
         ];
         let mut no_code = letter(Some("invalid_job"), "x", 0, "c");

@@ -75,6 +75,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::broker::redact_url;
 use crate::classify::{Class, CodeLabel, ScopeKind};
+use crate::config::defaults;
 use crate::job::Job;
 use crate::metrics::{Metrics, RedisOp};
 use crate::worker::gates::{Held, Scope};
@@ -132,12 +133,12 @@ impl FleetConfig {
         FleetConfig {
             url: url.to_string(),
             fail_mode: FailMode::Local,
-            ledger_retention: Duration::from_secs(14 * 24 * 3600),
-            lease_margin: Duration::from_secs(5),
-            op_timeout: Duration::from_millis(500),
-            lowered_rate_for: Duration::from_secs(600),
+            ledger_retention: defaults::LEDGER_RETENTION,
+            lease_margin: defaults::LEASE_MARGIN,
+            op_timeout: defaults::REDIS_OP_TIMEOUT,
+            lowered_rate_for: defaults::LOWERED_RATE_FOR,
             allow_eviction: false,
-            campaign_retention: Duration::from_secs(30 * 24 * 3600),
+            campaign_retention: defaults::CAMPAIGN_RETENTION,
         }
     }
 }
