@@ -1620,3 +1620,184 @@ async fn a_browser_test_that_panics_leaves_no_browser_running() {
         pids.iter().filter(|&&p| running(p)).collect::<Vec<_>>()
     );
 }
+
+/// The Campaigns pages in Chromium, at 1440×900 and 390×844: the list
+/// (state, progress, counts), a campaign's page, pause behind its
+/// confirmation page, and cancel only when the campaign's name is typed.
+#[tokio::test]
+async fn campaigns_are_listed_paused_and_cancelled_in_the_browser() {
+    use mmsend::classify::{Class, DeadReason};
+    use mmsend::fleet::campaign::{CampaignState, Campaigns, Counted, Tally};
+    let h = Harness::start(no_worker("console-campaigns")).await;
+    let prefix = h.topology.prefix.clone();
+    let redis = mmsend::fleet::FleetConfig::new(&common::redis_url());
+    let campaigns = Campaigns::connect(&redis, &prefix).await.unwrap();
+    let tally = Tally::default();
+    for (name, enqueued, sent, dead) in [
+        (
+            "black-friday-2026-promo-with-a-rather-long-name",
+            2_000u64,
+            1_240,
+            37,
+        ),
+        ("cyber-monday", 500, 120, 0),
+        ("spring-sale", 300, 300, 0),
+    ] {
+        campaigns
+            .count_enqueued(&[(name.to_string(), enqueued)].into_iter().collect())
+            .await
+            .unwrap();
+        for _ in 0..sent {
+            tally.count(name, Counted::Sent);
+        }
+        for _ in 0..dead {
+            tally.count(
+                name,
+                Counted::Dead(Some(Class::Region), DeadReason::Terminal),
+            );
+        }
+    }
+    tally.flush(&campaigns).await.unwrap();
+    campaigns
+        .set_state(
+            "spring-sale",
+            CampaignState::Paused,
+            "cli:ops",
+            "budget review",
+        )
+        .await
+        .unwrap();
+    let c = Console::start(&h, |config| config.redis = Some(redis.clone())).await;
+
+    // without a browser the pages still answer
+    let mut client = Client::new(&c);
+    let list = client.get("/campaigns").await;
+    assert_eq!(list.status, 200, "{}", list.body);
+    assert!(list.body.contains("cyber-monday") && list.body.contains("<progress"));
+    let metrics = client.get("/metrics").await;
+    assert!(
+        metrics
+            .body
+            .contains("mmsend_campaign_jobs{campaign=\"cyber-monday\",counter=\"sent\"} 120"),
+        "{}",
+        metrics.body
+    );
+
+    let Some(b) = Browser::start().await else {
+        c.stop().await;
+        common::delete_redis_keys(&common::redis_url(), &prefix).await;
+        h.finish().await;
+        return;
+    };
+    b.d().set_window_rect(0, 0, 1440, 900).await.unwrap();
+    b.d().goto(c.url("/campaigns")).await.unwrap();
+    let rows = b
+        .d()
+        .find_all(By::Css("table.campaigns tbody tr"))
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 3);
+    let page = b.d().source().await.unwrap();
+    assert!(
+        page.contains("1,240") && page.contains("64%"),
+        "progress of the first"
+    );
+    let shot = b.d().screenshot_as_png().await.unwrap();
+    let scratch = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    std::fs::create_dir_all(&scratch).unwrap();
+    std::fs::write(scratch.join("console-campaigns.png"), &shot).unwrap();
+    if std::env::var("MMSEND_UPDATE_SCREENSHOT").as_deref() == Ok("1") {
+        let docs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/src");
+        std::fs::write(docs.join("campaigns.png"), &shot).unwrap();
+    }
+    // a phone: nothing wider than the screen
+    b.d().set_window_rect(0, 0, 390, 844).await.unwrap();
+    for path in [
+        "/campaigns",
+        "/campaign?c=black-friday-2026-promo-with-a-rather-long-name",
+    ] {
+        b.d().goto(c.url(path)).await.unwrap();
+        let widths = b
+            .d()
+            .execute(
+                "return [document.documentElement.scrollWidth, window.innerWidth];",
+                vec![],
+            )
+            .await
+            .unwrap()
+            .json()
+            .clone();
+        let (page_w, screen_w) = (widths[0].as_i64().unwrap(), widths[1].as_i64().unwrap());
+        assert!(
+            page_w <= screen_w,
+            "{path} is {page_w} px wide on a {screen_w} px screen"
+        );
+    }
+    b.d().set_window_rect(0, 0, 1440, 900).await.unwrap();
+
+    // pause, confirmed
+    b.d().goto(c.url("/campaigns")).await.unwrap();
+    b.click("table.campaigns a[title=\"cyber-monday\"]").await;
+    assert!(b.text("h1").await.contains("cyber-monday"));
+    b.click("p.actions a:first-child").await;
+    assert!(b
+        .text("h1")
+        .await
+        .starts_with("Pause campaign cyber-monday"));
+    b.d()
+        .find(By::Css("input[name=reason]"))
+        .await
+        .unwrap()
+        .send_keys("wrong promo code")
+        .await
+        .unwrap();
+    b.click("#confirm").await;
+    b.wait_text(
+        ".note.info",
+        |t| t.starts_with("Paused"),
+        Duration::from_secs(20),
+    )
+    .await;
+    let shown = campaigns.show("cyber-monday").await.unwrap().unwrap();
+    assert_eq!(shown.state, CampaignState::Paused);
+    assert_eq!(shown.state_why.as_deref(), Some("wrong promo code"));
+    let trail = campaigns.trail(Some("cyber-monday"), 10).await.unwrap();
+    assert_eq!(trail[0].action, "pause");
+    assert!(trail[0].who.starts_with("console:"), "{:?}", trail[0]);
+
+    // cancel: a wrong name changes nothing, the right one cancels
+    b.click("p.actions a.danger").await;
+    b.d()
+        .find(By::Css("input[name=typed]"))
+        .await
+        .unwrap()
+        .send_keys("cyber")
+        .await
+        .unwrap();
+    b.click("#confirm").await;
+    assert_eq!(b.text("h1").await, "Not cancelled");
+    assert_eq!(
+        campaigns.show("cyber-monday").await.unwrap().unwrap().state,
+        CampaignState::Paused
+    );
+    b.d().back().await.unwrap();
+    b.d().refresh().await.unwrap();
+    let typed = b.d().find(By::Css("input[name=typed]")).await.unwrap();
+    typed.clear().await.unwrap();
+    typed.send_keys("cyber-monday").await.unwrap();
+    b.click("#confirm").await;
+    b.wait_text(
+        ".note.info",
+        |t| t.starts_with("Cancelled"),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(
+        campaigns.show("cyber-monday").await.unwrap().unwrap().state,
+        CampaignState::Cancelled
+    );
+    b.quit().await;
+    c.stop().await;
+    common::delete_redis_keys(&common::redis_url(), &prefix).await;
+    h.finish().await;
+}

@@ -296,7 +296,8 @@ impl CampaignView {
             let full = RATE_WINDOW as f64 + (now_ms % 60_000) as f64 / 60_000.0;
             let since =
                 first_activity.map_or(full, |f| (now - f).num_milliseconds() as f64 / 60_000.0);
-            full.min(since).max(1.0 / 60.0)
+            // at least a minute: a campaign's first second is no rate
+            full.min(since).max(1.0)
         };
         let rate_per_min = recent as f64 / window_min;
         let enqueued = hash.contains_key("enqueued").then(|| num("enqueued"));
