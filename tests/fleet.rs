@@ -1049,3 +1049,33 @@ async fn a_claim_left_by_the_jobs_own_last_call_is_not_maybe_sent() {
     );
     t.cleanup().await;
 }
+
+/// A page whose token Meta rejected is listed (for `mmsend campaign list`
+/// and the console) with the time of the rejection, while its auth gate
+/// holds it; other gates are not.
+#[tokio::test]
+async fn a_page_whose_token_was_rejected_is_listed_with_the_time() {
+    let _scripts = SCRIPTS.read().await;
+    let t = Two::new("rejected", FleetConfig::new(&redis_url()));
+    let before = chrono::Utc::now();
+    for (page, class, code) in [("4401", Class::Auth, 190), ("4402", Class::Budget, 2300015)] {
+        let j = job(&format!("r-{page}"), page, "c");
+        assert!(go(&t.a.before(&j, &ask()).await.unwrap()).is_some());
+        let mut closing = tell(Record::Release);
+        closing.close = Some((
+            ScopeKind::Page,
+            class,
+            CodeLabel::Code(code),
+            Duration::from_secs(60),
+        ));
+        t.a.after(&j, &closing).await.unwrap();
+    }
+    let pages = t.a.campaigns().rejected_pages().await.unwrap();
+    assert_eq!(pages.len(), 1, "{pages:?}");
+    assert_eq!(pages[0].page_id, "4401");
+    assert_eq!(pages[0].code, "190");
+    let at = pages[0].rejected_at.expect("the time of the rejection");
+    assert!(at >= before - chrono::Duration::seconds(1) && at <= chrono::Utc::now());
+    assert!(pages[0].held_until.unwrap() > at);
+    t.cleanup().await;
+}
