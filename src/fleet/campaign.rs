@@ -429,18 +429,11 @@ impl Campaigns {
     /// (for a server: the console starts while Redis is down). Only a
     /// malformed URL fails here.
     pub fn lazy(config: &super::FleetConfig, prefix: &str) -> Result<Campaigns, FleetError> {
-        let url_error = |reason: String| FleetError::Url {
-            url: redact_url(&config.url),
-            reason,
-        };
-        let client = redis::Client::open(config.url.as_str())
-            .map_err(|e| url_error(format!("{:?}", e.kind())))?;
         let manager = redis::aio::ConnectionManagerConfig::new()
             .set_response_timeout(Some(Duration::from_secs(2)))
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_number_of_retries(1);
-        let conn = ConnectionManager::new_lazy_with_config(client, manager)
-            .map_err(|e| url_error(format!("{:?}", e.kind())))?;
+        let conn = super::lazy_connection(config, manager)?;
         Ok(Campaigns::over(conn, prefix, config, Metrics::new()))
     }
 
@@ -450,13 +443,7 @@ impl Campaigns {
         config: &super::FleetConfig,
         prefix: &str,
     ) -> Result<Campaigns, FleetError> {
-        let url_error = |reason: String| FleetError::Url {
-            url: redact_url(&config.url),
-            reason,
-        };
-        let client = redis::Client::open(config.url.as_str())
-            // the client's message may quote the URL: keep only its kind
-            .map_err(|e| url_error(format!("{:?}", e.kind())))?;
+        let client = super::client(config)?;
         let conn = tokio::time::timeout(Duration::from_secs(5), ConnectionManager::new(client))
             .await
             .map_err(|_| FleetError::Command {
@@ -517,6 +504,21 @@ impl Campaigns {
         .await
     }
 
+    /// Every member of the sorted set `key`, in the order of `range`
+    /// (`ZRANGE` or `ZREVRANGE`).
+    async fn members(&self, range: &str, key: &str) -> Result<Vec<String>, FleetError> {
+        let mut conn = self.conn.clone();
+        timed(&self.metrics, RedisOp::Campaigns, self.op_timeout, async {
+            redis::cmd(range)
+                .arg(key)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await
+        })
+        .await
+    }
+
     /// Adds published jobs to campaigns' `enqueued` (mmsend's producers).
     pub async fn count_enqueued(&self, counts: &BTreeMap<String, u64>) -> Result<(), FleetError> {
         let tally = Tally::default();
@@ -538,16 +540,7 @@ impl Campaigns {
     pub async fn list(&self) -> Result<Vec<CampaignView>, FleetError> {
         let mut conn = self.conn.clone();
         let now = Utc::now();
-        let index = self.index();
-        let names: Vec<String> = timed(&self.metrics, RedisOp::Campaigns, self.op_timeout, async {
-            redis::cmd("ZREVRANGE")
-                .arg(&index)
-                .arg(0)
-                .arg(-1)
-                .query_async(&mut conn)
-                .await
-        })
-        .await?;
+        let names = self.members("ZREVRANGE", &self.index()).await?;
         let mut pipe = redis::pipe();
         for name in &names {
             pipe.hgetall(self.key(name));
@@ -621,16 +614,9 @@ impl Campaigns {
     /// scope), newest first.
     pub async fn rejected_pages(&self) -> Result<Vec<RejectedPage>, FleetError> {
         let mut conn = self.conn.clone();
-        let index = format!("{}:gates", self.tag);
-        let keys: Vec<String> = timed(&self.metrics, RedisOp::Campaigns, self.op_timeout, async {
-            redis::cmd("ZRANGE")
-                .arg(&index)
-                .arg(0)
-                .arg(-1)
-                .query_async(&mut conn)
-                .await
-        })
-        .await?;
+        let keys = self
+            .members("ZRANGE", &format!("{}:gates", self.tag))
+            .await?;
         let marker = format!("{}:gate:page:", self.tag);
         let pages: Vec<&String> = keys.iter().filter(|k| k.starts_with(&marker)).collect();
         if pages.is_empty() {

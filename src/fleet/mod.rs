@@ -576,6 +576,28 @@ async fn timed<T>(
     }
 }
 
+/// A client for `config.url`; a bad URL is a [`FleetError::Url`] (the
+/// client's message may quote the URL: only its kind is kept).
+pub(crate) fn client(config: &FleetConfig) -> Result<redis::Client, FleetError> {
+    redis::Client::open(config.url.as_str()).map_err(|e| url_error(config, &e))
+}
+
+fn url_error(config: &FleetConfig, e: &redis::RedisError) -> FleetError {
+    FleetError::Url {
+        url: redact_url(&config.url),
+        reason: format!("{:?}", e.kind()),
+    }
+}
+
+/// A connection made on first use and again after a failure.
+pub(crate) fn lazy_connection(
+    config: &FleetConfig,
+    manager: redis::aio::ConnectionManagerConfig,
+) -> Result<ConnectionManager, FleetError> {
+    ConnectionManager::new_lazy_with_config(client(config)?, manager)
+        .map_err(|e| url_error(config, &e))
+}
+
 /// The most jobs one script call carries.
 const MAX_BATCH: usize = 128;
 
@@ -924,20 +946,12 @@ impl Fleet {
                 id: worker.to_string(),
             });
         }
-        let url_error = |reason: String| FleetError::Url {
-            url: redact_url(&config.url),
-            reason,
-        };
-        let client = redis::Client::open(config.url.as_str())
-            // the client's message may quote the URL: keep only its kind
-            .map_err(|e| url_error(format!("{:?}", e.kind())))?;
         let manager = redis::aio::ConnectionManagerConfig::new()
             .set_response_timeout(Some(config.op_timeout))
             .set_connection_timeout(Some(config.op_timeout.max(Duration::from_secs(1))))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager)
-            .map_err(|e| url_error(format!("{:?}", e.kind())))?;
+        let conn = lazy_connection(&config, manager)?;
         Ok(Fleet {
             conn,
             clock: Arc::new(RedisClock::new()),
