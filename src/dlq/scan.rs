@@ -118,6 +118,14 @@ const RETURN_WINDOW: usize = 8;
 /// pacing returns.
 const RETURN_STALL: Duration = Duration::from_secs(10);
 
+/// How long a run's channels stay open after its last ack. A quorum queue
+/// applies acks asynchronously, and RabbitMQ 3.x drops those still pending
+/// when their channel closes (rabbitmq-server#10327, seen on 3.10.8): the
+/// letters come back to the queue although their copies were confirmed (a
+/// second pass replays them twice) or they were purged. AMQP does not say
+/// when an ack is applied, so the channels wait.
+const ACK_DRAIN: Duration = Duration::from_secs(1);
+
 /// What a scan does with the selected letters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -374,6 +382,8 @@ struct Engine<'a> {
     report: ScanReport,
     started: Instant,
     last_progress: Instant,
+    /// When the last letter was acked ([`ACK_DRAIN`]).
+    last_ack: Option<Instant>,
     options: &'a ScanOptions,
 }
 
@@ -488,6 +498,7 @@ async fn scan_locked<O: Observer + ?Sized>(
         held: 0,
         started,
         last_progress: started,
+        last_ack: None,
         options,
     };
     let mut selector = Selector::new(selection);
@@ -506,6 +517,9 @@ async fn scan_locked<O: Observer + ?Sized>(
     let closed = engine.close_run().await;
     observer.progress(&engine.progress(Phase::Holding));
     let returned = engine.return_in_order().await;
+    if let Some(acked) = engine.last_ack {
+        tokio::time::sleep(ACK_DRAIN.saturating_sub(acked.elapsed())).await;
+    }
     if let Some(p) = publisher {
         let _ = p.channel().close(200, "done".into()).await;
     }
@@ -577,6 +591,7 @@ impl Engine<'_> {
             .basic_ack(tag, BasicAckOptions::default())
             .await
             .map_err(|e| self.amqp(e))?;
+        self.last_ack = Some(Instant::now());
         let r = &mut self.runs[run];
         if r.consumer.is_some() {
             r.refilled += 1;
