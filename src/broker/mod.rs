@@ -22,6 +22,15 @@ pub use crate::config::defaults::DEFAULT_AMQP_URL;
 /// AMQP handshake) before the next URL of the list is tried.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a channel stays open after its last ack before it is closed. A
+/// quorum queue applies acks asynchronously, and RabbitMQ 3.x drops those
+/// still pending when their channel closes (rabbitmq-server#10327, seen on
+/// 3.10.8): the messages come back to the queue although they were
+/// settled — a DLQ scan's replayed or purged letters, a resume's parked
+/// jobs, a worker's jobs whose copies were confirmed. AMQP does not say
+/// when an ack is applied, so the closer waits.
+pub const ACK_DRAIN: Duration = Duration::from_secs(1);
+
 /// A bad `MMSEND_AMQP_URL`. Found at start, before any connection attempt;
 /// retrying cannot fix it. The message shows the URL with its password
 /// replaced by `***`, never the password.

@@ -72,7 +72,7 @@ use super::letter::DeadLetter;
 use super::DlqError;
 use crate::broker::publish::Pending;
 use crate::broker::topology::passive_declare;
-use crate::broker::{Publisher, Topology};
+use crate::broker::{Publisher, Topology, ACK_DRAIN};
 
 /// AMQP's largest prefetch count (a short).
 const MAX_PREFETCH: u16 = u16::MAX;
@@ -117,14 +117,6 @@ const RETURN_WINDOW: usize = 8;
 /// How long the ready count may stand still before the engine stops
 /// pacing returns.
 const RETURN_STALL: Duration = Duration::from_secs(10);
-
-/// How long a run's channels stay open after its last ack. A quorum queue
-/// applies acks asynchronously, and RabbitMQ 3.x drops those still pending
-/// when their channel closes (rabbitmq-server#10327, seen on 3.10.8): the
-/// letters come back to the queue although their copies were confirmed (a
-/// second pass replays them twice) or they were purged. AMQP does not say
-/// when an ack is applied, so the channels wait.
-const ACK_DRAIN: Duration = Duration::from_secs(1);
 
 /// What a scan does with the selected letters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

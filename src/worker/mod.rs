@@ -764,10 +764,13 @@ async fn session(
         other => other,
     };
     let close_all = || async {
-        // the acks settled jobs queued, before the channel closes
+        // the acks settled jobs queued, before the channel closes, and time
+        // for the queue to apply them (`broker::ACK_DRAIN`): acks pending
+        // at the close would be dropped, and their jobs, settled, redelivered
         bounded_close(ctl.acks.flush()).await;
         flusher.abort();
         ctl.acks.summary();
+        tokio::time::sleep(broker::ACK_DRAIN).await;
         bounded_close(channel.close(200, "shutdown".into())).await;
         bounded_close(publisher.channel().close(200, "shutdown".into())).await;
         bounded_close(conn.close(200, "shutdown".into())).await;
