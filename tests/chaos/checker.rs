@@ -17,7 +17,9 @@
 //!    (`x-mmsend-ambiguous`), or the send's ledger record was lost (Redis
 //!    restarted empty between the send and the letter: any letter; or
 //!    unusable then: the 2300035 of a second copy that Meta's cap
-//!    stopped): the ledger cannot remember a send it no longer has. Two letters of one job
+//!    stopped; or, in `fail_mode = local`, unusable when the send was
+//!    made: it was never recorded): the ledger cannot remember a send it
+//!    does not have. Two letters of one job
 //!    are allowed when it was published more than once or workers were
 //!    killed or cut off (a crash between a letter's confirm and the ack
 //!    repeats it: at-least-once), and then one of the twins may die (after
@@ -411,6 +413,9 @@ pub fn check(plan: &Plan, o: &Observed) -> Verdict {
                 || o.ledger_losses
                     .iter()
                     .any(|t| *t >= send.at && *t <= dead_at)
+                // in `fail_mode = local` a send made while Redis was
+                // unusable was never recorded: no later copy can know it
+                || (plan.fail_mode == "local" && outage_within(o, send.at - slack, send.at + slack))
             {
                 // the send's record was lost (or unreadable) before this
                 // copy died: the worker could not know the job was sent
