@@ -87,17 +87,9 @@ pub async fn pause(
     who: &str,
     why: &str,
 ) -> Result<ControlReport, ControlError> {
-    let current = state_of(campaigns, campaign).await?;
-    if current != CampaignState::Active {
-        return Err(ControlError::State {
-            campaign: campaign.into(),
-            state: current,
-            hint: "only an active campaign can be paused",
-        });
-    }
-    let previous = campaigns
-        .set_state(campaign, CampaignState::Paused, who, why)
-        .await?;
+    let refuse =
+        |s| (s != CampaignState::Active).then_some("only an active campaign can be paused");
+    let previous = enter(campaigns, campaign, CampaignState::Paused, refuse, who, why).await?;
     tokio::time::sleep(SETTLE).await;
     let report = ControlReport {
         campaign: campaign.into(),
@@ -142,17 +134,20 @@ pub async fn cancel(
     why: &str,
     stop: Option<CancellationToken>,
 ) -> Result<ControlReport, ControlError> {
-    let current = state_of(campaigns, campaign).await?;
-    if current == CampaignState::Cancelled {
-        return Err(ControlError::State {
-            campaign: campaign.into(),
-            state: current,
-            hint: "already cancelled (to undo: mmsend campaign resume, then mmsend dlq replay --reason cancelled --campaign)",
-        });
-    }
-    let previous = campaigns
-        .set_state(campaign, CampaignState::Cancelled, who, why)
-        .await?;
+    let refuse = |s| {
+        (s == CampaignState::Cancelled).then_some(
+        "already cancelled (to undo: mmsend campaign resume, then mmsend dlq replay --reason cancelled --campaign)",
+    )
+    };
+    let previous = enter(
+        campaigns,
+        campaign,
+        CampaignState::Cancelled,
+        refuse,
+        who,
+        why,
+    )
+    .await?;
     let mut report = move_parked(
         conn, topology, campaigns, campaign, "cancel", previous, stop,
     )
@@ -162,11 +157,28 @@ pub async fn cancel(
     Ok(report)
 }
 
-async fn state_of(campaigns: &Campaigns, campaign: &str) -> Result<CampaignState, FleetError> {
-    Ok(campaigns
+/// Moves `campaign` to `to` unless `refuse` has a reason against its
+/// current state (then nothing changes); the state it had before.
+async fn enter(
+    campaigns: &Campaigns,
+    campaign: &str,
+    to: CampaignState,
+    refuse: impl Fn(CampaignState) -> Option<&'static str>,
+    who: &str,
+    why: &str,
+) -> Result<CampaignState, ControlError> {
+    let current = campaigns
         .show(campaign)
         .await?
-        .map_or(CampaignState::Active, |v| v.state))
+        .map_or(CampaignState::Active, |v| v.state);
+    if let Some(hint) = refuse(current) {
+        return Err(ControlError::State {
+            campaign: campaign.into(),
+            state: current,
+            hint,
+        });
+    }
+    Ok(campaigns.set_state(campaign, to, who, why).await?)
 }
 
 async fn record(

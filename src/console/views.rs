@@ -219,8 +219,23 @@ pub(crate) struct GroupRow {
     pub(crate) oldest: String,
     pub(crate) newest: String,
     pub(crate) error: String,
-    pub(crate) replay_href: String,
-    pub(crate) purge_href: String,
+    pub(crate) actions: SetActions,
+}
+
+/// The two actions offered on a set of letters (a group): where its replay
+/// and its purge confirmation pages are.
+pub(crate) struct SetActions {
+    pub(crate) replay: String,
+    pub(crate) purge: String,
+}
+
+impl SetActions {
+    fn of_group(d: Dimension, key: &str) -> SetActions {
+        SetActions {
+            replay: confirm_group_href(Kind::Replay, d, key),
+            purge: confirm_group_href(Kind::Purge, d, key),
+        }
+    }
 }
 
 impl GroupRow {
@@ -232,8 +247,7 @@ impl GroupRow {
             oldest: time(g.oldest),
             newest: time(g.newest),
             error: g.latest_error.clone().unwrap_or_default(),
-            replay_href: confirm_group_href(Kind::Replay, d, &g.key),
-            purge_href: confirm_group_href(Kind::Purge, d, &g.key),
+            actions: SetActions::of_group(d, &g.key),
         }
     }
 }
