@@ -110,7 +110,15 @@ def _():
     assert rabbit and rabbit.group(1) in jobs, f"rabbitmq_selector {MONITORING['rabbitmq_selector']!r} is no compose scrape job {jobs}"
 
 
-@check("every mmsend and RabbitMQ series in the alerts and the dashboard carries the configured selector")
+# the series `mmsend console` serves (campaign progress), read from the code
+CONSOLE_SERIES = set(re.findall(
+    r'"(mmsend_[a-z_]+)"',
+    re.search(r"pub const CONSOLE_SERIES: &\[&str\] = &\[(.*?)\];",
+              (ROOT / "src" / "metrics.rs").read_text(), re.S).group(1),
+))
+
+
+@check("every mmsend and RabbitMQ series in the alerts and the dashboard carries the configured selector (the console's series the console's)")
 def _():
     import tempfile
 
@@ -118,7 +126,8 @@ def _():
         subprocess.run(
             [sys.executable, str(DEPLOY / "monitoring" / "generate.py"), "--out", out,
              "--set", 'mmsend_selector=job="probe-a",namespace="ns-b"',
-             "--set", 'rabbitmq_selector=job="probe-c"'],
+             "--set", 'rabbitmq_selector=job="probe-c"',
+             "--set", 'console_selector=job="probe-d"'],
             check=True, capture_output=True, text=True,
         )
         rules = yaml.safe_load((pathlib.Path(out) / "alerts.yml").read_text())
@@ -129,7 +138,12 @@ def _():
     for e in exprs:
         for m in re.finditer(r"\b(mmsend_[a-z_]+|rabbitmq_[a-z_]+|up)\b(\{[^}]*\})?", e):
             name, sel = m.group(1), m.group(2) or ""
-            want = 'job="probe-c"' if name.startswith("rabbitmq_") else 'job="probe-a",namespace="ns-b"'
+            if name.startswith("rabbitmq_"):
+                want = 'job="probe-c"'
+            elif name in CONSOLE_SERIES:
+                want = 'job="probe-d"'
+            else:
+                want = 'job="probe-a",namespace="ns-b"'
             if want not in sel:
                 missing.append(f"{name}{sel} in {e}")
     assert exprs and not missing, "\n".join(missing)
