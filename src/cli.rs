@@ -92,6 +92,56 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: campaign::CampaignCommand,
     },
+    /// Receive Meta's page webhooks: check each post's signature, store it in RabbitMQ, answer 200.
+    Webhooks(WebhooksArgs),
+}
+
+/// `mmsend webhooks`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct WebhooksArgs {
+    #[command(flatten)]
+    pub(crate) broker: BrokerArgs,
+    /// Address to serve GET and POST /webhooks (and /metrics, /healthz, /readyz) on;
+    /// put TLS in front (Meta accepts no self-signed certificate).
+    #[arg(long, env = "MMSEND_WEBHOOK_LISTEN", default_value = crate::webhooks::DEFAULT_LISTEN)]
+    pub(crate) listen: String,
+    /// The verify token of the subscription handshake (the one given to Meta). Prefer the environment variable.
+    #[arg(long, env = "MMSEND_WEBHOOK_VERIFY_TOKEN", hide_env_values = true)]
+    pub(crate) verify_token: Option<Secret>,
+    /// The app secret: every post's X-Hub-Signature-256 is checked with it.
+    #[arg(long, env = "MMSEND_APP_SECRET", hide_env_values = true)]
+    pub(crate) app_secret: Option<Secret>,
+    /// The largest post taken, bytes (a larger one is answered 413).
+    #[arg(long, env = "MMSEND_WEBHOOK_MAX_BODY", default_value_t = crate::webhooks::MAX_BODY)]
+    pub(crate) max_body: usize,
+}
+
+impl WebhooksArgs {
+    /// Validates the flags into the receiver's config.
+    pub(crate) fn to_config(&self) -> anyhow::Result<crate::webhooks::WebhookConfig> {
+        broker::parse_urls(&self.broker.amqp_url)?;
+        let file = self.broker.file_config()?;
+        let need = |s: &Option<Secret>, var: &str, what: &str| -> anyhow::Result<Secret> {
+            let s = s.as_ref().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{what} is not set: set {var} (mmsend webhooks refuses to run without it)"
+                )
+            })?;
+            Ok(crate::graph::auth::clean_token(s.expose(), var)?.0)
+        };
+        Ok(crate::webhooks::WebhookConfig {
+            amqp_url: self.broker.amqp_url.clone(),
+            topology: self.broker.topology(&file)?,
+            listen: self.listen.clone(),
+            verify_token: need(
+                &self.verify_token,
+                "MMSEND_WEBHOOK_VERIFY_TOKEN",
+                "the webhook verify token",
+            )?,
+            app_secret: need(&self.app_secret, "MMSEND_APP_SECRET", "the app secret")?,
+            max_body: self.max_body,
+        })
+    }
 }
 
 /// `mmsend console`.
@@ -548,7 +598,9 @@ impl WorkerArgs {
 /// for the commands that print their own output).
 pub fn init_logging(cli: &Cli) {
     let default = match cli.command {
-        Command::Worker(_) | Command::Simulate(_) | Command::Console(_) => "info",
+        Command::Worker(_) | Command::Simulate(_) | Command::Console(_) | Command::Webhooks(_) => {
+            "info"
+        }
         _ => "warn",
     };
     let format = cli.log_format;
@@ -839,6 +891,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "dead-letter console of {prefix:?} on http://{addr}/ (Ctrl-C stops it)"
                 ));
             })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Webhooks(args) => {
+            let config = args.to_config()?;
+            let queue = config.topology.webhook_queue();
+            crate::webhooks::serve(
+                config,
+                crate::metrics::Metrics::new(),
+                shutdown_on_signals(),
+                |addr| {
+                    let _ = report::print(format_args!(
+                        "webhook receiver on http://{addr}/webhooks, storing into {queue:?} (Ctrl-C stops it)"
+                    ));
+                },
+            )
             .await?;
             Ok(ExitCode::SUCCESS)
         }

@@ -63,6 +63,8 @@
 //! - [`simulator`]: the Graph API simulator (`mmsend simulate`); public for the
 //!   integration tests and the benches.
 //! - [`demo`]: `mmsend demo`; public for its integration test.
+//! - [`webhooks`]: `mmsend webhooks`, the receiver of Meta's page webhooks;
+//!   public for its integration test and bench.
 //!
 //! Crate-private: `health`, the probe behind `mmsend healthcheck`.
 
@@ -85,4 +87,5 @@ pub mod results;
 pub mod schema;
 pub mod settings;
 pub mod simulator;
+pub mod webhooks;
 pub mod worker;

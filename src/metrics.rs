@@ -59,6 +59,7 @@ mod name {
     pub(super) const JOB_PANICS: &str = "mmsend_job_panics_total";
     pub(super) const PAGE_TOKENS: &str = "mmsend_page_tokens";
     pub(super) const PAGE_TOKENS_RELOADS: &str = "mmsend_page_tokens_reloads_total";
+    pub(super) const WEBHOOK_REQUESTS: &str = "mmsend_webhook_requests_total";
 }
 
 /// Every series mmsend exports (histograms without their `_bucket`/`_sum`/
@@ -91,6 +92,7 @@ pub const SERIES: &[&str] = &[
     name::JOB_PANICS,
     name::PAGE_TOKENS,
     name::PAGE_TOKENS_RELOADS,
+    name::WEBHOOK_REQUESTS,
 ];
 
 /// The series `mmsend console` serves at its `/metrics` (with Redis):
@@ -286,6 +288,7 @@ pub struct Metrics {
     job_panics: IntCounter,
     page_tokens: IntGauge,
     page_tokens_reloads: IntCounterVec,
+    webhook_requests: IntCounterVec,
     ready: AtomicBool,
     holding: AtomicBool,
 }
@@ -430,6 +433,11 @@ impl Metrics {
         for result in ["ok", "failed"] {
             page_tokens_reloads.with_label_values(&[result]);
         }
+        let webhook_requests = counter_vec(
+            name::WEBHOOK_REQUESTS,
+            "Requests to `mmsend webhooks`, by result: stored (a signed post confirmed by RabbitMQ, answered 200), unavailable (not stored, answered 503: Meta sends it again), bad_signature (403), too_large (413), bad_request, verified and verify_refused (the subscription handshake).",
+            &["result"],
+        );
         let redis_duration = HistogramVec::new(
             histogram_opts(
                 name::REDIS_DURATION,
@@ -518,6 +526,7 @@ impl Metrics {
             job_panics,
             page_tokens,
             page_tokens_reloads,
+            webhook_requests,
             ready: AtomicBool::new(false),
             holding: AtomicBool::new(false),
         })
@@ -792,6 +801,20 @@ impl Metrics {
             .set(i64::try_from(pages).unwrap_or(i64::MAX));
     }
 
+    /// The webhook receiver's series, at 0 from its start (an alert on
+    /// their increase sees the first one); other processes show none.
+    pub fn webhook_receiver_started(&self) {
+        for result in ["stored", "unavailable", "bad_signature", "too_large"] {
+            self.webhook_requests.with_label_values(&[result]);
+        }
+    }
+
+    /// A request to the webhook receiver and how it ended (`stored`,
+    /// `unavailable`, `bad_signature`, …: see the series' help).
+    pub fn webhook_request(&self, result: &'static str) {
+        self.webhook_requests.with_label_values(&[result]).inc();
+    }
+
     /// A read of a changed page tokens file: `ok` and the pages now in use.
     pub fn page_tokens_reloaded(&self, ok: bool, pages: usize) {
         self.set_page_tokens(pages);
@@ -958,6 +981,7 @@ mod tests {
         m.reconnected();
         m.paced(Duration::from_millis(5));
         m.redis_call(RedisOp::Before, Duration::from_micros(300), false);
+        m.webhook_receiver_started();
         let names: Vec<String> = m
             .registry
             .gather()

@@ -40,10 +40,12 @@ const LAYERS: &[(&str, u8)] = &[
     // what workers share through Redis (the ledger, pacing, gates, campaigns)
     ("fleet", 5),
     // the worker; publishing jobs (counting them per campaign); campaign
-    // control (its state on Redis, the held queue through the DLQ engine)
+    // control (its state on Redis, the held queue through the DLQ engine);
+    // the webhook receiver (the broker and the metrics)
     ("worker", 6),
     ("producer", 6),
     ("control", 6),
+    ("webhooks", 6),
     // the console, what the CLI prints
     ("console", 7),
     ("report", 7),

@@ -152,6 +152,7 @@ fn every_command_and_flag_in_the_docs_exists() {
         vec!["campaign", "show"],
         vec!["campaign", "pause"],
         vec!["campaign", "cancel"],
+        vec!["webhooks"],
     ] {
         all_help.push_str(&help(here, &sub));
     }

@@ -301,6 +301,13 @@ impl Topology {
         format!("{}.held", self.prefix)
     }
 
+    /// The webhook queue `<prefix>.webhooks`: Meta's page webhook payloads
+    /// as `mmsend webhooks` received them, for the tracker. Quorum,
+    /// declared like the DLQ.
+    pub fn webhook_queue(&self) -> String {
+        format!("{}.webhooks", self.prefix)
+    }
+
     /// The results stream: one event per settled job, for producers.
     pub fn results_stream(&self) -> String {
         format!("{}.results", self.prefix)
@@ -346,6 +353,11 @@ impl Topology {
         out.push((
             self.held_queue(),
             "held (paused campaigns)".to_string(),
+            self.dead_args(),
+        ));
+        out.push((
+            self.webhook_queue(),
+            "webhooks (received, for the tracker)".to_string(),
             self.dead_args(),
         ));
         if let Some(max_age) = self.results {
@@ -715,9 +727,14 @@ mod tests {
             six_h.get("x-dead-letter-routing-key"),
             Some(&long_string("mm.send"))
         );
-        assert_eq!(qs.len(), 9);
+        assert_eq!(qs.len(), 10);
         assert_eq!(qs[8].0, "mm.held");
         assert_eq!(qs[8].2, qs[7].2, "the held queue is declared like the DLQ");
+        assert_eq!(qs[9].0, "mm.webhooks");
+        assert_eq!(
+            qs[9].2, qs[7].2,
+            "the webhook queue is declared like the DLQ"
+        );
         let dead = qs[7].2.inner();
         assert_eq!(qs[7].0, "mm.dead");
         assert_eq!(
