@@ -23,6 +23,10 @@
 //! HTTP/1.1 to a server that offers HTTP/2. `cargo test --all-targets` runs a
 //! small smoke round of all of it.
 
+// one part: `want` is not used here
+#[allow(dead_code)]
+#[path = "common/select.rs"]
+mod select;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -304,20 +308,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let smoke = !std::env::args().any(|a| a == "--bench");
+    let select = select::Select::from_args(&[]);
+    let smoke = select.smoke;
     let (chain, key, ca_file) = certificates();
     // Before any thread starts: the client's verifier reads the roots from
     // here when the client is built.
     std::env::set_var("SSL_CERT_FILE", &ca_file);
     let certs = Certs { chain, key };
-    let calls = if smoke {
-        400
-    } else {
-        std::env::var("MMSEND_BENCH_CALLS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(20_000)
-    };
+    let calls = select.count("MMSEND_BENCH_CALLS", 400, 20_000);
     let rounds = if smoke { 1 } else { 3 };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -17,6 +17,10 @@
 //! stored payload is counted in the queue afterwards (no post answered 200
 //! without its copy). `cargo test --all-targets` runs a small smoke round.
 
+// one part: `want` is not used here
+#[allow(dead_code)]
+#[path = "common/select.rs"]
+mod select;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -119,15 +123,9 @@ async fn bare() -> SocketAddr {
 }
 
 fn main() {
-    let smoke = !std::env::args().any(|a| a == "--bench");
-    let posts = if smoke {
-        500
-    } else {
-        std::env::var("MMSEND_BENCH_POSTS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(20_000)
-    };
+    let select = select::Select::from_args(&[]);
+    let smoke = select.smoke;
+    let posts = select.count("MMSEND_BENCH_POSTS", 500, 20_000);
     let rounds = if smoke { 1 } else { 3 };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -275,28 +275,21 @@ async fn a_post_rabbitmq_cannot_take_is_a_503_and_the_next_is_stored() {
 
 #[test]
 fn the_binary_refuses_to_start_without_its_secrets() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmsend"))
-        .args(["webhooks", "--listen", "127.0.0.1:0"])
-        .env_remove("MMSEND_WEBHOOK_VERIFY_TOKEN")
-        .env_remove("MMSEND_APP_SECRET")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("MMSEND_WEBHOOK_VERIFY_TOKEN"),
-        "names the variable to set: {err}"
-    );
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmsend"))
-        .args(["webhooks", "--listen", "127.0.0.1:0"])
-        .env("MMSEND_WEBHOOK_VERIFY_TOKEN", VERIFY)
-        .env_remove("MMSEND_APP_SECRET")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("MMSEND_APP_SECRET"),
-        "names the variable to set: {err}"
-    );
+    // without the verify token; then with it but without the app secret
+    for (given, missing) in [
+        (None, "MMSEND_WEBHOOK_VERIFY_TOKEN"),
+        (Some(VERIFY), "MMSEND_APP_SECRET"),
+    ] {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mmsend"));
+        cmd.args(["webhooks", "--listen", "127.0.0.1:0"])
+            .env_remove("MMSEND_WEBHOOK_VERIFY_TOKEN")
+            .env_remove("MMSEND_APP_SECRET");
+        if let Some(token) = given {
+            cmd.env("MMSEND_WEBHOOK_VERIFY_TOKEN", token);
+        }
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success(), "refused without {missing}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(missing), "names {missing}: {err}");
+    }
 }

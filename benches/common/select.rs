@@ -1,5 +1,5 @@
-//! Shared by the benches with named parts (`pipeline`, `dlq`): which parts
-//! to run.
+//! Shared by the benches: a smoke run or a measuring one, which parts to
+//! run (`pipeline`, `dlq`), and how large.
 
 /// `cargo bench` passes `--bench`; `cargo test --all-targets` runs a bench
 /// binary without it, and then only a small smoke run of its fast parts.
@@ -20,6 +20,20 @@ impl Select {
             ids: all.into_iter().filter(|a| !a.starts_with('-')).collect(),
             smoke_ids,
         }
+    }
+
+    /// How many (jobs, calls, posts) a run takes: `smoke_n` in a smoke run,
+    /// else `$var` if set, else `full_n`. (Each bench compiles this file
+    /// as a module of its own; not every bench sizes its run here.)
+    #[allow(dead_code)]
+    pub fn count(&self, var: &str, smoke_n: usize, full_n: usize) -> usize {
+        if self.smoke {
+            return smoke_n;
+        }
+        std::env::var(var)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(full_n)
     }
 
     /// Whether part `id` runs.
