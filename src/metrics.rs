@@ -95,6 +95,10 @@ pub const SERIES: &[&str] = &[
     name::WEBHOOK_REQUESTS,
 ];
 
+/// The series of [`SERIES`] only `mmsend webhooks` exports (a worker's
+/// scrape has none of them).
+pub const WEBHOOK_SERIES: &[&str] = &[name::WEBHOOK_REQUESTS];
+
 /// The series `mmsend console` serves at its `/metrics` (with Redis):
 /// each campaign's counters from Redis, for the most recently active
 /// [`CAMPAIGN_SERIES_MAX`] campaigns only, so the label set stays bounded

@@ -236,6 +236,20 @@ async fn signed_posts_are_stored_byte_for_byte_and_refused_ones_change_nothing()
     assert_eq!(stored.len(), bodies.len(), "each stored once, nothing else");
     assert_eq!(got, want, "stored byte for byte");
     assert_eq!(r.count("stored"), 60);
+    // the receiver's own scrape carries its series
+    let scrape = r
+        .http
+        .get(format!("{}/metrics", r.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in mmsend::metrics::WEBHOOK_SERIES {
+        assert!(scrape.contains(name), "{name} in the receiver's /metrics");
+    }
+    assert!(scrape.contains("mmsend_webhook_requests_total{result=\"stored\"} 60"));
     assert_eq!(r.count("bad_signature"), 4);
     assert_eq!(r.count("too_large"), 1);
     r.finish().await;
