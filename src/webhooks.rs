@@ -34,6 +34,8 @@
 //! did not come in time; while RabbitMQ cannot take a payload every post is
 //! a 503.
 
+pub mod events;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
