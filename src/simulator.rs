@@ -131,6 +131,27 @@ pub(crate) struct SimArgs {
     /// cores), 0 = one per core.
     #[arg(long, env = "MMSEND_SIM_THREADS", default_value_t = 1)]
     pub(crate) threads: usize,
+    /// Post signed marketing-message webhooks for each send to this URL (e.g. mmsend webhooks' http://127.0.0.1:9466/webhooks).
+    #[arg(long, env = "MMSEND_SIM_WEBHOOK_URL")]
+    pub(crate) webhook_url: Option<String>,
+    /// The app secret the webhooks are signed with (the receiver's MMSEND_APP_SECRET).
+    #[arg(long, env = "MMSEND_SIM_WEBHOOK_SECRET", hide_env_values = true)]
+    pub(crate) webhook_secret: Option<String>,
+    /// The page id the webhooks name.
+    #[arg(long, env = "MMSEND_SIM_WEBHOOK_PAGE", default_value = "9876543210")]
+    pub(crate) webhook_page: String,
+    /// Probability a delivery follows an echo.
+    #[arg(long, default_value_t = 0.9)]
+    pub(crate) webhook_delivered: f64,
+    /// Probability a read follows a delivery.
+    #[arg(long, default_value_t = 0.5)]
+    pub(crate) webhook_read: f64,
+    /// Probability a webhook is posted twice (Meta delivers again).
+    #[arg(long, default_value_t = 0.05)]
+    pub(crate) webhook_duplicate: f64,
+    /// The longest random delay before a webhook post (they arrive out of order).
+    #[arg(long, default_value = "2s")]
+    pub(crate) webhook_max_delay: String,
 }
 
 impl SimArgs {
@@ -191,6 +212,32 @@ impl SimArgs {
                 None => None,
             },
             record: self.record,
+            webhooks: match (&self.webhook_url, &self.webhook_secret) {
+                (None, _) => None,
+                (Some(_), None) => anyhow::bail!(
+                    "--webhook-url needs --webhook-secret (MMSEND_SIM_WEBHOOK_SECRET): the app secret the receiver checks"
+                ),
+                (Some(url), Some(secret)) => {
+                    for (flag, p) in [
+                        ("webhook-delivered", self.webhook_delivered),
+                        ("webhook-read", self.webhook_read),
+                        ("webhook-duplicate", self.webhook_duplicate),
+                    ] {
+                        if !(0.0..=1.0).contains(&p) {
+                            anyhow::bail!("--{flag} {p}: a probability is between 0 and 1");
+                        }
+                    }
+                    Some(SimWebhooks {
+                        url: url.clone(),
+                        app_secret: secret.clone(),
+                        page_id: self.webhook_page.clone(),
+                        delivered: self.webhook_delivered,
+                        read: self.webhook_read,
+                        duplicate: self.webhook_duplicate,
+                        max_delay: dur("webhook-max-delay", &self.webhook_max_delay)?,
+                    })
+                }
+            },
         })
     }
 }
@@ -246,6 +293,32 @@ pub struct SimConfig {
     pub throttle_retry_after: Option<Duration>,
     /// Keep a [`SimRecord`] of every request and send.
     pub record: bool,
+    /// Post signed marketing-message webhooks for each send, as Meta does.
+    pub webhooks: Option<SimWebhooks>,
+}
+
+/// The webhooks the simulator posts for each accepted send with a tracking
+/// id, like Meta: an echo, then a delivery and a read with these
+/// probabilities, each post after a random delay of up to `max_delay` (so
+/// they arrive out of order across sends and within one), some posted twice
+/// (Meta delivers again), each signed with the app secret, each tried up to
+/// three times while the receiver answers other than 2xx.
+#[derive(Debug, Clone)]
+pub struct SimWebhooks {
+    /// Where to post (`http://…/webhooks`).
+    pub url: String,
+    /// The key of `X-Hub-Signature-256`.
+    pub app_secret: String,
+    /// The page the events name (the messages call does not name one).
+    pub page_id: String,
+    /// Probability a delivery follows an echo.
+    pub delivered: f64,
+    /// Probability a read follows a delivery.
+    pub read: f64,
+    /// Probability a post is sent twice.
+    pub duplicate: f64,
+    /// The longest random delay before a post.
+    pub max_delay: Duration,
 }
 
 /// The simulator's own books of what it did ([`SimConfig::record`]).
@@ -370,6 +443,8 @@ struct Sim {
     books: Mutex<Books>,
     started: Instant,
     ids: AtomicU64,
+    /// The client that posts webhooks ([`SimConfig::webhooks`]).
+    http: reqwest::Client,
 }
 
 impl Sim {
@@ -486,12 +561,86 @@ impl Simulator {
     }
 }
 
+/// Posts the webhooks of one send in the background ([`SimWebhooks`]).
+fn post_webhooks(
+    http: &reqwest::Client,
+    hooks: &SimWebhooks,
+    tracking_id: &str,
+    token: &str,
+    message_id: &str,
+) {
+    let mut fields = vec!["marketing_message_echoes"];
+    let mut rng = rand::rng();
+    if rng.random_bool(hooks.delivered.clamp(0.0, 1.0)) {
+        fields.push("marketing_message_deliveries");
+        if rng.random_bool(hooks.read.clamp(0.0, 1.0)) {
+            fields.push("marketing_message_reads");
+        }
+    }
+    for (i, field) in fields.into_iter().enumerate() {
+        let now_ms = chrono::Utc::now().timestamp_millis() + i as i64;
+        let mut value = json!({
+            "marketing_message_tracking_id": tracking_id,
+            "messenger_subscription_token": token,
+            "message_id": message_id,
+            "page_id": hooks.page_id,
+            "timestamp": now_ms,
+        });
+        if field != "marketing_message_reads" {
+            value["mid"] = json!(format!("m_{tracking_id}"));
+        }
+        let body = json!({"object": "page", "entry": [{"id": hooks.page_id, "time": now_ms,
+            "changes": [{"field": field, "value": value}]}]})
+        .to_string();
+        let signature = format!(
+            "sha256={}",
+            crate::graph::auth::hmac_sha256_hex(hooks.app_secret.as_bytes(), body.as_bytes())
+        );
+        let copies = if rng.random_bool(hooks.duplicate.clamp(0.0, 1.0)) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let delay = if hooks.max_delay.is_zero() {
+                Duration::ZERO
+            } else {
+                rng.random_range(Duration::ZERO..hooks.max_delay)
+            };
+            let (http, url, body, signature) = (
+                http.clone(),
+                hooks.url.clone(),
+                body.clone(),
+                signature.clone(),
+            );
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                for attempt in 0..3u64 {
+                    let sent = http
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .header("x-hub-signature-256", &signature)
+                        .body(body.clone())
+                        .send()
+                        .await;
+                    if sent.is_ok_and(|r| r.status().is_success()) {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200 * (attempt + 1))).await;
+                }
+                tracing::warn!("simulator: a webhook post was not taken after 3 tries");
+            });
+        }
+    }
+}
+
 fn app(config: SimConfig) -> (Router, Arc<Sim>) {
     let sim = Arc::new(Sim {
         config,
         books: Mutex::new(Books::default()),
         started: Instant::now(),
         ids: AtomicU64::new(1),
+        http: reqwest::Client::new(),
     });
     let router = Router::new()
         .route("/{version}/{account}/messages", post(messages))
@@ -1160,6 +1309,9 @@ async fn answer(
         });
     }
     drop(books);
+    if let (Some(hooks), Some(id)) = (&sim.config.webhooks, &tracking_id) {
+        post_webhooks(&sim.http, hooks, id, recipient, message_id);
+    }
     let mut response = match (tracking_id, trigger) {
         (None, _) => (StatusCode::OK, Json(json!({"success": true}))).into_response(),
         (Some(id), Some(("fault", "long2xx"))) => (

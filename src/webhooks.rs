@@ -242,10 +242,10 @@ fn signed(mac: &Hmac<Sha256>, header: Option<&str>, body: &[u8]) -> bool {
 /// The signature header Meta sends for `body` under `app_secret`: what the
 /// simulator and the tests sign with.
 pub fn signature(app_secret: &str, body: &[u8]) -> String {
-    let mut mac =
-        Hmac::<Sha256>::new_from_slice(app_secret.as_bytes()).expect("HMAC takes any key length");
-    mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    format!(
+        "sha256={}",
+        crate::graph::auth::hmac_sha256_hex(app_secret.as_bytes(), body)
+    )
 }
 
 #[derive(Deserialize)]

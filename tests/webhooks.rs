@@ -287,6 +287,103 @@ async fn a_post_rabbitmq_cannot_take_is_a_503_and_the_next_is_stored() {
     r.finish().await;
 }
 
+#[tokio::test]
+async fn the_simulators_webhooks_are_stored_and_read_back_as_its_sends() {
+    use mmsend::graph::{Client, ClientConfig, Outcome, SendRequest};
+    use mmsend::simulator::{SimConfig, SimWebhooks, Simulator};
+    use mmsend::webhooks::events::{self, Field};
+    use std::collections::BTreeMap;
+
+    let r = start("wh-sim", webhooks::MAX_BODY).await;
+    let sim = Simulator::start(
+        "127.0.0.1:0",
+        SimConfig {
+            record: true,
+            webhooks: Some(SimWebhooks {
+                url: format!("{}/webhooks", r.url),
+                app_secret: SECRET.into(),
+                page_id: "9876543210".into(),
+                delivered: 1.0,
+                read: 0.5,
+                duplicate: 0.3,
+                max_delay: Duration::from_millis(300),
+            }),
+            ..SimConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let client = Client::new(ClientConfig {
+        base_url: sim.base_url(),
+        ..ClientConfig::default()
+    })
+    .unwrap();
+    let message = serde_json::json!({"text": "Hi"});
+    const SENDS: usize = 100;
+    for i in 0..SENDS {
+        let token = format!("sub-{i}");
+        let req = SendRequest {
+            ad_account_id: "1234567890",
+            message_id: "120210000000000000",
+            subscription_token: &token,
+            message: Some(&message),
+            min_conversation_gap_seconds: None,
+        };
+        let outcome = client.send(&Secret::new("test-token"), &req).await;
+        assert!(matches!(outcome, Outcome::Sent { .. }), "send {i}");
+    }
+    let sends: BTreeMap<String, String> = sim
+        .record()
+        .sends
+        .into_iter()
+        .map(|s| (s.tracking_id.unwrap(), s.token))
+        .collect();
+    assert_eq!(sends.len(), SENDS);
+
+    // every post reaches the queue (duplicates included); read them back
+    let mut unique = BTreeMap::new();
+    let mut posts = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while unique.values().filter(|f| **f == Field::Echo).count() < SENDS
+        || unique.values().filter(|f| **f == Field::Delivery).count() < SENDS
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} events of {SENDS} sends",
+            unique.len()
+        );
+        for body in r.drain(0).await {
+            posts += 1;
+            let parsed = events::parse(&body).unwrap();
+            assert_eq!((parsed.malformed, parsed.other_fields), (0, 0));
+            for e in parsed.events {
+                let tid = e
+                    .tracking_id
+                    .clone()
+                    .expect("echo, delivery, read carry it");
+                assert_eq!(
+                    sends.get(&tid),
+                    e.token.as_ref(),
+                    "an event names a send the simulator made, and its recipient"
+                );
+                unique.insert(e.dedupe_key(), e.field);
+            }
+        }
+    }
+    let reads = unique.values().filter(|f| **f == Field::Read).count();
+    println!(
+        "{SENDS} sends: {posts} posts stored, {} distinct events ({reads} reads)",
+        unique.len()
+    );
+    assert!(
+        posts > unique.len(),
+        "some posts came twice (duplicate 0.3)"
+    );
+    assert!(reads > 0 && reads < SENDS, "reads at 0.5: {reads}");
+    sim.shutdown().await;
+    r.finish().await;
+}
+
 #[test]
 fn the_binary_refuses_to_start_without_its_secrets() {
     // without the verify token; then with it but without the app secret

@@ -246,9 +246,15 @@ impl TokenStore {
 
 /// `appsecret_proof` = hex HMAC-SHA256(key = app secret, message = token).
 pub fn appsecret_proof(app_secret: &Secret, token: &Secret) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(app_secret.expose().as_bytes())
-        .expect("HMAC accepts keys of any length");
-    mac.update(token.expose().as_bytes());
+    hmac_sha256_hex(app_secret.expose().as_bytes(), token.expose().as_bytes())
+}
+
+/// Hex HMAC-SHA256 of `message` keyed with `key`: `appsecret_proof`, and
+/// the `X-Hub-Signature-256` of Meta's webhooks (keyed with the app secret
+/// over the raw body).
+pub fn hmac_sha256_hex(key: &[u8], message: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts keys of any length");
+    mac.update(message);
     hex::encode(mac.finalize().into_bytes())
 }
 
