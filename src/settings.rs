@@ -195,17 +195,7 @@ impl FileConfig {
 
     /// The fleet config for `url` with the `[redis]` settings.
     pub fn fleet(&self, url: &str, fail_mode: FailMode) -> FleetConfig {
-        let r = &self.redis;
-        FleetConfig {
-            url: url.to_string(),
-            fail_mode,
-            ledger_retention: r.ledger_retention,
-            lease_margin: r.lease_margin,
-            op_timeout: r.op_timeout,
-            lowered_rate_for: r.lowered_rate_for,
-            allow_eviction: r.allow_eviction,
-            campaign_retention: r.campaign_retention,
-        }
+        FleetConfig::from_section(url, fail_mode, &self.redis)
     }
 }
 

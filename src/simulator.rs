@@ -443,8 +443,8 @@ struct Sim {
     books: Mutex<Books>,
     started: Instant,
     ids: AtomicU64,
-    /// The client that posts webhooks ([`SimConfig::webhooks`]).
-    http: reqwest::Client,
+    /// The client that posts webhooks, with [`SimConfig::webhooks`] only.
+    http: Option<reqwest::Client>,
 }
 
 impl Sim {
@@ -635,12 +635,13 @@ fn post_webhooks(
 }
 
 fn app(config: SimConfig) -> (Router, Arc<Sim>) {
+    let posts_webhooks = config.webhooks.is_some();
     let sim = Arc::new(Sim {
         config,
         books: Mutex::new(Books::default()),
         started: Instant::now(),
         ids: AtomicU64::new(1),
-        http: reqwest::Client::new(),
+        http: posts_webhooks.then(reqwest::Client::new),
     });
     let router = Router::new()
         .route("/{version}/{account}/messages", post(messages))
@@ -1309,8 +1310,8 @@ async fn answer(
         });
     }
     drop(books);
-    if let (Some(hooks), Some(id)) = (&sim.config.webhooks, &tracking_id) {
-        post_webhooks(&sim.http, hooks, id, recipient, message_id);
+    if let (Some(hooks), Some(http), Some(id)) = (&sim.config.webhooks, &sim.http, &tracking_id) {
+        post_webhooks(http, hooks, id, recipient, message_id);
     }
     let mut response = match (tracking_id, trigger) {
         (None, _) => (StatusCode::OK, Json(json!({"success": true}))).into_response(),

@@ -259,10 +259,12 @@ struct Handshake {
 }
 
 async fn verify(State(r): State<Arc<Receiver>>, Query(q): Query<Handshake>) -> Response {
+    // constant time: the token is a secret too
     let token_ok = q.verify_token.as_deref().is_some_and(|t| {
-        // constant time: the token is a secret too
-        let want = r.config.verify_token.expose().as_bytes();
-        t.len() == want.len() && t.bytes().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        crate::graph::auth::constant_time_eq(
+            t.as_bytes(),
+            r.config.verify_token.expose().as_bytes(),
+        )
     });
     match (q.mode.as_deref(), token_ok, q.challenge) {
         (Some("subscribe"), true, Some(challenge)) => {

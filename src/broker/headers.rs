@@ -173,6 +173,13 @@ pub struct LastError {
     pub ambiguous: bool,
 }
 
+impl LastError {
+    /// The class, when this build knows its name.
+    pub fn known_class(&self) -> Option<Class> {
+        self.class.as_deref()?.parse().ok()
+    }
+}
+
 /// The typed view of a message's `x-mmsend-*` headers.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Story {

@@ -20,6 +20,7 @@
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
+use crate::graph::auth::constant_time_eq;
 use crate::graph::Secret;
 
 /// The session cookie's name.
@@ -87,11 +88,6 @@ pub(crate) struct Auth {
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// Constant-time equality of two byte strings of the same length.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 impl Auth {
     pub(crate) fn new(token: Option<Secret>) -> Auth {
         Auth {
@@ -135,7 +131,7 @@ impl Auth {
         let mut parts = cookie.split('.');
         let (expires, nonce, a, mac) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
         if parts.next().is_some()
-            || !same(
+            || !constant_time_eq(
                 self.mac(&["session", expires, nonce, a]).as_bytes(),
                 mac.as_bytes(),
             )
@@ -153,7 +149,7 @@ impl Auth {
     /// Whether `given` is the console token.
     pub(crate) fn token_matches(&self, given: &str) -> bool {
         match &self.token {
-            Some(t) => same(
+            Some(t) => constant_time_eq(
                 &Sha256::digest(t.expose().as_bytes()),
                 &Sha256::digest(given.trim().as_bytes()),
             ),
@@ -178,7 +174,7 @@ impl Auth {
 
     /// Whether a POST's CSRF token belongs to this identity.
     pub(crate) fn csrf_ok(&self, id: &Identity, given: &str) -> bool {
-        same(self.csrf(id).as_bytes(), given.as_bytes())
+        constant_time_eq(self.csrf(id).as_bytes(), given.as_bytes())
     }
 
     /// The `Set-Cookie` value for a session cookie.

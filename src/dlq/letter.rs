@@ -166,7 +166,7 @@ impl DeadLetter {
 
     /// The last failure's class, if it is one this build knows.
     pub fn class(&self) -> Option<Class> {
-        self.class_label()?.parse().ok()
+        self.story.last_error.known_class()
     }
 
     /// The last failure's class as written.

@@ -75,7 +75,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::broker::redact_url;
 use crate::classify::{Class, CodeLabel, ScopeKind};
-use crate::config::defaults;
+use crate::config::RedisSection;
 use crate::job::Job;
 use crate::metrics::{Metrics, RedisOp};
 use crate::worker::gates::{Held, Scope};
@@ -130,15 +130,20 @@ pub struct FleetConfig {
 impl FleetConfig {
     /// The defaults around a URL.
     pub fn new(url: &str) -> FleetConfig {
+        FleetConfig::from_section(url, FailMode::Local, &RedisSection::default())
+    }
+
+    /// A URL, a fail mode and the config file's `[redis]` section.
+    pub fn from_section(url: &str, fail_mode: FailMode, r: &RedisSection) -> FleetConfig {
         FleetConfig {
             url: url.to_string(),
-            fail_mode: FailMode::Local,
-            ledger_retention: defaults::LEDGER_RETENTION,
-            lease_margin: defaults::LEASE_MARGIN,
-            op_timeout: defaults::REDIS_OP_TIMEOUT,
-            lowered_rate_for: defaults::LOWERED_RATE_FOR,
-            allow_eviction: false,
-            campaign_retention: defaults::CAMPAIGN_RETENTION,
+            fail_mode,
+            ledger_retention: r.ledger_retention,
+            lease_margin: r.lease_margin,
+            op_timeout: r.op_timeout,
+            lowered_rate_for: r.lowered_rate_for,
+            allow_eviction: r.allow_eviction,
+            campaign_retention: r.campaign_retention,
         }
     }
 }

@@ -258,6 +258,12 @@ pub fn hmac_sha256_hex(key: &[u8], message: &[u8]) -> String {
     hex::encode(mac.finalize().into_bytes())
 }
 
+/// Equality of two byte strings in time that does not depend on where they
+/// differ (their lengths are not secret): for comparing tokens.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// What a redacted secret reads as.
 pub const REDACTED: &str = "[redacted]";
 

@@ -368,11 +368,7 @@ async fn decide_job(ctx: &Ctx, job: &Job, mut story: Story, redelivered: bool) -
         // then sent had two ends).
         Ahead::Wait { delay, why, behind } => {
             debug!(wait_ms = delay.as_millis() as u64, why = %why, "waiting without a call");
-            let class = story
-                .last_error
-                .class
-                .as_deref()
-                .and_then(|c| c.parse().ok());
+            let class = story.last_error.known_class();
             let known = class.unwrap_or(Class::Transient);
             let route = match behind {
                 true => ctx.policy.route_behind(known, delay, &attempt),
@@ -387,11 +383,7 @@ async fn decide_job(ctx: &Ctx, job: &Job, mut story: Story, redelivered: bool) -
         // a call, keeping the job's class and its "maybe sent" flag
         Ahead::Stopped { state, maybe_sent } => {
             let campaign = job.campaign_name();
-            let class = story
-                .last_error
-                .class
-                .as_deref()
-                .and_then(|c| c.parse().ok());
+            let class = story.last_error.known_class();
             story.last_error.ambiguous |= maybe_sent;
             let (route, message) = match state {
                 CampaignState::Cancelled => (
@@ -526,11 +518,7 @@ async fn settle_delivery(
                 suspected, "sent"
             );
             // the class of the last failure before the send, if any
-            let class = story
-                .last_error
-                .class
-                .as_deref()
-                .and_then(|c| c.parse().ok());
+            let class = story.last_error.known_class();
             count(Counted::Sent);
             (Settled::Sent, class)
         }
