@@ -94,6 +94,25 @@ pub(crate) enum Command {
     },
     /// Receive Meta's page webhooks: check each post's signature, store it in RabbitMQ, answer 200.
     Webhooks(WebhooksArgs),
+    /// Run the delivery tracker alone: join the stored webhook events to jobs, count each campaign's funnel (needs Redis; `mmsend worker` runs one unless --no-tracker).
+    Tracker(TrackerArgs),
+}
+
+/// `mmsend tracker`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct TrackerArgs {
+    #[command(flatten)]
+    pub(crate) broker: BrokerArgs,
+    /// Redis: the send ledger the events are joined through (the workers' MMSEND_REDIS_URL).
+    #[arg(long, env = "MMSEND_REDIS_URL", hide_env_values = true)]
+    pub(crate) redis_url: Option<String>,
+    /// Address of /metrics, /healthz, /readyz.
+    #[arg(
+        long,
+        env = "MMSEND_TRACKER_METRICS_ADDR",
+        default_value = "0.0.0.0:9467"
+    )]
+    pub(crate) metrics_addr: String,
 }
 
 /// `mmsend webhooks`.
@@ -527,6 +546,10 @@ pub(crate) struct WorkerArgs {
         default_value = "local"
     )]
     pub(crate) redis_fail_mode: crate::fleet::FailMode,
+    /// Do not run the delivery tracker in this worker (run `mmsend tracker`, or another
+    /// worker's, instead). Without Redis there is no tracker anyway.
+    #[arg(long, env = "MMSEND_NO_TRACKER")]
+    pub(crate) no_tracker: bool,
 }
 
 impl WorkerArgs {
@@ -590,6 +613,7 @@ impl WorkerArgs {
             .as_deref()
             .filter(|u| !u.trim().is_empty())
             .map(|url| file.fleet(url, self.redis_fail_mode));
+        config.tracker = !self.no_tracker;
         Ok(config)
     }
 }
@@ -598,9 +622,11 @@ impl WorkerArgs {
 /// for the commands that print their own output).
 pub fn init_logging(cli: &Cli) {
     let default = match cli.command {
-        Command::Worker(_) | Command::Simulate(_) | Command::Console(_) | Command::Webhooks(_) => {
-            "info"
-        }
+        Command::Worker(_)
+        | Command::Simulate(_)
+        | Command::Console(_)
+        | Command::Webhooks(_)
+        | Command::Tracker(_) => "info",
         _ => "warn",
     };
     let format = cli.log_format;
@@ -891,6 +917,40 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "dead-letter console of {prefix:?} on http://{addr}/ (Ctrl-C stops it)"
                 ));
             })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Tracker(args) => {
+            let file = args.broker.file_config()?;
+            broker::parse_urls(&args.broker.amqp_url)?;
+            let topology = args.broker.topology(&file)?;
+            let Some(url) = args.redis_url.as_deref().filter(|u| !u.trim().is_empty()) else {
+                anyhow::bail!("MMSEND_REDIS_URL is not set: the tracker joins events to jobs through the send ledger in Redis; set it to the workers' Redis")
+            };
+            let metrics = Metrics::new();
+            let shutdown = shutdown_on_signals();
+            let fleet = std::sync::Arc::new(crate::fleet::Fleet::new(
+                file.fleet(url, crate::fleet::FailMode::Hold),
+                &topology.prefix,
+                &format!("tracker-{}", worker::default_worker_id()),
+                metrics.clone(),
+            )?);
+            let addr =
+                metrics::serve(&args.metrics_addr, metrics.clone(), shutdown.clone()).await?;
+            metrics.set_ready(true);
+            let queue = topology.webhook_queue();
+            let _ = report::print(format_args!(
+                "delivery tracker on {queue:?}, metrics on http://{addr}/metrics (Ctrl-C stops it)"
+            ));
+            crate::tracker::run(
+                crate::tracker::TrackerConfig {
+                    amqp_url: args.broker.amqp_url.clone(),
+                    topology,
+                },
+                fleet,
+                metrics,
+                shutdown,
+            )
             .await?;
             Ok(ExitCode::SUCCESS)
         }

@@ -50,6 +50,11 @@ pub mod defaults {
     /// How long a campaign's state and counters are kept after its last
     /// activity.
     pub const CAMPAIGN_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+    /// Meta echoes a send within seconds; a maybe-sent job waits this long
+    /// for the echo of its earlier call before it calls again.
+    pub const ECHO_WINDOW: Duration = Duration::from_secs(15);
+    /// Sends without an echo for this long make a page silent.
+    pub const SILENT_PAGE_AFTER: Duration = Duration::from_secs(15 * 60);
 }
 
 /// `[redis]`: the send ledger and fleet coordination (the URL and the fail
@@ -77,6 +82,14 @@ pub struct RedisSection {
     /// activity.
     #[serde(with = "humantime_serde")]
     pub campaign_retention: Duration,
+    /// How long a maybe-sent job waits for Meta's echo of its earlier call
+    /// before it calls again (delivery tracking; 0s: does not wait).
+    #[serde(with = "humantime_serde")]
+    pub echo_window: Duration,
+    /// A page with sends but no echo from Meta for this long is reported
+    /// as silent (its webhook subscription was probably dropped).
+    #[serde(with = "humantime_serde")]
+    pub silent_page_after: Duration,
 }
 
 impl Default for RedisSection {
@@ -88,6 +101,8 @@ impl Default for RedisSection {
             lowered_rate_for: defaults::LOWERED_RATE_FOR,
             allow_eviction: false,
             campaign_retention: defaults::CAMPAIGN_RETENTION,
+            echo_window: defaults::ECHO_WINDOW,
+            silent_page_after: defaults::SILENT_PAGE_AFTER,
         }
     }
 }

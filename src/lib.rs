@@ -87,5 +87,6 @@ pub mod results;
 pub mod schema;
 pub mod settings;
 pub mod simulator;
+pub mod tracker;
 pub mod webhooks;
 pub mod worker;

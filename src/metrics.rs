@@ -60,6 +60,9 @@ mod name {
     pub(super) const PAGE_TOKENS: &str = "mmsend_page_tokens";
     pub(super) const PAGE_TOKENS_RELOADS: &str = "mmsend_page_tokens_reloads_total";
     pub(super) const WEBHOOK_REQUESTS: &str = "mmsend_webhook_requests_total";
+    pub(super) const WEBHOOK_EVENTS: &str = "mmsend_webhook_events_total";
+    pub(super) const SILENT_PAGES: &str = "mmsend_silent_pages";
+    pub(super) const MAYBE_SENT: &str = "mmsend_maybe_sent_total";
 }
 
 /// Every series mmsend exports (histograms without their `_bucket`/`_sum`/
@@ -93,11 +96,18 @@ pub const SERIES: &[&str] = &[
     name::PAGE_TOKENS,
     name::PAGE_TOKENS_RELOADS,
     name::WEBHOOK_REQUESTS,
+    name::WEBHOOK_EVENTS,
+    name::SILENT_PAGES,
+    name::MAYBE_SENT,
 ];
 
 /// The series of [`SERIES`] only `mmsend webhooks` exports (a worker's
 /// scrape has none of them).
 pub const WEBHOOK_SERIES: &[&str] = &[name::WEBHOOK_REQUESTS];
+
+/// The series of [`SERIES`] only the delivery tracker exports (inside a
+/// worker with Redis, or `mmsend tracker`).
+pub const TRACKER_SERIES: &[&str] = &[name::WEBHOOK_EVENTS, name::SILENT_PAGES];
 
 /// The series `mmsend console` serves at its `/metrics` (with Redis):
 /// each campaign's counters from Redis, for the most recently active
@@ -164,17 +174,21 @@ pub enum RedisOp {
     /// Campaign counters, state and audit (`mmsend campaign`, the
     /// workers' counter writes).
     Campaigns,
+    /// The delivery tracker's joins, and a maybe-sent job's look for its
+    /// echo.
+    Tracking,
 }
 
 impl RedisOp {
     /// Every op.
-    pub const ALL: [RedisOp; 6] = [
+    pub const ALL: [RedisOp; 7] = [
         RedisOp::Before,
         RedisOp::After,
         RedisOp::BeforeAfter,
         RedisOp::Census,
         RedisOp::Ping,
         RedisOp::Campaigns,
+        RedisOp::Tracking,
     ];
 
     /// The label value.
@@ -186,6 +200,7 @@ impl RedisOp {
             RedisOp::Census => "census",
             RedisOp::Ping => "ping",
             RedisOp::Campaigns => "campaigns",
+            RedisOp::Tracking => "tracking",
         }
     }
 }
@@ -293,6 +308,9 @@ pub struct Metrics {
     page_tokens: IntGauge,
     page_tokens_reloads: IntCounterVec,
     webhook_requests: IntCounterVec,
+    webhook_events: IntCounterVec,
+    silent_pages: IntGauge,
+    maybe_sent: IntCounterVec,
     ready: AtomicBool,
     holding: AtomicBool,
 }
@@ -442,6 +460,23 @@ impl Metrics {
             "Requests to `mmsend webhooks`, by result: stored (a signed post confirmed by RabbitMQ, answered 200), unavailable (not stored, answered 503: Meta sends it again), bad_signature (403), too_large (413), bad_request, verified and verify_refused (the subscription handshake).",
             &["result"],
         );
+        let webhook_events = counter_vec(
+            name::WEBHOOK_EVENTS,
+            "Marketing-message webhook events the delivery tracker took, by field (echoed, delivered, read, clicked, delivery_failed; unknown or none for what could not be read) and result: matched (joined to its send, the first of its field), duplicate (already counted: Meta delivered it again), deferred (its send not known yet: tried again in 5 s), unmatched (no send found on the last try), malformed.",
+            &["field", "result"],
+        );
+        let silent_pages = gauge(
+            name::SILENT_PAGES,
+            "Pages with sends and no echo from Meta for longer than [redis] silent_page_after: their webhook subscription was probably dropped (mmsend pages check).",
+        );
+        let maybe_sent = counter_vec(
+            name::MAYBE_SENT,
+            "Jobs whose earlier call may have been the send, by how they were settled: echo (Meta's echo of that call found: sent, no second call) or call (no echo within the echo window: called again, 2300035 guarding).",
+            &["settled_by"],
+        );
+        for by in ["echo", "call"] {
+            maybe_sent.with_label_values(&[by]);
+        }
         let redis_duration = HistogramVec::new(
             histogram_opts(
                 name::REDIS_DURATION,
@@ -531,6 +566,9 @@ impl Metrics {
             page_tokens,
             page_tokens_reloads,
             webhook_requests,
+            webhook_events,
+            silent_pages,
+            maybe_sent,
             ready: AtomicBool::new(false),
             holding: AtomicBool::new(false),
         })
@@ -813,6 +851,33 @@ impl Metrics {
         }
     }
 
+    /// The tracker's series, at 0 from its start.
+    pub fn tracker_started(&self) {
+        for field in ["echoed", "delivered", "read", "clicked", "delivery_failed"] {
+            for result in ["matched", "unmatched"] {
+                self.webhook_events.with_label_values(&[field, result]);
+            }
+        }
+        self.silent_pages.set(0);
+    }
+
+    /// A webhook event the tracker took (`field` its status name).
+    pub fn webhook_event(&self, field: &str, result: &str) {
+        self.webhook_events
+            .with_label_values(&[field, result])
+            .inc();
+    }
+
+    /// The silent pages now.
+    pub fn set_silent_pages(&self, n: usize) {
+        self.silent_pages.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// A maybe-sent job settled: by its `echo`, or by a `call`.
+    pub fn maybe_sent(&self, settled_by: &'static str) {
+        self.maybe_sent.with_label_values(&[settled_by]).inc();
+    }
+
     /// A request to the webhook receiver and how it ended (`stored`,
     /// `unavailable`, `bad_signature`, …: see the series' help).
     pub fn webhook_request(&self, result: &'static str) {
@@ -986,6 +1051,7 @@ mod tests {
         m.paced(Duration::from_millis(5));
         m.redis_call(RedisOp::Before, Duration::from_micros(300), false);
         m.webhook_receiver_started();
+        m.tracker_started();
         let names: Vec<String> = m
             .registry
             .gather()

@@ -14,6 +14,10 @@
 //! stream cannot take an event, the job is settled anyway and the failure
 //! is counted (`mmsend_publish_failures_total`) and logged: a results stream
 //! never holds up sending.
+//!
+//! The delivery tracker adds `delivery` events: what Meta's webhooks said
+//! of a sent job (`status`: echoed, delivered, read, clicked or
+//! delivery_failed), each status once per job ([`crate::tracker`]).
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -30,6 +34,11 @@ pub enum ResultOutcome {
     /// (a producer that published it twice, a redelivery after the send):
     /// not a new end; `tracking_id` names the send it duplicates.
     Duplicate,
+    /// What Meta reported of a sent job through its webhooks (the delivery
+    /// tracker): `status` says what (`echoed`, `delivered`, `read`,
+    /// `clicked`, `delivery_failed`), `at` when by Meta's clock; each
+    /// status once per job.
+    Delivery,
 }
 
 /// One settled job: an event on the stream `<prefix>.results`.
@@ -63,8 +72,14 @@ pub struct ResultEvent {
     /// no tracking id of its own.
     #[serde(default)]
     pub suspected: bool,
-    /// API calls made for the job so far.
+    /// API calls made for the job so far (0 on `delivery` events: the
+    /// tracker does not know).
+    #[serde(default)]
     pub attempts: u32,
+    /// `delivery` events: what Meta reported (`echoed`, `delivered`,
+    /// `read`, `clicked`, `delivery_failed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
     /// When it was settled.
     pub at: DateTime<Utc>,
 }
@@ -86,6 +101,7 @@ mod tests {
             tracking_id: Some("mm.1".into()),
             suspected: false,
             attempts: 1,
+            status: None,
             at: "2026-11-26T10:00:00Z".parse().unwrap(),
         };
         let text = serde_json::to_string(&e).unwrap();

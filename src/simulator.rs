@@ -146,9 +146,18 @@ pub(crate) struct SimArgs {
     /// Probability a read follows a delivery.
     #[arg(long, default_value_t = 0.5)]
     pub(crate) webhook_read: f64,
+    /// Probability a click follows a delivery.
+    #[arg(long, default_value_t = 0.2)]
+    pub(crate) webhook_click: f64,
+    /// Probability a send's delivery fails (a delivery_failed event instead of delivery, read and click).
+    #[arg(long, default_value_t = 0.02)]
+    pub(crate) webhook_failed: f64,
     /// Probability a webhook is posted twice (Meta delivers again).
     #[arg(long, default_value_t = 0.05)]
     pub(crate) webhook_duplicate: f64,
+    /// Pages whose GET /{page-id}/subscribed_apps answers no subscription (comma-separated), for `mmsend pages check`.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) unsubscribed_pages: Vec<String>,
     /// The longest random delay before a webhook post (they arrive out of order).
     #[arg(long, default_value = "2s")]
     pub(crate) webhook_max_delay: String,
@@ -212,6 +221,7 @@ impl SimArgs {
                 None => None,
             },
             record: self.record,
+            unsubscribed_pages: self.unsubscribed_pages.clone(),
             webhooks: match (&self.webhook_url, &self.webhook_secret) {
                 (None, _) => None,
                 (Some(_), None) => anyhow::bail!(
@@ -221,6 +231,8 @@ impl SimArgs {
                     for (flag, p) in [
                         ("webhook-delivered", self.webhook_delivered),
                         ("webhook-read", self.webhook_read),
+                        ("webhook-click", self.webhook_click),
+                        ("webhook-failed", self.webhook_failed),
                         ("webhook-duplicate", self.webhook_duplicate),
                     ] {
                         if !(0.0..=1.0).contains(&p) {
@@ -233,6 +245,8 @@ impl SimArgs {
                         page_id: self.webhook_page.clone(),
                         delivered: self.webhook_delivered,
                         read: self.webhook_read,
+                        click: self.webhook_click,
+                        failed: self.webhook_failed,
                         duplicate: self.webhook_duplicate,
                         max_delay: dur("webhook-max-delay", &self.webhook_max_delay)?,
                     })
@@ -295,14 +309,20 @@ pub struct SimConfig {
     pub record: bool,
     /// Post signed marketing-message webhooks for each send, as Meta does.
     pub webhooks: Option<SimWebhooks>,
+    /// Pages whose `GET /{page-id}/subscribed_apps` answers no app (every
+    /// other page: this app, subscribed to the marketing-message fields).
+    pub unsubscribed_pages: Vec<String>,
 }
 
 /// The webhooks the simulator posts for each accepted send with a tracking
-/// id, like Meta: an echo, then a delivery and a read with these
-/// probabilities, each post after a random delay of up to `max_delay` (so
-/// they arrive out of order across sends and within one), some posted twice
-/// (Meta delivers again), each signed with the app secret, each tried up to
-/// three times while the receiver answers other than 2xx.
+/// id, like Meta: an echo, then either a delivery failure (`failed`) or a
+/// delivery (`delivered`), after which a read (`read`) and a click
+/// (`click`, which like the failure carries no tracking id), each post after
+/// a random delay of up to `max_delay` (so they arrive out of order across
+/// sends and within one), some posted twice (Meta delivers again), each
+/// signed with the app secret, each tried up to three times while the
+/// receiver answers other than 2xx. What it posted (each event once) is
+/// counted in [`SimStats::webhooks`].
 #[derive(Debug, Clone)]
 pub struct SimWebhooks {
     /// Where to post (`http://…/webhooks`).
@@ -315,6 +335,10 @@ pub struct SimWebhooks {
     pub delivered: f64,
     /// Probability a read follows a delivery.
     pub read: f64,
+    /// Probability a click follows a delivery.
+    pub click: f64,
+    /// Probability the delivery fails instead.
+    pub failed: f64,
     /// Probability a post is sent twice.
     pub duplicate: f64,
     /// The longest random delay before a post.
@@ -384,6 +408,11 @@ pub struct SimStats {
     pub by_message_id: BTreeMap<String, u64>,
     /// Successful sends in each second since the first one (index = second).
     pub sends_by_second: Vec<u64>,
+    /// Webhook events posted (each once, however many times it was posted),
+    /// by message id and status (`echoed`, `delivered`, `read`, `clicked`,
+    /// `delivery_failed`).
+    #[serde(default)]
+    pub webhooks: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
 #[derive(Default)]
@@ -561,33 +590,56 @@ impl Simulator {
     }
 }
 
+/// Chooses the webhook events of one send ([`SimWebhooks`]): (field, its
+/// status name).
+fn webhook_fields(hooks: &SimWebhooks) -> Vec<(&'static str, &'static str)> {
+    let mut fields = vec![("marketing_message_echoes", "echoed")];
+    let mut rng = rand::rng();
+    if rng.random_bool(hooks.failed.clamp(0.0, 1.0)) {
+        fields.push(("marketing_message_delivery_failed", "delivery_failed"));
+    } else if rng.random_bool(hooks.delivered.clamp(0.0, 1.0)) {
+        fields.push(("marketing_message_deliveries", "delivered"));
+        if rng.random_bool(hooks.read.clamp(0.0, 1.0)) {
+            fields.push(("marketing_message_reads", "read"));
+        }
+        if rng.random_bool(hooks.click.clamp(0.0, 1.0)) {
+            fields.push(("marketing_message_clicks", "clicked"));
+        }
+    }
+    fields
+}
+
 /// Posts the webhooks of one send in the background ([`SimWebhooks`]).
 fn post_webhooks(
     http: &reqwest::Client,
     hooks: &SimWebhooks,
+    fields: Vec<(&'static str, &'static str)>,
     tracking_id: &str,
     token: &str,
     message_id: &str,
 ) {
-    let mut fields = vec!["marketing_message_echoes"];
     let mut rng = rand::rng();
-    if rng.random_bool(hooks.delivered.clamp(0.0, 1.0)) {
-        fields.push("marketing_message_deliveries");
-        if rng.random_bool(hooks.read.clamp(0.0, 1.0)) {
-            fields.push("marketing_message_reads");
-        }
-    }
-    for (i, field) in fields.into_iter().enumerate() {
+    for (i, (field, _)) in fields.into_iter().enumerate() {
         let now_ms = chrono::Utc::now().timestamp_millis() + i as i64;
         let mut value = json!({
-            "marketing_message_tracking_id": tracking_id,
             "messenger_subscription_token": token,
             "message_id": message_id,
             "page_id": hooks.page_id,
             "timestamp": now_ms,
         });
-        if field != "marketing_message_reads" {
+        // clicks and failures carry no tracking id (Meta's payloads)
+        if !matches!(
+            field,
+            "marketing_message_clicks" | "marketing_message_delivery_failed"
+        ) {
+            value["marketing_message_tracking_id"] = json!(tracking_id);
+        }
+        if field != "marketing_message_reads" && field != "marketing_message_delivery_failed" {
             value["mid"] = json!(format!("m_{tracking_id}"));
+        }
+        if field == "marketing_message_delivery_failed" {
+            value["error_message"] =
+                json!("(#100) The user cannot receive this message (simulated)");
         }
         let body = json!({"object": "page", "entry": [{"id": hooks.page_id, "time": now_ms,
             "changes": [{"field": field, "value": value}]}]})
@@ -645,12 +697,56 @@ fn app(config: SimConfig) -> (Router, Arc<Sim>) {
     });
     let router = Router::new()
         .route("/{version}/{account}/messages", post(messages))
+        .route("/{version}/{account}/subscribed_apps", get(subscribed_apps))
         .route("/_sim/stats", get(stats_handler))
         .route("/_sim/record", get(record_handler))
         .route("/_sim/reset", post(reset_handler))
         .fallback(unknown_path)
         .with_state(sim.clone());
     (router, sim)
+}
+
+/// The fields a subscribed page reports in `subscribed_apps`: Meta's
+/// marketing-message fields and `messages`.
+pub const SIM_SUBSCRIBED_FIELDS: [&str; 6] = [
+    "messages",
+    "marketing_message_echoes",
+    "marketing_message_deliveries",
+    "marketing_message_reads",
+    "marketing_message_clicks",
+    "marketing_message_delivery_failed",
+];
+
+/// `GET /{version}/{page-id}/subscribed_apps`, as Meta answers it: the apps
+/// subscribed to the page's webhooks, with their fields (none for a page in
+/// [`SimConfig::unsubscribed_pages`]). Needs a bearer token.
+async fn subscribed_apps(
+    State(sim): State<Arc<Sim>>,
+    Path((_version, page)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let bearer = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let token_ok = match (&sim.config.access_token, bearer) {
+        (_, None) => false,
+        (Some(want), Some(got)) => want == got,
+        (None, Some(_)) => true,
+    };
+    if !token_ok {
+        return graph_error(
+            StatusCode::BAD_REQUEST,
+            &ErrorSpec::new(190, None, "Invalid OAuth access token."),
+            "OAuthException",
+        );
+    }
+    let data = if sim.config.unsubscribed_pages.contains(&page) {
+        json!([])
+    } else {
+        json!([{"category": "Business", "link": "https://example.com/mmsend-sim", "name": "mmsend simulator", "id": "1234567890", "subscribed_fields": SIM_SUBSCRIBED_FIELDS}])
+    };
+    Json(json!({ "data": data })).into_response()
 }
 
 /// Serves each connection with hyper; a handler that wants the connection
@@ -1309,9 +1405,24 @@ async fn answer(
             tracking_id: tracking_id.clone(),
         });
     }
+    let hooks = match (&sim.config.webhooks, &sim.http, &tracking_id) {
+        (Some(hooks), Some(http), Some(id)) => {
+            let fields = webhook_fields(hooks);
+            let counts = books
+                .stats
+                .webhooks
+                .entry(message_id.to_string())
+                .or_default();
+            for (_, status) in &fields {
+                *counts.entry(status.to_string()).or_default() += 1;
+            }
+            Some((hooks, http, id, fields))
+        }
+        _ => None,
+    };
     drop(books);
-    if let (Some(hooks), Some(http), Some(id)) = (&sim.config.webhooks, &sim.http, &tracking_id) {
-        post_webhooks(http, hooks, id, recipient, message_id);
+    if let Some((hooks, http, id, fields)) = hooks {
+        post_webhooks(http, hooks, fields, id, recipient, message_id);
     }
     let mut response = match (tracking_id, trigger) {
         (None, _) => (StatusCode::OK, Json(json!({"success": true}))).into_response(),

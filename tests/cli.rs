@@ -209,8 +209,9 @@ async fn enqueue_and_topology_show_speak_json() {
     assert_eq!(send["role"], "work");
     assert_eq!(send["messages"], 5);
     assert_eq!(send["consumers"], 0);
-    // work, the tiers, dead letters, held (paused campaigns), webhooks
-    assert_eq!(queues.len(), h.topology.tiers.len() + 4, "{shown}");
+    // work, the tiers, dead letters, held (paused campaigns), webhooks and
+    // their wait queue
+    assert_eq!(queues.len(), h.topology.tiers.len() + 5, "{shown}");
 
     // a broker that is not there is fatal: 2, with the remedy
     let mut c = mmsend();

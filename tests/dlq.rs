@@ -593,8 +593,8 @@ async fn a_dead_queue_from_an_earlier_version_is_kept_and_the_fix_is_reported() 
     assert_eq!(topology.check_dead_queue(&conn).await.unwrap(), Some(want));
     // the rest of the topology is there and routes to the old queue
     let h_depth = topology.show(&conn).await.unwrap();
-    // work, one tier, dead letters, held, webhooks
-    assert_eq!(h_depth.len(), 1 + 1 + 1 + 1 + 1);
+    // work, one tier, dead letters, held, webhooks, webhook wait
+    assert_eq!(h_depth.len(), 1 + 1 + 1 + 1 + 1 + 1);
     // a fresh topology has nothing to report
     let fresh =
         mmsend::broker::Topology::new(&common::random_prefix("dlqfresh"), &["200ms"], 5).unwrap();

@@ -25,6 +25,8 @@ const LAYERS: &[(&str, u8)] = &[
     // one Graph API call; the published schemas
     ("graph", 1),
     ("schema", 1),
+    // Meta's webhook events, as read from a stored payload
+    ("webhooks::events", 1),
     // outcome → class → route
     ("classify", 2),
     // RabbitMQ, the metrics registry, the Graph API simulator
@@ -39,14 +41,16 @@ const LAYERS: &[(&str, u8)] = &[
     ("worker::tokens", 4),
     // what workers share through Redis (the ledger, pacing, gates, campaigns)
     ("fleet", 5),
-    // the worker; publishing jobs (counting them per campaign); campaign
-    // control (its state on Redis, the held queue through the DLQ engine);
-    // the webhook receiver (the broker and the metrics)
-    ("worker", 6),
+    // publishing jobs (counting them per campaign); campaign control (its
+    // state on Redis, the held queue through the DLQ engine); the webhook
+    // receiver (the broker and the metrics); the delivery tracker (the
+    // fleet's joins, fed from the broker)
     ("producer", 6),
     ("control", 6),
     ("webhooks", 6),
-    // the console, what the CLI prints
+    ("tracker", 6),
+    // the worker (which runs a tracker), the console, what the CLI prints
+    ("worker", 7),
     ("console", 7),
     ("report", 7),
     // the config file (every stage's section), the demo

@@ -491,6 +491,7 @@ fn results_events_are_valid_against_their_schema() {
             tracking_id: tracking.map(Into::into),
             suspected: false,
             attempts: 2,
+            status: None,
             at,
         };
         events.push((format!("{outcome:?}"), serde_json::to_value(&e).unwrap()));

@@ -305,6 +305,8 @@ async fn the_simulators_webhooks_are_stored_and_read_back_as_its_sends() {
                 page_id: "9876543210".into(),
                 delivered: 1.0,
                 read: 0.5,
+                click: 0.0,
+                failed: 0.0,
                 duplicate: 0.3,
                 max_delay: Duration::from_millis(300),
             }),

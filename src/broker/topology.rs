@@ -118,6 +118,10 @@ pub enum TopologyConfigError {
 /// first return" on 3.x (see the module docs).
 pub const DEAD_DELIVERY_LIMIT: i64 = 1_000_000_000;
 
+/// How long webhook events wait in `<prefix>.webhooks.wait` before the
+/// tracker tries to join them again.
+pub const WEBHOOK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Names and arguments of one mmsend topology.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Topology {
@@ -308,6 +312,14 @@ impl Topology {
         format!("{}.webhooks", self.prefix)
     }
 
+    /// The webhook wait queue `<prefix>.webhooks.wait`: events the tracker
+    /// could not join yet (their send not recorded yet), back on
+    /// `<prefix>.webhooks` after [`WEBHOOK_WAIT`]. Quorum, a delay queue
+    /// like the tiers.
+    pub fn webhook_wait_queue(&self) -> String {
+        format!("{}.webhooks.wait", self.prefix)
+    }
+
     /// The results stream: one event per settled job, for producers.
     pub fn results_stream(&self) -> String {
         format!("{}.results", self.prefix)
@@ -359,6 +371,16 @@ impl Topology {
             self.webhook_queue(),
             "webhooks (received, for the tracker)".to_string(),
             self.dead_args(),
+        ));
+        let mut wait = base_args(self.exchange(), &self.webhook_queue());
+        wait.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(WEBHOOK_WAIT.as_millis() as i64),
+        );
+        out.push((
+            self.webhook_wait_queue(),
+            "webhook events waiting for their send".to_string(),
+            wait,
         ));
         if let Some(max_age) = self.results {
             let mut results = FieldTable::default();

@@ -370,6 +370,23 @@ fn print_show(v: &CampaignView, trail: &[AuditEntry]) -> std::io::Result<()> {
     }
     writeln!(out, "campaign {}", report::printable(&v.campaign))?;
     writeln!(out, "{}", table(&["", "value"], &[], rows))?;
+    writeln!(out, "\ndelivery (Meta's webhooks; share of sent)")?;
+    if v.funnel.any() {
+        writeln!(
+            out,
+            "{}",
+            table(
+                &["status", "sends", "of sent"],
+                &[1, 2],
+                v.funnel.rows(v.sent)
+            )
+        )?;
+    } else {
+        writeln!(
+            out,
+            "no webhook event yet (is `mmsend webhooks` subscribed and a tracker running? see the book's Delivery tracking)"
+        )?;
+    }
     if !trail.is_empty() {
         let rows = trail
             .iter()

@@ -42,6 +42,19 @@ local function one(ledger, k, o, a)
       if not value or a_hash(value) then
         redis.call('SET', ledger, record, 'PX', ARGV[a + 1])
       end
+      -- the delivery tracker's join (src/fleet/track.lua): tracking id →
+      -- job and campaign, kept for the ledger retention. The key is built
+      -- from the ledger key's hash tag (same slot); the value is
+      -- '<bytes of the job id>:<job id><campaign>'
+      local tracking = ARGV[o + 2]
+      if tracking ~= '' then
+        local close = string.find(ledger, '}', 1, true)
+        local tag = string.sub(ledger, 1, close)
+        local job = string.sub(ledger, close + 6)
+        local campaign = string.sub(KEYS[k + 13], close + 11)
+        redis.call('SET', tag .. ':tid:' .. tracking, #job .. ':' .. job .. campaign,
+          'PX', ARGV[a + 1])
+      end
     else
       -- a retry or a dead letter releases this worker's claim, so the retry
       -- or a replay can send

@@ -256,6 +256,62 @@ pub struct CampaignView {
     pub first_activity: Option<DateTime<Utc>>,
     /// When one last did (or its state last changed).
     pub last_activity: Option<DateTime<Utc>>,
+    /// What Meta's webhooks said of its sends (the delivery tracker).
+    #[serde(flatten)]
+    pub funnel: Funnel,
+}
+
+/// A campaign's delivery funnel, from Meta's webhooks ([`super::track`]):
+/// sends counted once per status each (a read whose delivery event never
+/// came counts in `read` only), and the events that matched no send.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Funnel {
+    /// Sends Meta echoed (sent).
+    pub echoed: u64,
+    /// Sends delivered.
+    pub delivered: u64,
+    /// Sends read.
+    pub read: u64,
+    /// Sends clicked (once each, however many clicks).
+    pub clicked: u64,
+    /// Sends whose delivery failed.
+    pub delivery_failed: u64,
+    /// Events of this campaign's message ids that matched no send.
+    pub unmatched: u64,
+}
+
+impl Funnel {
+    /// Its stages as (name, count), in funnel order (`unmatched` last).
+    pub fn stages(&self) -> [(&'static str, u64); 6] {
+        [
+            ("echoed", self.echoed),
+            ("delivered", self.delivered),
+            ("read", self.read),
+            ("clicked", self.clicked),
+            ("delivery_failed", self.delivery_failed),
+            ("unmatched", self.unmatched),
+        ]
+    }
+
+    /// Table rows: stage, count, share of `sent` (`-` for unmatched events,
+    /// which are not sends, and without sends).
+    pub fn rows(&self, sent: u64) -> Vec<Vec<String>> {
+        self.stages()
+            .into_iter()
+            .map(|(name, n)| {
+                let share = match (name, sent) {
+                    ("unmatched", _) | (_, 0) => "-".to_string(),
+                    _ => format!("{:.1} %", n as f64 * 100.0 / sent as f64),
+                };
+                vec![name.to_string(), n.to_string(), share]
+            })
+            .collect()
+    }
+
+    /// Whether any event was counted.
+    pub fn any(&self) -> bool {
+        *self != Funnel::default()
+    }
 }
 
 impl CampaignView {
@@ -327,6 +383,14 @@ impl CampaignView {
             eta_seconds,
             first_activity,
             last_activity: time("last"),
+            funnel: Funnel {
+                echoed: num("echoed"),
+                delivered: num("delivered"),
+                read: num("read"),
+                clicked: num("clicked"),
+                delivery_failed: num("delivery_failed"),
+                unmatched: num("unmatched"),
+            },
         }
     }
 

@@ -63,6 +63,7 @@
 //! configured ([`FailMode`]).
 
 pub mod campaign;
+pub mod track;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -125,6 +126,10 @@ pub struct FleetConfig {
     /// How long a campaign's state and counters are kept after its last
     /// activity ([`campaign`]).
     pub campaign_retention: Duration,
+    /// How long a maybe-sent job waits for its echo ([`track`]).
+    pub echo_window: Duration,
+    /// Sends without an echo for this long make a page silent ([`track`]).
+    pub silent_page_after: Duration,
 }
 
 impl FleetConfig {
@@ -144,6 +149,8 @@ impl FleetConfig {
             lowered_rate_for: r.lowered_rate_for,
             allow_eviction: r.allow_eviction,
             campaign_retention: r.campaign_retention,
+            echo_window: r.echo_window,
+            silent_page_after: r.silent_page_after,
         }
     }
 }

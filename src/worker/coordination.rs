@@ -16,7 +16,7 @@
 //! the first success marks it up again. What each failure costs is in the
 //! book (docs/src/fleet.md, "Fleet coordination on Redis").
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,6 +27,7 @@ use super::gates::{GateTimes, Gates, Held, PROBE_TIMEOUT};
 use super::pacing::{Pacer, PacingConfig};
 use crate::classify::{Class, Route, ScopeKind, Verdict};
 use crate::fleet::campaign::CampaignState;
+use crate::fleet::track::Evidence;
 use crate::fleet::{Ask, Before, FailMode, Fleet, Record, Tell};
 use crate::job::Job;
 use crate::metrics::Metrics;
@@ -46,6 +47,9 @@ pub(crate) fn eviction_seen(metrics: &Metrics, e: &crate::fleet::Eviction) {
     }
     metrics.set_redis_may_evict(may);
 }
+
+/// How often a maybe-sent job looks for its echo while it waits.
+const ECHO_POLL: Duration = Duration::from_millis(250);
 
 /// What to do before the call.
 #[derive(Debug, Clone, PartialEq)]
@@ -112,6 +116,12 @@ impl Claim<'_> {
     fn none_written(mut self) {
         self.held = false;
     }
+
+    /// The job was settled without a call (sent, on the echo of an earlier
+    /// call): the claim was recorded over, nothing to give back.
+    pub(crate) fn settled(mut self) {
+        self.held = false;
+    }
 }
 
 impl Drop for Claim<'_> {
@@ -155,6 +165,9 @@ pub(crate) struct Coordination {
     metrics: Arc<Metrics>,
     /// The job ids this worker is processing now ([`Coordination::enter`]).
     jobs: Mutex<HashSet<String>>,
+    /// With Redis: each page's first send since this worker last wrote them
+    /// (ms), for the silent-page watch ([`crate::fleet::track`]).
+    page_sends: Mutex<HashMap<String, i64>>,
 }
 
 /// A job id held as being processed by this worker; let go when dropped.
@@ -199,6 +212,7 @@ impl Coordination {
             epoch: Instant::now(),
             metrics,
             jobs: Mutex::new(HashSet::new()),
+            page_sends: Mutex::new(HashMap::new()),
         }
     }
 
@@ -404,6 +418,9 @@ impl Coordination {
                     gates: self.gates_on,
                     gate_grace: PROBE_TIMEOUT + self.gate_times.probe_wait,
                 };
+                if let After::Sent(_) = after {
+                    self.note_page_send(&job.page_id);
+                }
                 match fleet.after(job, &tell).await {
                     Ok(()) => {
                         self.redis_ok();
@@ -421,6 +438,44 @@ impl Coordination {
         }
     }
 
+    fn note_page_send(&self, page: &str) {
+        let mut pages = self.page_sends.lock().unwrap_or_else(|e| e.into_inner());
+        if !pages.contains_key(page) {
+            pages.insert(page.to_string(), chrono::Utc::now().timestamp_millis());
+        }
+    }
+
+    /// For a job whose earlier call may have been the send: Meta's echo of
+    /// that call (its tracking id), looked for until the echo window ends
+    /// (`crate::fleet::track`); `None` without Redis, on a Redis failure
+    /// (the job is called, 2300035 guarding), when none came, and at once
+    /// when no echo of the job's page was ever seen (its webhooks are not
+    /// tracked: waiting would only delay the job).
+    pub(crate) async fn echo_evidence(&self, job: &Job, since_ms: i64) -> Option<String> {
+        let fleet = self.fleet.as_deref()?;
+        let window = fleet.config().echo_window;
+        let started = Instant::now();
+        loop {
+            match fleet
+                .echo_evidence(job, since_ms, self.request_timeout + window)
+                .await
+            {
+                Ok(Evidence::Echo(tracking)) => return Some(tracking),
+                Ok(Evidence::Untracked) => return None,
+                Ok(Evidence::NotYet) => {}
+                Err(e) => {
+                    self.redis_failed(&e);
+                    return None;
+                }
+            }
+            let left = window.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                return None;
+            }
+            tokio::time::sleep(left.min(ECHO_POLL)).await;
+        }
+    }
+
     /// Every few seconds: local housekeeping, and the fleet's gate count
     /// (or a ping while Redis is down, so it is seen back without traffic).
     pub(crate) async fn housekeeping(&self) {
@@ -434,6 +489,9 @@ impl Coordination {
                 self.metrics.set_gates(&fleet.gate_census().await?);
                 fleet.measure_clock().await?;
                 eviction_seen(&self.metrics, &fleet.eviction().await?);
+                let pages =
+                    std::mem::take(&mut *self.page_sends.lock().unwrap_or_else(|e| e.into_inner()));
+                fleet.note_page_sends(&pages).await?;
                 Ok(())
             }
             .await

@@ -130,6 +130,9 @@ pub struct WorkerConfig {
     /// Redis for the send ledger and fleet-wide pacing and gates; `None`
     /// keeps them per process.
     pub fleet: Option<FleetConfig>,
+    /// Run the delivery tracker in this process when `fleet` is set
+    /// (default; `--no-tracker` turns it off): see [`crate::tracker`].
+    pub tracker: bool,
     /// Run on each delivery's body inside its job task, just before the
     /// job is processed; `None` (always, outside tests). Tests use it to
     /// inject faults that no input can cause, such as a panic.
@@ -199,6 +202,7 @@ impl WorkerConfig {
             shutdown_grace: Duration::from_secs(30),
             worker_id: default_worker_id(),
             fleet: None,
+            tracker: true,
             job_hook: None,
         }
     }
@@ -427,6 +431,18 @@ pub async fn run(
         Some(f) => info!(fleet = ?f, fail_mode = f.config().fail_mode.as_str(), "send ledger, pacing and gates shared through Redis"),
         None => info!("MMSEND_REDIS_URL is not set: pacing and gates are per process and there is no send ledger"),
     }
+    let tracker = match (&fleet, config.tracker) {
+        (Some(f), true) => Some(tokio::spawn(crate::tracker::run(
+            crate::tracker::TrackerConfig {
+                amqp_url: config.amqp_url.clone(),
+                topology: config.topology.clone(),
+            },
+            f.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ))),
+        _ => None,
+    };
     let campaigns = fleet.as_ref().map(|f| f.campaigns());
     let tally = campaigns.as_ref().map(|_| Arc::new(Tally::default()));
     let ctx = Arc::new(Ctx {
@@ -547,6 +563,16 @@ pub async fn run(
     }
     if let Some(watch) = token_watch {
         watch.abort();
+    }
+    if let Some(mut tracker) = tracker {
+        // it stops on the same signal (else it is stopped here); a payload
+        // it holds goes back to the queue with its connection
+        if tokio::time::timeout(CLOSE_TIMEOUT, &mut tracker)
+            .await
+            .is_err()
+        {
+            tracker.abort();
+        }
     }
     result
 }

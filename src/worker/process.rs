@@ -255,6 +255,14 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic without a message".to_string())
 }
 
+/// How far back a maybe-sent job's earlier call can be when its story does
+/// not say (no first attempt, replay or enqueue time): an echo older than
+/// this is not taken for its send.
+const ECHO_LOOKBACK: chrono::Duration = chrono::Duration::hours(1);
+
+/// Meta's clock against this host's, for the echo's timestamp, ms.
+const ECHO_CLOCK_SKEW_MS: i64 = 60_000;
+
 /// Everything up to the decision; no broker I/O. One straight line: parse,
 /// token, deadline, gates, pace, call, classify and route (once).
 async fn decide(ctx: &Ctx, body: &[u8], story: Story, redelivered: bool) -> Decided {
@@ -304,6 +312,12 @@ async fn decide_job(ctx: &Ctx, job: &Job, mut story: Story, redelivered: bool) -
         );
     }
 
+    // The earliest an earlier call of this job can have been made (for the
+    // echo a maybe-sent job looks for), before `first_attempt_at` is set.
+    let calls_since = story
+        .first_attempt_at
+        .or(story.replayed_at)
+        .or(story.enqueued_at);
     // Age limits count from the first time a worker took the job, whether
     // it was tried then or held back by a gate.
     let first_attempt_at = *story.first_attempt_at.get_or_insert(now);
@@ -421,6 +435,34 @@ async fn decide_job(ctx: &Ctx, job: &Job, mut story: Story, redelivered: bool) -
             return decided;
         }
     };
+
+    // A maybe-sent job first looks for Meta's echo of its earlier call (the
+    // delivery tracker's evidence): found, that call was the send; settled
+    // as sent with its tracking id, no second call.
+    if attempt.maybe_sent && claimed {
+        let since = calls_since
+            .unwrap_or(now - ECHO_LOOKBACK)
+            .timestamp_millis()
+            .saturating_sub(ECHO_CLOCK_SKEW_MS);
+        if let Some(tracking_id) = ctx.coord.echo_evidence(job, since).await {
+            ctx.metrics.maybe_sent("echo");
+            info!(tracking_id = %tracking_id, "an earlier call may have been the send and Meta's echo says it was; settled as sent, no second call");
+            ctx.coord
+                .after(job, claimed, After::Sent(&tracking_id))
+                .await;
+            if let Some(claim) = claim {
+                claim.settled();
+            }
+            span.record("tracking_id", tracking_id.as_str());
+            return Decided::new(
+                ctx,
+                Route::Sent { suspected: false },
+                story,
+                Some(tracking_id),
+            );
+        }
+        ctx.metrics.maybe_sent("call");
+    }
 
     story.attempt = story.attempt.saturating_add(1);
     span.record("attempt", story.attempt);
@@ -614,6 +656,7 @@ async fn publish_result(
         tracking_id,
         suspected: matches!(route, Route::Sent { suspected: true }),
         attempts: story.attempt,
+        status: None,
         at: Utc::now(),
     };
     let Ok(bytes) = serde_json::to_vec(&event) else {

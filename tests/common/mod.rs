@@ -570,15 +570,20 @@ impl Harness {
             .unwrap()
     }
 
-    /// Messages waiting in the work queue and the delay tiers (everywhere
-    /// but the DLQ and the results stream: a stream keeps its events after
-    /// they are read, and how many it reports depends on when the broker
-    /// last counted them).
+    /// Jobs waiting in the work queue and the delay tiers (everywhere but
+    /// the DLQ, the webhook queues, which hold no jobs, and the results
+    /// stream: a stream keeps its events after they are read, and how many
+    /// it reports depends on when the broker last counted them).
     pub async fn waiting(&self) -> u32 {
         let info = self.topology.show(&self.conn).await.unwrap();
-        let (dead, results) = (self.topology.dead_queue(), self.topology.results_stream());
+        let not_jobs = [
+            self.topology.dead_queue(),
+            self.topology.results_stream(),
+            self.topology.webhook_queue(),
+            self.topology.webhook_wait_queue(),
+        ];
         info.iter()
-            .filter(|q| q.name != dead && q.name != results)
+            .filter(|q| !not_jobs.contains(&q.name))
             .map(|q| q.messages)
             .sum()
     }

@@ -1,0 +1,447 @@
+//! Delivery tracking (issue 28) end to end, against the real broker and
+//! Redis: the simulator posts signed webhooks for each send (echo, then
+//! delivery or failure, read, click; shuffled by random delays, some posted
+//! twice) to the real receiver, which stores them in RabbitMQ; the tracker
+//! joins them to the jobs through the send ledger.
+//!
+//! - 1,000 sends in two campaigns: each campaign's funnel equals what the
+//!   simulator posted, each event counted once; a mis-signed post changes
+//!   nothing; every event has its `delivery` event on the results stream.
+//! - The tracker stopped while events arrive loses none: they are counted
+//!   when it comes back.
+//! - A maybe-sent job (its call timed out after the send went out; no cap
+//!   in the simulator to answer 2300035) is settled as sent on its echo,
+//!   without a second call.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{amqp_url, job_for, redis_url, Harness, Opts};
+use mmsend::fleet::{Fleet, FleetConfig};
+use mmsend::metrics::Metrics;
+use mmsend::simulator::{SimConfig, SimWebhooks};
+use mmsend::webhooks::{self, WebhookConfig};
+use tokio_util::sync::CancellationToken;
+
+const SECRET: &str = "tracking-app-secret-0123456789";
+const PAGE: &str = "9876543210";
+
+/// A free port on 127.0.0.1 (the simulator must know the receiver's URL
+/// before the harness that names the topology exists).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn sim_posting_to(port: u16, failed: f64, duplicate: f64) -> SimConfig {
+    SimConfig {
+        record: true,
+        webhooks: Some(SimWebhooks {
+            url: format!("http://127.0.0.1:{port}/webhooks"),
+            app_secret: SECRET.into(),
+            page_id: PAGE.into(),
+            delivered: 0.9,
+            read: 0.5,
+            click: 0.3,
+            failed,
+            duplicate,
+            max_delay: Duration::from_millis(800),
+        }),
+        ..SimConfig::default()
+    }
+}
+
+struct Receiver {
+    url: String,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), webhooks::WebhookError>>,
+}
+
+async fn receiver(h: &Harness, port: u16) -> Receiver {
+    let config = WebhookConfig {
+        amqp_url: amqp_url(),
+        topology: h.topology.clone(),
+        listen: format!("127.0.0.1:{port}"),
+        verify_token: mmsend::graph::auth::Secret::new("verify"),
+        app_secret: mmsend::graph::auth::Secret::new(SECRET),
+        max_body: webhooks::MAX_BODY,
+    };
+    let stop = CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel::<SocketAddr>();
+    let task = tokio::spawn(webhooks::serve(
+        config,
+        Metrics::new(),
+        stop.clone(),
+        move |a| {
+            let _ = tx.send(a);
+        },
+    ));
+    let addr = rx.await.expect("the receiver listens");
+    Receiver {
+        url: format!("http://{addr}/webhooks"),
+        stop,
+        task,
+    }
+}
+
+impl Receiver {
+    async fn finish(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// The funnel of `campaign` as `mmsend campaign show --json` has it:
+/// status → count (unmatched included).
+async fn funnel(h: &Harness, campaign: &str) -> BTreeMap<String, u64> {
+    let campaigns = mmsend::fleet::campaign::Campaigns::connect(
+        &FleetConfig::new(&redis_url()),
+        &h.topology.prefix,
+    )
+    .await
+    .unwrap();
+    let v = campaigns.show(campaign).await.unwrap().unwrap_or_else(|| {
+        panic!("campaign {campaign} is known");
+    });
+    v.funnel
+        .stages()
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(s, n)| (s.to_string(), n))
+        .collect()
+}
+
+/// What the simulator posted for `message_id`: status → events.
+async fn posted(h: &Harness, message_id: &str) -> BTreeMap<String, u64> {
+    h.sim
+        .stats()
+        .webhooks
+        .get(message_id)
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Waits until each campaign's funnel equals what was posted for its
+/// message id, or fails with both.
+async fn wait_funnels(h: &Harness, campaigns: &[(&str, &str)], timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let mut all = true;
+        let mut seen = Vec::new();
+        for (campaign, message_id) in campaigns {
+            let (got, want) = (funnel(h, campaign).await, posted(h, message_id).await);
+            all &= got == want;
+            seen.push((campaign.to_string(), got, want));
+        }
+        if all {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "funnels (campaign, counted, posted): {seen:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn metric(metrics: &Metrics, prefix: &str) -> u64 {
+    metrics
+        .render()
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn signed_events_for_a_thousand_sends_give_each_campaign_the_funnel_that_was_posted() {
+    let port = free_port();
+    let mut opts = Opts::new("track-funnel");
+    opts.sim = sim_posting_to(port, 0.05, 0.3);
+    opts.redis = Some(redis_url());
+    opts.results = true;
+    opts.concurrency = 64;
+    let h = Harness::start(opts).await;
+    let r = receiver(&h, port).await;
+    let (_results_channel, mut results) = h.results_consumer("track-results", 500).await;
+
+    const SENDS: usize = 1000;
+    let campaigns = [
+        ("track-a", "120210000000000001"),
+        ("track-b", "120210000000000002"),
+    ];
+    for i in 0..SENDS {
+        let (campaign, message_id) = campaigns[i % 2];
+        let mut job = job_for(&format!("tr-{i}"), &format!("sub-{i}"), message_id);
+        job["campaign"] = serde_json::json!(campaign);
+        h.publish_job(&job).await;
+    }
+    h.wait_settled(SENDS as u64, Duration::from_secs(60)).await;
+    wait_funnels(&h, &campaigns, Duration::from_secs(60)).await;
+
+    let posted_total: u64 = {
+        let mut n = 0;
+        for (_, m) in campaigns {
+            n += posted(&h, m).await.values().sum::<u64>();
+        }
+        n
+    };
+    let matched = metric(&h.metrics, "mmsend_webhook_events_total{field=");
+    println!(
+        "{SENDS} sends, {posted_total} distinct events posted; tracker: {}",
+        {
+            h.metrics
+                .render()
+                .lines()
+                .filter(|l| l.starts_with("mmsend_webhook_events_total{") && !l.ends_with(" 0"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        }
+    );
+    assert!(matched >= posted_total, "every event was taken");
+    let scrape = h.metrics.render();
+    for name in mmsend::metrics::TRACKER_SERIES {
+        assert!(
+            scrape.contains(name),
+            "{name} in a worker's scrape with its tracker"
+        );
+    }
+    for (c, m) in campaigns {
+        let f = funnel(&h, c).await;
+        assert_eq!(
+            f.get("echoed"),
+            Some(&(SENDS as u64 / 2)),
+            "{c}: one echo per send"
+        );
+        assert!(
+            f.contains_key("read") && f.contains_key("clicked"),
+            "{c}: {f:?}"
+        );
+        assert_eq!(f.get("unmatched"), None, "{c}: every event joined a send");
+        assert_eq!(f, posted(&h, m).await);
+    }
+
+    // a mis-signed post of a new event for a known send changes nothing
+    let record = h.sim.record();
+    let send = record
+        .sends
+        .iter()
+        .find(|s| s.tracking_id.is_some())
+        .unwrap();
+    let body = serde_json::json!({"object": "page", "entry": [{"id": PAGE, "time": 1, "changes": [
+        {"field": "marketing_message_clicks", "value": {"messenger_subscription_token": send.token,
+         "message_id": send.message_id, "page_id": PAGE, "timestamp": chrono::Utc::now().timestamp_millis()}}]}]})
+    .to_string();
+    let http = reqwest::Client::new();
+    for signature in [
+        None,
+        Some(format!("sha256={}", "0".repeat(64))),
+        Some(webhooks::signature("another-secret", body.as_bytes())),
+    ] {
+        let mut req = http.post(&r.url).body(body.clone());
+        if let Some(s) = signature {
+            req = req.header("x-hub-signature-256", s);
+        }
+        assert_eq!(req.send().await.unwrap().status().as_u16(), 403);
+    }
+    let before: Vec<_> = {
+        let mut v = Vec::new();
+        for (c, _) in campaigns {
+            v.push(funnel(&h, c).await);
+        }
+        v
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (i, (c, _)) in campaigns.iter().enumerate() {
+        assert_eq!(
+            funnel(&h, c).await,
+            before[i],
+            "refused posts count nothing"
+        );
+    }
+
+    // each counted event has its delivery event on the results stream
+    let want: u64 = before
+        .iter()
+        .flat_map(|f| f.iter().filter(|(k, _)| *k != "unmatched").map(|(_, n)| *n))
+        .sum();
+    let mut deliveries: Vec<mmsend::results::ResultEvent> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while (deliveries.len() as u64) < want {
+        use futures_util::StreamExt;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Ok(Some(Ok(d))) = tokio::time::timeout(left, results.next()).await else {
+            panic!("{} delivery events of {want}", deliveries.len());
+        };
+        d.ack(lapin::options::BasicAckOptions::default())
+            .await
+            .unwrap();
+        let e: mmsend::results::ResultEvent = serde_json::from_slice(&d.data).unwrap();
+        if e.outcome == mmsend::results::ResultOutcome::Delivery {
+            deliveries.push(e);
+        }
+    }
+    assert_eq!(
+        deliveries.len() as u64,
+        want,
+        "one delivery event per counted status"
+    );
+    let mut per_job: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for e in &deliveries {
+        *per_job
+            .entry((e.job_id.clone(), e.status.clone().unwrap()))
+            .or_default() += 1;
+    }
+    assert!(
+        per_job.values().all(|n| *n == 1),
+        "each status once per job"
+    );
+
+    r.finish().await;
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn a_tracker_stopped_while_events_arrive_loses_none() {
+    let port = free_port();
+    let mut opts = Opts::idle("track-stop");
+    opts.sim = sim_posting_to(port, 0.05, 0.2);
+    opts.redis = Some(redis_url());
+    let mut h = Harness::start(opts).await;
+    // the worker runs without a tracker: a tracker of its own comes and goes
+    h.config.tracker = false;
+    h.start_worker();
+    let r = receiver(&h, port).await;
+    let fleet = Arc::new(
+        Fleet::new(
+            FleetConfig::new(&redis_url()),
+            &h.topology.prefix,
+            "tracker-test",
+            Metrics::new(),
+        )
+        .unwrap(),
+    );
+    let start_tracker = |metrics: Arc<Metrics>| {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(mmsend::tracker::run(
+            mmsend::tracker::TrackerConfig {
+                amqp_url: amqp_url(),
+                topology: h.topology.clone(),
+            },
+            fleet.clone(),
+            metrics,
+            stop.clone(),
+        ));
+        (stop, task)
+    };
+
+    const SENDS: usize = 300;
+    let campaign = [("track-stop", "120210000000000003")];
+    let tracker_metrics = Metrics::new();
+    let (stop, task) = start_tracker(tracker_metrics.clone());
+    let mut task = Some(task);
+    for i in 0..SENDS {
+        let mut job = job_for(&format!("ts-{i}"), &format!("sub-{i}"), campaign[0].1);
+        job["campaign"] = serde_json::json!(campaign[0].0);
+        h.publish_job(&job).await;
+        if i == SENDS / 3 {
+            // stopped while sends (and their webhooks) go on
+            stop.cancel();
+            task.take().unwrap().await.unwrap().unwrap();
+        }
+    }
+    h.wait_settled(SENDS as u64, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let waiting = h.depth(&h.topology.webhook_queue()).await;
+    let counted_while_stopped = funnel(&h, campaign[0].0).await;
+    println!("stopped: {waiting} payloads waiting, counted so far {counted_while_stopped:?}");
+    assert!(waiting > 0, "events arrived while the tracker was stopped");
+    assert_ne!(counted_while_stopped, posted(&h, campaign[0].1).await);
+
+    // it comes back: everything is counted, once
+    let (stop, task) = start_tracker(tracker_metrics.clone());
+    wait_funnels(&h, &campaign, Duration::from_secs(60)).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    assert_eq!(h.depth(&h.topology.webhook_queue()).await, 0);
+
+    r.finish().await;
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn a_maybe_sent_job_is_settled_as_sent_on_its_echo_without_a_second_call() {
+    let port = free_port();
+    let mut opts = Opts::idle("track-echo");
+    // no cap in the simulator: a second call would be a second send
+    opts.sim = sim_posting_to(port, 0.0, 0.0);
+    opts.redis = Some(redis_url());
+    let mut h = Harness::start(opts).await;
+    // the call times out after the send went out (the answer is 3 s late)
+    h.config.graph.request_timeout = Duration::from_secs(1);
+    h.start_worker();
+    let r = receiver(&h, port).await;
+
+    // the page's webhooks are tracked (an echo of it was seen)
+    h.publish_job(&job_for("echo-warm", "sub-warm", "120210000000000004"))
+        .await;
+    h.wait_settled(1, Duration::from_secs(20)).await;
+    let token = "sim:latesend:3000:maybe";
+    h.publish_job(&job_for("echo-1", token, "120210000000000004"))
+        .await;
+    h.wait_settled(2, Duration::from_secs(30)).await;
+
+    let calls = h
+        .sim
+        .record()
+        .requests
+        .iter()
+        .filter(|q| q.token.as_deref() == Some(token))
+        .count();
+    assert_eq!(calls, 1, "one call: the second was settled on the echo");
+    assert_eq!(h.sim.stats().sent, 2);
+    assert_eq!(
+        metric(&h.metrics, "mmsend_maybe_sent_total{settled_by=\"echo\"}"),
+        1
+    );
+    assert_eq!(
+        metric(&h.metrics, "mmsend_maybe_sent_total{settled_by=\"call\"}"),
+        0
+    );
+    assert!(h.dead_reasons().await.is_empty());
+    // the ledger holds the send with the echo's tracking id
+    let tracking = h
+        .sim
+        .record()
+        .sends
+        .iter()
+        .find(|s| s.token == token)
+        .unwrap()
+        .tracking_id
+        .clone()
+        .unwrap();
+    let mut conn = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let record: String = redis::cmd("GET")
+        .arg(format!("{{{}}}:job:echo-1", h.topology.prefix))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        record.starts_with("sent\n") && record.contains(&tracking),
+        "{record:?}"
+    );
+
+    r.finish().await;
+    h.finish().await;
+}
