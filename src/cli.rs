@@ -32,6 +32,7 @@ on a terminal, never with NO_COLOR set. A closed pipe (| head) ends quietly.";
 
 pub(crate) mod campaign;
 pub(crate) mod dlq;
+pub(crate) mod pages;
 
 /// The `mmsend` command line: the binary parses it, calls [`init_logging`],
 /// then [`run`]. The subcommands and their flags are crate-private: the
@@ -94,6 +95,11 @@ pub(crate) enum Command {
     },
     /// Receive Meta's page webhooks: check each post's signature, store it in RabbitMQ, answer 200.
     Webhooks(WebhooksArgs),
+    /// Check the pages' webhook subscriptions: which marketing-message fields each page with a token is subscribed to.
+    Pages {
+        #[command(subcommand)]
+        command: pages::PagesCommand,
+    },
     /// Run the delivery tracker alone: join the stored webhook events to jobs, count each campaign's funnel (needs Redis; `mmsend worker` runs one unless --no-tracker).
     Tracker(TrackerArgs),
 }
@@ -888,6 +894,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Healthcheck(args) => healthcheck_command(&args).await,
         Command::Dlq { command } => crate::cli::dlq::run(command).await,
         Command::Campaign { command } => crate::cli::campaign::run(command).await,
+        Command::Pages { command } => pages::run(command).await,
         Command::Demo(args) => {
             let report = crate::demo::run(crate::demo::DemoOptions {
                 amqp_url: args.amqp_url.clone(),

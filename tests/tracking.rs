@@ -445,3 +445,85 @@ async fn a_maybe_sent_job_is_settled_as_sent_on_its_echo_without_a_second_call()
     r.finish().await;
     h.finish().await;
 }
+
+// the binary runs while the test thread waits for it: the simulator needs
+// a thread of its own
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_check_names_the_fields_each_page_is_subscribed_to() {
+    let sim = mmsend::simulator::Simulator::start(
+        "127.0.0.1:0",
+        SimConfig {
+            access_token: Some(common::TOKEN.into()),
+            unsubscribed_pages: vec!["1110000000".into()],
+            ..SimConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let dir = common::tmpdir("pages-check");
+    let tokens = dir.join("tokens.json");
+    std::fs::write(
+        &tokens,
+        serde_json::json!({PAGE: common::TOKEN, "1110000000": common::TOKEN}).to_string(),
+    )
+    .unwrap();
+    let base = sim.base_url();
+    let run = |args: &[&str], envs: &[(&str, &str)]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_mmsend"));
+        c.args(["pages", "check"])
+            .args(args)
+            .env("MMSEND_GRAPH_BASE_URL", &base)
+            .env_remove("MMSEND_ACCESS_TOKEN")
+            .env_remove("MMSEND_PAGE_TOKENS_FILE")
+            .env_remove("MMSEND_APP_SECRET");
+        for (k, v) in envs {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let file = tokens.to_str().unwrap();
+
+    // one page subscribed to every field, one to none: exit 1, both named
+    let (code, out, _) = run(&["--json"], &[("MMSEND_PAGE_TOKENS_FILE", file)]);
+    assert_eq!(code, Some(1), "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let pages = v["pages"].as_array().unwrap();
+    assert_eq!(pages.len(), 2);
+    let by_id = |id: &str| pages.iter().find(|p| p["page_id"] == id).unwrap().clone();
+    assert_eq!(by_id(PAGE)["missing"], serde_json::json!([]), "{out}");
+    assert_eq!(by_id(PAGE)["subscribed"].as_array().unwrap().len(), 5);
+    assert_eq!(by_id("1110000000")["missing"].as_array().unwrap().len(), 5);
+    assert_eq!(v["ok"], false);
+    let (code, table, _) = run(&[], &[("MMSEND_PAGE_TOKENS_FILE", file)]);
+    assert_eq!(code, Some(1));
+    assert!(
+        table.contains("no app") && table.contains("subscribed_fields="),
+        "{table}"
+    );
+
+    // the subscribed page alone, with the default token: exit 0
+    let (code, out, err) = run(&["--page", PAGE], &[("MMSEND_ACCESS_TOKEN", common::TOKEN)]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("echoes, deliveries, reads, clicks, delivery_failed"),
+        "{out}"
+    );
+
+    // a token Meta refuses: said, exit 1, and the token is not printed
+    let wrong = "EAAB-wrong-token-0000000000";
+    let (code, out, err) = run(&["--page", PAGE], &[("MMSEND_ACCESS_TOKEN", wrong)]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("Meta did not answer"), "{out}");
+    assert!(!out.contains(wrong) && !err.contains(wrong));
+
+    // nothing to check: a usage error that says what to do
+    let (code, _, err) = run(&[], &[("MMSEND_ACCESS_TOKEN", common::TOKEN)]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--page"), "{err}");
+    sim.shutdown().await;
+}

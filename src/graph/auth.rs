@@ -238,6 +238,13 @@ impl TokenStore {
         self.pages.get(page_id).or(self.default.as_ref())
     }
 
+    /// The pages with a token of their own, sorted.
+    pub fn pages(&self) -> Vec<&str> {
+        let mut pages: Vec<&str> = self.pages.keys().map(String::as_str).collect();
+        pages.sort_unstable();
+        pages
+    }
+
     /// No token at all; `mmsend worker` refuses to start with such a store.
     pub fn is_empty(&self) -> bool {
         self.default.is_none() && self.pages.is_empty()

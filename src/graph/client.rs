@@ -319,6 +319,20 @@ pub struct Client {
     url_password: Vec<String>,
 }
 
+/// One app subscribed to a page's webhooks (`GET /{page-id}/subscribed_apps`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub struct SubscribedApp {
+    /// The app's name.
+    #[serde(default)]
+    pub name: String,
+    /// The app's id.
+    #[serde(default)]
+    pub id: String,
+    /// The webhook fields it is subscribed to.
+    #[serde(default)]
+    pub subscribed_fields: Vec<String>,
+}
+
 /// Why a [`Client`] could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -395,6 +409,68 @@ impl Client {
             .push(&format!("act_{ad_account_id}"))
             .push("messages");
         url
+    }
+
+    /// `GET /{page-id}/subscribed_apps`: the apps subscribed to the page's
+    /// webhooks and their fields (for `mmsend pages check`). The error is
+    /// one line, secrets redacted.
+    pub async fn subscribed_apps(
+        &self,
+        token: &Secret,
+        page_id: &str,
+    ) -> Result<Vec<SubscribedApp>, String> {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .expect("http(s) URLs are base URLs")
+            .pop_if_empty()
+            .push(page_id)
+            .push("subscribed_apps");
+        let proof = self
+            .app_secret
+            .as_ref()
+            .map(|secret| appsecret_proof(secret, token));
+        if let Some(proof) = &proof {
+            url.query_pairs_mut().append_pair("appsecret_proof", proof);
+        }
+        let redactor = self.redactor(token, proof.as_deref());
+        let mut response = self
+            .http
+            .get(url)
+            .bearer_auth(token.expose())
+            .send()
+            .await
+            .map_err(|e| error_text(e, &redactor))?;
+        let status = response.status();
+        let (body, end) = read_body(&mut response, MAX_SUCCESS_BODY).await;
+        if !status.is_success() {
+            return Err(match GraphError::parse(&body) {
+                Some(mut error) => {
+                    error.redact(&redactor);
+                    format!(
+                        "HTTP {}: {}",
+                        status.as_u16(),
+                        error.message.unwrap_or_default()
+                    )
+                }
+                None => format!(
+                    "HTTP {}: {}",
+                    status.as_u16(),
+                    snippet(&body, end, &redactor)
+                ),
+            });
+        }
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            data: Vec<SubscribedApp>,
+        }
+        serde_json::from_slice::<Answer>(&body)
+            .map(|a| a.data)
+            .map_err(|e| {
+                format!(
+                    "not a subscribed_apps answer ({e}): {}",
+                    snippet(&body, end, &redactor)
+                )
+            })
     }
 
     /// Sends one marketing message.
