@@ -5,7 +5,8 @@
 # Prometheus config is valid, every YAML and JSON file parses, every script
 # parses, and check_deploy.py proves how the pieces fit (scrape job and
 # selectors, runbook links, KEDA, PDB, pinned images, Dockerfile entrypoint
-# and healthcheck, compose healthchecks and Redis). tests/deploy.rs checks
+# and healthcheck, compose healthchecks and Redis, the webhook receiver's and
+# tracker's scrape, ports, secrets and Ingress). tests/deploy.rs checks
 # every mmsend command line in deploy/ against the real CLI.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -33,7 +34,7 @@ if command -v promtool >/dev/null 2>&1; then
     python3 monitoring/generate.py --out '$tmp/custom' \
       --set 'mmsend_selector=job=\"mmsend-worker\",namespace=\"messaging\"' \
       --set 'rabbitmq_selector=namespace=\"messaging\",job=~\"rabbitmq.*\"' \
-      --set 'work_queue_regex=shop[.]send' --set runbook_base_url=https://docs.example/mmsend/docs/src/operating/runbook.md >/dev/null &&
+      --set 'work_queue_regex=shop[.]send' --set 'webhook_queue_regex=shop[.]webhooks' --set runbook_base_url=https://docs.example/mmsend/docs/src/operating/runbook.md >/dev/null &&
     promtool check rules '$tmp/custom/alerts.yml' && python3 -m json.tool '$tmp/custom/mmsend.json' >/dev/null"
   rm -rf "$tmp"
 else

@@ -328,5 +328,94 @@ def _():
     )
 
 
+# --- delivery tracking: the webhook receiver and the tracker ---------------
+
+def listen_port(argv, flag):
+    """The port of `flag <host:port>` in an mmsend command line."""
+    assert flag in argv, f"{argv} has no {flag}"
+    return int(argv[argv.index(flag) + 1].rsplit(":", 1)[1])
+
+
+def deployments():
+    return {d["metadata"]["name"]: d for d in load_all("k8s/deployment.yaml") if d["kind"] == "Deployment"}
+
+
+@check("every mmsend process is scraped as the alerts' job: the receiver's and the tracker's ports too (compose, ServiceMonitor)")
+def _():
+    prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    job = re.fullmatch(r'job="([^"]+)"', MONITORING["mmsend_selector"]).group(1)
+    sd = [c for c in prom["scrape_configs"] if c["job_name"] == job][0]["dns_sd_configs"]
+    ports = {n: c["port"] for c in sd for n in c["names"]}
+    receiver = listen_port(SERVICES["webhooks"]["command"], "--listen")
+    assert ports.get("webhooks") == receiver, f"compose Prometheus scrapes webhooks on {ports.get('webhooks')}, the receiver listens on {receiver}"
+    svcs = [d for d in load_all("k8s/service.yaml") if d["kind"] == "Service"]
+    mon = kind("k8s/service.yaml", "ServiceMonitor")
+    sel = mon["spec"]["selector"]["matchLabels"]
+    endpoint_ports = {e["port"] for e in mon["spec"]["endpoints"]}
+    for component in ("worker", "webhooks", "tracker"):
+        mine = [s for s in svcs if s["metadata"]["labels"].get("app.kubernetes.io/component") == component]
+        assert mine, f"no Service for the {component}"
+        s = mine[0]
+        labels = s["metadata"]["labels"]
+        assert all(labels.get(k) == v for k, v in sel.items()), f"the ServiceMonitor ({sel}) does not select {s['metadata']['name']}"
+        assert labels.get(mon["spec"]["jobLabel"]) == job, f"{s['metadata']['name']}: its job would not be {job!r}"
+        names = {p["name"] for p in s["spec"]["ports"]}
+        assert names & endpoint_ports, f"{s['metadata']['name']} has none of the ServiceMonitor's ports {endpoint_ports}"
+
+
+@check("k8s webhook receiver: listens on its container port (the Service's target), its secrets in mmsend-secrets, the workers' config file")
+def _():
+    d = deployments()["mmsend-webhooks"]
+    pod = d["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    port = listen_port(c["args"], "--listen")
+    cports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert port in cports.values(), f"--listen port {port} is no containerPort {cports}"
+    svc = [s for s in load_all("k8s/service.yaml") if s["kind"] == "Service" and s["metadata"]["name"] == "mmsend-webhooks"][0]
+    target = svc["spec"]["ports"][0]["targetPort"]
+    assert cports.get(target) == port, f"Service mmsend-webhooks targets {target!r}, the receiver listens on {port}"
+    secret = kind("k8s/secret.example.yaml", "Secret")["stringData"]
+    env = {e["name"]: e for e in c["env"]}
+    for var in ("MMSEND_AMQP_URL", "MMSEND_WEBHOOK_VERIFY_TOKEN", "MMSEND_APP_SECRET"):
+        ref = env.get(var, {}).get("valueFrom", {}).get("secretKeyRef")
+        assert ref and ref["name"] == "mmsend-secrets" and ref["key"] in secret, f"{var} does not come from a key of mmsend-secrets"
+        assert not ref.get("optional"), f"{var} is optional: the receiver refuses to start without it"
+    # the receiver declares the topology: the same [topology] as the workers
+    mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
+    worker = kind("k8s/deployment.yaml", "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    config = [m["mountPath"] for m in worker["volumeMounts"] if m["mountPath"].endswith(".toml")][0]
+    assert config in mounts, f"the receiver does not mount the workers' {config}"
+    tracker = deployments()["mmsend-tracker"]["spec"]["template"]["spec"]["containers"][0]
+    assert config in {m["mountPath"] for m in tracker.get("volumeMounts", [])}, f"the tracker does not mount the workers' {config} ([redis] retentions)"
+    assert "MMSEND_REDIS_URL" in {e["name"] for e in tracker["env"]}, "the tracker gets no MMSEND_REDIS_URL"
+
+
+@check("k8s webhook ingress example: TLS, only /webhooks (Exact) to the receiver's Service, kept out of kustomization")
+def _():
+    ing = kind("k8s/webhooks-ingress.example.yaml", "Ingress")["spec"]
+    kust = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    assert "webhooks-ingress.example.yaml" not in kust["resources"], "the Ingress example names your host: not applied"
+    hosts = {h for r in ing["rules"] for h in [r.get("host")]}
+    assert ing.get("tls") and hosts <= {h for t in ing["tls"] for h in t["hosts"]}, "a host without TLS: Meta calls HTTPS only"
+    paths = [p for r in ing["rules"] for p in r["http"]["paths"]]
+    assert [(p["path"], p["pathType"]) for p in paths] == [("/webhooks", "Exact")], f"route only /webhooks (not /metrics): {paths}"
+    assert all(p["backend"]["service"]["name"] == "mmsend-webhooks" for p in paths)
+
+
+@check("compose: the simulator posts to the receiver, signed with its app secret; the receiver's and tracker's healthchecks ask their own port")
+def _():
+    sim = SERVICES["simulator"]
+    hook = listen_port(SERVICES["webhooks"]["command"], "--listen")
+    url = sim["command"][sim["command"].index("--webhook-url") + 1]
+    assert url == f"http://webhooks:{hook}/webhooks", f"the simulator posts to {url}"
+    assert sim["environment"]["MMSEND_SIM_WEBHOOK_SECRET"] == SERVICES["webhooks"]["environment"]["MMSEND_APP_SECRET"], "the simulator signs with another secret than the receiver checks"
+    for name, flag in (("webhooks", "--listen"), ("tracker", "--metrics-addr")):
+        s = SERVICES[name]
+        test = s["healthcheck"]["test"]
+        assert test[1:3] == ["mmsend", "healthcheck"], f"{name}: {test}"
+        assert listen_port(test, "--metrics-addr") == listen_port(s["command"], flag), f"{name}: the healthcheck asks another port than it serves"
+    assert SERVICES["tracker"].get("profiles"), "the standalone tracker is optional (workers run one): give it a profile"
+
+
 print(f"deploy (python): {results['ok']} passed, {results['bad']} failed")
 sys.exit(1 if results["bad"] else 0)

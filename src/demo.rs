@@ -10,6 +10,13 @@
 //! the commands to inspect and replay. It checks its own books: the sends
 //! the simulator received must equal the jobs the worker acked as sent, and
 //! sent + dead must equal the jobs enqueued.
+//!
+//! With Redis it also runs the delivery loop: the simulator posts Meta's
+//! signed webhooks for each send (echo, delivery or failure, read, click;
+//! delayed at random, a few twice) to a webhook receiver on a local port,
+//! the worker's tracker joins them to the jobs, and the demo prints each
+//! campaign's funnel next to what the simulator posted (they must be
+//! equal).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -22,7 +29,7 @@ use crate::classify::{Class, RetryPolicy};
 use crate::graph::{ClientConfig, Secret, TokenStore};
 use crate::metrics::Metrics;
 use crate::producer::Producer;
-use crate::simulator::{Latency, SimConfig, SimStats, Simulator};
+use crate::simulator::{Latency, SimConfig, SimStats, SimWebhooks, Simulator};
 use crate::worker::{self, gates::GateTimes, pacing::PacingConfig, WorkerConfig};
 
 /// Demo settings.
@@ -67,15 +74,19 @@ pub struct DemoReport {
     pub suppressed: u64,
     /// Jobs settled as sent on 2300035 after a maybe-sent call.
     pub suspected: u64,
+    /// Each campaign's delivery funnel (with Redis: the webhook loop runs).
+    pub funnels: Vec<DemoFunnel>,
 }
 
 impl DemoReport {
-    /// The books balance: every job sent or dead, and every send the
-    /// simulator received was acked as sent exactly once.
+    /// The books balance: every job sent or dead, every send the simulator
+    /// received was acked as sent exactly once, and every webhook event it
+    /// posted was counted once in its campaign's funnel.
     pub fn balanced(&self) -> bool {
         self.sent + self.dead == self.jobs as u64
             && self.sim.sent == self.sent
             && self.sim.duplicates == 0
+            && self.funnels.iter().all(DemoFunnel::exact)
     }
 }
 
@@ -88,6 +99,155 @@ const CAMPAIGNS: [(&str, &str); 4] = [
 /// Out of budget: every send of this campaign answers 2300015.
 const BUDGET_CAMPAIGN: (&str, &str) = ("vip-budget", "120210000000000009");
 const PAGES: [&str; 3] = ["9876543210", "9876543211", "9876543212"];
+/// The app secret the demo's simulator signs its webhooks with.
+const DEMO_APP_SECRET: &str = "demo-app-secret";
+
+fn page_token(page: &str) -> String {
+    format!("demo-page-token-{page}")
+}
+
+/// The webhook receiver on a free local port, storing into the demo's
+/// topology; its address.
+async fn start_receiver(
+    amqp_url: &str,
+    topology: &Topology,
+    stop: &CancellationToken,
+) -> anyhow::Result<std::net::SocketAddr> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let config = crate::webhooks::WebhookConfig {
+        amqp_url: amqp_url.to_string(),
+        topology: topology.clone(),
+        listen: "127.0.0.1:0".into(),
+        verify_token: Secret::new("demo-verify-token"),
+        app_secret: Secret::new(DEMO_APP_SECRET),
+        max_body: crate::webhooks::MAX_BODY,
+    };
+    tokio::spawn(crate::webhooks::serve(
+        config,
+        Metrics::new(),
+        stop.clone(),
+        move |addr| {
+            let _ = tx.send(addr);
+        },
+    ));
+    let addr = rx
+        .await
+        .map_err(|_| anyhow::anyhow!("the demo's webhook receiver did not start"))?;
+    println!(
+        "demo: webhook receiver on http://{addr}/webhooks; the worker's tracker joins the events"
+    );
+    Ok(addr)
+}
+
+/// One campaign's delivery: what the tracker counted, and what the
+/// simulator posted (each event once).
+#[derive(Debug, Clone)]
+pub struct DemoFunnel {
+    /// The campaign.
+    pub campaign: String,
+    /// Its sends (the campaign's counter).
+    pub sent: u64,
+    /// Counted by the tracker.
+    pub counted: crate::fleet::campaign::Funnel,
+    /// Posted by the simulator: status → events.
+    pub posted: BTreeMap<String, u64>,
+}
+
+impl DemoFunnel {
+    /// Every posted event counted once, nothing else.
+    pub fn exact(&self) -> bool {
+        self.counted
+            .stages()
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(s, n)| (s.to_string(), n))
+            .collect::<BTreeMap<_, _>>()
+            == self.posted
+    }
+}
+
+/// Waits (up to `wait`) until each campaign's funnel equals what the
+/// simulator posted for it, and returns the funnels as they are then.
+async fn settle_funnels(
+    url: &str,
+    prefix: &str,
+    sim: &crate::simulator::SimHandle,
+    wait: Duration,
+) -> Vec<DemoFunnel> {
+    let deadline = Instant::now() + wait;
+    let campaigns = match crate::fleet::campaign::Campaigns::connect(
+        &crate::fleet::FleetConfig::new(url),
+        prefix,
+    )
+    .await
+    {
+        Ok(c) => c,
+        Err(_) => return Vec::new(),
+    };
+    loop {
+        let posted = sim.stats().webhooks;
+        let mut out = Vec::new();
+        for (name, message_id) in CAMPAIGNS.iter().chain([&BUDGET_CAMPAIGN]) {
+            // a campaign with no send has no delivery to show
+            let Ok(Some(v)) = campaigns.show(name).await else {
+                continue;
+            };
+            if v.sent == 0 {
+                continue;
+            }
+            out.push(DemoFunnel {
+                campaign: name.to_string(),
+                sent: v.sent,
+                counted: v.funnel,
+                posted: posted.get(*message_id).cloned().unwrap_or_default(),
+            });
+        }
+        if out.iter().all(DemoFunnel::exact) || Instant::now() > deadline {
+            return out;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn print_funnels(funnels: &[DemoFunnel]) {
+    println!("\nDelivery (Meta's webhooks, joined by the tracker):");
+    let rows = funnels
+        .iter()
+        .map(|f| {
+            let mut row = vec![f.campaign.clone(), f.sent.to_string()];
+            row.extend(f.counted.stages().iter().map(|(_, n)| n.to_string()));
+            row.push(if f.exact() {
+                "✓".into()
+            } else {
+                "✗".into()
+            });
+            row
+        })
+        .collect();
+    println!(
+        "{}",
+        crate::report::table(
+            &[
+                "campaign",
+                "sent",
+                "echoed",
+                "delivered",
+                "read",
+                "clicked",
+                "failed",
+                "unmatched",
+                "= posted"
+            ],
+            &[1, 2, 3, 4, 5, 6, 7],
+            rows
+        )
+    );
+    let exact = funnels.iter().all(DemoFunnel::exact);
+    println!(
+        "Funnel: {} (every event the simulator posted counted once, duplicates and reordering included)",
+        if exact { "exact ✓" } else { "NOT exact ✗ (see mmsend campaign show)" }
+    );
+}
 
 /// The sample job `i`: campaign, page and a recipient token that makes the
 /// simulator answer what the demo wants to show (public for `tests/schemas.rs`,
@@ -119,6 +279,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
     let conn = broker::connect(&opts.amqp_url, "demo").await?;
     topology.declare(&conn).await?;
 
+    // with Redis, the whole delivery loop: the simulator posts Meta's
+    // webhooks to a receiver, and the worker's tracker joins them
+    let stop_receiver = CancellationToken::new();
+    let receiver = match &opts.redis_url {
+        Some(_) => Some(start_receiver(&opts.amqp_url, &topology, &stop_receiver).await?),
+        None => None,
+    };
     let sim = Simulator::start(
         "127.0.0.1:0",
         SimConfig {
@@ -126,6 +293,21 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
             error_mix: vec![(4, 0.005), (2, 0.01)],
             populating: Duration::from_secs(4),
             regain_minutes: 0,
+            webhooks: receiver.as_ref().map(|addr| SimWebhooks {
+                url: format!("http://{addr}/webhooks"),
+                app_secret: DEMO_APP_SECRET.into(),
+                page_id: PAGES[0].into(),
+                page_by_token: PAGES
+                    .iter()
+                    .map(|p| (page_token(p), p.to_string()))
+                    .collect(),
+                delivered: 0.9,
+                read: 0.5,
+                click: 0.2,
+                failed: 0.03,
+                duplicate: 0.05,
+                max_delay: Duration::from_secs(1),
+            }),
             ..SimConfig::default()
         },
     )
@@ -154,7 +336,11 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
         request_timeout: Duration::from_secs(10),
         ..ClientConfig::default()
     };
-    let tokens = TokenStore::new(Some(Secret::new("demo-access-token")));
+    // a token per page, as Meta's page tokens (the simulator knows each
+    // token's page, for the webhooks it posts)
+    let tokens = PAGES.iter().fold(TokenStore::new(None), |t, p| {
+        t.with_page(*p, Secret::new(page_token(p)))
+    });
     let mut config =
         WorkerConfig::new(&opts.amqp_url, topology.clone(), graph, tokens).with_policy(policy);
     config.gate_times = GateTimes {
@@ -252,8 +438,17 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     bar.finish_and_clear();
+    // the last webhooks arrive up to a second after their send; the tracker
+    // joins them as they come
+    let funnels = match &opts.redis_url {
+        Some(url) if receiver.is_some() => {
+            Some(settle_funnels(url, &prefix, &sim, Duration::from_secs(20)).await)
+        }
+        _ => None,
+    };
     shutdown.cancel();
     worker.await??;
+    stop_receiver.cancel();
 
     let outcomes = metrics
         .settled_by_class()
@@ -275,8 +470,12 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
         redis_up: opts.redis_url.as_ref().map(|_| metrics.redis_up()),
         suppressed: metrics.duplicates_suppressed(),
         suspected: metrics.suspected_duplicates(),
+        funnels: funnels.unwrap_or_default(),
     };
     print_summary(&report);
+    if !report.funnels.is_empty() {
+        print_funnels(&report.funnels);
+    }
     println!("\nDead-letter queue:");
     let (stats, scan) = crate::dlq::stats(&conn, &topology, crate::dlq::Filter::default()).await?;
     println!("{}", crate::report::dlq_stats_summary(&stats, &scan));

@@ -38,7 +38,11 @@
 //!   table of codes).
 //! - [`fleet`]: what workers share through Redis (two Lua scripts): the send
 //!   ledger, fleet-wide pacing and gates; `campaign`: campaign state,
-//!   counters and the audit trail.
+//!   counters and the audit trail; `track`: the joins of Meta's webhook
+//!   events to jobs, each campaign's funnel, the echo a maybe-sent job looks
+//!   for, silent pages.
+//! - [`tracker`]: the delivery tracker (in `mmsend worker` with Redis, or
+//!   `mmsend tracker`): consumes the stored webhook payloads and joins them.
 //! - [`control`]: pause, resume and cancel a campaign (state, the held
 //!   queue, the audit trail), for the CLI and the console.
 //! - [`results`]: the results stream, one event per settled job, for producers.
@@ -64,7 +68,8 @@
 //!   integration tests and the benches.
 //! - [`demo`]: `mmsend demo`; public for its integration test.
 //! - [`webhooks`]: `mmsend webhooks`, the receiver of Meta's page webhooks;
-//!   public for its integration test and bench.
+//!   `events`: the events of a stored payload. Public for its integration
+//!   test and bench.
 //!
 //! Crate-private: `health`, the probe behind `mmsend healthcheck`.
 

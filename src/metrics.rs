@@ -462,7 +462,7 @@ impl Metrics {
         );
         let webhook_events = counter_vec(
             name::WEBHOOK_EVENTS,
-            "Marketing-message webhook events the delivery tracker took, by field (echoed, delivered, read, clicked, delivery_failed; unknown or none for what could not be read) and result: matched (joined to its send, the first of its field), duplicate (already counted: Meta delivered it again), deferred (its send not known yet: tried again in 5 s), unmatched (no send found on the last try), malformed.",
+            "Marketing-message webhook events the delivery tracker took, by field (echoed, delivered, read, clicked, delivery_failed; unknown or none for what could not be read; other for fields mmsend does not track) and result: matched (joined to its send, the first of its field), duplicate (already counted: Meta delivered it again), deferred (its send not known yet: tried again in 5 s), unmatched (no send found on the last try), malformed, skipped (other fields).",
             &["field", "result"],
         );
         let silent_pages = gauge(

@@ -17,7 +17,9 @@
 //!
 //! The delivery tracker adds `delivery` events: what Meta's webhooks said
 //! of a sent job (`status`: echoed, delivered, read, clicked or
-//! delivery_failed), each status once per job ([`crate::tracker`]).
+//! delivery_failed), at least once per job and status: a webhook Meta
+//! delivers again, or a payload taken again after a crash, repeats its
+//! event (consumers dedupe on `job_id` and `status`; [`crate::tracker`]).
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -53,7 +55,7 @@ pub struct ResultEvent {
     /// The job's campaign label, if it had one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub campaign: Option<String>,
-    /// `sent`, `dead` or `duplicate`.
+    /// `sent`, `dead`, `duplicate` or `delivery`.
     pub outcome: ResultOutcome,
     /// The class of the last failure (for `dead`, why; for `sent`, what it
     /// met before it went through).
@@ -80,7 +82,8 @@ pub struct ResultEvent {
     /// `read`, `clicked`, `delivery_failed`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<String>,
-    /// When it was settled.
+    /// When it was settled; on `delivery` events, when Meta says the
+    /// status was reached (its webhook's timestamp).
     pub at: DateTime<Utc>,
 }
 

@@ -52,6 +52,8 @@
 //! lowered_rate_for = "10m"
 //! allow_eviction = false    # start even if Redis may evict keys (warns)
 //! campaign_retention = "30d" # campaign state and counters, after the last activity
+//! echo_window = "15s"        # a maybe-sent job waits this long for Meta's echo
+//! silent_page_after = "15m"  # sends without an echo this long: the page is silent
 //! ```
 
 use std::collections::BTreeMap;

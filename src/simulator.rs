@@ -243,6 +243,7 @@ impl SimArgs {
                         url: url.clone(),
                         app_secret: secret.clone(),
                         page_id: self.webhook_page.clone(),
+                        page_by_token: Default::default(),
                         delivered: self.webhook_delivered,
                         read: self.webhook_read,
                         click: self.webhook_click,
@@ -329,8 +330,11 @@ pub struct SimWebhooks {
     pub url: String,
     /// The key of `X-Hub-Signature-256`.
     pub app_secret: String,
-    /// The page the events name (the messages call does not name one).
+    /// The page the events name (the messages call does not name one)...
     pub page_id: String,
+    /// ...unless the call's access token is one of these (a page token:
+    /// Meta knows its page): token → page.
+    pub page_by_token: std::collections::HashMap<String, String>,
     /// Probability a delivery follows an echo.
     pub delivered: f64,
     /// Probability a read follows a delivery.
@@ -613,6 +617,7 @@ fn webhook_fields(hooks: &SimWebhooks) -> Vec<(&'static str, &'static str)> {
 fn post_webhooks(
     http: &reqwest::Client,
     hooks: &SimWebhooks,
+    page_id: &str,
     fields: Vec<(&'static str, &'static str)>,
     tracking_id: &str,
     token: &str,
@@ -624,7 +629,7 @@ fn post_webhooks(
         let mut value = json!({
             "messenger_subscription_token": token,
             "message_id": message_id,
-            "page_id": hooks.page_id,
+            "page_id": page_id,
             "timestamp": now_ms,
         });
         // clicks and failures carry no tracking id (Meta's payloads)
@@ -641,7 +646,7 @@ fn post_webhooks(
             value["error_message"] =
                 json!("(#100) The user cannot receive this message (simulated)");
         }
-        let body = json!({"object": "page", "entry": [{"id": hooks.page_id, "time": now_ms,
+        let body = json!({"object": "page", "entry": [{"id": page_id, "time": now_ms,
             "changes": [{"field": field, "value": value}]}]})
         .to_string();
         let signature = format!(
@@ -1422,7 +1427,8 @@ async fn answer(
     };
     drop(books);
     if let Some((hooks, http, id, fields)) = hooks {
-        post_webhooks(http, hooks, fields, id, recipient, message_id);
+        let page = hooks.page_by_token.get(token).unwrap_or(&hooks.page_id);
+        post_webhooks(http, hooks, page, fields, id, recipient, message_id);
     }
     let mut response = match (tracking_id, trigger) {
         (None, _) => (StatusCode::OK, Json(json!({"success": true}))).into_response(),

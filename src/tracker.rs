@@ -16,8 +16,12 @@
 //!   the job settled on it) waits in `<prefix>.webhooks.wait` and is tried
 //!   again, up to [`TRIES`] times ([`WEBHOOK_WAIT`] apart, about a minute);
 //!   on its last try it is counted `unmatched`, once.
-//! - Each event a job's record did not have yet is published on the results
-//!   stream (when it is on) as a `delivery` event with its `status`.
+//! - Each event joined to a job is published on the results stream (when it
+//!   is on) as a `delivery` event with its `status`: at least once per job
+//!   and status. The join and the publish are not one step, so an event
+//!   Meta delivers again (or a payload taken again after a crash between
+//!   the two) is published again; consumers dedupe on `job_id` and
+//!   `status`, as for the worker's events.
 //! - Redis down: the payload goes back to the queue after a pause, and is
 //!   taken again when Redis answers; a payload that is not a webhook at all
 //!   (a signed post that is not JSON) is counted and dropped with a warning:
@@ -201,6 +205,11 @@ async fn take(
     for _ in 0..parsed.malformed {
         metrics.webhook_event("unknown", "malformed");
     }
+    // Meta sends every field the app subscribed to; those mmsend does not
+    // track are counted, not joined
+    for _ in 0..parsed.other_fields {
+        metrics.webhook_event("other", "skipped");
+    }
     if parsed.events.is_empty() {
         return Ok(());
     }
@@ -211,8 +220,8 @@ async fn take(
         metrics.webhook_event(event.field.status().as_str(), t.joined.as_str());
         match t.joined {
             Joined::Defer => later.push(event),
-            Joined::Matched => {
-                debug!(job_id = %t.job_id, campaign = %t.campaign, status = %t.status, field = event.field.as_str(), "delivery event joined");
+            Joined::Matched | Joined::Duplicate if !t.job_id.is_empty() => {
+                debug!(job_id = %t.job_id, campaign = %t.campaign, status = %t.status, field = event.field.as_str(), joined = t.joined.as_str(), "delivery event joined");
                 if config.topology.results.is_some() {
                     publish_delivery(config, publisher, metrics, event, t).await;
                 }
@@ -223,7 +232,7 @@ async fn take(
                     "webhook event matched no send; counted as unmatched"
                 )
             }
-            Joined::Duplicate => {}
+            Joined::Matched | Joined::Duplicate => {}
         }
     }
     if !later.is_empty() {
@@ -269,7 +278,7 @@ async fn publish_delivery(
         class: None,
         reason: None,
         code: None,
-        tracking_id: event.tracking_id.clone(),
+        tracking_id: t.tracking_id.clone(),
         suspected: false,
         attempts: 0,
         status: Some(event.field.status().as_str().to_string()),

@@ -47,6 +47,7 @@ fn sim_posting_to(port: u16, failed: f64, duplicate: f64) -> SimConfig {
             url: format!("http://127.0.0.1:{port}/webhooks"),
             app_secret: SECRET.into(),
             page_id: PAGE.into(),
+            page_by_token: Default::default(),
             delivered: 0.9,
             read: 0.5,
             click: 0.3,
@@ -228,6 +229,54 @@ async fn signed_events_for_a_thousand_sends_give_each_campaign_the_funnel_that_w
         assert_eq!(f, posted(&h, m).await);
     }
 
+    // the console shows each campaign's funnel, and a job's history
+    {
+        let mut config = mmsend::console::ConsoleConfig::new(&amqp_url(), h.topology.clone());
+        config.listen = "127.0.0.1:0".into();
+        config.redis = Some(FleetConfig::new(&redis_url()));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(mmsend::console::serve(config, stop.clone(), move |a| {
+            let _ = tx.send(a);
+        }));
+        let base = format!("http://{}", rx.await.unwrap());
+        let get = |path: String| {
+            let url = format!("{base}{path}");
+            async move {
+                let r = reqwest::get(url).await.unwrap();
+                (r.status().as_u16(), r.text().await.unwrap())
+            }
+        };
+        let f = funnel(&h, "track-a").await;
+        let (status, page) = get("/campaign?c=track-a".into()).await;
+        assert_eq!(status, 200);
+        assert!(
+            page.contains("class=\"funnel\""),
+            "the campaign page has its funnel"
+        );
+        for (stage, n) in &f {
+            let row = format!("<td data-label=\"status\">{stage}</td><td class=\"n\" data-label=\"sends\">{n}</td>");
+            assert!(page.contains(&row), "{stage} {n} on the campaign page");
+        }
+        let record = h.sim.record();
+        let sent = record.sends.iter().find(|s| s.token == "sub-1").unwrap();
+        let (status, page) = get("/job?id=tr-1".into()).await;
+        assert_eq!(status, 200);
+        assert!(
+            page.contains(sent.tracking_id.as_deref().unwrap()),
+            "the job page names its send"
+        );
+        assert!(
+            page.contains("<td data-label=\"status\">echoed</td>"),
+            "and its echo"
+        );
+        let (status, page) = get("/job?id=never-seen".into()).await;
+        assert_eq!(status, 200);
+        assert!(page.contains("No record"));
+        stop.cancel();
+        task.await.unwrap().unwrap();
+    }
+
     // a mis-signed post of a new event for a known send changes nothing
     let record = h.sim.record();
     let send = record
@@ -267,42 +316,41 @@ async fn signed_events_for_a_thousand_sends_give_each_campaign_the_funnel_that_w
         );
     }
 
-    // each counted event has its delivery event on the results stream
+    // each counted status of each job has its delivery event on the results
+    // stream (at least once: Meta's redeliveries repeat theirs), naming the
+    // send's tracking id, clicks and failures included
     let want: u64 = before
         .iter()
         .flat_map(|f| f.iter().filter(|(k, _)| *k != "unmatched").map(|(_, n)| *n))
         .sum();
-    let mut deliveries: Vec<mmsend::results::ResultEvent> = Vec::new();
+    let tracking: BTreeMap<String, String> = record
+        .sends
+        .iter()
+        .filter_map(|s| Some((s.token.clone(), s.tracking_id.clone()?)))
+        .collect();
+    let mut seen: BTreeMap<(String, String), usize> = BTreeMap::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while (deliveries.len() as u64) < want {
+    while (seen.len() as u64) < want {
         use futures_util::StreamExt;
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let Ok(Some(Ok(d))) = tokio::time::timeout(left, results.next()).await else {
-            panic!("{} delivery events of {want}", deliveries.len());
+            panic!("delivery events for {} statuses of {want}", seen.len());
         };
         d.ack(lapin::options::BasicAckOptions::default())
             .await
             .unwrap();
         let e: mmsend::results::ResultEvent = serde_json::from_slice(&d.data).unwrap();
-        if e.outcome == mmsend::results::ResultOutcome::Delivery {
-            deliveries.push(e);
+        if e.outcome != mmsend::results::ResultOutcome::Delivery {
+            continue;
         }
-    }
-    assert_eq!(
-        deliveries.len() as u64,
-        want,
-        "one delivery event per counted status"
-    );
-    let mut per_job: BTreeMap<(String, String), usize> = BTreeMap::new();
-    for e in &deliveries {
-        *per_job
+        let token = format!("sub-{}", e.job_id.trim_start_matches("tr-"));
+        assert_eq!(e.tracking_id.as_ref(), tracking.get(&token), "{e:?}");
+        *seen
             .entry((e.job_id.clone(), e.status.clone().unwrap()))
             .or_default() += 1;
     }
-    assert!(
-        per_job.values().all(|n| *n == 1),
-        "each status once per job"
-    );
+    let repeated = seen.values().filter(|n| **n > 1).count();
+    println!("{want} statuses, each with its delivery event ({repeated} repeated by Meta's redeliveries)");
 
     r.finish().await;
     h.finish().await;
@@ -526,4 +574,68 @@ async fn pages_check_names_the_fields_each_page_is_subscribed_to() {
     assert_eq!(code, Some(2));
     assert!(err.contains("--page"), "{err}");
     sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn silent_pages_are_those_with_sends_and_no_echo_since() {
+    let prefix = common::random_prefix("track-silent");
+    let mut config = FleetConfig::new(&redis_url());
+    config.silent_page_after = Duration::from_secs(60);
+    let fleet = Fleet::new(config, &prefix, "silent-test", Metrics::new()).unwrap();
+    let now = chrono::Utc::now().timestamp_millis();
+    let minutes_ago = |m: i64| now - m * 60_000;
+    let echo = |page: &str, at: i64| mmsend::webhooks::events::Event {
+        field: mmsend::webhooks::events::Field::Echo,
+        tracking_id: Some(format!("mm.silent.{page}.{at}")),
+        token: Some("tok".into()),
+        message_id: Some("m".into()),
+        page_id: Some(page.into()),
+        timestamp: at,
+        mid: None,
+        recipient_id: None,
+        error_message: None,
+    };
+    let pages = |list: &[(&str, i64)]| {
+        list.iter()
+            .map(|(p, at)| (p.to_string(), *at))
+            .collect::<std::collections::HashMap<_, _>>()
+    };
+    async fn silent(fleet: &Fleet, at: i64) -> Vec<String> {
+        let pages = fleet.silent_pages(at).await.unwrap();
+        pages.into_iter().map(|p| p.page_id).collect()
+    }
+
+    // A and B sent to 5 minutes ago; B was echoed since, A was not
+    fleet
+        .note_page_sends(&pages(&[("A", minutes_ago(5)), ("B", minutes_ago(5))]))
+        .await
+        .unwrap();
+    fleet
+        .track(&[echo("B", minutes_ago(4))], false)
+        .await
+        .unwrap();
+    assert_eq!(silent(&fleet, now).await, ["A"]);
+    // a send younger than silent_page_after is not silence yet
+    fleet
+        .note_page_sends(&pages(&[("C", now - 10_000)]))
+        .await
+        .unwrap();
+    assert_eq!(silent(&fleet, now).await, ["A"]);
+    assert_eq!(silent(&fleet, now + 120_000).await, ["A", "C"]);
+    // A is echoed again: no longer silent; B's next send starts a new wait
+    fleet
+        .track(&[echo("A", minutes_ago(1))], false)
+        .await
+        .unwrap();
+    fleet
+        .note_page_sends(&pages(&[("B", minutes_ago(3))]))
+        .await
+        .unwrap();
+    assert_eq!(silent(&fleet, now).await, ["B"]);
+    // a later first send of A while its echo stands keeps it quiet until
+    // that send is older than silent_page_after without an echo
+    fleet.note_page_sends(&pages(&[("A", now)])).await.unwrap();
+    assert_eq!(silent(&fleet, now).await, ["B"]);
+    assert_eq!(silent(&fleet, now + 120_000).await, ["A", "B", "C"]);
+    common::delete_redis_keys(&redis_url(), &prefix).await;
 }

@@ -303,6 +303,7 @@ async fn the_simulators_webhooks_are_stored_and_read_back_as_its_sends() {
                 url: format!("{}/webhooks", r.url),
                 app_secret: SECRET.into(),
                 page_id: "9876543210".into(),
+                page_by_token: Default::default(),
                 delivered: 1.0,
                 read: 0.5,
                 click: 0.0,

@@ -12,12 +12,15 @@ Settings (config.json holds the defaults; --config overrides some or all,
 --set overrides one):
 
     mmsend_selector    label matchers for mmsend's own series and `up`
-                       (the Prometheus job of the workers: the compose
+                       (the Prometheus job of the workers, the webhook
+                       receiver and a standalone tracker: the compose
                        scrape job, the ServiceMonitor's jobLabel)
     rabbitmq_selector  label matchers for RabbitMQ's rabbitmq_prometheus series
     console_selector   label matchers for `mmsend console`'s /metrics (campaign
                        progress, the Campaigns row)
     work_queue_regex   the work queues the queue alerts watch
+    webhook_queue_regex  the queues `mmsend webhooks` stores into (<prefix>.webhooks),
+                       which the trackers consume
     runbook_base_url   where the runbook is read; alerts link to
                        <runbook_base_url>#<alert name in lower case>
 
@@ -64,8 +67,9 @@ def load_config(config_path, sets):
             sys.exit(
                 f'{key} = {cfg[key]!r}: give one or more label matchers, e.g. job="mmsend",namespace="messaging"'
             )
-    if not cfg["work_queue_regex"] or re.search(r'["\\\s]', cfg["work_queue_regex"]):
-        sys.exit('work_queue_regex: a non-empty regex without quotes, backslashes or spaces (use [.] for a dot)')
+    for key in ("work_queue_regex", "webhook_queue_regex"):
+        if not cfg[key] or re.search(r'["\\\s]', cfg[key]):
+            sys.exit(f'{key}: a non-empty regex without quotes, backslashes or spaces (use [.] for a dot)')
     if re.search(r"[\s#]", cfg["runbook_base_url"]):
         sys.exit("runbook_base_url: a URL without spaces or #")
     return cfg

@@ -11,6 +11,7 @@
 //! | GET | `/campaign?c=` | one campaign |
 //! | GET | `/campaign/confirm?c=&action=` | confirm pause, resume or cancel |
 //! | POST | `/campaign/act` | do it |
+//! | GET | `/job?id=` | one job: its send-ledger record, its delivery history (Meta's webhooks), its dead letters |
 //! | GET | `/metrics` | campaign progress for Prometheus (bounded: see [`metrics`]) |
 
 use std::collections::BTreeMap;
@@ -76,6 +77,10 @@ impl Row {
     }
 }
 
+fn ms_time(ms: i64) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::from_timestamp_millis(ms)
+}
+
 fn campaign_href(c: &str) -> String {
     format!("/campaign{}", query(&[("c", c)]))
 }
@@ -87,6 +92,8 @@ pub(crate) struct CampaignsPage {
     pub(crate) rows: Vec<Row>,
     /// (page, code, rejected at, held until)
     pub(crate) pages: Vec<(String, String, String, String)>,
+    /// (page, unechoed since, last echo) of the silent pages
+    pub(crate) silent: Vec<(String, String, String)>,
     pub(crate) problem: Option<String>,
 }
 
@@ -98,6 +105,9 @@ pub(crate) struct CampaignPage {
     pub(crate) state_line: String,
     /// (label, value)
     pub(crate) counters: Vec<(String, String)>,
+    /// (status, sends, share of sent): Meta's webhooks; empty before the
+    /// first event
+    pub(crate) funnel: Vec<Vec<String>>,
     /// (code, letters, link to the letters)
     pub(crate) codes: Vec<(String, String, String)>,
     /// (at, who, action, what, count)
@@ -165,12 +175,29 @@ pub(crate) async fn list(
             Some(mask::text(&e.to_string(), 500)),
         ),
     };
+    let silent = campaigns
+        .silent_pages(chrono::Utc::now().timestamp_millis())
+        .await
+        .unwrap_or_default()
+        .iter()
+        .map(|p| {
+            (
+                mask::text(&p.page_id, 100),
+                time(ms_time(p.unechoed_since_ms)),
+                match p.last_echo_ms {
+                    0 => "never".into(),
+                    at => time(ms_time(at)),
+                },
+            )
+        })
+        .collect();
     super::routes::page(
         StatusCode::OK,
         &CampaignsPage {
             chrome: c,
             rows,
             pages,
+            silent,
             problem,
         },
     )
@@ -288,6 +315,11 @@ pub(crate) async fn show(
             row: Row::new(&view),
             state_line,
             counters,
+            funnel: if view.funnel.any() {
+                view.funnel.rows(view.sent)
+            } else {
+                Vec::new()
+            },
             codes: codes
                 .into_iter()
                 .map(|(code, n)| {
@@ -567,4 +599,115 @@ pub(crate) async fn metrics(State(st): State<Arc<Shared>>) -> Response {
         out,
     )
         .into_response()
+}
+
+#[derive(Template)]
+#[template(path = "job.html", config = "src/console/askama.toml")]
+pub(crate) struct JobPage {
+    pub(crate) chrome: Chrome,
+    pub(crate) job_id: String,
+    /// (label, value) of the send-ledger record; empty: none
+    pub(crate) ledger: Vec<(String, String)>,
+    /// The delivery status, when an event joined the job.
+    pub(crate) status: Option<String>,
+    /// (status, Meta's time) in the order they were reached
+    pub(crate) history: Vec<(String, String)>,
+    pub(crate) error: Option<String>,
+    /// (reason, code, dead at, link) of its letters in the DLQ snapshot
+    pub(crate) letters: Vec<(String, String, String, String)>,
+    pub(crate) problem: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct JobQuery {
+    #[serde(default)]
+    id: String,
+}
+
+/// `GET /job?id=`: what Redis holds of one job (its ledger record, its
+/// delivery history) and its letters in the DLQ snapshot.
+pub(crate) async fn job(
+    State(st): State<Arc<Shared>>,
+    Extension(id): Extension<Identity>,
+    Query(q): Query<JobQuery>,
+) -> Response {
+    let Some(campaigns) = campaigns(&st) else {
+        return needs_redis(&st, &id);
+    };
+    let job_id = q.id.trim().to_string();
+    let c = chrome(
+        &st,
+        &id,
+        format!("Job {}", mask::text(&job_id, 100)),
+        &format!("/job{}", query(&[("id", &job_id)])),
+    );
+    let (found, problem) = match campaigns.job(&job_id).await {
+        Ok(found) => (found, None),
+        Err(e) => ((None, None), Some(mask::text(&e.to_string(), 500))),
+    };
+    let (ledger, delivery) = found;
+    let ledger = ledger
+        .map(|r| {
+            let mut rows = vec![("state".to_string(), r.state.clone())];
+            let at = time(ms_time(r.at_ms));
+            rows.push(match r.state.as_str() {
+                "sent" => ("sent at".into(), at),
+                _ => ("claim lease until".into(), at),
+            });
+            rows.push(("worker".into(), mask::text(&r.worker, 200)));
+            if let Some(t) = &r.tracking_id {
+                rows.push(("tracking id".into(), mask::text(t, 200)));
+            }
+            if r.suspected {
+                rows.push((
+                    "settled on evidence".into(),
+                    "yes (2300035 after a call that may have been the send)".into(),
+                ));
+            }
+            rows
+        })
+        .unwrap_or_default();
+    let (status, history, error) = match delivery {
+        Some(d) => {
+            let mut history: Vec<(i64, String)> =
+                d.at.iter().map(|(s, at)| (*at, s.clone())).collect();
+            history.sort();
+            (
+                Some(d.status.clone()),
+                history
+                    .into_iter()
+                    .map(|(at, s)| (s, time(ms_time(at))))
+                    .collect(),
+                d.error.as_deref().map(|e| mask::text(e, 500)),
+            )
+        }
+        None => (None, Vec::new(), None),
+    };
+    let snapshot = st.snapshots.current();
+    let letters = snapshot
+        .letters
+        .iter()
+        .filter(|l| *l.job_id == *job_id)
+        .map(|l| {
+            (
+                mask::text(&l.reason, 50),
+                l.code.map_or("-".to_string(), |c| c.to_string()),
+                time(l.dead_at),
+                super::views::letter_href(l),
+            )
+        })
+        .collect();
+    page(
+        StatusCode::OK,
+        &JobPage {
+            chrome: c,
+            job_id: mask::text(&job_id, 300),
+            ledger,
+            status,
+            history,
+            error,
+            letters,
+            problem,
+        },
+    )
 }

@@ -61,6 +61,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/campaign", get(super::campaigns::show))
         .route("/campaign/confirm", get(super::campaigns::confirm))
         .route("/campaign/act", post(super::campaigns::act))
+        .route("/job", get(super::campaigns::job))
         .route("/metrics", get(super::campaigns::metrics))
         .route(
             "/console.css",

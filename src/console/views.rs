@@ -493,6 +493,8 @@ pub(crate) struct LetterPage {
     pub(crate) dead_at: String,
     pub(crate) error: String,
     pub(crate) replay_href: String,
+    /// The job's page: its ledger record and delivery history.
+    pub(crate) job_href: String,
     pub(crate) headers: Vec<(String, String)>,
     pub(crate) body: String,
     pub(crate) body_note: String,
@@ -536,6 +538,7 @@ impl LetterPage {
                     ("fp", &l.fingerprint_hex())
                 ])
             ),
+            job_href: format!("/job{}", query(&[("id", &l.job_id)])),
             headers: l
                 .headers
                 .iter()

@@ -42,6 +42,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use redis::aio::ConnectionManager;
 use serde::Serialize;
 
+use super::track::{DeliveryRecord, LedgerRecord, SilentPage};
 use super::{timed, FleetError};
 use crate::broker::redact_url;
 use crate::classify::{Class, DeadReason};
@@ -463,6 +464,8 @@ pub struct Campaigns {
     tag: String,
     retention: Duration,
     op_timeout: Duration,
+    /// `silent_page_after` ([`Campaigns::silent_pages`]).
+    silent_after: Duration,
     metrics: std::sync::Arc<Metrics>,
 }
 
@@ -485,6 +488,7 @@ impl Campaigns {
             tag: format!("{{{prefix}}}"),
             retention: config.campaign_retention,
             op_timeout: config.op_timeout.max(Duration::from_secs(2)),
+            silent_after: config.silent_page_after,
             metrics,
         }
     }
@@ -526,6 +530,66 @@ impl Campaigns {
 
     fn key(&self, campaign: &str) -> String {
         format!("{}{CAMPAIGN_KEY}{campaign}", self.tag)
+    }
+
+    /// What Redis holds of one job: its send-ledger record and its delivery
+    /// record (the tracker's), each `None` when there is none.
+    pub async fn job(
+        &self,
+        job_id: &str,
+    ) -> Result<(Option<LedgerRecord>, Option<DeliveryRecord>), FleetError> {
+        let mut conn = self.conn.clone();
+        let (ledger, delivery): (Option<String>, HashMap<String, String>) = timed(
+            &self.metrics,
+            RedisOp::Tracking,
+            self.op_timeout,
+            redis::pipe()
+                .get(format!("{}:job:{job_id}", self.tag))
+                .hgetall(format!("{}:dlv:{job_id}", self.tag))
+                .query_async(&mut conn),
+        )
+        .await?;
+        Ok((
+            ledger.as_deref().and_then(LedgerRecord::parse),
+            DeliveryRecord::from_hash(&delivery),
+        ))
+    }
+
+    /// Pages with a send older than `silent_page_after` at `now_ms` and no
+    /// echo since (their webhook subscription was probably dropped; see
+    /// [`super::track`]), by page id; none while the fleet never saw an
+    /// echo of any page (webhooks not set up).
+    pub async fn silent_pages(&self, now_ms: i64) -> Result<Vec<SilentPage>, FleetError> {
+        let mut conn = self.conn.clone();
+        let (sent, echo): (HashMap<String, i64>, HashMap<String, i64>) = timed(
+            &self.metrics,
+            RedisOp::Tracking,
+            self.op_timeout,
+            redis::pipe()
+                .hgetall(format!("{}:wh:page_sent", self.tag))
+                .hgetall(format!("{}:wh:page_echo", self.tag))
+                .query_async(&mut conn),
+        )
+        .await?;
+        // a fleet that never saw an echo does not track webhooks (no
+        // receiver subscribed): its pages are not silent, just untracked
+        if echo.is_empty() {
+            return Ok(Vec::new());
+        }
+        let after = i64::try_from(self.silent_after.as_millis()).unwrap_or(i64::MAX);
+        let mut out: Vec<SilentPage> = sent
+            .into_iter()
+            .filter_map(|(page, since)| {
+                let last_echo = echo.get(&page).copied().unwrap_or(0);
+                (since > last_echo && now_ms.saturating_sub(since) > after).then_some(SilentPage {
+                    page_id: page,
+                    unechoed_since_ms: since,
+                    last_echo_ms: last_echo,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.page_id.cmp(&b.page_id));
+        Ok(out)
     }
 
     fn index(&self) -> String {

@@ -33,9 +33,10 @@
 -- unless this is the last one, then counted once ('unmatched', its dedupe
 -- digest remembered for the tracking retention).
 --
--- Returns per event {result, job, campaign, status, first, changed}:
--- result matched | defer | unmatched | duplicate; first 1 when the event
--- is the first of its field for the job; changed 1 when the status moved.
+-- Returns per event {result, job, campaign, status, first, changed,
+-- tracking id}: result matched | defer | unmatched | duplicate; first 1
+-- when the event is the first of its field for the job; changed 1 when the
+-- status moved; the tracking id of the send it joined ('' none).
 
 local tag = KEYS[1]
 local n = tonumber(ARGV[1])
@@ -81,7 +82,7 @@ for i = 1, n do
   local job, campaign = job_of(tracking)
   if not job then
     if not last_try then
-      out[i] = {'defer', '', '', '', 0, 0}
+      out[i] = {'defer', '', '', '', 0, 0, ''}
     else
       local seen = tag .. ':wh:seen:' .. digest
       if redis.call('SET', seen, '1', 'NX', 'PX', retention) then
@@ -91,9 +92,9 @@ for i = 1, n do
           redis.call('HINCRBY', ckey, 'unmatched', 1)
           redis.call('PEXPIRE', ckey, campaign_retention)
         end
-        out[i] = {'unmatched', '', c or '', '', 0, 0}
+        out[i] = {'unmatched', '', c or '', '', 0, 0, ''}
       else
-        out[i] = {'duplicate', '', '', '', 0, 0}
+        out[i] = {'duplicate', '', '', '', 0, 0, ''}
       end
     end
   else
@@ -117,7 +118,8 @@ for i = 1, n do
         redis.call('PEXPIRE', tag .. ':wh:campaign_of', campaign_retention)
       end
     end
-    out[i] = {first == 1 and 'matched' or 'duplicate', job, campaign, now, first, changed}
+    out[i] = {first == 1 and 'matched' or 'duplicate', job, campaign, now, first, changed,
+      tracking}
   end
 end
 return out

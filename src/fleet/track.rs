@@ -43,7 +43,7 @@
 
 use std::collections::HashMap;
 
-use redis::{AsyncCommands, Script};
+use redis::Script;
 
 use super::{ms, Fleet, FleetError};
 use crate::job::Job;
@@ -95,6 +95,9 @@ pub struct Tracked {
     pub status: String,
     /// The job's status moved.
     pub changed: bool,
+    /// The tracking id of the send it joined (clicks and failures carry
+    /// none of their own).
+    pub tracking_id: Option<String>,
 }
 
 /// The key of a send by what Meta reports of it: page, subscription token
@@ -149,6 +152,68 @@ pub struct DeliveryRecord {
     pub error: Option<String>,
 }
 
+impl DeliveryRecord {
+    /// Reads a job's delivery hash (`HGETALL`); `None` when empty.
+    pub fn from_hash(hash: &HashMap<String, String>) -> Option<DeliveryRecord> {
+        if hash.is_empty() {
+            return None;
+        }
+        let mut record = DeliveryRecord {
+            status: hash.get("status").cloned().unwrap_or_else(|| "sent".into()),
+            tracking_id: hash.get("tracking").cloned(),
+            error: hash.get("error").cloned(),
+            ..Default::default()
+        };
+        for field in Field::ALL {
+            let name = field.status().as_str();
+            if let Some(at) = hash.get(name).and_then(|v| v.parse().ok()) {
+                record.at.insert(name.to_string(), at);
+            }
+        }
+        Some(record)
+    }
+}
+
+/// What the send ledger holds of a job (`{p}:job:<id>`, prelude.lua).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LedgerRecord {
+    /// `sending` (claimed, its call maybe in flight) or `sent`.
+    pub state: String,
+    /// The claim's lease end, or when it was sent (ms).
+    pub at_ms: i64,
+    /// The worker that claimed or sent it.
+    pub worker: String,
+    /// The send's tracking id (`sent`, when Meta gave one).
+    pub tracking_id: Option<String>,
+    /// Settled as sent on evidence (2300035 after a maybe-sent call).
+    pub suspected: bool,
+}
+
+impl LedgerRecord {
+    /// Reads a ledger record (the string layouts of prelude.lua; a hash of
+    /// builds before 0.2 is not read here).
+    pub fn parse(value: &str) -> Option<LedgerRecord> {
+        let parts: Vec<&str> = value.split('\n').collect();
+        match parts.as_slice() {
+            ["sent", at, suspected, worker, tracking, ..] => Some(LedgerRecord {
+                state: "sent".into(),
+                at_ms: at.parse().ok()?,
+                worker: worker.to_string(),
+                tracking_id: Some(tracking.to_string()).filter(|t| !t.is_empty()),
+                suspected: *suspected == "1",
+            }),
+            ["sending", until, worker, ..] => Some(LedgerRecord {
+                state: "sending".into(),
+                at_ms: until.parse().ok()?,
+                worker: worker.to_string(),
+                tracking_id: None,
+                suspected: false,
+            }),
+            _ => None,
+        }
+    }
+}
+
 fn scripts() -> &'static (Script, Script) {
     static SCRIPTS: std::sync::OnceLock<(Script, Script)> = std::sync::OnceLock::new();
     SCRIPTS.get_or_init(|| {
@@ -200,7 +265,8 @@ impl Fleet {
                 .arg(error.unwrap_or_default());
         }
         let mut conn = self.conn.clone();
-        let rows: Vec<(String, String, String, String, i64, i64)> = self
+        type Row = (String, String, String, String, i64, i64, String);
+        let rows: Vec<Row> = self
             .timed(RedisOp::Tracking, inv.invoke_async(&mut conn))
             .await?;
         // the tracker also notes each page's last echo (silent pages)
@@ -224,7 +290,7 @@ impl Fleet {
         Ok(rows
             .into_iter()
             .map(
-                |(joined, job_id, campaign, status, _first, changed)| Tracked {
+                |(joined, job_id, campaign, status, _first, changed, tracking)| Tracked {
                     joined: match joined.as_str() {
                         "matched" => Joined::Matched,
                         "defer" => Joined::Defer,
@@ -235,6 +301,7 @@ impl Fleet {
                     campaign,
                     status,
                     changed: changed == 1,
+                    tracking_id: Some(tracking).filter(|t| !t.is_empty()),
                 },
             )
             .collect())
@@ -272,36 +339,6 @@ impl Fleet {
         })
     }
 
-    /// A job's delivery record, if any event joined it.
-    pub async fn delivery_record(
-        &self,
-        job_id: &str,
-    ) -> Result<Option<DeliveryRecord>, FleetError> {
-        let mut conn = self.conn.clone();
-        let hash: HashMap<String, String> = self
-            .timed(
-                RedisOp::Tracking,
-                conn.hgetall(format!("{}:dlv:{}", self.tag, job_id)),
-            )
-            .await?;
-        if hash.is_empty() {
-            return Ok(None);
-        }
-        let mut record = DeliveryRecord {
-            status: hash.get("status").cloned().unwrap_or_else(|| "sent".into()),
-            tracking_id: hash.get("tracking").cloned(),
-            error: hash.get("error").cloned(),
-            ..Default::default()
-        };
-        for field in Field::ALL {
-            let name = field.status().as_str();
-            if let Some(at) = hash.get(name).and_then(|v| v.parse().ok()) {
-                record.at.insert(name.to_string(), at);
-            }
-        }
-        Ok(Some(record))
-    }
-
     /// Notes, for each page, the first send since its last echo (`pages`:
     /// page → the first and last send this worker made since it last
     /// wrote). One script call.
@@ -323,32 +360,9 @@ impl Fleet {
     }
 
     /// Pages with a send older than `silent_page_after` at `now_ms` and no
-    /// echo since: (page, first unechoed send ms, last echo ms or 0).
+    /// echo since ([`super::campaign::Campaigns::silent_pages`]).
     pub async fn silent_pages(&self, now_ms: i64) -> Result<Vec<SilentPage>, FleetError> {
-        let mut conn = self.conn.clone();
-        let (sent, echo): (HashMap<String, i64>, HashMap<String, i64>) = self
-            .timed(RedisOp::Tracking, async {
-                let sent: HashMap<String, i64> =
-                    conn.hgetall(format!("{}:wh:page_sent", self.tag)).await?;
-                let echo: HashMap<String, i64> =
-                    conn.hgetall(format!("{}:wh:page_echo", self.tag)).await?;
-                Ok((sent, echo))
-            })
-            .await?;
-        let after = i64::try_from(ms(self.config.silent_page_after)).unwrap_or(i64::MAX);
-        let mut out: Vec<SilentPage> = sent
-            .into_iter()
-            .filter_map(|(page, since)| {
-                let last_echo = echo.get(&page).copied().unwrap_or(0);
-                (since > last_echo && now_ms.saturating_sub(since) > after).then_some(SilentPage {
-                    page_id: page,
-                    unechoed_since_ms: since,
-                    last_echo_ms: last_echo,
-                })
-            })
-            .collect();
-        out.sort_by(|a, b| a.page_id.cmp(&b.page_id));
-        Ok(out)
+        self.campaigns().silent_pages(now_ms).await
     }
 }
 
@@ -408,6 +422,26 @@ mod tests {
         assert_ne!(k, send_key("2", "tok", "m"));
         // the separator keeps "1|to" + "k" apart from "1|t" + "ok"
         assert_ne!(send_key("1", "to", "km"), send_key("1", "t", "okm"));
+    }
+
+    #[test]
+    fn ledger_records_read_as_prelude_lua_writes_them() {
+        let sent = LedgerRecord::parse("sent\n1733300000000\n0\nw-1\nmm.7\n00ff").unwrap();
+        assert_eq!(
+            (
+                sent.state.as_str(),
+                sent.at_ms,
+                sent.worker.as_str(),
+                sent.tracking_id.as_deref(),
+                sent.suspected
+            ),
+            ("sent", 1733300000000, "w-1", Some("mm.7"), false)
+        );
+        let suspected = LedgerRecord::parse("sent\n1\n1\nw\n\n00ff").unwrap();
+        assert!(suspected.suspected && suspected.tracking_id.is_none());
+        let claim = LedgerRecord::parse("sending\n99\nw-2\n00ff\nc1").unwrap();
+        assert_eq!((claim.state.as_str(), claim.at_ms), ("sending", 99));
+        assert_eq!(LedgerRecord::parse("garbage"), None);
     }
 
     #[test]
