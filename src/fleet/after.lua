@@ -21,6 +21,11 @@
 -- (prelude.lua in front: `now`, `now_text`, `each_job`, `any_gate`,
 -- `a_hash`, `read_record`)
 
+-- the day (of Redis's clock) whose hash a send's tracking id goes to, and
+-- the day hashes whose expiry this call set already
+local tid_day = string.format('%d', math.floor(now / 86400000))
+local tid_expiring = {}
+
 local function own(first)
   if first == 'ok' then return 3 end
   return 9
@@ -43,8 +48,11 @@ local function one(ledger, k, o, a)
         redis.call('SET', ledger, record, 'PX', ARGV[a + 1])
       end
       -- the delivery tracker's join (src/fleet/track.lua): tracking id →
-      -- job and campaign, kept for the ledger retention. The key is built
-      -- from the ledger key's hash tag (same slot); the value is
+      -- job and campaign, in one hash per day of Redis's clock
+      -- (`tag:tid:<day>`, a field per send: half the work of a key per send,
+      -- and far less memory), kept for the ledger retention after the day's
+      -- last send (its expiry set once a call). The key is built from the
+      -- ledger key's hash tag (same slot); the value is
       -- '<bytes of the job id>:<job id><campaign>'
       local tracking = ARGV[o + 2]
       if tracking ~= '' then
@@ -52,8 +60,12 @@ local function one(ledger, k, o, a)
         local tag = string.sub(ledger, 1, close)
         local job = string.sub(ledger, close + 6)
         local campaign = string.sub(KEYS[k + 13], close + 11)
-        redis.call('SET', tag .. ':tid:' .. tracking, #job .. ':' .. job .. campaign,
-          'PX', ARGV[a + 1])
+        local bucket = tag .. ':tid:' .. tid_day
+        redis.call('HSET', bucket, tracking, #job .. ':' .. job .. campaign)
+        if not tid_expiring[bucket] then
+          redis.call('PEXPIRE', bucket, tonumber(ARGV[a + 1]) + 86400000)
+          tid_expiring[bucket] = true
+        end
       end
     else
       -- a retry or a dead letter releases this worker's claim, so the retry

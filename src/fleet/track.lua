@@ -7,14 +7,17 @@
 --          3 campaign retention ms   4 last try (1/0)   5 clock skew ms
 --          then 7 per event:
 --          field's status (echoed | delivered | read | clicked |
---          delivery_failed), tracking id (''), send key (hex of page, token
+--          delivery_failed), tracking id (''), send key (hex of token
 --          and message id; ''), timestamp ms, dedupe digest (hex),
 --          message id (''), error message ('')
 --
 -- Keys (tag = KEYS[1]):
---   tag:tid:<tracking id>   '<n>:<job id><campaign>' (after.lua, per send)
+--   tag:tid:<day>           hash: tracking id → '<n>:<job id><campaign>'
+--                           (after.lua, per send, in the hash of the day of
+--                           Redis's clock it was sent; looked up from the
+--                           event's day back over the ledger retention)
 --   tag:wh:sends:<send key> sorted set: the tracking ids Meta reported for
---                           that page, token and message id, scored by the
+--                           that token and message id, scored by the
 --                           earliest event seen of each (clicks and
 --                           failures join the latest before them; a
 --                           maybe-sent job looks here for its echo)
@@ -53,9 +56,20 @@ local function moves(now, next)
   return false
 end
 
-local function job_of(tracking)
+local DAY = 86400000
+local days_kept = math.ceil(tonumber(retention) / DAY) + 1
+
+-- the job and campaign that sent `tracking`: the send was recorded in the
+-- hash of its day, at most a clock skew after `at` (an event of the send,
+-- or the earliest one seen of it) and at most the retention before
+local function job_of(tracking, at)
   if tracking == '' then return nil end
-  local v = redis.call('GET', tag .. ':tid:' .. tracking)
+  local from = math.floor((at + skew) / DAY)
+  local v
+  for day = from, from - days_kept, -1 do
+    v = redis.call('HGET', tag .. ':tid:' .. string.format('%d', day), tracking)
+    if v then break end
+  end
   if not v then return nil end
   local len, rest = string.match(v, '^(%d+):(.*)$')
   if not len then return nil end
@@ -68,18 +82,20 @@ for i = 1, n do
   local b = 5 + (i - 1) * 7
   local status, tracking, send, ts = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], tonumber(ARGV[b + 4])
   local digest, message, err = ARGV[b + 5], ARGV[b + 6], ARGV[b + 7]
-  -- a tracking id Meta reported indexes its send by page, token and message
+  -- a tracking id Meta reported indexes its send by token and message
   if tracking ~= '' and send ~= '' then
     local key = tag .. ':wh:sends:' .. send
     redis.call('ZADD', key, 'LT', ts, tracking)
     redis.call('PEXPIRE', key, retention)
   end
+  local at = ts
   if tracking == '' and send ~= '' then
     local r = redis.call('ZREVRANGEBYSCORE', tag .. ':wh:sends:' .. send, ts + skew, '-inf',
-      'LIMIT', 0, 1)
+      'WITHSCORES', 'LIMIT', 0, 1)
     tracking = r[1] or ''
+    at = tonumber(r[2]) or ts
   end
-  local job, campaign = job_of(tracking)
+  local job, campaign = job_of(tracking, at)
   if not job then
     if not last_try then
       out[i] = {'defer', '', '', '', 0, 0, ''}

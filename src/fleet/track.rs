@@ -3,15 +3,20 @@
 //! each campaign's funnel, and the evidence a maybe-sent job looks for.
 //!
 //! **The join.** A send's tracking id is written by `after.lua` with the
-//! send (`{p}:tid:<tracking id>` → job and campaign, for the ledger
-//! retention: one `SET` per send, the only work delivery tracking adds to
-//! a job). Echoes, deliveries and reads carry the tracking id and join by
-//! it. Every tracking id Meta reports is also indexed by the send's page,
+//! send (tracking id → job and campaign, a field of the hash of the send's
+//! day, `{p}:tid:<day>`, kept for the ledger retention: one `HSET` per send,
+//! the only work delivery tracking adds to a job; a key per send cost twice
+//! the Redis time, measured, and far more memory). Echoes, deliveries and reads carry the tracking id and join by
+//! it. Every tracking id Meta reports is also indexed by the send's
 //! subscription token and message id (`{p}:wh:sends:<send key>`, a sorted
 //! set scored by the earliest event seen), and clicks and delivery failures,
 //! which carry no tracking id, join the latest send of that index before
 //! them (Meta allows one send per token per 12 h, so the latest is the
-//! one; [`CLOCK_SKEW`] allows for Meta's and Redis's clocks).
+//! one; [`CLOCK_SKEW_MS`] allows for Meta's and Redis's clocks). The page
+//! is not part of the key: a subscription token belongs to one page (as a
+//! page-scoped id does), so it adds nothing, and an event that names no
+//! page (or a page the send was not made through: a system-user token sends
+//! for several) still joins.
 //!
 //! **Counted once.** A job's delivery record (`{p}:dlv:<job id>`) keeps the
 //! first time of each status; an event of a field the record already has
@@ -31,7 +36,7 @@
 //! seen.
 //!
 //! **Maybe-sent jobs.** A job whose earlier call may have been the send
-//! looks, before calling again, for an echo of its page, token and message
+//! looks, before calling again, for an echo of its token and message
 //! id whose tracking id no job recorded ([`Fleet::echo_evidence`], which
 //! renews the job's claim while it waits): that echo is its send.
 //!
@@ -100,12 +105,12 @@ pub struct Tracked {
     pub tracking_id: Option<String>,
 }
 
-/// The key of a send by what Meta reports of it: page, subscription token
-/// and message id, hashed (SHA-256, 16 bytes as hex).
-pub fn send_key(page_id: &str, token: &str, message_id: &str) -> String {
+/// The key of a send by what Meta reports of it: the subscription token
+/// and the message id, hashed (SHA-256, 16 bytes as hex; module docs).
+pub fn send_key(token: &str, message_id: &str) -> String {
     use sha2::{Digest, Sha256};
     let mut hash = Sha256::new();
-    for part in [page_id, token, message_id] {
+    for part in [token, message_id] {
         hash.update(part.as_bytes());
         hash.update([0]);
     }
@@ -113,8 +118,8 @@ pub fn send_key(page_id: &str, token: &str, message_id: &str) -> String {
 }
 
 fn event_send_key(e: &Event) -> String {
-    match (&e.page_id, &e.token, &e.message_id) {
-        (Some(p), Some(t), Some(m)) => send_key(p, t, m),
+    match (&e.token, &e.message_id) {
+        (Some(t), Some(m)) => send_key(t, m),
         _ => String::new(),
     }
 }
@@ -129,9 +134,9 @@ fn dedupe_digest(e: &Event) -> String {
 pub enum Evidence {
     /// The echo of an earlier call: its tracking id.
     Echo(String),
-    /// None yet; the page's echoes are received (one may still come).
+    /// None yet; the fleet receives echoes (one may still come).
     NotYet,
-    /// None, and no echo of the page was ever seen: its webhooks are not
+    /// None, and the fleet never saw an echo of any page: webhooks are not
     /// tracked, so none will come.
     Untracked,
 }
@@ -307,7 +312,7 @@ impl Fleet {
             .collect())
     }
 
-    /// An echo of `job`'s page, token and message id at or after
+    /// An echo of `job`'s token and message id at or after
     /// `since_ms` (Meta's clock) whose tracking id no job recorded: the
     /// evidence that an earlier call of this job was its send. Renews the
     /// job's claim (this worker's) for another `lease` in the same call.
@@ -321,13 +326,13 @@ impl Fleet {
         inv.key(format!(
             "{}:wh:sends:{}",
             self.tag,
-            send_key(&job.page_id, &job.subscription_token, &job.message_id)
+            send_key(&job.subscription_token, &job.message_id)
         ))
         .key(format!("{}:wh:page_echo", self.tag))
         .arg(since_ms)
         .arg(&self.worker)
         .arg(ms(lease + self.config.lease_margin))
-        .arg(&job.page_id);
+        .arg(CLOCK_SKEW_MS);
         let mut conn = self.conn.clone();
         let (t, tracked): (String, i64) = self
             .timed(RedisOp::Tracking, inv.invoke_async(&mut conn))
@@ -416,12 +421,12 @@ mod tests {
 
     #[test]
     fn send_keys_differ_by_each_part_and_do_not_run_together() {
-        let k = send_key("1", "tok", "m");
+        let k = send_key("tok", "m");
         assert_eq!(k.len(), 32);
-        assert_ne!(k, send_key("1", "tok", "n"));
-        assert_ne!(k, send_key("2", "tok", "m"));
-        // the separator keeps "1|to" + "k" apart from "1|t" + "ok"
-        assert_ne!(send_key("1", "to", "km"), send_key("1", "t", "okm"));
+        assert_ne!(k, send_key("tok", "n"));
+        assert_ne!(k, send_key("tok2", "m"));
+        // the separator keeps "to" + "km" apart from "t" + "okm"
+        assert_ne!(send_key("to", "km"), send_key("t", "okm"));
     }
 
     #[test]

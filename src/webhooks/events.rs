@@ -14,8 +14,8 @@
 //! | `marketing_message_echoes` | echoed | tracking id |
 //! | `marketing_message_deliveries` | delivered | tracking id |
 //! | `marketing_message_reads` | read | tracking id |
-//! | `marketing_message_clicks` | clicked | (page, token, message id): no tracking id |
-//! | `marketing_message_delivery_failed` | failed | (page, token, message id): no tracking id |
+//! | `marketing_message_clicks` | clicked | (token, message id): no tracking id |
+//! | `marketing_message_delivery_failed` | failed | (token, message id): no tracking id |
 //!
 //! A job's status only moves forward, `sent < echoed < delivered < read <
 //! clicked` ([`Status::rank`]); `failed` is an end of its own. Meta gives no

@@ -449,7 +449,7 @@ impl Coordination {
     /// that call (its tracking id), looked for until the echo window ends
     /// (`crate::fleet::track`); `None` without Redis, on a Redis failure
     /// (the job is called, 2300035 guarding), when none came, and at once
-    /// when no echo of the job's page was ever seen (its webhooks are not
+    /// when the fleet never saw an echo of any page (webhooks are not
     /// tracked: waiting would only delay the job).
     pub(crate) async fn echo_evidence(&self, job: &Job, since_ms: i64) -> Option<String> {
         let fleet = self.fleet.as_deref()?;

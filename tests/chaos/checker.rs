@@ -55,6 +55,14 @@
 //!    the app secret or the `appsecret_proof` in any log line, DLQ header or
 //!    body, results event or command output.
 //! 8. No worker panicked or exited by itself.
+//! 9. **Delivery tracking** (the simulator posts Meta's webhooks for each
+//!    send, some twice, shuffled by random delays; the workers' trackers
+//!    join them and die with their workers): every `delivery` event names a
+//!    job the simulator sent, with that send's tracking id; each campaign's
+//!    funnel equals what the simulator posted for it (each event once) when
+//!    Redis was never unusable in the run, and never exceeds it otherwise (a
+//!    send made or recorded while Redis was down, or a ledger lost, leaves
+//!    its events unmatched: counted apart, never to another send).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -102,6 +110,12 @@ pub struct Observed {
     pub cap_window: Duration,
     pub request_timeout: Duration,
     pub secrets: Vec<Secret>,
+    /// What the simulator posted per message id: status → events (each
+    /// once).
+    pub posted: BTreeMap<String, BTreeMap<String, u64>>,
+    /// What the trackers counted per message id (the campaign's funnel,
+    /// `unmatched` left out): status → sends.
+    pub funnels: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
 /// Which invariant broke.
@@ -122,6 +136,8 @@ pub enum Kind {
     SecretLeak,
     WorkerPanic,
     WorkerExit,
+    DeliveryWithoutSend,
+    FunnelWrong,
 }
 
 /// One broken invariant: the jobs (plan indexes) it concerns and what was seen.
@@ -565,6 +581,28 @@ pub fn check(plan: &Plan, o: &Observed) -> Verdict {
                 "duplicate" => s.duplicates += 1,
                 _ => {}
             }
+            if e.outcome == "delivery" {
+                match sent {
+                    Some(send) if send.tracking_id.is_some() && send.tracking_id != e.tracking_id => push(
+                        Kind::DeliveryWithoutSend,
+                        vec![i],
+                        format!(
+                            "{}'s `delivery` event names tracking id {:?}, the simulator's send has {:?}",
+                            job.id, e.tracking_id, send.tracking_id
+                        ),
+                    ),
+                    Some(_) => {}
+                    None => push(
+                        Kind::DeliveryWithoutSend,
+                        vec![i],
+                        format!(
+                            "{} has a `delivery` event (tracking id {:?}) but the simulator never sent it",
+                            job.id, e.tracking_id
+                        ),
+                    ),
+                }
+                continue;
+            }
             if e.outcome != "sent" && e.outcome != "duplicate" {
                 continue;
             }
@@ -744,6 +782,33 @@ pub fn check(plan: &Plan, o: &Observed) -> Verdict {
                 detail: format!(
                     "the {secret} in a results event: {}",
                     mask(&o.secrets, &text)
+                ),
+            });
+        }
+    }
+    // 9. each campaign's funnel
+    let exact = o.outages.is_empty() && o.ledger_losses.is_empty();
+    for c in &plan.campaigns {
+        let empty = BTreeMap::new();
+        let posted = o.posted.get(&c.message_id).unwrap_or(&empty);
+        let counted = o.funnels.get(&c.message_id).unwrap_or(&empty);
+        let wrong = match exact {
+            true => posted != counted,
+            false => counted
+                .iter()
+                .any(|(status, n)| *n > posted.get(status).copied().unwrap_or(0)),
+        };
+        if wrong {
+            v.push(Violation {
+                kind: Kind::FunnelWrong,
+                jobs: vec![],
+                detail: format!(
+                    "campaign {}: the trackers counted {counted:?}, the simulator posted {posted:?} ({})",
+                    c.label,
+                    match exact {
+                        true => "Redis was never unusable: they must be equal",
+                        false => "Redis was unusable or lost: no count may exceed what was posted",
+                    }
                 ),
             });
         }

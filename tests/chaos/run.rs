@@ -21,6 +21,13 @@
 //!   simulator gets no request and no results event comes, then SIGTERM to
 //!   every worker. What is still queued after that is reported, never waited
 //!   for.
+//! - Delivery tracking runs through it: the simulator posts Meta's signed
+//!   webhooks for each send (echo, then delivery or failure, read, click;
+//!   three in ten posted twice, each after a random delay of up to 2 s, so
+//!   out of order) to a receiver in this process, and the workers' own
+//!   trackers join them, dying with their workers. The end also waits for
+//!   the webhook queues to empty; each campaign's funnel is read from Redis
+//!   for the checker.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -32,7 +39,7 @@ use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::FieldTable;
 use mmsend::graph::Secret as GraphSecret;
-use mmsend::simulator::{Latency, SimConfig};
+use mmsend::simulator::{Latency, SimConfig, SimWebhooks};
 
 use super::checker::{self, Observed, Secret, Verdict};
 use super::faults::{Fault, Plan, REQUEST_TIMEOUT};
@@ -559,6 +566,11 @@ async fn take_left(h: &Harness) -> Vec<(String, Vec<u8>)> {
 pub async fn run(plan: Plan, drain_limit: Duration) -> Outcome {
     let started = Instant::now();
     let mut redis = PrivateRedis::start();
+    // the receiver's port, known before the simulator that posts to it
+    let hooks_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
     let mut opts = Opts::idle("chaos");
     opts.sim = SimConfig {
         latency: Latency::Range(Duration::from_millis(2), Duration::from_millis(30)),
@@ -570,12 +582,46 @@ pub async fn run(plan: Plan, drain_limit: Duration) -> Outcome {
         regain_minutes: 0,
         throttle_retry_after: Some(Duration::from_secs(1)),
         record: true,
+        webhooks: Some(SimWebhooks {
+            url: format!("http://127.0.0.1:{hooks_port}/webhooks"),
+            // Meta signs with the app's secret, the one of appsecret_proof
+            app_secret: plan.app_secret.clone(),
+            page_id: super::faults::PAGES[0].into(),
+            page_by_token: Default::default(),
+            delivered: 0.9,
+            read: 0.5,
+            click: 0.3,
+            failed: 0.05,
+            duplicate: 0.3,
+            max_delay: Duration::from_secs(2),
+        }),
         ..SimConfig::default()
     };
     opts.tiers = TIERS.to_vec();
     opts.redis = Some(redis.url());
     opts.results = true;
     let h = Harness::start(opts).await;
+    let stop_receiver = tokio_util::sync::CancellationToken::new();
+    let receiver = {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(mmsend::webhooks::serve(
+            mmsend::webhooks::WebhookConfig {
+                amqp_url: common::amqp_url(),
+                topology: h.topology.clone(),
+                listen: format!("127.0.0.1:{hooks_port}"),
+                verify_token: GraphSecret::new("chaos-verify"),
+                app_secret: GraphSecret::new(plan.app_secret.clone()),
+                max_body: mmsend::webhooks::MAX_BODY,
+            },
+            mmsend::metrics::Metrics::new(),
+            stop_receiver.clone(),
+            move |addr| {
+                let _ = tx.send(addr);
+            },
+        ));
+        rx.await.expect("the webhook receiver listens");
+        task
+    };
     let dir = common::tmpdir("chaos");
     // the run's own copy of the binary: one build from start to end, and
     // `cargo build` is free to replace target/ meanwhile
@@ -619,9 +665,20 @@ pub async fn run(plan: Plan, drain_limit: Duration) -> Outcome {
     let deadline = Instant::now() + drain_limit;
     let mut last = (u32::MAX, 0, 0);
     let mut quiet_since = Instant::now();
+    let hooks = [h.topology.webhook_queue(), h.topology.webhook_wait_queue()];
     loop {
         workers.check_exits(&history);
-        let now = (h.waiting().await, h.sim.requests(), count(&events));
+        let mut webhooks = 0;
+        for q in &hooks {
+            webhooks += h.depth(q).await;
+        }
+        // jobs waiting, and webhook events not yet joined (one the
+        // trackers put aside waits 5 s), both count as moving
+        let now = (
+            h.waiting().await + webhooks,
+            h.sim.requests(),
+            count(&events),
+        );
         if now != last || now.0 != 0 {
             quiet_since = Instant::now();
             last = now;
@@ -651,6 +708,31 @@ pub async fn run(plan: Plan, drain_limit: Duration) -> Outcome {
         seen = now;
     }
     reader.abort();
+    stop_receiver.cancel();
+    let _ = receiver.await;
+    // each campaign's funnel as the trackers counted it, by message id
+    let mut funnels = std::collections::BTreeMap::new();
+    if let Ok(campaigns) = mmsend::fleet::campaign::Campaigns::connect(
+        &mmsend::fleet::FleetConfig::new(&redis.url()),
+        &h.topology.prefix,
+    )
+    .await
+    {
+        for c in &plan.campaigns {
+            if let Ok(Some(v)) = campaigns.show(&c.label).await {
+                let counted: std::collections::BTreeMap<String, u64> = v
+                    .funnel
+                    .stages()
+                    .into_iter()
+                    .filter(|(s, n)| *n > 0 && *s != "unmatched")
+                    .map(|(s, n)| (s.to_string(), n))
+                    .collect();
+                funnels.insert(c.message_id.clone(), counted);
+            }
+        }
+    } else {
+        history.note("Redis did not answer at the end: no funnel read");
+    }
     let left = take_left(&h).await;
     let letters = h.drain_dlq().await;
 
@@ -693,6 +775,8 @@ pub async fn run(plan: Plan, drain_limit: Duration) -> Outcome {
         max_attempts: MAX_ATTEMPTS,
         cap_window: CAP_WINDOW,
         request_timeout: REQUEST_TIMEOUT,
+        posted: h.sim.stats().webhooks,
+        funnels,
         secrets: vec![
             Secret {
                 name: "access token",
