@@ -355,10 +355,12 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
         ..PacingConfig::default()
     };
     config.worker_id = "demo-worker".into();
-    config.fleet = opts
-        .redis_url
-        .as_deref()
-        .map(crate::fleet::FleetConfig::new);
+    config.fleet = opts.redis_url.as_deref().map(|url| {
+        let mut fleet = crate::fleet::FleetConfig::new(url);
+        // the demo's first sends come before any echo: index them all
+        fleet.delivery_tracking = crate::config::DeliveryTracking::On;
+        fleet
+    });
     match &opts.redis_url {
         Some(url) => println!(
             "demo: send ledger and fleet coordination on Redis at {} (unreachable: the worker says so and runs per process)",

@@ -54,6 +54,7 @@
 //! campaign_retention = "30d" # campaign state and counters, after the last activity
 //! echo_window = "15s"        # a maybe-sent job waits this long for Meta's echo
 //! silent_page_after = "15m"  # sends without an echo this long: the page is silent
+//! delivery_tracking = "auto" # index sends for the tracker: auto (once an echo came), on, off
 //! ```
 
 use std::collections::BTreeMap;

@@ -152,6 +152,60 @@ async fn wait_funnels(h: &Harness, campaigns: &[(&str, &str)], timeout: Duration
     }
 }
 
+/// Every send indexed for the tracker from the first (the tests' first
+/// sends come before any echo; `auto` would start at the first echo).
+fn tracking_on(h: &mut Harness) {
+    if let Some(fleet) = h.config.fleet.as_mut() {
+        fleet.delivery_tracking = mmsend::config::DeliveryTracking::On;
+    }
+}
+
+/// Whether today's tracking-id hash of `prefix` holds `tracking`.
+async fn indexed(prefix: &str, tracking: &str) -> bool {
+    let mut conn = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let day = chrono::Utc::now().timestamp_millis() / 86_400_000;
+    redis::cmd("HEXISTS")
+        .arg(format!("{{{prefix}}}:tid:{day}"))
+        .arg(tracking)
+        .query_async::<i64>(&mut conn)
+        .await
+        .unwrap()
+        == 1
+}
+
+async fn redis_exists(key: &str) -> bool {
+    let mut conn = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("EXISTS")
+        .arg(key)
+        .query_async::<i64>(&mut conn)
+        .await
+        .unwrap()
+        == 1
+}
+
+/// Whether the send ledger records `job` as sent.
+async fn ledger_sent(h: &Harness, job: &str) -> bool {
+    let mut conn = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let record: Option<String> = redis::cmd("GET")
+        .arg(format!("{{{}}}:job:{job}", h.topology.prefix))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    record.is_some_and(|r| r.starts_with("sent\n"))
+}
+
 fn metric(metrics: &Metrics, prefix: &str) -> u64 {
     metrics
         .render()
@@ -164,12 +218,14 @@ fn metric(metrics: &Metrics, prefix: &str) -> u64 {
 #[tokio::test]
 async fn signed_events_for_a_thousand_sends_give_each_campaign_the_funnel_that_was_posted() {
     let port = free_port();
-    let mut opts = Opts::new("track-funnel");
+    let mut opts = Opts::idle("track-funnel");
     opts.sim = sim_posting_to(port, 0.05, 0.3);
     opts.redis = Some(redis_url());
     opts.results = true;
     opts.concurrency = 64;
-    let h = Harness::start(opts).await;
+    let mut h = Harness::start(opts).await;
+    tracking_on(&mut h);
+    h.start_worker();
     let r = receiver(&h, port).await;
     let (_results_channel, mut results) = h.results_consumer("track-results", 500).await;
 
@@ -363,6 +419,7 @@ async fn a_tracker_stopped_while_events_arrive_loses_none() {
     opts.sim = sim_posting_to(port, 0.05, 0.2);
     opts.redis = Some(redis_url());
     let mut h = Harness::start(opts).await;
+    tracking_on(&mut h);
     // the worker runs without a tracker: a tracker of its own comes and goes
     h.config.tracker = false;
     h.start_worker();
@@ -438,6 +495,7 @@ async fn a_maybe_sent_job_is_settled_as_sent_on_its_echo_without_a_second_call()
     opts.sim = sim_posting_to(port, 0.0, 0.0);
     opts.redis = Some(redis_url());
     let mut h = Harness::start(opts).await;
+    tracking_on(&mut h);
     // the call times out after the send went out (the answer is 3 s late)
     h.config.graph.request_timeout = Duration::from_secs(1);
     h.start_worker();
@@ -644,4 +702,83 @@ async fn silent_pages_are_those_with_sends_and_no_echo_since() {
     assert_eq!(silent(&fleet, now).await, ["B"]);
     assert_eq!(silent(&fleet, now + 120_000).await, ["A", "B", "C"]);
     common::delete_redis_keys(&redis_url(), &prefix).await;
+}
+
+// the worker binary runs while the test thread waits on it
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_call_leaves_a_job_its_echo_settles_without_a_second_call() {
+    let port = free_port();
+    let mut opts = Opts::idle("track-crash");
+    // no cap in the simulator: a second call would be a second send
+    opts.sim = sim_posting_to(port, 0.0, 0.0);
+    opts.redis = Some(redis_url());
+    // a job behind the dead worker's lease waits in a short tier
+    opts.tiers = vec!["250ms", "1s", "3s"];
+    let h = Harness::start(opts).await;
+    let r = receiver(&h, port).await;
+    let dir = common::tmpdir("track-crash");
+    // a short lease, so the dead worker's claim runs out soon
+    // delivery_tracking is `auto`: sends are indexed once the fleet saw an
+    // echo
+    let extra = "[graph]\nrequest_timeout = \"2s\"\n[redis]\nlease_margin = \"500ms\"\n";
+    let start = |name: &str| {
+        let mut cmd = h.worker_command(&dir, extra);
+        cmd.env("MMSEND_REDIS_URL", redis_url())
+            .env("MMSEND_WORKER_ID", format!("{name}-{}", h.topology.prefix))
+            .env("MMSEND_LOG", "info")
+            .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap());
+        cmd.spawn().unwrap()
+    };
+    let mut first = start("first");
+    // the page's webhooks flow (the fleet saw an echo)
+    h.publish_job(&job_for("crash-warm", "sub-warm", "120210000000000005"))
+        .await;
+    common::eventually!(
+        Duration::from_secs(20),
+        redis_exists(&format!("{{{}}}:wh:page_echo", h.topology.prefix)).await,
+        "the warm-up send is echoed"
+    );
+    // Meta sends at once and answers 1.5 s later; the worker dies meanwhile
+    let token = "sim:latesend:1500:crash";
+    h.publish_job(&job_for("crash-1", token, "120210000000000005"))
+        .await;
+    common::eventually!(
+        Duration::from_secs(20),
+        h.sim.record().sends.iter().any(|s| s.token == token),
+        "the call reached Meta"
+    );
+    common::signal(&first, "-KILL");
+    let _ = first.wait();
+
+    // another worker takes the job once the dead one's lease ran out: an
+    // earlier call may have been the send, and its echo says it was
+    let mut second = start("second");
+    common::eventually!(
+        Duration::from_secs(30),
+        ledger_sent(&h, "crash-1").await,
+        "the job is settled"
+    );
+    common::signal(&second, "-TERM");
+    let _ = second.wait();
+    let calls = h
+        .sim
+        .record()
+        .requests
+        .iter()
+        .filter(|q| q.token.as_deref() == Some(token))
+        .count();
+    assert_eq!(calls, 1, "no second call");
+    assert_eq!(h.sim.stats().duplicates, 0);
+    let log = std::fs::read_to_string(dir.join("second.log")).unwrap();
+    assert!(log.contains("Meta's echo says it was"), "{log}");
+    // `auto`: the warm-up, sent before the fleet saw an echo, was not
+    // indexed; the settled job was, and its echo joins it
+    let record = h.sim.record();
+    let tracking = record.sends.iter().find(|s| s.token == token).unwrap();
+    let prefix = &h.topology.prefix;
+    assert!(indexed(prefix, tracking.tracking_id.as_deref().unwrap()).await);
+    let warm = record.sends.iter().find(|s| s.token == "sub-warm").unwrap();
+    assert!(!indexed(prefix, warm.tracking_id.as_deref().unwrap()).await);
+    r.finish().await;
+    h.finish().await;
 }

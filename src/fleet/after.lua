@@ -8,6 +8,8 @@
 --             5 gate key grace ms (probe lock + probe wait)
 --             6 the page's configured rate /s   7 lowered for ms
 --             8 halve at most once per this many ms
+--             9 index tracking ids for delivery tracking: 1 on, 0 off,
+--               2 auto (once the fleet saw an echo: `tag:wh:page_echo`)
 -- own args, the common answer (a send, nothing to close or lower):
 --             1 'ok'                  2 tracking id      3 digest
 -- or else     1 outcome: sent | suspected | release
@@ -25,6 +27,18 @@
 -- the day hashes whose expiry this call set already
 local tid_day = string.format('%d', math.floor(now / 86400000))
 local tid_expiring = {}
+
+-- whether sends are indexed for the delivery tracker: `mode` 1 on, 0 off,
+-- 2 auto: once the fleet saw an echo (looked up once a call)
+local echoes_seen = nil
+local function indexing(tag, mode)
+  if mode == '1' then return true end
+  if mode ~= '2' then return false end
+  if echoes_seen == nil then
+    echoes_seen = redis.call('EXISTS', tag .. ':wh:page_echo') == 1
+  end
+  return echoes_seen
+end
 
 local function own(first)
   if first == 'ok' then return 3 end
@@ -55,9 +69,9 @@ local function one(ledger, k, o, a)
       -- ledger key's hash tag (same slot); the value is
       -- '<bytes of the job id>:<job id><campaign>'
       local tracking = ARGV[o + 2]
-      if tracking ~= '' then
-        local close = string.find(ledger, '}', 1, true)
-        local tag = string.sub(ledger, 1, close)
+      local close = tracking ~= '' and string.find(ledger, '}', 1, true)
+      local tag = close and string.sub(ledger, 1, close)
+      if close and indexing(tag, ARGV[a + 9]) then
         local job = string.sub(ledger, close + 6)
         local campaign = string.sub(KEYS[k + 13], close + 11)
         local bucket = tag .. ':tid:' .. tid_day
@@ -128,4 +142,4 @@ local function one(ledger, k, o, a)
   return 1
 end
 
-return each_job(own, 8, one)
+return each_job(own, 9, one)

@@ -130,6 +130,8 @@ pub struct FleetConfig {
     pub echo_window: Duration,
     /// Sends without an echo for this long make a page silent ([`track`]).
     pub silent_page_after: Duration,
+    /// Whether sends are indexed for the delivery tracker ([`track`]).
+    pub delivery_tracking: crate::config::DeliveryTracking,
 }
 
 impl FleetConfig {
@@ -151,6 +153,7 @@ impl FleetConfig {
             campaign_retention: r.campaign_retention,
             echo_window: r.echo_window,
             silent_page_after: r.silent_page_after,
+            delivery_tracking: r.delivery_tracking,
         }
     }
 }
@@ -319,7 +322,7 @@ impl Layout {
 }
 
 const BEFORE: Layout = Layout { shared: 9, own: 1 };
-const AFTER: Layout = Layout { shared: 8, own: 9 }; // 3 for a send (after.lua)
+const AFTER: Layout = Layout { shared: 9, own: 9 }; // 3 for a send (after.lua)
 
 /// A page rate limit halves the page's rate at most once per this long: the
 /// calls in flight when the limit hit answer it together, and twelve such
@@ -1071,7 +1074,8 @@ impl Fleet {
             .int(ms(tell.gate_grace))
             .push(tell.page_rate)
             .int(ms(self.config.lowered_rate_for))
-            .int(ms(HALVE_AT_MOST_EVERY));
+            .int(ms(HALVE_AT_MOST_EVERY))
+            .int(self.config.delivery_tracking.script_arg());
         push_ledger_key(&mut part, &self.tag, job);
         let digest = send_digest(job);
         let digest = digest.as_str();

@@ -17,7 +17,7 @@
 //!   own (`w<n>.<incarnation>-<prefix>`), as a restarted pod would have:
 //!   a restarted worker must not take its dead predecessor's ledger leases
 //!   for its own.
-//! - The end: 4 s in which no queue but the DLQ holds a message, the
+//! - The end: 5 s in which no queue but the DLQ holds a message, the
 //!   simulator gets no request and no results event comes, then SIGTERM to
 //!   every worker. What is still queued after that is reported, never waited
 //!   for.
@@ -53,8 +53,10 @@ pub const MAX_ATTEMPTS: u32 = 4;
 const TIERS: [&str; 3] = ["250ms", "1s", "3s"];
 /// Jobs in flight per worker.
 const CONCURRENCY: &str = "8";
-/// How long nothing may move before the run counts as drained.
-const QUIET: Duration = Duration::from_secs(4);
+/// How long nothing may move before the run counts as drained: longer than
+/// the workers' echo window (a maybe-sent job waits that long, unacked and
+/// without a call, for its echo).
+const QUIET: Duration = Duration::from_secs(5);
 
 /// The workers' config file beyond the topology: retries short enough for
 /// the run to end, the request timeout the late answers overrun.
@@ -74,6 +76,8 @@ gated_max_age = "8s"
 request_timeout = "{}ms"
 [redis]
 lease_margin = "500ms"
+delivery_tracking = "on"
+echo_window = "3s"
 lowered_rate_for = "5s"
 "#,
         REQUEST_TIMEOUT.as_millis()
