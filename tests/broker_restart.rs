@@ -36,14 +36,6 @@ fn rabbitmq_bin() -> PathBuf {
     Path::new(&path).parent().unwrap().to_path_buf()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A RabbitMQ node of this test's own, stopped and removed on drop.
 struct PrivateNode {
     name: String,
@@ -65,8 +57,8 @@ impl PrivateNode {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&cookie, std::fs::Permissions::from_mode(0o400)).unwrap();
         std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
-        let port = free_port();
-        let dist = free_port();
+        let port = common::free_port();
+        let dist = common::free_port();
         std::fs::write(
             dir.join("rabbitmq.conf"),
             format!("listeners.tcp.default = {port}\nloopback_users = none\n"),
@@ -161,7 +153,7 @@ async fn a_broker_restart_mid_run_loses_nothing() {
     }
 
     let concurrency = 32u64;
-    let metrics_port = free_port();
+    let metrics_port = common::free_port();
     let dir = common::tmpdir("restart");
     // the harness follows MMSEND_AMQP_URL, set to the private node above
     let mut worker = h

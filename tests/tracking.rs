@@ -30,16 +30,6 @@ use tokio_util::sync::CancellationToken;
 const SECRET: &str = "tracking-app-secret-0123456789";
 const PAGE: &str = "9876543210";
 
-/// A free port on 127.0.0.1 (the simulator must know the receiver's URL
-/// before the harness that names the topology exists).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn sim_posting_to(port: u16, failed: f64, duplicate: f64) -> SimConfig {
     SimConfig {
         record: true,
@@ -57,6 +47,26 @@ fn sim_posting_to(port: u16, failed: f64, duplicate: f64) -> SimConfig {
         }),
         ..SimConfig::default()
     }
+}
+
+/// An idle harness (its worker not started) whose simulator posts signed
+/// webhooks to a receiver on its topology, every send indexed for the
+/// tracker; `tweak` adjusts the options first.
+async fn tracked(
+    name: &'static str,
+    failed: f64,
+    duplicate: f64,
+    tweak: impl FnOnce(&mut Opts),
+) -> (Harness, Receiver) {
+    let port = common::free_port();
+    let mut opts = Opts::idle(name);
+    opts.sim = sim_posting_to(port, failed, duplicate);
+    opts.redis = Some(redis_url());
+    tweak(&mut opts);
+    let mut h = Harness::start(opts).await;
+    tracking_on(&mut h);
+    let r = receiver(&h, port).await;
+    (h, r)
 }
 
 struct Receiver {
@@ -217,16 +227,12 @@ fn metric(metrics: &Metrics, prefix: &str) -> u64 {
 
 #[tokio::test]
 async fn signed_events_for_a_thousand_sends_give_each_campaign_the_funnel_that_was_posted() {
-    let port = free_port();
-    let mut opts = Opts::idle("track-funnel");
-    opts.sim = sim_posting_to(port, 0.05, 0.3);
-    opts.redis = Some(redis_url());
-    opts.results = true;
-    opts.concurrency = 64;
-    let mut h = Harness::start(opts).await;
-    tracking_on(&mut h);
+    let (mut h, r) = tracked("track-funnel", 0.05, 0.3, |o| {
+        o.results = true;
+        o.concurrency = 64;
+    })
+    .await;
     h.start_worker();
-    let r = receiver(&h, port).await;
     let (_results_channel, mut results) = h.results_consumer("track-results", 500).await;
 
     const SENDS: usize = 1000;
@@ -414,16 +420,10 @@ async fn signed_events_for_a_thousand_sends_give_each_campaign_the_funnel_that_w
 
 #[tokio::test]
 async fn a_tracker_stopped_while_events_arrive_loses_none() {
-    let port = free_port();
-    let mut opts = Opts::idle("track-stop");
-    opts.sim = sim_posting_to(port, 0.05, 0.2);
-    opts.redis = Some(redis_url());
-    let mut h = Harness::start(opts).await;
-    tracking_on(&mut h);
+    let (mut h, r) = tracked("track-stop", 0.05, 0.2, |_| {}).await;
     // the worker runs without a tracker: a tracker of its own comes and goes
     h.config.tracker = false;
     h.start_worker();
-    let r = receiver(&h, port).await;
     let fleet = Arc::new(
         Fleet::new(
             FleetConfig::new(&redis_url()),
@@ -489,17 +489,11 @@ async fn a_tracker_stopped_while_events_arrive_loses_none() {
 
 #[tokio::test]
 async fn a_maybe_sent_job_is_settled_as_sent_on_its_echo_without_a_second_call() {
-    let port = free_port();
-    let mut opts = Opts::idle("track-echo");
     // no cap in the simulator: a second call would be a second send
-    opts.sim = sim_posting_to(port, 0.0, 0.0);
-    opts.redis = Some(redis_url());
-    let mut h = Harness::start(opts).await;
-    tracking_on(&mut h);
+    let (mut h, r) = tracked("track-echo", 0.0, 0.0, |_| {}).await;
     // the call times out after the send went out (the answer is 3 s late)
     h.config.graph.request_timeout = Duration::from_secs(1);
     h.start_worker();
-    let r = receiver(&h, port).await;
 
     // the page's webhooks are tracked (an echo of it was seen)
     h.publish_job(&job_for("echo-warm", "sub-warm", "120210000000000004"))
@@ -707,15 +701,12 @@ async fn silent_pages_are_those_with_sends_and_no_echo_since() {
 // the worker binary runs while the test thread waits on it
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_call_leaves_a_job_its_echo_settles_without_a_second_call() {
-    let port = free_port();
-    let mut opts = Opts::idle("track-crash");
-    // no cap in the simulator: a second call would be a second send
-    opts.sim = sim_posting_to(port, 0.0, 0.0);
-    opts.redis = Some(redis_url());
-    // a job behind the dead worker's lease waits in a short tier
-    opts.tiers = vec!["250ms", "1s", "3s"];
-    let h = Harness::start(opts).await;
-    let r = receiver(&h, port).await;
+    // no cap in the simulator: a second call would be a second send; a job
+    // behind the dead worker's lease waits in a short tier
+    let (h, r) = tracked("track-crash", 0.0, 0.0, |o| {
+        o.tiers = vec!["250ms", "1s", "3s"]
+    })
+    .await;
     let dir = common::tmpdir("track-crash");
     // a short lease, so the dead worker's claim runs out soon
     // delivery_tracking is `auto`: sends are indexed once the fleet saw an

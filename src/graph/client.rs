@@ -400,6 +400,17 @@ impl Client {
         )
     }
 
+    /// With an app secret: `appsecret_proof` for `token` added to `url`'s
+    /// query, and returned (for the redactor).
+    fn prove(&self, url: &mut reqwest::Url, token: &Secret) -> Option<String> {
+        let proof = self
+            .app_secret
+            .as_ref()
+            .map(|secret| appsecret_proof(secret, token))?;
+        url.query_pairs_mut().append_pair("appsecret_proof", &proof);
+        Some(proof)
+    }
+
     /// The endpoint for an ad account (digits, no `act_`).
     pub fn url(&self, ad_account_id: &str) -> reqwest::Url {
         let mut url = self.base.clone();
@@ -425,13 +436,7 @@ impl Client {
             .pop_if_empty()
             .push(page_id)
             .push("subscribed_apps");
-        let proof = self
-            .app_secret
-            .as_ref()
-            .map(|secret| appsecret_proof(secret, token));
-        if let Some(proof) = &proof {
-            url.query_pairs_mut().append_pair("appsecret_proof", proof);
-        }
+        let proof = self.prove(&mut url, token);
         let redactor = self.redactor(token, proof.as_deref());
         let mut response = self
             .http
@@ -484,13 +489,7 @@ impl Client {
             min_conversation_gap_seconds: req.min_conversation_gap_seconds,
         };
         let mut url = self.url(req.ad_account_id);
-        let proof = self
-            .app_secret
-            .as_ref()
-            .map(|secret| appsecret_proof(secret, token));
-        if let Some(proof) = &proof {
-            url.query_pairs_mut().append_pair("appsecret_proof", proof);
-        }
+        let proof = self.prove(&mut url, token);
         let response = self
             .http
             .post(url)

@@ -157,6 +157,15 @@ impl Drop for PrivateRedis {
     }
 }
 
+/// A free TCP port on 127.0.0.1 (bound, read and let go).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn random_prefix(name: &str) -> String {
     format!("mmsend-test-{name}-{:08x}", rand::random::<u32>())
 }
