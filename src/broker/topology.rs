@@ -749,13 +749,24 @@ mod tests {
             six_h.get("x-dead-letter-routing-key"),
             Some(&long_string("mm.send"))
         );
-        assert_eq!(qs.len(), 10);
+        assert_eq!(qs.len(), 11);
         assert_eq!(qs[8].0, "mm.held");
         assert_eq!(qs[8].2, qs[7].2, "the held queue is declared like the DLQ");
         assert_eq!(qs[9].0, "mm.webhooks");
         assert_eq!(
             qs[9].2, qs[7].2,
             "the webhook queue is declared like the DLQ"
+        );
+        // events the tracker could not join yet wait 5 s, then come back
+        let wait = qs[10].2.inner();
+        assert_eq!(qs[10].0, "mm.webhooks.wait");
+        assert_eq!(
+            wait.get("x-message-ttl"),
+            Some(&AMQPValue::LongLongInt(5_000))
+        );
+        assert_eq!(
+            wait.get("x-dead-letter-routing-key"),
+            Some(&long_string("mm.webhooks"))
         );
         let dead = qs[7].2.inner();
         assert_eq!(qs[7].0, "mm.dead");
