@@ -170,6 +170,17 @@ fn tracking_on(h: &mut Harness) {
     }
 }
 
+/// A worker process, killed if the test ends without stopping it (a failed
+/// assertion must not leave it consuming).
+struct Worker(std::process::Child);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Whether today's tracking-id hash of `prefix` holds `tracking`.
 async fn indexed(prefix: &str, tracking: &str) -> bool {
     let mut conn = redis::Client::open(redis_url())
@@ -718,7 +729,7 @@ async fn a_worker_killed_mid_call_leaves_a_job_its_echo_settles_without_a_second
             .env("MMSEND_WORKER_ID", format!("{name}-{}", h.topology.prefix))
             .env("MMSEND_LOG", "info")
             .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap());
-        cmd.spawn().unwrap()
+        Worker(cmd.spawn().unwrap())
     };
     let mut first = start("first");
     // the page's webhooks flow (the fleet saw an echo)
@@ -738,8 +749,8 @@ async fn a_worker_killed_mid_call_leaves_a_job_its_echo_settles_without_a_second
         h.sim.record().sends.iter().any(|s| s.token == token),
         "the call reached Meta"
     );
-    common::signal(&first, "-KILL");
-    let _ = first.wait();
+    common::signal(&first.0, "-KILL");
+    let _ = first.0.wait();
 
     // another worker takes the job once the dead one's lease ran out: an
     // earlier call may have been the send, and its echo says it was
@@ -749,8 +760,8 @@ async fn a_worker_killed_mid_call_leaves_a_job_its_echo_settles_without_a_second
         ledger_sent(&h, "crash-1").await,
         "the job is settled"
     );
-    common::signal(&second, "-TERM");
-    let _ = second.wait();
+    common::signal(&second.0, "-TERM");
+    let _ = second.0.wait();
     let calls = h
         .sim
         .record()
