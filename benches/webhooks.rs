@@ -140,7 +140,6 @@ fn main() {
         let prefix = format!("bench-wh-{:08x}", rand::random::<u32>());
         let topology = Topology::with_prefix(&prefix).unwrap();
         let stop = CancellationToken::new();
-        let (tx, rx) = tokio::sync::oneshot::channel();
         let config = WebhookConfig {
             amqp_url: amqp_url(),
             topology: topology.clone(),
@@ -149,15 +148,9 @@ fn main() {
             app_secret: Secret::new(SECRET),
             max_body: webhooks::MAX_BODY,
         };
-        let server = tokio::spawn(webhooks::serve(
-            config,
-            Metrics::new(),
-            stop.clone(),
-            move |a| {
-                let _ = tx.send(a);
-            },
-        ));
-        let receiver: SocketAddr = rx.await.expect("the receiver listens");
+        let (receiver, server) = webhooks::spawn(config, Metrics::new(), stop.clone())
+            .await
+            .expect("the receiver listens");
         let bare = bare().await;
         let (mut best_bare, mut best_recv) = (0f64, 0f64);
         let mut rows = Vec::new();

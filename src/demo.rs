@@ -113,7 +113,6 @@ async fn start_receiver(
     topology: &Topology,
     stop: &CancellationToken,
 ) -> anyhow::Result<std::net::SocketAddr> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
     let config = crate::webhooks::WebhookConfig {
         amqp_url: amqp_url.to_string(),
         topology: topology.clone(),
@@ -122,17 +121,10 @@ async fn start_receiver(
         app_secret: Secret::new(DEMO_APP_SECRET),
         max_body: crate::webhooks::MAX_BODY,
     };
-    tokio::spawn(crate::webhooks::serve(
-        config,
-        Metrics::new(),
-        stop.clone(),
-        move |addr| {
-            let _ = tx.send(addr);
-        },
-    ));
-    let addr = rx
+    // the task ends with `stop`
+    let (addr, _task) = crate::webhooks::spawn(config, Metrics::new(), stop.clone())
         .await
-        .map_err(|_| anyhow::anyhow!("the demo's webhook receiver did not start"))?;
+        .map_err(|e| anyhow::anyhow!("the demo's webhook receiver did not start: {e}"))?;
     println!(
         "demo: webhook receiver on http://{addr}/webhooks; the worker's tracker joins the events"
     );

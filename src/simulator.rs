@@ -711,6 +711,16 @@ fn app(config: SimConfig) -> (Router, Arc<Sim>) {
     (router, sim)
 }
 
+/// The request's bearer token, trimmed; `None` when absent or empty.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
 /// The fields a subscribed page reports in `subscribed_apps`: Meta's
 /// marketing-message fields and `messages`.
 pub const SIM_SUBSCRIBED_FIELDS: [&str; 6] = [
@@ -730,11 +740,7 @@ async fn subscribed_apps(
     Path((_version, page)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    let bearer = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let token_ok = match (&sim.config.access_token, bearer) {
+    let token_ok = match (&sim.config.access_token, bearer(&headers)) {
         (_, None) => false,
         (Some(want), Some(got)) => want == got,
         (None, Some(_)) => true,
@@ -1161,13 +1167,7 @@ async fn answer(
     };
 
     // auth
-    let token = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|t| !t.is_empty());
-    let Some(token) = token else {
+    let Some(token) = bearer(headers) else {
         let mut books = sim.books();
         sim.error(&mut books, "190".into());
         return graph_error(

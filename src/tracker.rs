@@ -175,12 +175,8 @@ fn tries_of(props: &BasicProperties) -> u32 {
         .headers()
         .as_ref()
         .and_then(|h| h.inner().get(TRIES_HEADER))
-        .and_then(|v| match v {
-            AMQPValue::LongLongInt(n) => u32::try_from(*n).ok(),
-            AMQPValue::LongInt(n) => u32::try_from(*n).ok(),
-            AMQPValue::LongUInt(n) => Some(*n),
-            _ => None,
-        })
+        .and_then(crate::broker::headers::as_int)
+        .and_then(|n| u32::try_from(n).ok())
         .unwrap_or(0)
 }
 
@@ -285,15 +281,8 @@ async fn publish_delivery(
         at: chrono::DateTime::from_timestamp_millis(event.timestamp)
             .unwrap_or_else(chrono::Utc::now),
     };
-    let Ok(bytes) = serde_json::to_vec(&e) else {
-        return;
-    };
-    let props = BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_delivery_mode(2)
-        .with_message_id(crate::job::amqp_message_id(&e.job_id).into());
     if let Err(err) = publisher
-        .publish(&config.topology.results_stream(), &bytes, props)
+        .publish_result(&config.topology.results_stream(), &e)
         .await
     {
         metrics.publish_failed(crate::metrics::PublishFailure::Error);

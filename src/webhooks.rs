@@ -106,6 +106,10 @@ pub enum WebhookError {
         /// Why.
         source: std::io::Error,
     },
+    /// [`spawn`]: the receiver ended (stopped, or its task panicked) before
+    /// it listened.
+    #[error("the webhook receiver stopped before it listened")]
+    Stopped,
 }
 
 /// The receiver's state: the secrets, the publisher (opened again after a
@@ -360,6 +364,33 @@ fn check(config: &WebhookConfig) -> Result<(), WebhookError> {
         ));
     }
     Ok(())
+}
+
+/// [`serve`] on a task of its own, once it listens: its address and the
+/// task (it runs until `shutdown`). A receiver that cannot start answers
+/// its error here.
+pub async fn spawn(
+    config: WebhookConfig,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<
+    (
+        SocketAddr,
+        tokio::task::JoinHandle<Result<(), WebhookError>>,
+    ),
+    WebhookError,
+> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(serve(config, metrics, shutdown, move |addr| {
+        let _ = tx.send(addr);
+    }));
+    match rx.await {
+        Ok(addr) => Ok((addr, task)),
+        Err(_) => match task.await {
+            Ok(Err(e)) => Err(e),
+            _ => Err(WebhookError::Stopped),
+        },
+    }
 }
 
 /// Serves the receiver until `shutdown`; `ready` hears the bound address.

@@ -16,7 +16,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -85,16 +84,9 @@ async fn receiver(h: &Harness, port: u16) -> Receiver {
         max_body: webhooks::MAX_BODY,
     };
     let stop = CancellationToken::new();
-    let (tx, rx) = tokio::sync::oneshot::channel::<SocketAddr>();
-    let task = tokio::spawn(webhooks::serve(
-        config,
-        Metrics::new(),
-        stop.clone(),
-        move |a| {
-            let _ = tx.send(a);
-        },
-    ));
-    let addr = rx.await.expect("the receiver listens");
+    let (addr, task) = webhooks::spawn(config, Metrics::new(), stop.clone())
+        .await
+        .expect("the receiver listens");
     Receiver {
         url: format!("http://{addr}/webhooks"),
         stop,
@@ -170,6 +162,25 @@ fn tracking_on(h: &mut Harness) {
     }
 }
 
+/// The calls the simulator got for `token`.
+fn calls_to(h: &Harness, token: &str) -> usize {
+    h.sim
+        .record()
+        .requests
+        .iter()
+        .filter(|q| q.token.as_deref() == Some(token))
+        .count()
+}
+
+/// A connection to the shared Redis.
+async fn redis_conn() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
 /// A worker process, killed if the test ends without stopping it (a failed
 /// assertion must not leave it consuming).
 struct Worker(std::process::Child);
@@ -183,11 +194,7 @@ impl Drop for Worker {
 
 /// Whether today's tracking-id hash of `prefix` holds `tracking`.
 async fn indexed(prefix: &str, tracking: &str) -> bool {
-    let mut conn = redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = redis_conn().await;
     let day = chrono::Utc::now().timestamp_millis() / 86_400_000;
     redis::cmd("HEXISTS")
         .arg(format!("{{{prefix}}}:tid:{day}"))
@@ -199,11 +206,7 @@ async fn indexed(prefix: &str, tracking: &str) -> bool {
 }
 
 async fn redis_exists(key: &str) -> bool {
-    let mut conn = redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = redis_conn().await;
     redis::cmd("EXISTS")
         .arg(key)
         .query_async::<i64>(&mut conn)
@@ -214,11 +217,7 @@ async fn redis_exists(key: &str) -> bool {
 
 /// Whether the send ledger records `job` as sent.
 async fn ledger_sent(h: &Harness, job: &str) -> bool {
-    let mut conn = redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = redis_conn().await;
     let record: Option<String> = redis::cmd("GET")
         .arg(format!("{{{}}}:job:{job}", h.topology.prefix))
         .query_async(&mut conn)
@@ -515,13 +514,7 @@ async fn a_maybe_sent_job_is_settled_as_sent_on_its_echo_without_a_second_call()
         .await;
     h.wait_settled(2, Duration::from_secs(30)).await;
 
-    let calls = h
-        .sim
-        .record()
-        .requests
-        .iter()
-        .filter(|q| q.token.as_deref() == Some(token))
-        .count();
+    let calls = calls_to(&h, token);
     assert_eq!(calls, 1, "one call: the second was settled on the echo");
     assert_eq!(h.sim.stats().sent, 2);
     assert_eq!(
@@ -544,11 +537,7 @@ async fn a_maybe_sent_job_is_settled_as_sent_on_its_echo_without_a_second_call()
         .tracking_id
         .clone()
         .unwrap();
-    let mut conn = redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = redis_conn().await;
     let record: String = redis::cmd("GET")
         .arg(format!("{{{}}}:job:echo-1", h.topology.prefix))
         .query_async(&mut conn)
@@ -762,13 +751,7 @@ async fn a_worker_killed_mid_call_leaves_a_job_its_echo_settles_without_a_second
     );
     common::signal(&second.0, "-TERM");
     let _ = second.0.wait();
-    let calls = h
-        .sim
-        .record()
-        .requests
-        .iter()
-        .filter(|q| q.token.as_deref() == Some(token))
-        .count();
+    let calls = calls_to(&h, token);
     assert_eq!(calls, 1, "no second call");
     assert_eq!(h.sim.stats().duplicates, 0);
     let log = std::fs::read_to_string(dir.join("second.log")).unwrap();

@@ -8,7 +8,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,16 +47,9 @@ async fn start(name: &str, max_body: usize) -> Receiver {
     };
     let metrics = Metrics::new();
     let stop = CancellationToken::new();
-    let (tx, rx) = tokio::sync::oneshot::channel::<SocketAddr>();
-    let task = tokio::spawn(webhooks::serve(
-        config,
-        metrics.clone(),
-        stop.clone(),
-        move |addr| {
-            let _ = tx.send(addr);
-        },
-    ));
-    let addr = rx.await.expect("the receiver listens");
+    let (addr, task) = webhooks::spawn(config, metrics.clone(), stop.clone())
+        .await
+        .expect("the receiver listens");
     Receiver {
         url: format!("http://{addr}"),
         topology,

@@ -109,6 +109,25 @@ impl Publisher {
         })
     }
 
+    /// Publishes a results event on `stream` (JSON, persistent, message id
+    /// from its job id) and waits for the confirm: the worker's and the
+    /// tracker's events alike ([`crate::results`]).
+    pub async fn publish_result(
+        &self,
+        stream: &str,
+        event: &crate::results::ResultEvent,
+    ) -> Result<(), PublishError> {
+        // a struct of strings, numbers and a time always serializes
+        let Ok(bytes) = serde_json::to_vec(event) else {
+            return Ok(());
+        };
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_message_id(crate::job::amqp_message_id(&event.job_id).into());
+        self.publish(stream, &bytes, props).await
+    }
+
     /// Sends and waits until the broker confirmed and routed the message.
     pub async fn publish(
         &self,

@@ -345,8 +345,8 @@ impl Fleet {
     }
 
     /// Notes, for each page, the first send since its last echo (`pages`:
-    /// page → the first and last send this worker made since it last
-    /// wrote). One script call.
+    /// page → the first send this worker made to it since it last wrote).
+    /// One script call.
     pub async fn note_page_sends(&self, pages: &HashMap<String, i64>) -> Result<(), FleetError> {
         if pages.is_empty() {
             return Ok(());

@@ -659,15 +659,8 @@ async fn publish_result(
         status: None,
         at: Utc::now(),
     };
-    let Ok(bytes) = serde_json::to_vec(&event) else {
-        return;
-    };
-    let props = BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_delivery_mode(2)
-        .with_message_id(crate::job::amqp_message_id(&event.job_id).into());
     if let Err(e) = publisher
-        .publish(&ctx.topology.results_stream(), &bytes, props)
+        .publish_result(&ctx.topology.results_stream(), &event)
         .await
     {
         ctx.metrics.publish_failed(match e {

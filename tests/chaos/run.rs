@@ -606,26 +606,20 @@ pub async fn run(plan: Plan, drain_limit: Duration) -> Outcome {
     opts.results = true;
     let h = Harness::start(opts).await;
     let stop_receiver = tokio_util::sync::CancellationToken::new();
-    let receiver = {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(mmsend::webhooks::serve(
-            mmsend::webhooks::WebhookConfig {
-                amqp_url: common::amqp_url(),
-                topology: h.topology.clone(),
-                listen: format!("127.0.0.1:{hooks_port}"),
-                verify_token: GraphSecret::new("chaos-verify"),
-                app_secret: GraphSecret::new(plan.app_secret.clone()),
-                max_body: mmsend::webhooks::MAX_BODY,
-            },
-            mmsend::metrics::Metrics::new(),
-            stop_receiver.clone(),
-            move |addr| {
-                let _ = tx.send(addr);
-            },
-        ));
-        rx.await.expect("the webhook receiver listens");
-        task
-    };
+    let (_, receiver) = mmsend::webhooks::spawn(
+        mmsend::webhooks::WebhookConfig {
+            amqp_url: common::amqp_url(),
+            topology: h.topology.clone(),
+            listen: format!("127.0.0.1:{hooks_port}"),
+            verify_token: GraphSecret::new("chaos-verify"),
+            app_secret: GraphSecret::new(plan.app_secret.clone()),
+            max_body: mmsend::webhooks::MAX_BODY,
+        },
+        mmsend::metrics::Metrics::new(),
+        stop_receiver.clone(),
+    )
+    .await
+    .expect("the webhook receiver listens");
     let dir = common::tmpdir("chaos");
     // the run's own copy of the binary: one build from start to end, and
     // `cargo build` is free to replace target/ meanwhile
