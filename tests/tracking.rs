@@ -663,6 +663,14 @@ async fn silent_pages_are_those_with_sends_and_no_echo_since() {
         pages.into_iter().map(|p| p.page_id).collect()
     }
 
+    // before the fleet ever saw an echo, no page is silent: webhooks are
+    // not set up (every page would be, else)
+    fleet
+        .note_page_sends(&pages(&[("A", minutes_ago(5))]))
+        .await
+        .unwrap();
+    assert!(silent(&fleet, now).await.is_empty());
+
     // A and B sent to 5 minutes ago; B was echoed since, A was not
     fleet
         .note_page_sends(&pages(&[("A", minutes_ago(5)), ("B", minutes_ago(5))]))
