@@ -316,9 +316,12 @@ pub(crate) fn find_job(st: &Shared, id: &Identity, job: &str) -> Response {
     }
 }
 
+/// A reading of the queue depths: when, and what RabbitMQ said.
+type Reading = (Instant, Result<Vec<QueueInfo>, String>);
+
 /// Queue depths read from the broker, shared by every view for a moment.
 pub(crate) struct Depths {
-    last: Mutex<Option<(Instant, Result<Vec<QueueInfo>, String>)>>,
+    last: Mutex<Option<Reading>>,
     reading: tokio::sync::Mutex<()>,
 }
 

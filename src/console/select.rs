@@ -366,3 +366,138 @@ pub(crate) fn breakdown(s: &Snapshot, members: &[u32], by: Dimension) -> Vec<(St
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(pairs: &[(&str, &str)]) -> FilterQuery {
+        let mut q = FilterQuery::default();
+        for (k, v) in pairs {
+            let field = match *k {
+                "reason" => &mut q.reason,
+                "class" => &mut q.class,
+                "code" => &mut q.code,
+                "campaign" => &mut q.campaign,
+                "page" => &mut q.page,
+                "since" => &mut q.since,
+                "until" => &mut q.until,
+                "job_id" => &mut q.job_id,
+                other => panic!("{other} is no filter"),
+            };
+            *field = v.to_string();
+        }
+        q
+    }
+
+    fn letter_at(dead_at: Option<DateTime<Utc>>) -> Letter {
+        Letter {
+            job_id: "j".into(),
+            fingerprint: 1,
+            reason: "terminal".into(),
+            class: None,
+            code: None,
+            campaign: None,
+            page: None,
+            message_id: None,
+            error_codes: [None, None],
+            attempts: 1,
+            replays: 0,
+            dead_at,
+            error: None,
+            headers: Box::new([]),
+            body: "".into(),
+            body_bytes: 0,
+            body_json: false,
+            body_cut: false,
+        }
+    }
+
+    #[test]
+    fn a_query_is_the_cli_filter_and_says_what_is_wrong() {
+        let now: DateTime<Utc> = "2026-12-04T12:00:00Z".parse().unwrap();
+        let sel = q(&[
+            ("code", "2300005"),
+            ("campaign", "black friday"),
+            ("since", "1h"),
+            ("page", ""),
+        ])
+        .parse(now)
+        .unwrap();
+        assert_eq!(sel.filter.code, Some(2300005));
+        assert_eq!(sel.filter.campaign.as_deref(), Some("black friday"));
+        assert_eq!(
+            sel.filter.since,
+            Some("2026-12-04T11:00:00Z".parse().unwrap())
+        );
+        assert_eq!(sel.filter.page, None, "an empty field is not a filter");
+        assert_eq!(
+            sel.describe(),
+            "code = 2300005, campaign = black friday, since = 1h"
+        );
+        assert_eq!(
+            sel.flags(),
+            "--code 2300005 --campaign 'black friday' --since 1h"
+        );
+        assert_eq!(
+            sel.query(&[]),
+            "?code=2300005&campaign=black%20friday&since=1h"
+        );
+        let narrowed = sel.with("reason", "terminal");
+        assert_eq!(
+            narrowed.pairs[0],
+            ("reason", "terminal".to_string()),
+            "links keep the CLI's order"
+        );
+        for (bad, says) in [
+            (q(&[("code", "x")]), "code: \"x\" is not a number"),
+            (q(&[("reason", "nope")]), "reason: "),
+            (q(&[("class", "nope")]), "class: "),
+            (q(&[("until", "yesterday")]), "until: "),
+        ] {
+            let e = bad.parse(now).unwrap_err();
+            assert!(e.starts_with(says), "{e}");
+        }
+        assert!(!q(&[]).any());
+        assert_eq!(
+            Selected::of_group(Dimension::Campaign, "-").map(|s| s.pairs),
+            None
+        );
+    }
+
+    #[test]
+    fn the_chart_counts_each_letter_in_its_hour() {
+        let now: DateTime<Utc> = "2026-12-04T12:30:00Z".parse().unwrap();
+        let at = |t: &str| letter_at(t.parse().ok());
+        let letters = vec![
+            at("2026-12-04T12:10:00Z"),
+            at("2026-12-04T12:59:00Z"),
+            at("2026-12-04T11:00:00Z"),
+            at("2026-12-01T00:00:00Z"),
+            at("not a time"),
+        ];
+        let members: Vec<u32> = (0..letters.len() as u32).collect();
+        let chart = Chart::new(&letters, &members, now, &Selected::all());
+        let last = chart.bars.last().unwrap();
+        assert_eq!(last.x, (CHART_HOURS - 1) * BAR_WIDTH);
+        assert_eq!(last.height, CHART_HEIGHT, "the peak fills the chart");
+        assert!(
+            last.title.ends_with("12:00–13:00 UTC: 2 dead letters"),
+            "{}",
+            last.title
+        );
+        assert_eq!(chart.bars.len(), 2);
+        assert_eq!(chart.earlier, "2", "older than the chart, or no time");
+        assert!(
+            chart.label.contains("3 in all, at most 2"),
+            "{}",
+            chart.label
+        );
+        assert!(
+            last.href
+                .contains("since=2026-12-04T12%3A00%3A00%2B00%3A00"),
+            "{}",
+            last.href
+        );
+    }
+}

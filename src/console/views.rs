@@ -7,8 +7,9 @@
 //! Every text from a letter reaches a page masked: the snapshot masks what
 //! it keeps ([`super::mask`]); job ids are shown (and linked) as
 //! [`Letter::job_label`]; messages that could quote one (a failed
-//! refresh's or action's error) are masked here. The console offers no
-//! download: every byte it serves is one of these pages.
+//! refresh's or action's error) are masked here. What else the console
+//! serves is built from the same masked snapshot: the JSONL download and
+//! `/status.json` (module `letters`).
 
 use std::time::Duration;
 

@@ -320,6 +320,7 @@ mod tests {
             page: Some("42".into()),
             job_id: Some("j".into()),
             since: Some("2026-11-24T09:00:00Z".parse().unwrap()),
+            until: Some("2026-11-24T11:00:00Z".parse().unwrap()),
             limit: None,
         };
         assert!(f.matches(&d));
@@ -330,6 +331,10 @@ mod tests {
             },
             Filter {
                 since: Some("2026-11-24T11:00:00Z".parse().unwrap()),
+                ..f.clone()
+            },
+            Filter {
+                until: Some("2026-11-24T09:30:00Z".parse().unwrap()),
                 ..f.clone()
             },
             Filter {
