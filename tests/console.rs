@@ -1836,7 +1836,10 @@ async fn combined_filters_count_what_the_cli_counts_and_pages_stay_current() {
     let h = Harness::start(no_worker("console-filter")).await;
     let letters = mixed(300, "f");
     fill(&h, &letters).await;
-    let c = Console::start(&h, |_| {}).await;
+    let c = Console::start(&h, |c| {
+        c.grafana_url = Some("https://grafana.example/".into())
+    })
+    .await;
     let mut cl = Client::new(&c);
     cl.snapshot_after(0).await;
 
@@ -1929,6 +1932,13 @@ async fn combined_filters_count_what_the_cli_counts_and_pages_stay_current() {
     assert!(at("id=\"by-code\"") < at("id=\"by-reason\""));
     assert!(at("New in the last hour") < at("id=\"by-campaign\""));
     assert!(overview.contains("href=\"/campaign?c=black-friday\""));
+    assert!(
+        overview.contains(&format!(
+            "href=\"https://grafana.example/d/mmsend/mmsend?var-prefix={}&#38;from=",
+            h.topology.prefix
+        )),
+        "a campaign links to the dashboard"
+    );
     assert!(
         overview.contains("2300005 ×20 ·"),
         "a campaign row shows its codes"

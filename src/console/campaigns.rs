@@ -250,12 +250,18 @@ pub(crate) async fn show(
     let trail = campaigns.trail(Some(&q.c), 50).await.unwrap_or_default();
     // its dead letters by code, from the snapshot
     let snapshot = st.snapshots.current();
+    // as `--campaign` selects: the label, else the message id
+    let letters = super::select::FilterQuery {
+        campaign: view.campaign.clone(),
+        ..Default::default()
+    }
+    .parse(chrono::Utc::now())
+    .unwrap_or_else(|_| super::select::Selected::all());
     let mut codes: BTreeMap<String, usize> = BTreeMap::new();
-    for l in &snapshot.letters {
-        if l.campaign.as_deref() == Some(view.campaign.as_str()) {
-            let code = l.code.map_or("none".to_string(), |c| c.to_string());
-            *codes.entry(code).or_default() += 1;
-        }
+    for i in letters.members(&snapshot) {
+        let l = &snapshot.letters[i as usize];
+        let code = l.code.map_or("-".to_string(), |c| c.to_string());
+        *codes.entry(code).or_default() += 1;
     }
     let mut c = chrome(
         &st,
@@ -323,7 +329,12 @@ pub(crate) async fn show(
             codes: codes
                 .into_iter()
                 .map(|(code, n)| {
-                    let href = format!("/group{}", query(&[("dim", "code"), ("key", &code)]));
+                    // this campaign's letters of that code
+                    let href = if code == "-" {
+                        letters.href()
+                    } else {
+                        letters.with("code", &code).href()
+                    };
                     (code, count(n), href)
                 })
                 .collect(),

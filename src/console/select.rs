@@ -148,20 +148,13 @@ impl Selected {
         q.parse(Utc::now()).ok()
     }
 
-    /// This filter and one more parameter (replacing the same one).
-    pub(crate) fn with(&self, name: &'static str, value: &str) -> Selected {
-        let mut pairs: Vec<_> = self
-            .pairs
-            .iter()
-            .filter(|(k, _)| *k != name)
-            .cloned()
-            .collect();
-        pairs.push((name, value.to_string()));
-        pairs.sort_by_key(|(k, _)| PARAMS.iter().position(|p| p == k));
-        Selected {
-            filter: self.filter.clone(),
-            pairs,
+    /// A link to this filter narrowed by one more parameter (replacing the
+    /// same one).
+    pub(crate) fn with(&self, name: &'static str, value: &str) -> Link {
+        Link {
+            pairs: self.pairs.clone(),
         }
+        .with(name, value)
     }
 
     /// `?campaign=…&code=…` followed by `extra`.
@@ -219,6 +212,31 @@ impl Selected {
             .filter(|(_, l)| self.filter.matches(*l))
             .map(|(i, _)| i as u32)
             .collect()
+    }
+}
+
+/// A link to a list of letters: a filter's parameters, not parsed (the
+/// page it opens parses them).
+#[derive(Debug, Clone)]
+pub(crate) struct Link {
+    pairs: Vec<(&'static str, String)>,
+}
+
+impl Link {
+    /// The same with one more parameter (replacing the same one), in the
+    /// CLI's order.
+    pub(crate) fn with(mut self, name: &'static str, value: &str) -> Link {
+        self.pairs.retain(|(k, _)| *k != name);
+        self.pairs.push((name, value.to_string()));
+        self.pairs
+            .sort_by_key(|(k, _)| PARAMS.iter().position(|p| p == k));
+        self
+    }
+
+    /// `/letters?…`.
+    pub(crate) fn href(&self) -> String {
+        let pairs: Vec<(&str, &str)> = self.pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        format!("/letters{}", query(&pairs))
     }
 }
 
