@@ -1985,6 +1985,15 @@ async fn combined_filters_count_what_the_cli_counts_and_pages_stay_current() {
             b.text("main p.muted code").await,
             "mmsend dlq stats --code 2300005 --campaign black-friday"
         );
+        // the job-id box opens the job's letter
+        let find = b
+            .d()
+            .find(By::Css("form.find input[name=job]"))
+            .await
+            .unwrap();
+        find.send_keys("f00007").await.unwrap();
+        b.click("form.find button").await;
+        assert_eq!(b.text("h1 .key").await, "f00007", "{width}px");
     }
 
     // stale no more: letters dead after the snapshot show up on the open

@@ -325,12 +325,11 @@ impl Overview {
         status: &Status,
         cx: OverviewContext<'_>,
     ) -> Overview {
-        use super::select::{breakdown, breakdown_of, FilterQuery, Selected};
+        use super::select::{breakdown, FilterQuery, Selected};
         let dims = OVERVIEW_ORDER
             .iter()
             .map(|&d| {
                 let all = s.groups(d);
-                let by = breakdown_of(d);
                 DimTable {
                     name: d.as_str(),
                     groups: all
@@ -338,23 +337,8 @@ impl Overview {
                         .take(OVERVIEW_GROUPS)
                         .map(|g| {
                             let mut row = GroupRow::new(d, g);
-                            if let Some(members) = s.members(d, &g.key) {
-                                let parts = breakdown(s, members, by);
-                                if !parts.is_empty() {
-                                    let text = parts
-                                        .iter()
-                                        .map(|(k, n)| {
-                                            if n.is_empty() {
-                                                k.clone()
-                                            } else {
-                                                format!("{k} ×{n}")
-                                            }
-                                        })
-                                        .collect::<Vec<_>>()
-                                        .join(" · ");
-                                    row.breakdown = Some((by.as_str(), text));
-                                }
-                            }
+                            row.breakdown =
+                                s.members(d, &g.key).and_then(|m| breakdown_line(s, m, d));
                             row.links = group_links(d, g, &cx);
                             row
                         })
@@ -443,6 +427,27 @@ impl Overview {
             empty_text,
         }
     }
+}
+
+/// A group's breakdown as one line: (dimension, `2300005 ×40 · 2300030
+/// ×12 · 2 more`), counted by [`super::select::breakdown_of`] its dimension.
+fn breakdown_line(s: &Snapshot, members: &[u32], d: Dimension) -> Option<(&'static str, String)> {
+    let by = super::select::breakdown_of(d);
+    let parts = super::select::breakdown(s, members, by);
+    (!parts.is_empty()).then(|| {
+        let text = parts
+            .iter()
+            .map(|(k, n)| {
+                if n.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{k} ×{n}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" · ");
+        (by.as_str(), text)
+    })
 }
 
 /// A group's other places: its letters as a filter (to combine with
@@ -627,10 +632,22 @@ impl GroupPage {
                 ])
             )
         });
+        let mut group = GroupRow::new(d, g);
+        group.breakdown = breakdown_line(s, members, d);
+        if let Some(sel) = super::select::Selected::of_group(d, &g.key) {
+            group.links.push((
+                sel.href(),
+                "filter these letters".into(),
+                format!(
+                    "Filter the letters of {d} {} to combine with other filters",
+                    g.key
+                ),
+            ));
+        }
         GroupPage {
             chrome,
             dim: d.as_str(),
-            group: GroupRow::new(d, g),
+            group,
             rows: members[range]
                 .iter()
                 .map(|&i| LetterRow::new(&s.letters[i as usize]))
