@@ -1801,3 +1801,529 @@ async fn campaigns_are_listed_paused_and_cancelled_in_the_browser() {
     common::delete_redis_keys(&common::redis_url(), &prefix).await;
     h.finish().await;
 }
+
+// ------------------------------------ round 2: any screen, unreadable letters, masking, a11y
+
+/// The two window sizes every page must fit: a phone and a desktop.
+const SIZES: [(u32, u32); 2] = [(390, 844), (1440, 900)];
+
+/// A valid job id of 307 characters (ids are free text).
+fn long_job_id() -> String {
+    format!("order-{}", "0123456789abcdef-".repeat(18))
+        .chars()
+        .take(307)
+        .collect()
+}
+
+/// A campaign name longer than any screen is wide.
+const LONG_CAMPAIGN: &str =
+    "black-friday-2026-promo-with-a-rather-long-name-for-every-store-in-the-northern-hemisphere";
+
+/// When RabbitMQ dead-lettered the `delivery_limit` letter (its `x-death` time).
+const BROKER_DEATH: &str = "2026-12-01T08:00:00Z";
+
+/// The recipient token inside the body that is not JSON.
+const CUT_OFF_TOKEN: &str = "recipient-cut-off-abcdefghijklmnopqrstuvwxyz0123";
+
+/// What RabbitMQ writes when a quorum queue's delivery limit dead-letters a
+/// message: `x-death` (one entry a queue and reason) and the
+/// `x-first-death-*` headers; no `x-mmsend-*` story at all.
+fn x_death_headers(queue: &str, count: i64, at: u64) -> FieldTable {
+    use lapin::types::{AMQPValue, FieldArray, LongString};
+    let mut entry = FieldTable::default();
+    entry.insert("count".into(), AMQPValue::LongLongInt(count));
+    entry.insert(
+        "reason".into(),
+        AMQPValue::LongString("delivery_limit".into()),
+    );
+    entry.insert("queue".into(), AMQPValue::LongString(queue.into()));
+    entry.insert("time".into(), AMQPValue::Timestamp(at));
+    entry.insert("exchange".into(), AMQPValue::LongString("".into()));
+    entry.insert(
+        "routing-keys".into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::LongString(
+            LongString::from(queue),
+        )])),
+    );
+    let mut h = FieldTable::default();
+    h.insert(
+        "x-death".into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(entry)])),
+    );
+    for (k, v) in [
+        ("x-first-death-reason", "delivery_limit"),
+        ("x-first-death-queue", queue),
+        ("x-first-death-exchange", ""),
+    ] {
+        h.insert(k.into(), AMQPValue::LongString(v.into()));
+    }
+    h
+}
+
+/// Puts into the DLQ, as they arrive there, a letter RabbitMQ dead-lettered
+/// itself (`broker-dead-1`) and an `invalid_job` letter whose body is cut
+/// off (not JSON, so no job id).
+async fn fill_unreadable(h: &Harness) {
+    let dlq = h.topology.dead_queue();
+    let at = chrono::DateTime::parse_from_rfc3339(BROKER_DEATH)
+        .unwrap()
+        .timestamp() as u64;
+    let body = serde_json::to_vec(&job(
+        "broker-dead-1",
+        "recipient-broker-dead-1-qqqqqqqqqqqq",
+    ))
+    .unwrap();
+    let props = lapin::BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_headers(x_death_headers(&h.topology.send_queue(), 3, at));
+    assert!(h.publish_to("", &dlq, &body, props).await.is_ack());
+    let story = Story {
+        attempt: 1,
+        dead_reason: Some("invalid_job".into()),
+        dead_at: Some(chrono::Utc::now()),
+        last_error: LastError {
+            class: Some("invalid".into()),
+            message: Some("the body is not a job: EOF while parsing a string".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut headers = FieldTable::default();
+    story.write(&mut headers);
+    let body = format!(
+        "{{\"v\":1,\"job_id\":\"cut-7\",\"subscription_token\":\"{CUT_OFF_TOKEN}\",\"message\":{{\"te"
+    );
+    let props = lapin::BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_headers(headers);
+    assert!(h
+        .publish_to("", &dlq, body.as_bytes(), props)
+        .await
+        .is_ack());
+}
+
+/// Puts one dead letter into the DLQ as [`fill`] does, but without an AMQP
+/// `message_id` (a short string: at most 255 bytes, shorter than some ids).
+async fn fill_without_message_id(h: &Harness, d: &Dead) {
+    let story = Story {
+        attempt: 3,
+        dead_reason: d.reason.map(str::to_owned),
+        dead_at: Some(chrono::Utc::now()),
+        last_error: LastError {
+            class: Some(d.class.into()),
+            code: Some(d.code),
+            message: Some(d.message.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut headers = FieldTable::default();
+    story.write(&mut headers);
+    let mut body = job(&d.id, &d.token());
+    body["campaign"] = json!(&d.campaign);
+    body["page_id"] = json!(d.page);
+    let props = lapin::BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_headers(headers);
+    let body = serde_json::to_vec(&body).unwrap();
+    let dlq = h.topology.dead_queue();
+    assert!(h.publish_to("", &dlq, &body, props).await.is_ack());
+}
+
+/// A DLQ and Redis with something on every page: 60 letters of five kinds,
+/// one with a 307-character job id, one RabbitMQ dead-lettered, one not
+/// JSON; campaigns with counters and a trail; a console on them.
+struct Site {
+    h: Harness,
+    c: Console,
+    campaigns: mmsend::fleet::campaign::Campaigns,
+    letters: Vec<Dead>,
+}
+
+impl Site {
+    async fn start(name: &'static str) -> Site {
+        use mmsend::fleet::campaign::{CampaignState, Campaigns};
+        let h = Harness::start(no_worker(name)).await;
+        let mut letters = mixed(60, "s");
+        letters.push(Dead {
+            id: long_job_id(),
+            reason: Some("terminal"),
+            class: "mismatch",
+            code: 2300099,
+            message: format!(
+                "PAGE_ID_MISMATCH: {}",
+                "the page id does not match the page of the subscription token; ".repeat(4)
+            ),
+            campaign: LONG_CAMPAIGN.into(),
+            page: "9876543210",
+        });
+        fill(&h, &letters[..60]).await;
+        fill_without_message_id(&h, &letters[60]).await;
+        fill_unreadable(&h).await;
+        let redis = mmsend::fleet::FleetConfig::new(&common::redis_url());
+        let campaigns = Campaigns::connect(&redis, &h.topology.prefix)
+            .await
+            .unwrap();
+        for (name, n) in [("black-friday", 2_000u64), (LONG_CAMPAIGN, 300)] {
+            campaigns
+                .count_enqueued(&[(name.to_string(), n)].into_iter().collect())
+                .await
+                .unwrap();
+        }
+        campaigns
+            .set_state(
+                "black-friday",
+                CampaignState::Paused,
+                "cli:ops",
+                "budget review",
+            )
+            .await
+            .unwrap();
+        let c = Console::start(&h, |config| config.redis = Some(redis.clone())).await;
+        Site {
+            h,
+            c,
+            campaigns,
+            letters,
+        }
+    }
+
+    async fn finish(self) {
+        let _ = &self.campaigns;
+        self.c.stop().await;
+        common::delete_redis_keys(&common::redis_url(), &self.h.topology.prefix).await;
+        self.h.finish().await;
+    }
+}
+
+/// The first `/letter?…` link of a page, as a path.
+fn letter_link(page: &str) -> String {
+    page.split("href=\"/letter?")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .map(|q| format!("/letter?{}", q.replace("&#38;", "&")))
+        .unwrap_or_else(|| panic!("no letter link in {page}"))
+}
+
+/// Starts a purge of a group through its confirmation page and waits until
+/// it finished; returns the action's page.
+async fn purge(cl: &mut Client, dim: &str, key: &str) -> String {
+    let page = cl
+        .get(&format!("/confirm?kind=purge&dim={dim}&key={key}"))
+        .await
+        .body;
+    let a = cl
+        .post(
+            "/actions",
+            &[
+                ("csrf", &field(&page, "csrf")),
+                ("plan", &field(&page, "plan")),
+            ],
+        )
+        .await;
+    assert_eq!(a.status, 303, "{}", a.body);
+    let action = a.location().to_string();
+    let mut body;
+    eventually!(
+        Duration::from_secs(30),
+        {
+            body = cl.get(&action).await.body;
+            body.contains("Finished")
+        },
+        "{body}"
+    );
+    action
+}
+
+/// Every kind of page of the site, as paths: (what, path). Starts (and
+/// finishes) one purge, of code 2300030, for the action pages.
+async fn every_page(site: &Site, cl: &mut Client) -> Vec<(&'static str, String)> {
+    let first = cl.snapshot_after(0).await;
+    let action = purge(cl, "code", "2300030").await;
+    cl.snapshot_after(first).await;
+    let long = cl.get("/group?dim=code&key=2300099").await.body;
+    let long_letter = letter_link(&long);
+    let broker = letter_link(&cl.get("/group?dim=reason&key=delivery_limit").await.body);
+    let one = &site.letters[0];
+    let group = cl
+        .get(&format!("/group?dim=code&key={}", one.code))
+        .await
+        .body;
+    let fp = group
+        .split(&format!("/letter?job={}&#38;fp=", one.id))
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap()
+        .to_string();
+    let one_letter = format!("/letter?job={}&fp={fp}", one.id);
+    vec![
+        ("overview", "/".to_string()),
+        ("groups", "/groups?dim=campaign".to_string()),
+        (
+            "group with a 307-character job id",
+            "/group?dim=code&key=2300099".to_string(),
+        ),
+        ("group", format!("/group?dim=code&key={}", one.code)),
+        ("letter with a 307-character job id", long_letter),
+        ("letter RabbitMQ dead-lettered", broker),
+        ("letter", one_letter),
+        (
+            "confirm a group",
+            "/confirm?kind=replay&dim=code&key=2300099".to_string(),
+        ),
+        (
+            "confirm a letter",
+            format!("/confirm?kind=purge&job={}&fp={fp}", one.id),
+        ),
+        ("actions", "/actions".to_string()),
+        ("action", action),
+        ("campaigns", "/campaigns".to_string()),
+        (
+            "campaign",
+            format!("/campaign{}", console::query(&[("c", "black-friday")])),
+        ),
+        (
+            "campaign with a long name",
+            format!("/campaign{}", console::query(&[("c", LONG_CAMPAIGN)])),
+        ),
+        (
+            "confirm a campaign's cancel",
+            format!(
+                "/campaign/confirm{}",
+                console::query(&[("c", LONG_CAMPAIGN), ("action", "cancel")])
+            ),
+        ),
+        (
+            "job with a 307-character id",
+            format!("/job{}", console::query(&[("id", &long_job_id())])),
+        ),
+        ("job", format!("/job?id={}", one.id)),
+        ("message", "/no-such-page".to_string()),
+    ]
+}
+
+/// `[document.documentElement.scrollWidth, window.innerWidth]`.
+async fn widths(b: &Browser) -> (i64, i64) {
+    let w = b
+        .d()
+        .execute(
+            "return [document.documentElement.scrollWidth, window.innerWidth];",
+            vec![],
+        )
+        .await
+        .unwrap()
+        .json()
+        .clone();
+    (w[0].as_i64().unwrap(), w[1].as_i64().unwrap())
+}
+
+/// Item 1: no page is wider than the screen, on a phone or a desktop, not
+/// even with a 307-character job id; tables scroll in their own box (which
+/// the keyboard can reach) or become cards, long keys are cut with the whole
+/// value on hover and shown whole on the letter's page.
+#[tokio::test]
+async fn every_page_fits_a_phone_and_a_desktop() {
+    let site = Site::start("console-fit").await;
+    let mut cl = Client::new(&site.c);
+    let pages = every_page(&site, &mut cl).await;
+    // the login form needs a console with a token
+    let guarded = Console::start(&site.h, |c| c.token = Some(Secret::new(TOKEN))).await;
+    let Some(b) = Browser::start().await else {
+        guarded.stop().await;
+        site.finish().await;
+        return;
+    };
+    let mut urls: Vec<(&str, String)> = pages.iter().map(|(w, p)| (*w, site.c.url(p))).collect();
+    urls.push(("login", guarded.url("/login")));
+    let mut wide = Vec::new();
+    for (w, h) in SIZES {
+        b.d().set_window_rect(0, 0, w, h).await.unwrap();
+        for (what, url) in &urls {
+            b.d().goto(url).await.unwrap();
+            let (page_w, screen_w) = widths(&b).await;
+            assert!(screen_w > 0 && screen_w <= w as i64, "{screen_w}");
+            if page_w > screen_w {
+                wide.push(format!(
+                    "{what} is {page_w} px wide on a {screen_w} px screen"
+                ));
+            }
+        }
+    }
+    assert!(wide.is_empty(), "{wide:#?}");
+
+    // the long id: cut in the list, whole on hover and on its own page
+    let id = long_job_id();
+    let shown: String = id.chars().take(200).collect();
+    b.d()
+        .goto(site.c.url("/group?dim=code&key=2300099"))
+        .await
+        .unwrap();
+    let link = b.d().find(By::Css("table.letters td.key a")).await.unwrap();
+    let title = link.attr("title").await.unwrap().unwrap();
+    assert!(title.starts_with(&shown), "{title}");
+    let (box_w, text_w) = {
+        let v = b
+            .d()
+            .execute(
+                "var a = document.querySelector('table.letters td.key a'); return [a.clientWidth, a.scrollWidth];",
+                vec![],
+            )
+            .await
+            .unwrap()
+            .json()
+            .clone();
+        (v[0].as_i64().unwrap(), v[1].as_i64().unwrap())
+    };
+    assert!(
+        box_w < text_w,
+        "the id is cut in the list: {box_w} of {text_w} px"
+    );
+    // every table box can be reached with the keyboard and has a name
+    let boxes = b
+        .d()
+        .execute(
+            "return Array.from(document.querySelectorAll('table')).map(function (t) { var s = t.closest('.scroll'); return s ? [s.getAttribute('tabindex'), s.getAttribute('aria-label') || ''] : null; });",
+            vec![],
+        )
+        .await
+        .unwrap()
+        .json()
+        .clone();
+    for bx in boxes.as_array().unwrap() {
+        assert_eq!(bx[0], "0", "{boxes}");
+        assert!(!bx[1].as_str().unwrap().is_empty(), "{boxes}");
+    }
+    link.click().await.unwrap();
+    let h1 = b.text("h1 .key").await;
+    assert!(
+        h1.starts_with(&shown),
+        "the letter's page shows the id whole: {h1}"
+    );
+    // on a phone the groups become cards, with the actions on screen
+    b.d().set_window_rect(0, 0, 390, 844).await.unwrap();
+    b.d().goto(site.c.url("/")).await.unwrap();
+    let purge = b
+        .d()
+        .find(By::Css("table[data-dimension=\"code\"] td.acts a.danger"))
+        .await
+        .unwrap();
+    let right = purge.rect().await.map(|r| r.x + r.width).unwrap();
+    assert!(
+        right <= 390.0,
+        "Purge ends at {right} px on a 390 px screen"
+    );
+    b.quit().await;
+    guarded.stop().await;
+    site.finish().await;
+}
+
+/// Item 6: a letter RabbitMQ dead-lettered itself shows its `x-death` and
+/// dies when that says; a letter whose body is not JSON has a link and a
+/// page (by its fingerprint) that says so.
+#[tokio::test]
+async fn letters_without_a_story_or_a_job_id_can_be_read() {
+    let h = Harness::start(no_worker("console-unreadable")).await;
+    fill(&h, &mixed(10, "u")).await;
+    fill_unreadable(&h).await;
+    let c = Console::start(&h, |_| {}).await;
+    let Some(b) = Browser::start().await else {
+        c.stop().await;
+        h.finish().await;
+        return;
+    };
+    let died = chrono::DateTime::parse_from_rfc3339(BROKER_DEATH)
+        .unwrap()
+        .format("%Y-%m-%d %H:%M:%S")
+        .to_string();
+    b.d().goto(c.url("/")).await.unwrap();
+    b.wait_text(
+        "#snapshot .snapline",
+        |t| t.contains("Snapshot of 12 letters"),
+        Duration::from_secs(30),
+    )
+    .await;
+    b.d().refresh().await.unwrap();
+    // in the lists: the broker's time of death, not "-"
+    let row = "table[data-dimension=\"reason\"] tr[data-key=\"delivery_limit\"]";
+    let times = b.text(&format!("{row} td.t")).await;
+    assert_eq!(times, died, "oldest of the delivery_limit group");
+    b.click(&format!("{row} td.key a")).await;
+    let broker_row = b
+        .d()
+        .find(By::XPath(
+            "//table[@class='letters']//tr[td[@class='key']/a[text()='broker-dead-1']]",
+        ))
+        .await
+        .unwrap();
+    let dead_at = broker_row
+        .find(By::Css("td.t"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(dead_at, died);
+    broker_row
+        .find(By::Css("td.key a"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    assert_eq!(b.text("h1 .key").await, "broker-dead-1");
+    let rows = b.d().find_all(By::Css("#x-death tbody tr")).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    let cells: Vec<String> = {
+        let mut v = Vec::new();
+        for td in rows[0].find_all(By::Css("td")).await.unwrap() {
+            v.push(td.text().await.unwrap());
+        }
+        v
+    };
+    assert_eq!(
+        cells,
+        [
+            "delivery_limit".to_string(),
+            h.topology.send_queue(),
+            format!("{died} UTC"),
+            "3".to_string()
+        ]
+    );
+    let facts = b.text("dl.facts").await;
+    assert!(facts.contains(&died), "dead at: {facts}");
+
+    // the letter that is not JSON: listed, linked by its fingerprint
+    b.d()
+        .goto(c.url("/group?dim=reason&key=invalid_job"))
+        .await
+        .unwrap();
+    let link = b
+        .d()
+        .find(By::Css("table.letters tbody tr td.key a"))
+        .await
+        .unwrap();
+    assert_eq!(link.text().await.unwrap(), "(no job id)");
+    let href = link.attr("href").await.unwrap().unwrap();
+    assert!(
+        href.starts_with("/letter?fp=") && !href.contains("job="),
+        "{href}"
+    );
+    link.click().await.unwrap();
+    assert!(b.text("h1").await.contains("(no job id)"));
+    let note = b.text(".note.warn").await;
+    assert!(note.contains("not JSON"), "{note}");
+    let body = b.text("#body").await;
+    assert!(body.starts_with("{\"v\":1,\"job_id\":\"cut-7\""), "{body}");
+    assert!(body.contains("reci•••("), "the token masked: {body}");
+    let page = b.d().source().await.unwrap();
+    assert!(
+        !page.contains(CUT_OFF_TOKEN),
+        "the recipient token reached the page"
+    );
+    // its replay names it by the same fingerprint
+    b.click("p.actions a.button").await;
+    assert_eq!(b.text("h1").await, "Replay 1 letter?");
+    b.quit().await;
+    c.stop().await;
+    h.finish().await;
+}

@@ -37,13 +37,13 @@ use super::auth::{self, Auth, Identity};
 use super::limit::{self, Client};
 use super::snapshot::Snapshot;
 use super::views::{self, Chrome, SnapshotLine};
-use super::Shared;
+use super::{mask, Shared};
 use crate::dlq::Dimension;
 
 const CSS: &str = include_str!("static/console.css");
 const JS: &str = include_str!("static/console.js");
 
-const CSP: &str = "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+const CSP: &str = "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
@@ -399,13 +399,14 @@ async fn group(
             StatusCode::NOT_FOUND,
             "No such group",
             format!(
-                "The snapshot of {} UTC has no group {d} = {key} (it may have emptied since).",
-                views::time(s.taken_at)
+                "The snapshot of {} UTC has no group {d} = {} (it may have emptied since).",
+                views::time(s.taken_at),
+                mask::text(&key, 300)
             ),
         );
     };
     let back = views::group_href(d, &key);
-    let c = chrome(&st, &id, format!("{d} = {key}"), &back);
+    let c = chrome(&st, &id, format!("{d} = {}", mask::text(&key, 300)), &back);
     page(
         StatusCode::OK,
         &views::GroupPage::new(c, &s, d, g, members, page_number(&q.page)),
@@ -433,11 +434,11 @@ async fn letter(
             &id,
             StatusCode::NOT_FOUND,
             "No such letter",
-            format!("The snapshot of {} UTC has no letter {} with fingerprint {} (replayed or purged since?).", views::time(s.taken_at), q.job, q.fp),
+            format!("The snapshot of {} UTC has no letter {} with fingerprint {} (replayed or purged since?).", views::time(s.taken_at), mask::text(&q.job, 300), mask::text(&q.fp, 100)),
         );
     };
     let back = views::letter_href(l);
-    let c = chrome(&st, &id, format!("Letter {}", l.job_id), &back);
+    let c = chrome(&st, &id, format!("Letter {}", views::job_text(l)), &back);
     page(StatusCode::OK, &views::LetterPage::new(c, l))
 }
 
@@ -515,8 +516,9 @@ async fn confirm(
             StatusCode::NOT_FOUND,
             "Nothing to act on",
             format!(
-                "The snapshot of {} UTC has no letters in {scope}.",
-                views::time(s.taken_at)
+                "The snapshot of {} UTC has no letters in {}.",
+                views::time(s.taken_at),
+                mask::text(&scope.to_string(), 600)
             ),
         );
     }
