@@ -2327,3 +2327,443 @@ async fn letters_without_a_story_or_a_job_id_can_be_read() {
     c.stop().await;
     h.finish().await;
 }
+
+/// Token-shaped values a careless producer or Graph put where keys and
+/// errors go (none is a real token).
+const PAGE_TOKEN: &str = "EAAPageIdThatIsReallyAToken0123456789abcdef";
+const JOB_TOKEN: &str = "EAAJobIdThatIsReallyAToken0123456789abcdefgh";
+
+/// Item 7: a token in an error, a campaign, a page id or a job id is masked
+/// on every page that can show it, the campaign pages and the job page
+/// included; a campaign named by a token can still be opened and paused.
+#[tokio::test]
+async fn tokens_in_keys_and_errors_are_masked_on_every_page_in_the_browser() {
+    use mmsend::fleet::campaign::{CampaignState, Campaigns};
+    let h = Harness::start(no_worker("console-mask-all")).await;
+    let mut letters = mixed(15, "t");
+    for d in &mut letters {
+        d.message = format!(
+            "Malformed access token {ACCESS} for subscription token {}",
+            d.token()
+        );
+    }
+    letters[0].campaign = ACCESS.into();
+    letters[1].page = PAGE_TOKEN;
+    letters[2].id = JOB_TOKEN.into();
+    fill(&h, &letters).await;
+    let redis = mmsend::fleet::FleetConfig::new(&common::redis_url());
+    let prefix = h.topology.prefix.clone();
+    let campaigns = Campaigns::connect(&redis, &prefix).await.unwrap();
+    campaigns
+        .count_enqueued(&[(ACCESS.to_string(), 40)].into_iter().collect())
+        .await
+        .unwrap();
+    let c = Console::start(&h, |config| config.redis = Some(redis.clone())).await;
+    let mut cl = Client::new(&c);
+    cl.snapshot_after(0).await;
+    let Some(b) = Browser::start().await else {
+        c.stop().await;
+        common::delete_redis_keys(&common::redis_url(), &prefix).await;
+        h.finish().await;
+        return;
+    };
+    let secrets: Vec<String> = [ACCESS, PAGE_TOKEN, JOB_TOKEN]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(letters.iter().map(Dead::token))
+        .collect();
+    let mut leaks = Vec::new();
+    let mut seen = 0;
+    let check = |page: &str, at: &str, leaks: &mut Vec<String>| {
+        for s in &secrets {
+            if page.contains(s.as_str()) {
+                leaks.push(format!("{} on {at}", &s[..12]));
+            }
+        }
+    };
+    // the pages, reached as a person would: by following the links
+    let href_of = |page: &str, start: &str| -> String {
+        page.split(&format!("href=\"{}", start.replace('&', "&amp;")))
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .map(|rest| format!("{start}{}", rest.replace("&amp;", "&")))
+            .unwrap_or_else(|| panic!("no link {start}… in {page}"))
+    };
+    let visit = |path: String| {
+        let url = c.url(&path);
+        let b = &b;
+        async move {
+            b.d().goto(&url).await.unwrap();
+            b.d().source().await.unwrap()
+        }
+    };
+    let mut pages: Vec<(String, String)> = Vec::new();
+    for path in [
+        "/".to_string(),
+        "/groups?dim=campaign".to_string(),
+        "/groups?dim=page".to_string(),
+        "/groups?dim=code".to_string(),
+        format!("/group?dim=code&key={}", letters[2].code),
+        format!("/job?id={JOB_TOKEN}"),
+        "/campaigns".to_string(),
+    ] {
+        let src = visit(path.clone()).await;
+        pages.push((path, src));
+    }
+    let masked_campaign = href_of(&pages[1].1, "/group?dim=campaign&key=EAAG");
+    let masked_page = href_of(&pages[2].1, "/group?dim=page&key=EAAP");
+    let token_letter = href_of(&pages[4].1, "/letter?job=EAAJ");
+    let campaign = href_of(&pages[6].1, "/campaign?c=EAAG");
+    for path in [
+        masked_campaign.clone(),
+        masked_page,
+        token_letter.clone(),
+        campaign.clone(),
+    ] {
+        let src = visit(path.clone()).await;
+        pages.push((path, src));
+    }
+    let letter_page = pages
+        .last()
+        .map(|_| ())
+        .and(pages.iter().find(|p| p.0 == token_letter))
+        .unwrap()
+        .1
+        .clone();
+    let job = href_of(&letter_page, "/job?id=EAAJ");
+    let confirm_letter = href_of(&letter_page, "/confirm?kind=replay&job=EAAJ");
+    let campaign_page = pages.iter().find(|p| p.0 == campaign).unwrap().1.clone();
+    let pause = href_of(&campaign_page, "/campaign/confirm?c=EAAG");
+    let confirm_group = masked_campaign.replace("/group?", "/confirm?kind=purge&");
+    for path in [job, confirm_letter, pause.clone(), confirm_group] {
+        let src = visit(path.clone()).await;
+        pages.push((path, src));
+    }
+    // an action on the letter with the token for a job id, and its pages
+    b.d()
+        .goto(c.url(&href_of(&letter_page, "/confirm?kind=replay&job=EAAJ")))
+        .await
+        .unwrap();
+    b.click("#confirm").await;
+    b.wait_text(
+        "#state",
+        |t| t.starts_with("Finished"),
+        Duration::from_secs(30),
+    )
+    .await;
+    let action = b.d().current_url().await.unwrap().path().to_string();
+    for path in [action, "/actions".to_string()] {
+        let src = visit(path.clone()).await;
+        pages.push((path, src));
+    }
+    // a campaign named by a token is paused through its masked name
+    b.d().goto(c.url(&pause)).await.unwrap();
+    assert!(b.text("h1").await.starts_with("Pause campaign EAAG•••("));
+    b.click("#confirm").await;
+    b.wait_text(
+        ".note.info",
+        |t| t.starts_with("Paused"),
+        Duration::from_secs(20),
+    )
+    .await;
+    let src = b.d().source().await.unwrap();
+    pages.push(("after the pause".into(), src));
+    let view = campaigns.show(ACCESS).await.unwrap().unwrap();
+    assert_eq!(view.state, CampaignState::Paused);
+    for (path, src) in &pages {
+        check(src, path, &mut leaks);
+        seen += 1;
+    }
+    assert!(leaks.is_empty(), "{leaks:#?}");
+    assert_eq!(seen, 18, "every page was read");
+    // and they still say what went wrong
+    for (path, src) in &pages[..5] {
+        if path == "/groups?dim=page"
+            || path == "/groups?dim=campaign"
+            || path == "/groups?dim=code"
+            || path == "/"
+        {
+            assert!(
+                src.contains(
+                    "Malformed access token EAAG•••(49 chars) for subscription token reci•••("
+                ),
+                "{path}"
+            );
+        }
+    }
+    b.quit().await;
+    c.stop().await;
+    common::delete_redis_keys(&common::redis_url(), &prefix).await;
+    h.finish().await;
+}
+
+/// The contrast of every visible text against its own background
+/// (WCAG 2: relative luminance, the background the first ancestor with
+/// one paints, blended over white), in the page: `{checked, failures,
+/// dark}`.
+const CONTRAST_JS: &str = r##"
+function parse(c) {
+  var m = /rgba?\(([^)]+)\)/.exec(c);
+  if (!m) { return null; }
+  var p = m[1].split(/[\s,\/]+/).filter(Boolean).map(Number);
+  return [p[0], p[1], p[2], p.length > 3 ? p[3] : 1];
+}
+function blend(top, under) {
+  var a = top[3];
+  return [0, 1, 2].map(function (i) { return top[i] * a + under[i] * (1 - a); }).concat([1]);
+}
+function lum(c) {
+  var v = [0, 1, 2].map(function (i) {
+    var x = c[i] / 255;
+    return x <= 0.03928 ? x / 12.92 : Math.pow((x + 0.055) / 1.055, 2.4);
+  });
+  return 0.2126 * v[0] + 0.7152 * v[1] + 0.0722 * v[2];
+}
+function background(el) {
+  var layers = [];
+  for (var e = el; e; e = e.parentElement) {
+    var c = parse(getComputedStyle(e).backgroundColor);
+    if (c && c[3] > 0) { layers.push(c); if (c[3] >= 1) { break; } }
+  }
+  var base = [255, 255, 255, 1];
+  for (var i = layers.length - 1; i >= 0; i--) { base = blend(layers[i], base); }
+  return base;
+}
+var failures = [], checked = 0;
+var walk = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+while (walk.nextNode()) {
+  var t = walk.currentNode;
+  if (!t.nodeValue.trim()) { continue; }
+  var el = t.parentElement;
+  var r = document.createRange();
+  r.selectNodeContents(t);
+  var box = r.getBoundingClientRect();
+  if (!r.getClientRects().length || box.width === 0 || box.right <= 0 || box.bottom <= 0) { continue; }
+  var s = getComputedStyle(el);
+  if (s.visibility !== "visible") { continue; }
+  var bg = background(el);
+  var fg = parse(s.color);
+  if (fg[3] < 1) { fg = blend(fg, bg); }
+  var l1 = lum(fg), l2 = lum(bg);
+  var ratio = (Math.max(l1, l2) + 0.05) / (Math.min(l1, l2) + 0.05);
+  checked++;
+  if (ratio < 4.5) {
+    failures.push(el.tagName.toLowerCase() + "." + el.className + " \"" + t.nodeValue.trim().slice(0, 40) + "\" " + s.color + " on rgb(" + bg.slice(0, 3).map(Math.round).join(", ") + ") = " + ratio.toFixed(2));
+  }
+}
+return { checked: checked, failures: failures, dark: matchMedia("(prefers-color-scheme: dark)").matches };
+"##;
+
+/// Item 8: in both colour schemes every text has a contrast of at least
+/// 4.5:1 against its own background. The scheme is emulated through the
+/// DevTools protocol (`Emulation.setEmulatedMedia`, which chromedriver
+/// passes on and which lasts for the tab): unlike a command-line switch it
+/// needs no second browser and the page itself confirms it (`matchMedia`).
+#[tokio::test]
+async fn every_text_is_readable_in_both_colour_schemes() {
+    let site = Site::start("console-contrast").await;
+    let mut cl = Client::new(&site.c);
+    let pages = every_page(&site, &mut cl).await;
+    let Some(b) = Browser::start().await else {
+        site.finish().await;
+        return;
+    };
+    b.d().set_window_rect(0, 0, 1440, 900).await.unwrap();
+    let mut failures = Vec::new();
+    for scheme in ["light", "dark"] {
+        b.d()
+            .cdp()
+            .send_raw(
+                "Emulation.setEmulatedMedia",
+                json!({"features": [{"name": "prefers-color-scheme", "value": scheme}]}),
+            )
+            .await
+            .unwrap();
+        for (what, path) in &pages {
+            b.d().goto(site.c.url(path)).await.unwrap();
+            let v = b
+                .d()
+                .execute(CONTRAST_JS, vec![])
+                .await
+                .unwrap()
+                .json()
+                .clone();
+            assert_eq!(
+                v["dark"],
+                json!(scheme == "dark"),
+                "{scheme} not emulated on {what}"
+            );
+            assert!(v["checked"].as_u64().unwrap() > 5, "{what}: {v}");
+            for f in v["failures"].as_array().unwrap() {
+                failures.push(format!("{scheme} {what}: {}", f.as_str().unwrap()));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    b.quit().await;
+    site.finish().await;
+}
+
+/// Accessible names (aria-label, else the text, else the title) of the
+/// page's links and buttons that act, and what the page lacks: a skip link
+/// first, landmarks, a name for every table, a label for every field.
+const A11Y_JS: &str = r##"
+function name(e) {
+  var l = (e.getAttribute("aria-label") || "").trim();
+  if (l) { return l; }
+  var t = (e.innerText || e.textContent || "").trim();
+  return t || (e.getAttribute("title") || "").trim();
+}
+var acts = Array.from(document.querySelectorAll("a.act, a.button, p.actions a, td.acts a, button")).map(function (e) {
+  var to = e.tagName === "BUTTON" ? (e.form ? e.form.getAttribute("action") + " " + e.form.querySelectorAll("input").length + " " + (e.form.querySelector("input[name=plan]") || {}).value : "") : e.getAttribute("href");
+  return [name(e), to || ""];
+});
+var problems = [];
+var focusable = document.querySelector("a[href], button, input:not([type=hidden]), select, textarea, [tabindex]:not([tabindex='-1'])");
+if (!focusable || !focusable.classList.contains("skip") || focusable.getAttribute("href") !== "#main" || name(focusable) !== "Skip to content") {
+  problems.push("the first focusable element is not the skip link: " + (focusable ? focusable.outerHTML.slice(0, 80) : "none"));
+}
+if (!document.querySelector("main#main")) { problems.push("no main#main"); }
+if (!document.querySelector("body > header")) { problems.push("no header"); }
+document.querySelectorAll("nav").forEach(function (n) { if (!n.getAttribute("aria-label")) { problems.push("a nav without a name"); } });
+document.querySelectorAll("table").forEach(function (t) {
+  if (!t.querySelector("caption") && !(t.getAttribute("aria-label") || "").trim()) { problems.push("a table without a name: " + t.className); }
+});
+document.querySelectorAll("input:not([type=hidden]), select, textarea, progress").forEach(function (i) {
+  var ok = (i.getAttribute("aria-label") || "").trim() || (i.id && document.querySelector("label[for='" + i.id + "']")) || i.closest("label");
+  if (!ok) { problems.push("an unlabelled " + i.tagName.toLowerCase() + " " + (i.name || "")); }
+});
+return { acts: acts, problems: problems, refresh: !!document.querySelector("meta[http-equiv='refresh' i]") };
+"##;
+
+/// Item 8: every action link or button has a name that says what it does
+/// to what (no two on a page share one unless they go to the same place,
+/// none is empty); a "Skip to content" link comes first and leads to
+/// `<main id="main">`; header, nav and main are there; every table has a
+/// name and every field a label.
+#[tokio::test]
+async fn every_action_has_a_name_and_every_page_its_landmarks() {
+    let site = Site::start("console-names").await;
+    let mut cl = Client::new(&site.c);
+    let pages = every_page(&site, &mut cl).await;
+    let Some(b) = Browser::start().await else {
+        site.finish().await;
+        return;
+    };
+    let mut problems = Vec::new();
+    let mut named = 0;
+    for (what, path) in &pages {
+        b.d().goto(site.c.url(path)).await.unwrap();
+        let v = b.d().execute(A11Y_JS, vec![]).await.unwrap().json().clone();
+        for p in v["problems"].as_array().unwrap() {
+            problems.push(format!("{what}: {}", p.as_str().unwrap()));
+        }
+        let mut by_name: BTreeMap<String, String> = BTreeMap::new();
+        for a in v["acts"].as_array().unwrap() {
+            let (name, to) = (a[0].as_str().unwrap(), a[1].as_str().unwrap());
+            named += 1;
+            if name.is_empty() {
+                problems.push(format!("{what}: an action without a name, to {to}"));
+            }
+            if let Some(other) = by_name.insert(name.to_string(), to.to_string()) {
+                if other != to {
+                    problems.push(format!(
+                        "{what}: two actions named {name:?}: {other} and {to}"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+    assert!(named > 50, "only {named} actions seen");
+    // the overview's 40-odd Replay… links name their group
+    b.d().goto(site.c.url("/")).await.unwrap();
+    let replay = b
+        .d()
+        .find(By::Css(
+            "table[data-dimension=\"campaign\"] tr[data-key=\"black-friday\"] td.acts a",
+        ))
+        .await
+        .unwrap();
+    let label = replay.attr("aria-label").await.unwrap().unwrap();
+    assert!(
+        label.starts_with("Replay the ") && label.ends_with(" letters of campaign black-friday"),
+        "{label}"
+    );
+    // the keyboard: the first Tab lands on the skip link, which leads to main
+    b.d()
+        .find(By::Css("body"))
+        .await
+        .unwrap()
+        .send_keys(Key::Tab)
+        .await
+        .unwrap();
+    let first = b.d().active_element().await.unwrap();
+    assert_eq!(first.text().await.unwrap(), "Skip to content");
+    first.send_keys(Key::Enter).await.unwrap();
+    let focused = b
+        .d()
+        .execute("return document.activeElement.id;", vec![])
+        .await
+        .unwrap()
+        .json()
+        .clone();
+    assert_eq!(focused, json!("main"));
+    b.quit().await;
+    site.finish().await;
+}
+
+/// Item 8: no page reloads itself (`<meta http-equiv=refresh>`), not even
+/// while an action runs: pages that change update in place.
+///
+/// In a branch without the in-place updates of the overview and the action
+/// pages, this fails on `/actions` and `/actions/<id>` while the action
+/// runs (and on the overview before its first snapshot).
+#[tokio::test]
+async fn no_page_reloads_itself() {
+    let site = Site::start("console-no-refresh").await;
+    let mut cl = Client::new(&site.c);
+    let mut pages = every_page(&site, &mut cl).await;
+    // a slow replay (one letter a second), to look at while it runs
+    let page = cl
+        .get("/confirm?kind=replay&dim=code&key=2300005")
+        .await
+        .body;
+    let a = cl
+        .post(
+            "/actions",
+            &[
+                ("csrf", &field(&page, "csrf")),
+                ("plan", &field(&page, "plan")),
+                ("rate", "1"),
+            ],
+        )
+        .await;
+    assert_eq!(a.status, 303);
+    let running = a.location().to_string();
+    let Some(b) = Browser::start().await else {
+        site.finish().await;
+        return;
+    };
+    pages.insert(0, ("a running action", running.clone()));
+    pages.insert(1, ("actions while one runs", "/actions".into()));
+    let mut reloading = Vec::new();
+    for (what, path) in &pages {
+        b.d().goto(site.c.url(path)).await.unwrap();
+        let v = b.d().execute(A11Y_JS, vec![]).await.unwrap().json().clone();
+        if v["refresh"] == json!(true) {
+            reloading.push(format!("{what} ({path})"));
+        }
+    }
+    let body = cl.get(&running).await.body;
+    assert!(
+        !body.contains("Finished"),
+        "the action ended before its pages were read: {body}"
+    );
+    assert!(
+        reloading.is_empty(),
+        "pages that reload themselves: {reloading:#?}"
+    );
+    b.quit().await;
+    site.finish().await;
+}

@@ -671,7 +671,7 @@ pub(crate) async fn job(
         &st,
         &id,
         format!("Job {}", mask::text(&job_id, 100)),
-        &format!("/job{}", query(&[("id", &job_id)])),
+        &format!("/job{}", query(&[("id", &mask::text(&job_id, 300))])),
     );
     let (found, problem) = match campaigns.job(&job_id).await {
         Ok(found) => (found, None),
