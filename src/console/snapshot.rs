@@ -17,8 +17,9 @@
 //! What a snapshot keeps is bounded per letter, whatever the letter
 //! carries ([`LETTER_BYTES_MAX`], under 6 KiB; about 1.6 KiB typically):
 //! the summary fields, the headers a page shows (the `x-mmsend-*` headers
-//! mmsend writes, [`headers::ALL`], and a one-line summary of RabbitMQ's
-//! `x-death`; any other header is dropped), each value cut at
+//! mmsend writes, [`headers::ALL`], and the entries of RabbitMQ's
+//! `x-death`: reason, queue, time, count; any other header is dropped),
+//! each value cut at
 //! [`VALUE_BYTES`] and all of them at [`HEADERS_BYTES`], and a short masked
 //! body preview; plus an index from each group of each [`Dimension`] to
 //! its letters, so a group's page is a slice, whatever the DLQ's size.
