@@ -2212,6 +2212,14 @@ async fn every_page_fits_a_phone_and_a_desktop() {
         right <= 390.0,
         "Purge ends at {right} px on a 390 px screen"
     );
+    // for a person to look at: cargo's scratch directory for tests
+    let scratch = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    std::fs::create_dir_all(&scratch).unwrap();
+    for (name, path) in [("overview", "/"), ("group", "/group?dim=code&key=2300099")] {
+        b.d().goto(site.c.url(path)).await.unwrap();
+        let shot = b.d().screenshot_as_png().await.unwrap();
+        std::fs::write(scratch.join(format!("console-{name}-390.png")), &shot).unwrap();
+    }
     b.quit().await;
     guarded.stop().await;
     site.finish().await;
