@@ -75,8 +75,20 @@ impl std::str::FromStr for Kind {
 /// What a person chose in the snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Scope {
-    Group { dimension: Dimension, key: String },
-    Letter { job_id: String, fingerprint: String },
+    Group {
+        dimension: Dimension,
+        key: String,
+    },
+    Letter {
+        job_id: String,
+        fingerprint: String,
+    },
+    /// The letters a filter selected in the snapshot (`/letters?…`):
+    /// `query` is its `?…`, `text` says it in words.
+    Filter {
+        query: String,
+        text: String,
+    },
 }
 
 impl std::fmt::Display for Scope {
@@ -84,6 +96,7 @@ impl std::fmt::Display for Scope {
         match self {
             Scope::Group { dimension, key } => write!(f, "group {dimension} = {key}"),
             Scope::Letter { job_id, .. } => write!(f, "letter {job_id}"),
+            Scope::Filter { text, .. } => write!(f, "letters matching {text}"),
         }
     }
 }
