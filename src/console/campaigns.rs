@@ -81,8 +81,36 @@ fn ms_time(ms: i64) -> Option<chrono::DateTime<chrono::Utc>> {
     chrono::DateTime::from_timestamp_millis(ms)
 }
 
+/// A campaign's name as pages show it and link it: a token-shaped name
+/// (a producer's mistake) masked, every other name whole.
+fn shown_name(c: &str) -> String {
+    mask::text(c, SHOWN_NAME_BYTES)
+}
+
+/// Names longer than this are cut on pages (campaign names are short).
+const SHOWN_NAME_BYTES: usize = 1_000;
+
 fn campaign_href(c: &str) -> String {
-    format!("/campaign{}", query(&[("c", c)]))
+    format!("/campaign{}", query(&[("c", &shown_name(c))]))
+}
+
+/// The campaign a link or form names: as stored, or by the masked name
+/// pages show for a token-shaped one ([`shown_name`]), so such a campaign
+/// can be opened and acted on without its name reaching a page.
+async fn resolve(campaigns: &Campaigns, shown: &str) -> String {
+    if !shown.contains(mask::MASK_MARK) {
+        return shown.to_string();
+    }
+    campaigns
+        .list()
+        .await
+        .ok()
+        .and_then(|list| {
+            list.into_iter()
+                .map(|v| v.campaign)
+                .find(|c| shown_name(c) == shown)
+        })
+        .unwrap_or_else(|| shown.to_string())
 }
 
 #[derive(Template)]
@@ -151,8 +179,7 @@ pub(crate) async fn list(
     let Some(campaigns) = campaigns(&st) else {
         return needs_redis(&st, &id);
     };
-    let mut c = chrome(&st, &id, "Campaigns", "/campaigns");
-    c.auto_refresh = Some(10);
+    let c = chrome(&st, &id, "Campaigns", "/campaigns");
     let (rows, pages, problem) = match (campaigns.list().await, campaigns.rejected_pages().await) {
         (Ok(list), Ok(pages)) => (
             list.iter().map(Row::new).collect(),
@@ -221,7 +248,8 @@ pub(crate) async fn show(
     let Some(campaigns) = campaigns(&st) else {
         return needs_redis(&st, &id);
     };
-    let view = match campaigns.show(&q.c).await {
+    let name = resolve(campaigns, &q.c).await;
+    let view = match campaigns.show(&name).await {
         Ok(Some(v)) => v,
         Ok(None) => {
             return message(
@@ -247,12 +275,13 @@ pub(crate) async fn show(
             )
         }
     };
-    let trail = campaigns.trail(Some(&q.c), 50).await.unwrap_or_default();
+    let trail = campaigns.trail(Some(&name), 50).await.unwrap_or_default();
     // its dead letters by code, from the snapshot
     let snapshot = st.snapshots.current();
-    // as `--campaign` selects: the label, else the message id
+    // as `--campaign` selects (the label, else the message id), on the
+    // campaign as the snapshot keeps it (masked, bounded)
     let letters = super::select::FilterQuery {
-        campaign: view.campaign.clone(),
+        campaign: mask::shown(&view.campaign, super::snapshot::VALUE_BYTES).into_owned(),
         ..Default::default()
     }
     .parse(chrono::Utc::now())
@@ -263,13 +292,12 @@ pub(crate) async fn show(
         let code = l.code.map_or("-".to_string(), |c| c.to_string());
         *codes.entry(code).or_default() += 1;
     }
-    let mut c = chrome(
+    let c = chrome(
         &st,
         &id,
-        format!("Campaign {}", view.campaign),
-        &campaign_href(&q.c),
+        format!("Campaign {}", shown_name(&view.campaign)),
+        &campaign_href(&view.campaign),
     );
-    c.auto_refresh = Some(10);
     let state_line = match (&view.state_by, view.state_at) {
         (Some(by), at) => format!(
             "{} since {} by {}{}",
@@ -308,7 +336,7 @@ pub(crate) async fn show(
             .map(|(action, label)| {
                 let href = format!(
                     "/campaign/confirm{}",
-                    query(&[("c", &view.campaign), ("action", action)])
+                    query(&[("c", &shown_name(&view.campaign)), ("action", action)])
                 );
                 (href, *label, *action == "cancel")
             })
@@ -376,6 +404,7 @@ pub(crate) async fn confirm(
     if st.read_only {
         return read_only(&st, &id);
     }
+    let shown = shown_name(&q.c);
     let Some((verb, effect, danger)) = effect(&q.action, &mask::text(&q.c, 200)) else {
         return message(
             &st,
@@ -394,8 +423,8 @@ pub(crate) async fn confirm(
     page(
         StatusCode::OK,
         &ConfirmPage {
-            chrome: chrome(&st, &id, format!("{verb} {}", q.c), &campaign_href(&q.c)),
-            campaign: q.c.clone(),
+            chrome: chrome(&st, &id, format!("{verb} {shown}"), &campaign_href(&q.c)),
+            campaign: shown,
             action,
             verb,
             effect,
@@ -441,19 +470,21 @@ pub(crate) async fn act(
         );
     }
     let who = format!("console:{}", id.who());
+    // the form names the campaign as the page showed it
+    let name = resolve(campaigns, &f.campaign).await;
     let result = match f.action.as_str() {
-        "pause" => control::pause(campaigns, &f.campaign, &who, f.reason.trim()).await,
+        "pause" => control::pause(campaigns, &name, &who, f.reason.trim()).await,
         "resume" | "cancel" => match st.access.connection().await {
             Ok(conn) => {
                 let topology = &st.access.topology;
                 if f.action == "resume" {
-                    control::resume(&conn, topology, campaigns, &f.campaign, &who, None).await
+                    control::resume(&conn, topology, campaigns, &name, &who, None).await
                 } else {
                     control::cancel(
                         &conn,
                         topology,
                         campaigns,
-                        &f.campaign,
+                        &name,
                         &who,
                         f.reason.trim(),
                         None,
@@ -497,7 +528,7 @@ pub(crate) async fn act(
             };
             Redirect::to(&format!(
                 "/campaign{}",
-                query(&[("c", &f.campaign), ("done", &done)])
+                query(&[("c", &shown_name(&name)), ("done", &done)])
             ))
             .into_response()
         }
@@ -650,7 +681,7 @@ pub(crate) async fn job(
         &st,
         &id,
         format!("Job {}", mask::text(&job_id, 100)),
-        &format!("/job{}", query(&[("id", &job_id)])),
+        &format!("/job{}", query(&[("id", &mask::text(&job_id, 300))])),
     );
     let (found, problem) = match campaigns.job(&job_id).await {
         Ok(found) => (found, None),
@@ -698,7 +729,8 @@ pub(crate) async fn job(
     let letters = snapshot
         .letters
         .iter()
-        .filter(|l| *l.job_id == *job_id)
+        // by its id, or as pages show it (a token-shaped id is masked)
+        .filter(|l| *l.job_id == *job_id || l.job_label() == job_id)
         .map(|l| {
             (
                 mask::text(&l.reason, 50),

@@ -307,10 +307,14 @@ pub(crate) fn find_job(st: &Shared, id: &Identity, job: &str) -> Response {
             StatusCode::NOT_FOUND,
             "No such letter",
             format!(
-                "The snapshot of {} UTC has no letter of job {job:?} (replayed or purged since, or never dead?). Its ledger record and delivery history may say more.",
-                views::time(s.taken_at)
+                "The snapshot of {} UTC has no letter of job {:?} (replayed or purged since, or never dead?). Its ledger record and delivery history may say more.",
+                views::time(s.taken_at),
+                super::mask::text(job, 300)
             ),
-            Some((format!("/job{}", views::query(&[("id", job)])), format!("Job {job}"))),
+            Some((
+                format!("/job{}", views::query(&[("id", &super::mask::text(job, 300))])),
+                format!("Job {}", super::mask::text(job, 300)),
+            )),
         ),
         _ => Redirect::to(&format!("/letters{}", views::query(&[("job_id", job)]))).into_response(),
     }

@@ -45,6 +45,9 @@ const MAX_SECRETS: usize = 8;
 /// shows more than a few hundred bytes of one.
 const TEXT_SCAN_BYTES: usize = 4 * 1024;
 
+/// What a masked value shows in place of the secret (`abcd•••(48 chars)`).
+pub(crate) const MASK_MARK: &str = "•••(";
+
 /// What ends a text that was cut.
 pub(crate) const CUT_MARK: &str = "…";
 
@@ -129,7 +132,7 @@ pub(crate) fn mask(value: &str) -> String {
     } else {
         String::new()
     };
-    format!("{shown}•••({n} chars)")
+    format!("{shown}{MASK_MARK}{n} chars)")
 }
 
 /// Whether a JSON key names a secret.

@@ -40,7 +40,7 @@ use super::auth::{self, Auth, Identity};
 use super::limit::{self, Client};
 use super::snapshot::Snapshot;
 use super::views::{self, Chrome, SnapshotLine};
-use super::Shared;
+use super::{mask, Shared};
 use crate::dlq::Dimension;
 
 const CSS: &str = include_str!("static/console.css");
@@ -414,14 +414,15 @@ async fn group(
             StatusCode::NOT_FOUND,
             "No such group",
             format!(
-                "The snapshot of {} UTC has no group {d} = {key} (it may have emptied since).",
-                views::time(s.taken_at)
+                "The snapshot of {} UTC has no group {d} = {} (it may have emptied since).",
+                views::time(s.taken_at),
+                mask::text(&key, 300)
             ),
         );
     };
     let back = views::group_href(d, &key);
     super::letters::live_depths(&st).await;
-    let mut c = chrome(&st, &id, format!("{d} = {key}"), &back);
+    let mut c = chrome(&st, &id, format!("{d} = {}", mask::text(&key, 300)), &back);
     c.live = true;
     page(
         StatusCode::OK,
@@ -453,11 +454,11 @@ async fn letter(
             &id,
             StatusCode::NOT_FOUND,
             "No such letter",
-            format!("The snapshot of {} UTC has no letter {} with fingerprint {} (replayed or purged since?).", views::time(s.taken_at), q.job, q.fp),
+            format!("The snapshot of {} UTC has no letter {} with fingerprint {} (replayed or purged since?).", views::time(s.taken_at), mask::text(&q.job, 300), mask::text(&q.fp, 100)),
         );
     };
     let back = views::letter_href(l);
-    let c = chrome(&st, &id, format!("Letter {}", l.job_id), &back);
+    let c = chrome(&st, &id, format!("Letter {}", views::job_text(l)), &back);
     page(StatusCode::OK, &views::LetterPage::new(c, l))
 }
 
@@ -550,8 +551,9 @@ async fn confirm(
             StatusCode::NOT_FOUND,
             "Nothing to act on",
             format!(
-                "The snapshot of {} UTC has no letters in {scope}.",
-                views::time(s.taken_at)
+                "The snapshot of {} UTC has no letters in {}.",
+                views::time(s.taken_at),
+                mask::text(&scope.to_string(), 600)
             ),
         );
     }

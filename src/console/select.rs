@@ -424,6 +424,7 @@ mod tests {
             dead_at,
             error: None,
             headers: Box::new([]),
+            x_death: None,
             body: "".into(),
             body_bytes: 0,
             body_json: false,

@@ -17,8 +17,9 @@
 //! What a snapshot keeps is bounded per letter, whatever the letter
 //! carries ([`LETTER_BYTES_MAX`], under 6 KiB; about 1.6 KiB typically):
 //! the summary fields, the headers a page shows (the `x-mmsend-*` headers
-//! mmsend writes, [`headers::ALL`], and a one-line summary of RabbitMQ's
-//! `x-death`; any other header is dropped), each value cut at
+//! mmsend writes, [`headers::ALL`], and the entries of RabbitMQ's
+//! `x-death`: reason, queue, time, count; any other header is dropped),
+//! each value cut at
 //! [`VALUE_BYTES`] and all of them at [`HEADERS_BYTES`], and a short masked
 //! body preview; plus an index from each group of each [`Dimension`] to
 //! its letters, so a group's page is a slice, whatever the DLQ's size.
@@ -54,12 +55,17 @@ pub(crate) const VALUE_BYTES: usize = 300;
 /// Header value bytes kept per letter in all; past them a header shows
 /// only [`CUT_MARK`].
 pub(crate) const HEADERS_BYTES: usize = 1024;
-/// RabbitMQ's record of how it dead-lettered a message, kept as a one-line
-/// summary (`delivery_limit from p.send ×2`).
+/// RabbitMQ's record of how it dead-lettered a message: its entries
+/// (reason, queue, time, count) are kept as [`Letter::deaths`].
 pub(crate) const X_DEATH: &str = "x-death";
+/// `x-death` entries a letter keeps at most (RabbitMQ writes one per queue
+/// and reason, newest first).
+const DEATHS_MAX: usize = 4;
+/// Bytes of one `x-death` text (reason, queue) at most.
+const DEATH_TEXT_BYTES: usize = 100;
 /// Headers a letter keeps at most: every `x-mmsend-*` header mmsend writes
-/// ([`headers::ALL`]) and the `x-death` summary. Any other header a letter
-/// carries is not kept.
+/// ([`headers::ALL`]), and the `x-death` entries (one more value). Any
+/// other header a letter carries is not kept.
 const SHOWN_HEADERS: usize = headers::ALL.len() + 1;
 /// A job id's bytes at most (the DLQ library's key cuts it at 200
 /// characters).
@@ -116,6 +122,10 @@ pub(crate) struct Letter {
     pub(crate) error: Option<Arc<str>>,
     /// The headers a page shows (see [`SHOWN_HEADERS`]), masked, bounded.
     pub(crate) headers: Box<[(&'static str, Arc<str>)]>,
+    /// RabbitMQ's `x-death` entries, masked, bounded, one a line
+    /// (`reason\tqueue\ttime\tcount`; read with [`Letter::deaths`]); its
+    /// bytes count in [`HEADERS_BYTES`].
+    pub(crate) x_death: Option<Box<str>>,
     /// The masked body preview.
     pub(crate) body: Box<str>,
     pub(crate) body_bytes: u32,
@@ -141,6 +151,29 @@ impl Letter {
         mask::shown(&self.job_id, JOB_ID_BYTES)
     }
 
+    /// RabbitMQ's `x-death` entries, as it wrote them (newest first).
+    pub(crate) fn deaths(&self) -> Vec<Death> {
+        self.x_death
+            .as_deref()
+            .unwrap_or_default()
+            .lines()
+            .map(|line| {
+                let mut f = line.split('\t');
+                let mut next = || f.next().unwrap_or_default();
+                let (reason, queue, time, count) = (next(), next(), next(), next());
+                Death {
+                    reason: reason.to_string(),
+                    queue: queue.to_string(),
+                    time: time
+                        .parse()
+                        .ok()
+                        .and_then(|t| DateTime::from_timestamp(t, 0)),
+                    count: count.parse().unwrap_or(1),
+                }
+            })
+            .collect()
+    }
+
     /// What this letter costs the snapshot at most, in bytes: its record,
     /// its allocations (each string counted whole, though a string shared
     /// with other letters is stored once) and its share of the indexes.
@@ -158,6 +191,7 @@ impl Letter {
             + maybe(&self.error)
             + alloc(self.headers.len() * size_of::<(&str, Arc<str>)>())
             + self.headers.iter().map(|(_, v)| shared(v)).sum::<usize>()
+            + self.x_death.as_deref().map_or(0, |d| alloc(d.len()))
             + alloc(self.body.len())
             + INDEX_BYTES
     }
@@ -276,34 +310,61 @@ fn dim_index(d: Dimension) -> usize {
         .unwrap_or_default()
 }
 
-/// RabbitMQ's `x-death` as one line: `reason from queue ×count; …`.
-fn death_summary(table: &FieldTable) -> Option<String> {
+/// One entry of RabbitMQ's `x-death`: why and from where the broker
+/// dead-lettered the message, when it did it first, and how often.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Death {
+    pub(crate) reason: String,
+    pub(crate) queue: String,
+    pub(crate) time: Option<DateTime<Utc>>,
+    pub(crate) count: i64,
+}
+
+/// RabbitMQ's `x-death` as [`Letter::x_death`] keeps it: at most
+/// [`DEATHS_MAX`] entries, one a line, texts masked and cut at
+/// [`DEATH_TEXT_BYTES`], at most `max_bytes` in all (whole entries only).
+fn deaths_of(table: &FieldTable, masker: &Masker, max_bytes: usize) -> Option<String> {
     let AMQPValue::FieldArray(entries) = table.inner().get(&ShortString::from(X_DEATH))? else {
         return None;
     };
     let text = |t: &FieldTable, k: &str| {
-        t.inner()
+        let v = t
+            .inner()
             .get(&ShortString::from(k))
             .and_then(headers::as_text)
-            .unwrap_or_else(|| "?".into())
+            .unwrap_or_else(|| "?".into());
+        masker
+            .text(&v, DEATH_TEXT_BYTES)
+            .replace(['\t', '\n', '\r'], " ")
     };
-    let parts: Vec<String> = entries
+    let mut out = String::new();
+    for t in entries
         .as_slice()
         .iter()
         .filter_map(|e| match e {
             AMQPValue::FieldTable(t) => Some(t),
             _ => None,
         })
-        .map(|t| {
-            let count = t
-                .inner()
-                .get(&ShortString::from("count"))
+        .take(DEATHS_MAX)
+    {
+        let int = |k: &str| {
+            t.inner()
+                .get(&ShortString::from(k))
                 .and_then(headers::as_int)
-                .unwrap_or(1);
-            format!("{} from {} ×{count}", text(t, "reason"), text(t, "queue"))
-        })
-        .collect();
-    (!parts.is_empty()).then(|| parts.join("; "))
+        };
+        let line = format!(
+            "{}\t{}\t{}\t{}\n",
+            text(t, "reason"),
+            text(t, "queue"),
+            int("time").map_or(String::new(), |n| n.to_string()),
+            int("count").unwrap_or(1)
+        );
+        if out.len() + line.len() > max_bytes {
+            break;
+        }
+        out.push_str(&line);
+    }
+    (!out.is_empty()).then_some(out)
 }
 
 /// One group of a dimension, counted from its letters as `dlq stats`
@@ -366,6 +427,7 @@ impl Builder {
         let body = mask::preview(&d.body);
         let masker = Masker::new(body.secrets);
         let mut kept: Vec<(&'static str, Arc<str>)> = Vec::new();
+        let mut x_death = None;
         if let Some(table) = d.properties.headers() {
             let mut budget = HEADERS_BYTES;
             let mut keep = |name: &'static str, value: &str| {
@@ -381,9 +443,7 @@ impl Builder {
                     );
                 }
             }
-            if let Some(summary) = death_summary(table) {
-                keep(X_DEATH, &summary);
-            }
+            x_death = deaths_of(table, &masker, (2 * VALUE_BYTES).min(budget));
         }
         let story = &d.story;
         // the job id is already bounded by the key (DeadLetter::key)
@@ -411,6 +471,7 @@ impl Builder {
                 .as_deref()
                 .map(|m| s.get(&masker.text(m, VALUE_BYTES))),
             headers: kept.into_boxed_slice(),
+            x_death: x_death.map(String::into_boxed_str),
             body: body.text.into_boxed_str(),
             body_bytes: u32::try_from(body.bytes).unwrap_or(u32::MAX),
             body_json: body.json,
@@ -815,7 +876,7 @@ mod tests {
         );
         assert_eq!(s.bytes(), l.bytes());
         // only the headers a page shows, each cut with a mark
-        assert_eq!(l.headers.len(), SHOWN_HEADERS, "{:?}", l.headers);
+        assert_eq!(l.headers.len(), headers::ALL.len(), "{:?}", l.headers);
         assert!(l.headers.iter().all(|(k, _)| !k.contains("extra")));
         let attempt = &l
             .headers
@@ -824,9 +885,8 @@ mod tests {
             .unwrap()
             .1;
         assert!(attempt.len() <= VALUE_BYTES + CUT_MARK.len() && attempt.ends_with(CUT_MARK));
-        let death = &l.headers.last().unwrap();
-        assert_eq!(death.0, X_DEATH);
-        let values: usize = l.headers.iter().map(|(_, v)| v.len()).sum();
+        let values: usize = l.headers.iter().map(|(_, v)| v.len()).sum::<usize>()
+            + l.x_death.as_deref().map_or(0, str::len);
         assert!(
             values <= HEADERS_BYTES + SHOWN_HEADERS * CUT_MARK.len(),
             "{values}"
@@ -844,36 +904,74 @@ mod tests {
     }
 
     #[test]
-    fn the_x_death_summary_reads_one_line() {
-        let mut d = dead("j", 2300005, "c", "t");
-        let mut h = d.properties.headers().clone().unwrap_or_default();
-        let entry = |reason: &str, count: i64| {
+    fn x_death_entries_are_kept_bounded_and_give_the_time_of_death() {
+        // as RabbitMQ writes it for a quorum queue's delivery limit: no
+        // x-mmsend-* story at all
+        let entry = |reason: &str, queue: &str, count: i64, time: u64| {
             let mut t = FieldTable::default();
             t.insert("reason".into(), AMQPValue::LongString(reason.into()));
-            t.insert("queue".into(), AMQPValue::LongString("p.send".into()));
+            t.insert("queue".into(), AMQPValue::LongString(queue.into()));
             t.insert("count".into(), AMQPValue::LongLongInt(count));
+            t.insert("time".into(), AMQPValue::Timestamp(time));
+            t.insert("exchange".into(), AMQPValue::LongString("".into()));
             AMQPValue::FieldTable(t)
         };
+        let mut h = FieldTable::default();
         h.insert(
             X_DEATH.into(),
             AMQPValue::FieldArray(FieldArray::from(vec![
-                entry("delivery_limit", 2),
-                entry("expired", 1),
+                entry("delivery_limit", "p.send", 2, 1_796_000_000),
+                entry("expired", "p.retry.5s", 1, 1_795_990_000),
             ])),
         );
-        d.properties = d.properties.with_headers(h);
+        let d = DeadLetter::new(
+            br#"{"v":1,"job_id":"j"}"#.to_vec(),
+            BasicProperties::default().with_headers(h.clone()),
+        );
         let mut b = Builder::default();
         b.add(&d);
         let s = b.build(1, report(1), Vec::new(), Duration::ZERO);
-        let (_, v) = s.letters[0]
-            .headers
-            .iter()
-            .find(|(k, _)| *k == X_DEATH)
-            .unwrap();
+        let l = &s.letters[0];
+        let at = |t| DateTime::from_timestamp(t, 0);
         assert_eq!(
-            &**v,
-            "delivery_limit from p.send ×2; expired from p.send ×1"
+            l.deaths(),
+            vec![
+                Death {
+                    reason: "delivery_limit".into(),
+                    queue: "p.send".into(),
+                    time: at(1_796_000_000),
+                    count: 2
+                },
+                Death {
+                    reason: "expired".into(),
+                    queue: "p.retry.5s".into(),
+                    time: at(1_795_990_000),
+                    count: 1
+                },
+            ]
         );
+        assert_eq!(&*l.reason, "delivery_limit");
+        assert_eq!(l.dead_at, at(1_796_000_000), "the broker's time of death");
+        // many long entries: whole entries only, within the bound
+        let long = "q".repeat(400);
+        h.insert(
+            X_DEATH.into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![
+                entry("delivery_limit", &long, 1, 1);
+                50
+            ])),
+        );
+        let d = DeadLetter::new(Vec::new(), BasicProperties::default().with_headers(h));
+        let mut b = Builder::default();
+        b.add(&d);
+        let s = b.build(1, report(1), Vec::new(), Duration::ZERO);
+        let l = &s.letters[0];
+        let deaths = l.deaths();
+        assert!((1..=DEATHS_MAX).contains(&deaths.len()), "{deaths:?}");
+        assert!(deaths
+            .iter()
+            .all(|d| d.queue.len() <= DEATH_TEXT_BYTES + CUT_MARK.len()));
+        assert!(l.bytes() <= LETTER_BYTES_MAX);
     }
 
     #[test]

@@ -85,10 +85,28 @@ pub(crate) fn group_href(d: Dimension, key: &str) -> String {
 }
 
 pub(crate) fn letter_href(l: &Letter) -> String {
+    let job = l.job_label();
+    if job.is_empty() {
+        // a body that is not JSON names no job: the fingerprint alone does
+        return format!("/letter{}", query(&[("fp", &l.fingerprint_hex())]));
+    }
     format!(
         "/letter{}",
-        query(&[("job", &l.job_label()), ("fp", &l.fingerprint_hex())])
+        query(&[("job", &job), ("fp", &l.fingerprint_hex())])
     )
+}
+
+/// What a letter without a job id is called in lists and titles.
+pub(crate) const NO_JOB_ID: &str = "(no job id)";
+
+/// A letter's job id as lists and titles show it.
+pub(crate) fn job_text(l: &Letter) -> String {
+    let job = l.job_label();
+    if job.is_empty() {
+        NO_JOB_ID.to_string()
+    } else {
+        job.into_owned()
+    }
 }
 
 /// A message that may quote what it failed on, as a page may show it.
@@ -588,7 +606,7 @@ fn or_dash(s: &Option<std::sync::Arc<str>>) -> String {
 impl LetterRow {
     pub(crate) fn new(l: &Letter) -> LetterRow {
         LetterRow {
-            job_id: l.job_label().into_owned(),
+            job_id: job_text(l),
             href: letter_href(l),
             campaign: or_dash(&l.campaign),
             page: or_dash(&l.page),
@@ -673,6 +691,10 @@ pub(crate) struct LetterPage {
     /// The job's page: its ledger record and delivery history.
     pub(crate) job_href: String,
     pub(crate) headers: Vec<(String, String)>,
+    /// RabbitMQ's `x-death`: (reason, queue, time, count), newest first.
+    pub(crate) deaths: Vec<(String, String, String, String)>,
+    /// The body is not JSON (no job id, no job fields).
+    pub(crate) not_json: bool,
     pub(crate) body: String,
     pub(crate) body_note: String,
 }
@@ -697,7 +719,7 @@ impl LetterPage {
         }
         LetterPage {
             chrome,
-            job_id: l.job_label().into_owned(),
+            job_id: job_text(l),
             fingerprint: l.fingerprint_hex(),
             groups: values
                 .into_iter()
@@ -715,12 +737,31 @@ impl LetterPage {
                     ("fp", &l.fingerprint_hex())
                 ])
             ),
-            job_href: format!("/job{}", query(&[("id", &l.job_id)])),
+            // as pages show the id: a token-shaped one stays masked
+            job_href: if l.job_id.is_empty() {
+                String::new()
+            } else {
+                format!("/job{}", query(&[("id", &l.job_label())]))
+            },
             headers: l
                 .headers
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            deaths: l
+                .deaths()
+                .into_iter()
+                .map(|d| {
+                    (
+                        d.reason,
+                        d.queue,
+                        d.time
+                            .map_or_else(|| "-".into(), |t| time(Some(t)) + " UTC"),
+                        count(usize::try_from(d.count).unwrap_or_default()),
+                    )
+                })
+                .collect(),
+            not_json: !l.body_json,
             body: l.body.to_string(),
             body_note,
         }
