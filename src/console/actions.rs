@@ -868,6 +868,109 @@ mod tests {
         );
     }
 
+    fn action(count: usize, state: State) -> Action {
+        Action {
+            id: "0123abcd".into(),
+            kind: Kind::Replay,
+            scope: Scope::Group {
+                dimension: Dimension::Code,
+                key: "2300005".into(),
+            },
+            count,
+            rate: 5,
+            snapshot_at: Some(Utc::now()),
+            requested_at: Utc::now(),
+            finished_at: None,
+            state,
+            repeats: 0,
+            who: "console:loopback-0000".into(),
+            stopped_by: None,
+        }
+    }
+
+    fn report(stop: Stop, replayed: usize, failed: usize, missing: usize) -> ScanReport {
+        ScanReport {
+            queue: "q.dead".into(),
+            depth_at_start: 100,
+            read: 40,
+            selected: replayed + failed,
+            replayed,
+            purged: 0,
+            failed,
+            missing,
+            stop,
+            seconds: 1.0,
+        }
+    }
+
+    #[test]
+    fn moved_kept_and_missing_add_up_to_the_confirmed_count() {
+        // stopped: the set's letters not read yet are still in the DLQ
+        let a = action(10, State::Done(report(Stop::Interrupted, 3, 0, 7)));
+        assert_eq!(
+            a.outcome(),
+            Some(Outcome {
+                moved: 3,
+                kept: 7,
+                missing: 0
+            })
+        );
+        assert!(a.stopped());
+        // the whole queue read: the ones not found are gone
+        let a = action(10, State::Done(report(Stop::Depth, 6, 1, 3)));
+        assert_eq!(
+            a.outcome(),
+            Some(Outcome {
+                moved: 6,
+                kept: 1,
+                missing: 3
+            })
+        );
+        assert!(!a.stopped());
+        let a = action(
+            10,
+            State::Failed {
+                message: "x".into(),
+                moved: 4,
+            },
+        );
+        assert_eq!(
+            a.outcome(),
+            Some(Outcome {
+                moved: 4,
+                kept: 6,
+                missing: 0
+            })
+        );
+        assert_eq!(action(10, State::Queued).outcome(), None);
+        assert_eq!(action(10, State::Interrupted).outcome(), None);
+    }
+
+    #[test]
+    fn a_record_reads_back_as_the_action_it_was() {
+        let mut a = action(10, State::Done(report(Stop::Interrupted, 3, 0, 7)));
+        a.stopped_by = Some("console:session-1234".into());
+        a.finished_at = Some(Utc::now());
+        let json = serde_json::to_string(&Record::of(&a)).unwrap();
+        let back: Record = serde_json::from_str(&json).unwrap();
+        let b = back.into_action().unwrap();
+        assert_eq!(serde_json::to_string(&Record::of(&b)).unwrap(), json);
+        assert_eq!(b.scope, a.scope);
+        assert_eq!(b.state, a.state);
+        // a letter's scope too, and a running one
+        a.scope = Scope::Letter {
+            job_id: "job-1".into(),
+            fingerprint: "00ff".into(),
+        };
+        a.state = State::Waiting { why: "busy".into() };
+        let json = serde_json::to_string(&Record::of(&a)).unwrap();
+        let b = serde_json::from_str::<Record>(&json)
+            .unwrap()
+            .into_action()
+            .unwrap();
+        assert_eq!((b.scope, b.state), (a.scope, a.state));
+    }
+
     #[test]
     fn plans_are_bounded_and_an_unknown_plan_starts_nothing() {
         let actions = Actions::new(10, CancellationToken::new());

@@ -787,7 +787,9 @@ pub(crate) fn action_state(a: &Action) -> (String, &'static str) {
             if o.missing > 0 {
                 text += &format!(", {} already gone", count(o.missing));
             }
-            if r.failed > 0 {
+            if r.failed > 0 && a.stopped() {
+                text += &format!(" (of which {} copies were not confirmed)", count(r.failed));
+            } else if r.failed > 0 {
                 text += &format!(", {} failed (still in the DLQ)", count(r.failed));
             }
             text.push('.');
@@ -798,6 +800,13 @@ pub(crate) fn action_state(a: &Action) -> (String, &'static str) {
             };
             (text, class)
         }
+        State::Failed { moved: 0, .. } if a.stopped_by.is_some() => (
+            format!(
+                "Stopped before it started: 0 {verb}, {} still in the DLQ.",
+                count(a.count)
+            ),
+            "warn",
+        ),
         State::Failed { moved, .. } => (format!("Failed after {} {verb}.", count(*moved)), "bad"),
         State::Interrupted => (
             "Interrupted by a console restart: it was running when the console stopped, which stopped it safely (copies in flight settled, the rest returned to the DLQ). Its last counts were not kept: see the audit trail, or open the group again.".into(),
