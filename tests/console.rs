@@ -2158,6 +2158,22 @@ async fn a_large_purge_goes_only_with_its_count_typed() {
     assert_eq!(j["finished"], json!(true));
     assert_eq!(j["state"], json!("Finished: 100 of 100 purged."));
     assert_eq!(j["progress"]["value"], json!(100));
+    // Stop: a finished action is not stopped; a form without its CSRF
+    // token is refused; a read-only console refuses it
+    let stop = format!("{action}/stop");
+    let a = cl.post(&stop, &[("csrf", &csrf)]).await;
+    assert_eq!(a.status, 409, "{}", a.body);
+    assert!(a.body.contains("already finished"), "{}", a.body);
+    let a = cl.post(&stop, &[("csrf", "forged")]).await;
+    assert_eq!(a.status, 403, "{}", a.body);
+    let ro = Console::start(&h, |config| config.read_only = true).await;
+    let mut rc = Client::new(&ro);
+    rc.snapshot_after(0).await;
+    let csrf_ro = field(&rc.get("/").await.body, "csrf");
+    let a = rc.post(&stop, &[("csrf", &csrf_ro)]).await;
+    assert_eq!(a.status, 403, "{}", a.body);
+    assert!(a.body.contains("--read-only"), "{}", a.body);
+    ro.stop().await;
     c.stop().await;
     let left = h.drain_dlq().await;
     assert_eq!(left.len(), 200);
