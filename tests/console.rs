@@ -2248,9 +2248,44 @@ async fn a_restarted_console_lists_earlier_actions_and_the_audit_trail_has_them(
         "the replay runs"
     );
     c.stop().await;
+    // a console killed while an action ran leaves its record unfinished
+    let campaigns = mmsend::fleet::campaign::Campaigns::connect(&redis, &prefix)
+        .await
+        .unwrap();
+    let killed = json!({
+        "id": "feedfacefeedfacefeedface",
+        "kind": "purge",
+        "scope": {"type": "group", "dimension": "code", "key": "2300015"},
+        "count": 20,
+        "rate": 0,
+        "snapshot_at": null,
+        "requested_at": chrono::Utc::now(),
+        "finished_at": null,
+        "state": "queued",
+        "repeats": 0,
+        "who": "console:loopback-00000000",
+        "stopped_by": null,
+    });
+    campaigns
+        .save_console_action("feedfacefeedfacefeedface", 0, &killed.to_string(), 100)
+        .await
+        .unwrap();
 
     let c = Console::start(&h, with_redis).await;
     let mut cl = Client::new(&c);
+    let killed = cl.get("/actions/feedfacefeedfacefeedface").await;
+    assert_eq!(killed.status, 200, "{}", killed.body);
+    assert!(
+        killed
+            .body
+            .contains("Interrupted by a console restart: it was running when the console stopped"),
+        "{}",
+        killed.body
+    );
+    assert!(
+        !killed.body.contains("id=\"stop\""),
+        "a finished action has no Stop"
+    );
     let list = cl.get("/actions").await.body;
     assert!(
         list.contains("Purge of group code = 2300005 (20 letters)"),
