@@ -209,6 +209,10 @@ pub(crate) struct ConsoleArgs {
     /// The workers' Redis: the Campaigns pages (state, progress, pause, resume, cancel) and the audit trail.
     #[arg(long, env = "MMSEND_REDIS_URL", hide_env_values = true)]
     pub(crate) redis_url: Option<String>,
+    /// Grafana's address (e.g. https://grafana.example): each campaign of the
+    /// overview links to the mmsend dashboard over the hours its letters died.
+    #[arg(long, env = "MMSEND_CONSOLE_GRAFANA_URL")]
+    pub(crate) grafana_url: Option<String>,
 }
 
 impl ConsoleArgs {
@@ -228,6 +232,7 @@ impl ConsoleArgs {
         config.max_letters = self.max_letters;
         config.replay_rate = self.replay_rate;
         config.trusted_proxies = self.trusted_proxies.clone();
+        config.grafana_url = self.grafana_url.clone();
         config.redis = self
             .redis_url
             .as_deref()
@@ -423,6 +428,9 @@ pub(crate) struct DlqSelect {
     /// Dead within this long (1h, 2d) or since this RFC 3339 instant (RabbitMQ's x-death time for letters it dead-lettered itself).
     #[arg(long)]
     pub(crate) since: Option<String>,
+    /// Dead before this: a duration back from now (1h) or an RFC 3339 instant.
+    #[arg(long)]
+    pub(crate) until: Option<String>,
     /// Act on at most this many; the scan stops as soon as it has them.
     #[arg(long)]
     pub(crate) limit: Option<usize>,
@@ -437,13 +445,15 @@ pub(crate) struct DlqSelect {
 
 impl DlqSelect {
     pub(crate) fn filter(&self) -> anyhow::Result<crate::dlq::Filter> {
-        let since = match &self.since {
-            None => None,
-            Some(s) => Some(
-                crate::dlq::parse_since(s, chrono::Utc::now())
-                    .map_err(|e| anyhow::anyhow!("--since {e}"))?,
-            ),
+        let now = chrono::Utc::now();
+        let time = |flag: &str, v: &Option<String>| {
+            v.as_deref()
+                .map(|s| crate::dlq::parse_since(s, now))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("{flag} {e}"))
         };
+        let since = time("--since", &self.since)?;
+        let until = time("--until", &self.until)?;
         Ok(crate::dlq::Filter {
             reason: self.reason.map(|r| r.0),
             class: self.class.map(|c| c.0),
@@ -452,6 +462,7 @@ impl DlqSelect {
             page: self.page.clone(),
             job_id: self.job_id.clone(),
             since,
+            until,
             limit: self.limit,
         })
     }

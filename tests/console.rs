@@ -2359,3 +2359,251 @@ fn field_td(page: &str, name: &str) -> String {
         .unwrap_or_else(|| panic!("no {name} on {page}"))
         .to_string()
 }
+
+/// `mmsend dlq stats --json <flags>`'s total.
+fn cli_total(h: &Harness, flags: &[&str]) -> usize {
+    let out = Command::new(env!("CARGO_BIN_EXE_mmsend"))
+        .args(["dlq", "stats", "--json", "--prefix", &h.topology.prefix])
+        .args(flags)
+        .env("MMSEND_AMQP_URL", common::amqp_url())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["total"].as_u64().unwrap() as usize
+}
+
+/// The count `/letters?…` shows (the plain page, no browser).
+async fn letters_count(cl: &mut Client, query: &str) -> usize {
+    let page = cl.get(&format!("/letters{query}")).await;
+    assert_eq!(page.status, 200, "{query}: {}", page.body);
+    let at = page
+        .body
+        .find("id=\"letters-count\">")
+        .unwrap_or_else(|| panic!("no count on {query}"))
+        + "id=\"letters-count\">".len();
+    count_of(page.body[at..].split('<').next().unwrap())
+}
+
+#[tokio::test]
+async fn combined_filters_count_what_the_cli_counts_and_pages_stay_current() {
+    let h = Harness::start(no_worker("console-filter")).await;
+    let letters = mixed(300, "f");
+    fill(&h, &letters).await;
+    let c = Console::start(&h, |_| {}).await;
+    let mut cl = Client::new(&c);
+    cl.snapshot_after(0).await;
+
+    // every combination the CLI takes, as query parameters
+    let combos: [&[(&str, &str)]; 7] = [
+        &[("campaign", "black-friday"), ("code", "2300005")],
+        &[("reason", "terminal"), ("page", "9876543211")],
+        &[("class", "budget"), ("campaign", "xmas"), ("since", "1h")],
+        &[("code", "2300030"), ("until", "1h")],
+        &[("reason", "retries_exhausted"), ("code", "2")],
+        &[("job_id", "f00007")],
+        &[],
+    ];
+    for combo in combos {
+        let flags: Vec<String> = combo
+            .iter()
+            .flat_map(|(k, v)| [format!("--{}", k.replace('_', "-")), v.to_string()])
+            .collect();
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let want = cli_total(&h, &flags);
+        let got = letters_count(&mut cl, &console::query(combo)).await;
+        assert_eq!(
+            got,
+            want,
+            "/letters{} vs dlq stats {flags:?}",
+            console::query(combo)
+        );
+    }
+    assert_eq!(
+        letters_count(&mut cl, "?campaign=black-friday&code=2300005").await,
+        20
+    );
+    // a bad value says what is wrong
+    let bad = cl.get("/letters?code=abc&since=yesterday").await;
+    assert_eq!(bad.status, 400);
+    assert!(
+        bad.body.contains("code: &#34;abc&#34; is not a number"),
+        "{}",
+        bad.body
+    );
+
+    // the JSONL download is the same set, masked
+    let dl = cl
+        .get("/letters.jsonl?campaign=black-friday&code=2300005")
+        .await;
+    assert_eq!(dl.status, 200);
+    assert!(dl.headers["content-disposition"]
+        .to_str()
+        .unwrap()
+        .starts_with("attachment"));
+    let lines: Vec<Value> = dl
+        .body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 20);
+    for l in &lines {
+        assert_eq!(l["campaign"], "black-friday");
+        assert_eq!(l["code"], 2300005);
+        let d = letters
+            .iter()
+            .find(|d| d.id == l["job_id"].as_str().unwrap())
+            .unwrap();
+        assert!(
+            !dl.body.contains(&d.token()),
+            "a recipient token in the download"
+        );
+    }
+
+    // a job id alone finds its letter; an unknown one says where to look
+    let found = cl.get("/letter?job=f00007").await;
+    assert_eq!(found.status, 303, "{}", found.body);
+    assert!(
+        found.location().starts_with("/letter?job=f00007&fp="),
+        "{}",
+        found.location()
+    );
+    let none = cl.get("/letter?job=no-such-job").await;
+    assert_eq!(none.status, 404);
+    assert!(none.body.contains("/job?id=no-such-job"), "{}", none.body);
+
+    // the overview leads with campaigns and codes, each campaign linked
+    let overview = cl.get("/").await.body;
+    let at = |s: &str| {
+        overview
+            .find(s)
+            .unwrap_or_else(|| panic!("{s} not on the overview"))
+    };
+    assert!(at("id=\"by-campaign\"") < at("id=\"by-code\""));
+    assert!(at("id=\"by-code\"") < at("id=\"by-reason\""));
+    assert!(at("New in the last hour") < at("id=\"by-campaign\""));
+    assert!(overview.contains("href=\"/campaign?c=black-friday\""));
+    assert!(
+        overview.contains("2300005 ×20 ·"),
+        "a campaign row shows its codes"
+    );
+    assert!(overview.contains("role=\"img\" aria-label=\"Dead letters per hour"));
+
+    let Some(b) = Browser::start().await else {
+        c.stop().await;
+        h.finish().await;
+        return;
+    };
+    for (width, height) in [(1440, 900), (390, 844)] {
+        b.d().set_window_rect(0, 0, width, height).await.unwrap();
+        // the filter bar composes two filters; the list says how many
+        b.d().goto(c.url("/")).await.unwrap();
+        let form = b.d().find(By::Css("form.filter")).await.unwrap();
+        form.find(By::Css("input[name=campaign]"))
+            .await
+            .unwrap()
+            .send_keys("black-friday")
+            .await
+            .unwrap();
+        form.find(By::Css("input[name=code]"))
+            .await
+            .unwrap()
+            .send_keys("2300005")
+            .await
+            .unwrap();
+        form.find(By::Css("button"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        b.wait_text("#letters-count", |t| t == "20", Duration::from_secs(20))
+            .await;
+        let rows = b
+            .d()
+            .find_all(By::Css("table.letters tbody tr"))
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 20, "{width}px");
+        assert_eq!(
+            b.text("main p.muted code").await,
+            "mmsend dlq stats --code 2300005 --campaign black-friday"
+        );
+    }
+
+    // stale no more: letters dead after the snapshot show up on the open
+    // page by themselves, without a full-page reload
+    b.d().set_window_rect(0, 0, 1440, 900).await.unwrap();
+    b.d().goto(c.url("/")).await.unwrap();
+    assert_eq!(b.text("h1 .count").await, "300");
+    b.d()
+        .execute("window.notReloaded = true;", vec![])
+        .await
+        .unwrap();
+    fill(&h, &mixed(30, "late")).await;
+    b.wait_text(
+        "#live-depth",
+        |t| t.contains("holds 330 letters now"),
+        Duration::from_secs(30),
+    )
+    .await;
+    b.wait_text("h1 .count", |t| t == "330", Duration::from_secs(60))
+        .await;
+    let same = b
+        .d()
+        .execute("return window.notReloaded === true;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(
+        same.json(),
+        &json!(true),
+        "the page was reloaded instead of updated in place"
+    );
+    assert!(b.text("#live-status").await.starts_with("Updated"));
+
+    b.quit().await;
+
+    // replay by filter: exactly the confirmed set moves
+    let shown = snapshot_id(&cl.get("/").await.body);
+    let confirm = cl
+        .get("/confirm?kind=replay&campaign=black-friday&code=2300005")
+        .await;
+    assert_eq!(confirm.status, 200, "{}", confirm.body);
+    // the snapshot the page showed holds the late letters: two more match
+    assert!(
+        confirm.body.contains("Replay 22 letters?"),
+        "{}",
+        confirm.body
+    );
+    let csrf = field(&confirm.body, "csrf");
+    let plan = field(&confirm.body, "plan");
+    let started = cl
+        .post(
+            "/actions",
+            &[("csrf", &csrf), ("plan", &plan), ("rate", "0")],
+        )
+        .await;
+    assert_eq!(started.status, 303);
+    let action = started.location().to_string();
+    eventually!(
+        Duration::from_secs(60),
+        cl.get(&action)
+            .await
+            .body
+            .contains("Finished: 22 of 22 replayed"),
+        "the replay by filter did not finish"
+    );
+    // the snapshot after the action, then nothing reads the DLQ
+    cl.snapshot_after(shown).await;
+    assert_eq!(
+        cli_total(&h, &["--campaign", "black-friday", "--code", "2300005"]),
+        0
+    );
+    assert_eq!(cli_total(&h, &[]), 330 - 22);
+    c.stop().await;
+    h.finish().await;
+}

@@ -115,8 +115,20 @@ impl std::str::FromStr for Kind {
 /// What a person chose in the snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Scope {
-    Group { dimension: Dimension, key: String },
-    Letter { job_id: String, fingerprint: String },
+    Group {
+        dimension: Dimension,
+        key: String,
+    },
+    Letter {
+        job_id: String,
+        fingerprint: String,
+    },
+    /// The letters a filter selected in the snapshot (`/letters?…`):
+    /// `query` is its `?…`, `text` says it in words.
+    Filter {
+        query: String,
+        text: String,
+    },
 }
 
 impl std::fmt::Display for Scope {
@@ -124,6 +136,7 @@ impl std::fmt::Display for Scope {
         match self {
             Scope::Group { dimension, key } => write!(f, "group {dimension} = {key}"),
             Scope::Letter { job_id, .. } => write!(f, "letter {job_id}"),
+            Scope::Filter { text, .. } => write!(f, "letters matching {text}"),
         }
     }
 }
@@ -659,6 +672,7 @@ async fn save(store: &Option<Campaigns>, a: &Action) {
 enum SavedScope {
     Group { dimension: String, key: String },
     Letter { job_id: String, fingerprint: String },
+    Filter { query: String, text: String },
 }
 
 /// An action as Redis keeps it (JSON).
@@ -695,6 +709,10 @@ impl Record {
                     job_id: job_id.clone(),
                     fingerprint: fingerprint.clone(),
                 },
+                Scope::Filter { query, text } => SavedScope::Filter {
+                    query: query.clone(),
+                    text: text.clone(),
+                },
             },
             count: a.count,
             rate: a.rate,
@@ -722,6 +740,7 @@ impl Record {
                 job_id,
                 fingerprint,
             },
+            SavedScope::Filter { query, text } => Scope::Filter { query, text },
         };
         Some(Action {
             id: self.id,

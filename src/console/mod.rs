@@ -26,9 +26,11 @@ mod access;
 mod actions;
 mod auth;
 mod campaigns;
+mod letters;
 mod limit;
 mod mask;
 mod routes;
+mod select;
 mod snapshot;
 mod views;
 
@@ -86,6 +88,9 @@ pub struct ConsoleConfig {
     /// The workers' Redis, for the Campaigns pages and the audit trail
     /// (`None`: the pages say they need it).
     pub redis: Option<crate::fleet::FleetConfig>,
+    /// Grafana's address (`https://grafana.example`): each campaign links
+    /// to the mmsend dashboard over the time its letters died.
+    pub grafana_url: Option<String>,
 }
 
 impl ConsoleConfig {
@@ -102,6 +107,7 @@ impl ConsoleConfig {
             replay_rate: 0,
             trusted_proxies: Vec::new(),
             redis: None,
+            grafana_url: None,
         }
     }
 }
@@ -152,6 +158,10 @@ pub(crate) struct Shared {
     pub(crate) port: u16,
     /// Campaign state, counters and audit (with `MMSEND_REDIS_URL`).
     pub(crate) campaigns: Option<crate::fleet::campaign::Campaigns>,
+    /// Queue depths read live, shared by views for a moment.
+    pub(crate) depths: letters::Depths,
+    /// Grafana's address, to link campaigns to the dashboard.
+    pub(crate) grafana: Option<String>,
 }
 
 /// Resolves `listen` and checks that it may be served as configured:
@@ -249,6 +259,12 @@ pub async fn serve(
         port: bound.port(),
         access: access.clone(),
         campaigns,
+        depths: letters::Depths::new(),
+        grafana: config
+            .grafana_url
+            .as_deref()
+            .map(|u| u.trim().trim_end_matches('/').to_string())
+            .filter(|u| !u.is_empty()),
     });
     shared.snapshots.refresh(&access, true);
     tracing::info!(%bound, prefix = %config.topology.prefix, read_only = config.read_only, "dead-letter console listening");

@@ -9,8 +9,11 @@
 //! | GET | `/` | overview: queue depths, groups of every dimension |
 //! | GET | `/groups?dim=` | every group of a dimension, paged |
 //! | GET | `/group?dim=&key=&page=` | a group's letters, 50 a page |
-//! | GET | `/letter?job=&fp=` | one letter's story |
-//! | GET | `/confirm?kind=&dim=&key=` or `&job=&fp=` | the exact set, asking for confirmation |
+//! | GET | `/letters?reason=&class=&code=&campaign=&page=&since=&until=&job_id=&p=` | the letters a filter selects (module `letters`) |
+//! | GET | `/letters.jsonl?…` | the same letters as JSON lines |
+//! | GET | `/status.json` | snapshot id, live depths: pages poll it to stay current |
+//! | GET | `/letter?job=&fp=` | one letter's story (`job` alone: find it by job id) |
+//! | GET | `/confirm?kind=&dim=&key=`, `&job=&fp=` or `&<filter>` | the exact set, asking for confirmation |
 //! | POST | `/actions` | start (or find) the action of a confirmed set |
 //! | GET | `/actions`, `/actions/{id}` | actions, one action's progress and result |
 //! | GET | `/actions/{id}.json` | one action's figures, for the page's live update |
@@ -45,13 +48,16 @@ use crate::dlq::Dimension;
 const CSS: &str = include_str!("static/console.css");
 const JS: &str = include_str!("static/console.js");
 
-const CSP: &str = "default-src 'none'; style-src 'self'; script-src 'self'; connect-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+const CSP: &str = "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/", get(overview))
         .route("/groups", get(groups))
         .route("/group", get(group))
+        .route("/letters", get(super::letters::list))
+        .route("/letters.jsonl", get(super::letters::download))
+        .route("/status.json", get(super::letters::status))
         .route("/letter", get(letter))
         .route("/confirm", get(confirm))
         .route("/actions", get(actions).post(start))
@@ -245,7 +251,10 @@ pub(super) fn chrome(st: &Shared, id: &Identity, title: impl Into<String>, back:
         read_only: st.read_only,
         nav: true,
         signed_in: st.auth.required() && id.authenticated && !id.bearer,
-        snapshot: SnapshotLine::new(&snapshot, &status, &st.access.topology.dead_queue()),
+        snapshot: SnapshotLine {
+            live: super::letters::live_line(st, &snapshot),
+            ..SnapshotLine::new(&snapshot, &status, &st.access.topology.dead_queue())
+        },
         running: st
             .actions
             .unfinished()
@@ -254,6 +263,7 @@ pub(super) fn chrome(st: &Shared, id: &Identity, title: impl Into<String>, back:
             .collect(),
         back: back.to_string(),
         auto_refresh: None,
+        live: false,
     }
 }
 
@@ -319,16 +329,19 @@ fn viewed(st: &Shared) {
 
 async fn overview(State(st): State<Arc<Shared>>, Extension(id): Extension<Identity>) -> Response {
     viewed(&st);
+    super::letters::live_depths(&st).await;
     let s = st.snapshots.current();
     let mut c = chrome(&st, &id, "Overview", "/");
-    if s.taken_at.is_none() {
-        c.auto_refresh = Some(2);
-    }
+    c.live = true;
     let status = st.snapshots.status();
-    page(
-        StatusCode::OK,
-        &views::Overview::new(c, &s, &status, &st.access.topology.dead_queue()),
-    )
+    let dead_queue = st.access.topology.dead_queue();
+    let cx = views::OverviewContext {
+        dead_queue: &dead_queue,
+        prefix: &st.access.topology.prefix,
+        live: st.depths.recent(),
+        grafana: st.grafana.as_deref(),
+    };
+    page(StatusCode::OK, &views::Overview::new(c, &s, &status, cx))
 }
 
 #[derive(Deserialize)]
@@ -378,7 +391,9 @@ async fn groups(
         Err(r) => return *r,
     };
     let back = format!("/groups{}", views::query(&[("dim", d.as_str())]));
-    let c = chrome(&st, &id, format!("Groups by {d}"), &back);
+    super::letters::live_depths(&st).await;
+    let mut c = chrome(&st, &id, format!("Groups by {d}"), &back);
+    c.live = true;
     page(
         StatusCode::OK,
         &views::Groups::new(c, &s, d, page_number(&q.page)),
@@ -408,7 +423,9 @@ async fn group(
         );
     };
     let back = views::group_href(d, &key);
-    let c = chrome(&st, &id, format!("{d} = {key}"), &back);
+    super::letters::live_depths(&st).await;
+    let mut c = chrome(&st, &id, format!("{d} = {key}"), &back);
+    c.live = true;
     page(
         StatusCode::OK,
         &views::GroupPage::new(c, &s, d, g, members, page_number(&q.page)),
@@ -429,6 +446,9 @@ async fn letter(
     Query(q): Query<LetterQuery>,
 ) -> Response {
     viewed(&st);
+    if q.fp.is_empty() && !q.job.trim().is_empty() {
+        return super::letters::find_job(&st, &id, &q.job);
+    }
     let s = st.snapshots.current();
     let Some(l) = s.letter(&q.job, &q.fp) else {
         return refused(
@@ -452,6 +472,8 @@ struct ConfirmQuery {
     key: Option<String>,
     job: Option<String>,
     fp: Option<String>,
+    #[serde(flatten)]
+    filter: super::select::FilterQuery,
 }
 
 pub(super) fn read_only(st: &Shared, id: &Identity) -> Response {
@@ -500,13 +522,26 @@ async fn confirm(
                 index.into_iter().collect(),
             )
         }
+        (None, None, None, None) if q.filter.any() => {
+            let sel = match super::letters::selected(&st, &id, &q.filter) {
+                Ok(sel) => sel,
+                Err(r) => return *r,
+            };
+            (
+                Scope::Filter {
+                    query: sel.query(&[]),
+                    text: sel.describe(),
+                },
+                sel.members(&s),
+            )
+        }
         _ => {
             return message(
                 &st,
                 &id,
                 StatusCode::BAD_REQUEST,
                 "What to act on?",
-                "Give dim and key (a group) or job and fp (a letter).".into(),
+                "Give dim and key (a group), job and fp (a letter), or a filter (reason, class, code, campaign, page, since, until, job_id).".into(),
                 None,
             )
         }

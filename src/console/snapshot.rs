@@ -44,8 +44,8 @@ use super::mask::{self, Masker, BODY_PREVIEW_BYTES, CUT_MARK};
 use crate::broker::headers;
 use crate::broker::topology::QueueInfo;
 use crate::dlq::{
-    self, DeadLetter, Dimension, DlqError, Filter, Flow, Group, LetterKey, Observer, Progress,
-    ScanOptions, ScanReport,
+    self, filter::Facets, DeadLetter, Dimension, DlqError, Filter, Flow, Group, LetterKey,
+    Observer, Progress, ScanOptions, ScanReport,
 };
 
 /// Longest text kept per value (a header, the last error, a group key:
@@ -80,7 +80,7 @@ const ALLOC_OVERHEAD: usize = 24;
 /// snapshot.
 pub(crate) const LETTER_BYTES_MAX: usize = size_of::<Letter>()
     + (JOB_ID_BYTES + ALLOC_OVERHEAD)
-    + 5 * (ARC_HEADER + VALUE_BYTES + CUT_MARK.len() + ALLOC_OVERHEAD)
+    + 6 * (ARC_HEADER + VALUE_BYTES + CUT_MARK.len() + ALLOC_OVERHEAD)
     + ALLOC_OVERHEAD
     + SHOWN_HEADERS
         * (size_of::<(&str, Arc<str>)>() + ARC_HEADER + CUT_MARK.len() + ALLOC_OVERHEAD)
@@ -105,6 +105,11 @@ pub(crate) struct Letter {
     pub(crate) code: Option<i64>,
     pub(crate) campaign: Option<Arc<str>>,
     pub(crate) page: Option<Arc<str>>,
+    /// The campaign as campaign control and `--campaign` name it when the
+    /// job has no `campaign` label: its `message_id` (masked, bounded).
+    pub(crate) message_id: Option<Arc<str>>,
+    /// The last failure's error code and subcode, as `--code` matches them.
+    pub(crate) error_codes: [Option<i64>; 2],
     pub(crate) attempts: u32,
     pub(crate) replays: u32,
     pub(crate) dead_at: Option<DateTime<Utc>>,
@@ -149,11 +154,39 @@ impl Letter {
             + maybe(&self.class)
             + maybe(&self.campaign)
             + maybe(&self.page)
+            + maybe(&self.message_id)
             + maybe(&self.error)
             + alloc(self.headers.len() * size_of::<(&str, Arc<str>)>())
             + self.headers.iter().map(|(_, v)| shared(v)).sum::<usize>()
             + alloc(self.body.len())
             + INDEX_BYTES
+    }
+}
+
+/// The snapshot is filtered as the CLI filters the DLQ (`dlq stats
+/// --campaign … --code …` and the console's `/letters?campaign=…&code=…`
+/// count the same letters), on the values as the snapshot keeps them.
+impl Facets for Letter {
+    fn reason_facet(&self) -> std::borrow::Cow<'_, str> {
+        std::borrow::Cow::Borrowed(&self.reason)
+    }
+    fn class_facet(&self) -> Option<&str> {
+        self.class.as_deref()
+    }
+    fn has_code_facet(&self, code: i64) -> bool {
+        self.error_codes.contains(&Some(code))
+    }
+    fn campaign_facet(&self) -> Option<&str> {
+        self.campaign.as_deref().or(self.message_id.as_deref())
+    }
+    fn page_facet(&self) -> Option<&str> {
+        self.page.as_deref()
+    }
+    fn job_id_facet(&self) -> Option<std::borrow::Cow<'_, str>> {
+        (!self.job_id.is_empty()).then_some(std::borrow::Cow::Borrowed(&*self.job_id))
+    }
+    fn died_at_facet(&self) -> Option<DateTime<Utc>> {
+        self.dead_at
     }
 }
 
@@ -362,6 +395,13 @@ impl Builder {
             code: d.code(),
             campaign: d.campaign_str().map(|_| campaign),
             page: d.page_str().map(|_| page),
+            message_id: match d.campaign_str() {
+                Some(_) => None,
+                None => d
+                    .campaign_name()
+                    .map(|m| s.get(&mask::shown(m, VALUE_BYTES))),
+            },
+            error_codes: [story.last_error.code, story.last_error.subcode],
             attempts: story.attempt,
             replays: story.replays,
             dead_at: d.died_at(),
@@ -412,6 +452,10 @@ impl Builder {
         }
     }
 }
+
+/// The shortest pause between the end of a snapshot and a refresh that a
+/// changed DLQ depth asks for.
+pub(crate) const CHANGED_GAP: Duration = Duration::from_secs(2);
 
 /// Why the snapshot shown is not a fresh one.
 #[derive(Debug, Clone, PartialEq)]
@@ -489,14 +533,25 @@ impl Snapshots {
     /// Starts a refresh in the background when one is due (`force`: asked
     /// for) and none is running. Returns whether one was started.
     pub(crate) fn refresh(self: &Arc<Self>, access: &Arc<Access>, force: bool) -> bool {
+        self.refresh_after(access, force, self.interval)
+    }
+
+    /// A refresh because the DLQ's depth read live differs from the
+    /// snapshot's count: due sooner than the interval, but never back to
+    /// back ([`CHANGED_GAP`], and three times the last scan's time), so a
+    /// DLQ that keeps changing is not scanned without a pause.
+    pub(crate) fn refresh_changed(self: &Arc<Self>, access: &Arc<Access>) -> bool {
+        self.refresh_after(access, false, CHANGED_GAP.min(self.interval))
+    }
+
+    fn refresh_after(self: &Arc<Self>, access: &Arc<Access>, force: bool, gap: Duration) -> bool {
         {
             let mut st = self.lock_status();
             if st.refreshing.is_some() {
                 return false;
             }
             let since = st.last_done.map(|t| t.elapsed());
-            let due =
-                force || st.stale || since.is_none_or(|s| s >= self.interval.max(st.last_took * 3));
+            let due = force || st.stale || since.is_none_or(|s| s >= gap.max(st.last_took * 3));
             if !due {
                 return false;
             }

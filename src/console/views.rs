@@ -7,8 +7,9 @@
 //! Every text from a letter reaches a page masked: the snapshot masks what
 //! it keeps ([`super::mask`]); job ids are shown (and linked) as
 //! [`Letter::job_label`]; messages that could quote one (a failed
-//! refresh's or action's error) are masked here. The console offers no
-//! download: every byte it serves is one of these pages.
+//! refresh's or action's error) are masked here. What else the console
+//! serves is built from the same masked snapshot: the JSONL download and
+//! `/status.json` (module `letters`).
 
 use std::time::Duration;
 
@@ -118,6 +119,9 @@ pub(crate) struct Chrome {
     /// Where the refresh button returns to.
     pub(crate) back: String,
     pub(crate) auto_refresh: Option<u32>,
+    /// The page's content is reloaded in place when a new snapshot lands
+    /// (`console.js` polls `/status.json`).
+    pub(crate) live: bool,
 }
 
 /// "snapshot of N letters at T" and what the reader must know about it.
@@ -126,6 +130,8 @@ pub(crate) struct SnapshotLine {
     pub(crate) id: u64,
     pub(crate) text: String,
     pub(crate) refreshing: Option<String>,
+    /// The DLQ's depth read live (see `letters::live_line`).
+    pub(crate) live: String,
     /// (css class, text)
     pub(crate) notes: Vec<(&'static str, String)>,
 }
@@ -207,6 +213,7 @@ impl SnapshotLine {
             id: s.id,
             text,
             refreshing,
+            live: String::new(),
             notes,
         }
     }
@@ -215,6 +222,11 @@ impl SnapshotLine {
 pub(crate) struct GroupRow {
     pub(crate) key: String,
     pub(crate) href: String,
+    /// The group's largest groups of another dimension (a campaign's
+    /// codes): (dimension, "2300005 ×40 · 2300030 ×12").
+    pub(crate) breakdown: Option<(&'static str, String)>,
+    /// Other places to look at the group: (link, text, accessible name).
+    pub(crate) links: Vec<(String, String, String)>,
     pub(crate) count: String,
     pub(crate) oldest: String,
     pub(crate) newest: String,
@@ -243,6 +255,8 @@ impl GroupRow {
         GroupRow {
             key: g.key.clone(),
             href: group_href(d, &g.key),
+            breakdown: None,
+            links: Vec::new(),
             count: count(g.count),
             oldest: time(g.oldest),
             newest: time(g.newest),
@@ -271,24 +285,79 @@ pub(crate) struct QueueRow {
 pub(crate) struct Overview {
     pub(crate) chrome: Chrome,
     pub(crate) total: String,
+    /// Letters dead in the last hour, and their list.
+    pub(crate) last_hour: String,
+    pub(crate) last_hour_href: String,
+    pub(crate) last_hour_breakdowns: Vec<super::letters::Breakdown>,
+    pub(crate) chart: super::letters::ChartView,
+    pub(crate) bar: super::letters::FilterBar,
     pub(crate) queues: Vec<QueueRow>,
+    /// Where the depths come from: read live, or the snapshot's.
+    pub(crate) queues_note: String,
     pub(crate) dims: Vec<DimTable>,
     pub(crate) empty: bool,
     pub(crate) empty_text: String,
 }
 
+/// The overview's order: what an operator asks first (which campaign,
+/// which code), then why (reason, class), then where (page).
+pub(crate) const OVERVIEW_ORDER: [Dimension; 5] = [
+    Dimension::Campaign,
+    Dimension::Code,
+    Dimension::Reason,
+    Dimension::Class,
+    Dimension::Page,
+];
+
+/// What the overview needs besides the snapshot.
+pub(crate) struct OverviewContext<'a> {
+    pub(crate) dead_queue: &'a str,
+    pub(crate) prefix: &'a str,
+    /// Queue depths read live (with their age), if the broker answered.
+    pub(crate) live: Option<(Duration, Vec<crate::broker::topology::QueueInfo>)>,
+    pub(crate) grafana: Option<&'a str>,
+}
+
 impl Overview {
-    pub(crate) fn new(chrome: Chrome, s: &Snapshot, status: &Status, dead_queue: &str) -> Overview {
-        let dims = Dimension::ALL
+    pub(crate) fn new(
+        chrome: Chrome,
+        s: &Snapshot,
+        status: &Status,
+        cx: OverviewContext<'_>,
+    ) -> Overview {
+        use super::select::{breakdown, breakdown_of, FilterQuery, Selected};
+        let dims = OVERVIEW_ORDER
             .iter()
             .map(|&d| {
                 let all = s.groups(d);
+                let by = breakdown_of(d);
                 DimTable {
                     name: d.as_str(),
                     groups: all
                         .iter()
                         .take(OVERVIEW_GROUPS)
-                        .map(|g| GroupRow::new(d, g))
+                        .map(|g| {
+                            let mut row = GroupRow::new(d, g);
+                            if let Some(members) = s.members(d, &g.key) {
+                                let parts = breakdown(s, members, by);
+                                if !parts.is_empty() {
+                                    let text = parts
+                                        .iter()
+                                        .map(|(k, n)| {
+                                            if n.is_empty() {
+                                                k.clone()
+                                            } else {
+                                                format!("{k} ×{n}")
+                                            }
+                                        })
+                                        .collect::<Vec<_>>()
+                                        .join(" · ");
+                                    row.breakdown = Some((by.as_str(), text));
+                                }
+                            }
+                            row.links = group_links(d, g, &cx);
+                            row
+                        })
                         .collect(),
                     more: (all.len() > OVERVIEW_GROUPS).then(|| {
                         (
@@ -300,31 +369,122 @@ impl Overview {
             })
             .collect();
         let empty_text = if s.taken_at.is_none() && status.refreshing.is_some() {
-            "The first snapshot is being taken; this page refreshes by itself.".to_string()
+            "The first snapshot is being taken; this page updates by itself.".to_string()
         } else if s.taken_at.is_none() {
             "No snapshot yet: see above why.".to_string()
         } else {
-            format!("{dead_queue} held no dead letter at the time of the snapshot.")
+            format!(
+                "{} held no dead letter at the time of the snapshot.",
+                cx.dead_queue
+            )
+        };
+        let all = Selected::all();
+        let everything: Vec<u32> = (0..s.letters.len() as u32).collect();
+        let hour_query = FilterQuery {
+            since: "1h".into(),
+            ..FilterQuery::default()
+        };
+        let (last_hour, last_hour_href, last_hour_breakdowns) =
+            match hour_query.parse(s.taken_at.unwrap_or_else(Utc::now)) {
+                Ok(hour) => {
+                    let members = hour.members(s);
+                    let b = [Dimension::Campaign, Dimension::Code]
+                        .into_iter()
+                        .map(|d| super::letters::Breakdown {
+                            name: d.as_str(),
+                            rows: breakdown(s, &members, d)
+                                .into_iter()
+                                .map(|(k, n)| {
+                                    let href = if n.is_empty() || k == crate::dlq::stats::NONE {
+                                        String::new()
+                                    } else {
+                                        hour.with(d.as_str(), &k).href()
+                                    };
+                                    (k, n, href)
+                                })
+                                .collect(),
+                        })
+                        .collect();
+                    (count(members.len()), hour.href(), b)
+                }
+                Err(_) => ("0".into(), "/letters?since=1h".into(), Vec::new()),
+            };
+        let (queues, queues_note) = match &cx.live {
+            Some((ago, q)) => (q.clone(), format!("read live, {} ago", age(*ago))),
+            None => (
+                s.queues.clone(),
+                format!(
+                    "as of the snapshot ({} UTC): RabbitMQ did not answer just now",
+                    time(s.taken_at)
+                ),
+            ),
         };
         Overview {
             chrome,
             total: count(s.letters.len()),
-            queues: s
-                .queues
+            last_hour,
+            last_hour_href,
+            last_hour_breakdowns,
+            chart: super::letters::ChartView::new(s, &everything, &all),
+            bar: super::letters::FilterBar::new(&FilterQuery::default()),
+            queues: queues
                 .iter()
                 .map(|q| QueueRow {
                     name: q.name.clone(),
                     role: q.role.clone(),
                     messages: count(q.messages as usize),
                     consumers: count(q.consumers as usize),
-                    dead: q.name == dead_queue,
+                    dead: q.name == cx.dead_queue,
                 })
                 .collect(),
+            queues_note,
             dims,
             empty: s.letters.is_empty(),
             empty_text,
         }
     }
+}
+
+/// A group's other places: its letters as a filter (to combine with
+/// others), and for a campaign its campaign page and the Grafana dashboard
+/// over the hours its letters died.
+fn group_links(d: Dimension, g: &Group, cx: &OverviewContext<'_>) -> Vec<(String, String, String)> {
+    let mut links = Vec::new();
+    if let Some(sel) = super::select::Selected::of_group(d, &g.key) {
+        links.push((
+            sel.href(),
+            "filter".to_string(),
+            format!(
+                "Filter the letters of {d} {} to combine with other filters",
+                g.key
+            ),
+        ));
+    }
+    if d == Dimension::Campaign && g.key != crate::dlq::stats::NONE {
+        links.push((
+            format!("/campaign{}", query(&[("c", &g.key)])),
+            "campaign".to_string(),
+            format!("Campaign page of {}", g.key),
+        ));
+        if let Some(grafana) = cx.grafana {
+            let from = g.oldest.map_or_else(
+                || "now-24h".to_string(),
+                |t| (t.timestamp_millis() - 3_600_000).to_string(),
+            );
+            links.push((
+                format!(
+                    "{grafana}/d/mmsend/mmsend{}",
+                    query(&[("var-prefix", cx.prefix), ("from", &from), ("to", "now")])
+                ),
+                "Grafana".to_string(),
+                format!(
+                    "Grafana dashboard while campaign {} was dead-lettering",
+                    g.key
+                ),
+            ));
+        }
+    }
+    links
 }
 
 pub(crate) struct Pager {
@@ -615,6 +775,15 @@ impl Confirm {
                 None,
                 format!("/letter{}", query(&[("job", job_id), ("fp", fingerprint)])),
             ),
+            Scope::Filter { query, .. } => (
+                (n > PAGE_ROWS).then(|| {
+                    (
+                        format!("/letters{query}"),
+                        format!("all {} on the filter's pages", count(n)),
+                    )
+                }),
+                format!("/letters{query}"),
+            ),
         };
         Confirm {
             chrome,
@@ -626,6 +795,7 @@ impl Confirm {
                     format!("The letters of group {dimension} = {key}")
                 }
                 Scope::Letter { job_id, .. } => format!("Letter {job_id}"),
+                Scope::Filter { text, .. } => format!("The letters matching {text}"),
             },
             count: count(n),
             count_n: n,
@@ -717,11 +887,7 @@ pub(crate) fn action_title(a: &Action) -> String {
         Kind::Replay => "Replay",
         Kind::Purge => "Purge",
     };
-    let what = match &a.scope {
-        Scope::Group { dimension, key } => format!("group {dimension} = {key}"),
-        Scope::Letter { job_id, .. } => format!("letter {job_id}"),
-    };
-    format!("{verb} of {what} ({} letters)", count(a.count))
+    format!("{verb} of {} ({} letters)", a.scope, count(a.count))
 }
 
 /// (text, css class) of an action's state.

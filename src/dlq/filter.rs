@@ -33,6 +33,8 @@ pub struct Filter {
     /// Dead at or after this instant ([`DeadLetter::died_at`]: a worker's
     /// `x-mmsend-dead-at`, else RabbitMQ's `x-death` time).
     pub since: Option<DateTime<Utc>>,
+    /// Dead before this instant (same time as `since`).
+    pub until: Option<DateTime<Utc>>,
     /// At most this many selected; the scan stops once it has them.
     pub limit: Option<usize>,
 }
@@ -63,6 +65,9 @@ impl Filter {
         if let Some(s) = self.since {
             parts.push(format!("--since {}", s.to_rfc3339()));
         }
+        if let Some(u) = self.until {
+            parts.push(format!("--until {}", u.to_rfc3339()));
+        }
         if let Some(l) = self.limit {
             parts.push(format!("--limit {l}"));
         }
@@ -72,28 +77,85 @@ impl Filter {
         }
     }
 
-    /// Whether the letter matches (the limit is the scan's business).
-    pub fn matches(&self, d: &DeadLetter) -> bool {
-        self.reason.is_none_or(|r| d.reason() == Some(r))
+    /// Whether the letter matches (the limit is the scan's business): a
+    /// letter as read ([`DeadLetter`]) or as the console's snapshot keeps it,
+    /// through the same [`Facets`], so both count alike.
+    pub fn matches<L: Facets + ?Sized>(&self, d: &L) -> bool {
+        self.reason
+            .is_none_or(|r| d.reason_facet().parse::<DeadReason>().ok() == Some(r))
             && self
                 .class
-                .is_none_or(|c| d.class_label() == Some(c.as_str()))
-            && self.code.is_none_or(|c| d.has_code(c))
+                .is_none_or(|c| d.class_facet() == Some(c.as_str()))
+            && self.code.is_none_or(|c| d.has_code_facet(c))
             && self
                 .campaign
                 .as_ref()
-                .is_none_or(|c| d.campaign_name() == Some(c.as_str()))
+                .is_none_or(|c| d.campaign_facet() == Some(c.as_str()))
             && self
                 .page
                 .as_ref()
-                .is_none_or(|p| d.page_id().as_ref() == Some(p))
+                .is_none_or(|p| d.page_facet() == Some(p.as_str()))
             && self
                 .job_id
                 .as_ref()
-                .is_none_or(|j| d.job_id().as_ref() == Some(j))
+                .is_none_or(|j| d.job_id_facet().as_deref() == Some(j.as_str()))
             && self
                 .since
-                .is_none_or(|s| d.died_at().is_some_and(|t| t >= s))
+                .is_none_or(|s| d.died_at_facet().is_some_and(|t| t >= s))
+            && self
+                .until
+                .is_none_or(|u| d.died_at_facet().is_some_and(|t| t < u))
+    }
+
+    /// No field is set: every letter matches.
+    pub fn is_empty(&self) -> bool {
+        Filter {
+            limit: None,
+            ..self.clone()
+        } == Filter::default()
+    }
+}
+
+/// What a [`Filter`] looks at in a letter.
+pub trait Facets {
+    /// The dead reason as written (`delivery_limit` when RabbitMQ moved it).
+    fn reason_facet(&self) -> std::borrow::Cow<'_, str>;
+    /// The last failure's class label.
+    fn class_facet(&self) -> Option<&str>;
+    /// Whether `code` is the last failure's error code or subcode.
+    fn has_code_facet(&self, code: i64) -> bool;
+    /// The campaign as campaign control names it: the `campaign` label,
+    /// else the `message_id`.
+    fn campaign_facet(&self) -> Option<&str>;
+    /// The job's `page_id`.
+    fn page_facet(&self) -> Option<&str>;
+    /// The job id.
+    fn job_id_facet(&self) -> Option<std::borrow::Cow<'_, str>>;
+    /// When it died ([`DeadLetter::died_at`]).
+    fn died_at_facet(&self) -> Option<DateTime<Utc>>;
+}
+
+impl Facets for DeadLetter {
+    fn reason_facet(&self) -> std::borrow::Cow<'_, str> {
+        self.reason_str().into()
+    }
+    fn class_facet(&self) -> Option<&str> {
+        self.class_label()
+    }
+    fn has_code_facet(&self, code: i64) -> bool {
+        self.has_code(code)
+    }
+    fn campaign_facet(&self) -> Option<&str> {
+        self.campaign_name()
+    }
+    fn page_facet(&self) -> Option<&str> {
+        self.page_str()
+    }
+    fn job_id_facet(&self) -> Option<std::borrow::Cow<'_, str>> {
+        self.job_id().map(Into::into)
+    }
+    fn died_at_facet(&self) -> Option<DateTime<Utc>> {
+        self.died_at()
     }
 }
 
@@ -258,6 +320,7 @@ mod tests {
             page: Some("42".into()),
             job_id: Some("j".into()),
             since: Some("2026-11-24T09:00:00Z".parse().unwrap()),
+            until: Some("2026-11-24T11:00:00Z".parse().unwrap()),
             limit: None,
         };
         assert!(f.matches(&d));
@@ -268,6 +331,10 @@ mod tests {
             },
             Filter {
                 since: Some("2026-11-24T11:00:00Z".parse().unwrap()),
+                ..f.clone()
+            },
+            Filter {
+                until: Some("2026-11-24T09:30:00Z".parse().unwrap()),
                 ..f.clone()
             },
             Filter {

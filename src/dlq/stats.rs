@@ -130,7 +130,7 @@ impl std::str::FromStr for Dimension {
 }
 
 /// The group key of a letter without that value.
-const NONE: &str = "-";
+pub(crate) const NONE: &str = "-";
 
 impl Stats {
     /// The groups of one dimension, largest first.

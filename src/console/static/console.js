@@ -11,6 +11,62 @@ document.addEventListener("submit", function (e) {
   }, 0);
 });
 
+// Live pages: every few seconds ask /status.json for the snapshot's number
+// and the queue depths. Depths and the live line update in place; when a
+// new snapshot has landed, a page marked `data-live` (overview, groups,
+// letters) fetches itself and swaps its content in place, without a
+// full-page refresh, and says so to screen readers. A page whose form has
+// the focus is not swapped under the person typing.
+(function () {
+  var line = document.querySelector("[data-snapshot]");
+  if (!line || !window.fetch) { return; }
+  var status = document.getElementById("live-status");
+  var busy = false;
+  function text(sel, value) {
+    var el = document.querySelector(sel);
+    if (el && typeof value === "string" && el.textContent !== value) { el.textContent = value; }
+  }
+  function swap(html) {
+    var doc = new DOMParser().parseFromString(html, "text/html");
+    ["#snapshot", "main"].forEach(function (sel) {
+      var now = document.querySelector(sel), next = doc.querySelector(sel);
+      if (now && next) { now.replaceWith(document.importNode(next, true)); }
+    });
+    line = document.querySelector("[data-snapshot]");
+    if (status) { status.textContent = "Updated: " + (line ? line.textContent : "new snapshot"); }
+  }
+  function tick() {
+    if (busy || document.hidden) { return; }
+    busy = true;
+    fetch("/status.json", { credentials: "same-origin", headers: { Accept: "application/json" } })
+      .then(function (r) { return r.ok ? r.json() : null; })
+      .then(function (s) {
+        if (!s) { return null; }
+        text("#live-depth", s.live);
+        Object.keys(s.queues).forEach(function (name) {
+          document.querySelectorAll("[data-queue]").forEach(function (td) {
+            if (td.getAttribute("data-queue") === name) {
+              td.textContent = s.queues[name][td.getAttribute("data-field")] || td.textContent;
+            }
+          });
+        });
+        var shown = Number(line.getAttribute("data-snapshot"));
+        var main = document.querySelector("main[data-live]");
+        var typing = main && main.contains(document.activeElement) && /INPUT|SELECT|TEXTAREA/.test(document.activeElement.tagName);
+        if (s.snapshot !== shown && main && !typing) {
+          return fetch(location.href, { credentials: "same-origin", headers: { Accept: "text/html" } })
+            .then(function (r) { return r.ok ? r.text() : null; })
+            .then(function (html) { if (html) { swap(html); } });
+        }
+        if (s.snapshot === shown) { text("[data-snapshot]", s.line); }
+        return null;
+      })
+      .catch(function () { /* the next tick tries again */ })
+      .then(function () { busy = false; });
+  }
+  setInterval(tick, 3000);
+})();
+
 // Live progress: an action's page and the Actions list ask the action's
 // JSON (/actions/{id}.json) every second and update the state, the numbers
 // and the progress bar in place, until the action has finished. Without

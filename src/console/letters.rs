@@ -1,0 +1,492 @@
+//! The pages of a filter: `/letters?…` (the matching letters, their count,
+//! their breakdown and per-hour chart, and the actions on exactly them),
+//! `/letters.jsonl?…` (the same set as JSON lines), `/letter?job=` without a
+//! fingerprint (find a letter by its job id), and `/status.json`, which
+//! every page polls to show live queue depths and to reload its content in
+//! place when a new snapshot lands.
+//!
+//! The download holds what the snapshot keeps of each letter (masked,
+//! bounded: the summary, the shown headers and the body's preview), never
+//! a token; the page prints the `mmsend dlq export` command that writes the
+//! same letters whole, to re-enqueue or archive them.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use askama::Template;
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::Extension;
+use chrono::Utc;
+use serde::Deserialize;
+
+use super::access::Access;
+use super::auth::Identity;
+use super::routes::{chrome, message, page};
+use super::select::{
+    breakdown, Chart, FilterQuery, Selected, BAR_WIDTH, CHART_HEIGHT, CHART_HOURS,
+};
+use super::snapshot::Snapshot;
+use super::views::{self, count, Chrome, LetterRow, Pager, SetActions};
+use super::Shared;
+use crate::broker::topology::QueueInfo;
+use crate::classify::{Class, DeadReason};
+use crate::dlq::Dimension;
+
+/// One choice of a filter bar's list.
+pub(crate) struct Choice {
+    pub(crate) value: &'static str,
+    pub(crate) selected: bool,
+}
+
+/// The filter bar: every filter field, filled as the page's query gave it.
+pub(crate) struct FilterBar {
+    pub(crate) q: FilterQuery,
+    pub(crate) reasons: Vec<Choice>,
+    pub(crate) classes: Vec<Choice>,
+}
+
+impl FilterBar {
+    pub(crate) fn new(q: &FilterQuery) -> FilterBar {
+        let choices = |all: &[&'static str], current: &str| {
+            all.iter()
+                .map(|&value| Choice {
+                    value,
+                    selected: value == current.trim(),
+                })
+                .collect()
+        };
+        let reasons: Vec<&'static str> = DeadReason::ALL.iter().map(|r| r.as_str()).collect();
+        let classes: Vec<&'static str> = Class::ALL.iter().map(|c| c.as_str()).collect();
+        FilterBar {
+            q: q.clone(),
+            reasons: choices(&reasons, &q.reason),
+            classes: choices(&classes, &q.class),
+        }
+    }
+}
+
+/// The per-hour chart as the template draws it.
+pub(crate) struct ChartView {
+    pub(crate) chart: Chart,
+    pub(crate) width: usize,
+    pub(crate) height: usize,
+    pub(crate) bar_width: usize,
+}
+
+impl ChartView {
+    pub(crate) fn new(s: &Snapshot, members: &[u32], sel: &Selected) -> ChartView {
+        let now = s.taken_at.unwrap_or_else(Utc::now);
+        ChartView {
+            chart: Chart::new(&s.letters, members, now, sel),
+            width: CHART_HOURS * BAR_WIDTH,
+            height: CHART_HEIGHT,
+            bar_width: BAR_WIDTH - 2,
+        }
+    }
+}
+
+/// A breakdown of a set by one dimension: (key, count, link to the set
+/// narrowed to it).
+pub(crate) struct Breakdown {
+    pub(crate) name: &'static str,
+    pub(crate) rows: Vec<(String, String, String)>,
+}
+
+fn breakdowns(s: &Snapshot, members: &[u32], sel: &Selected) -> Vec<Breakdown> {
+    [Dimension::Campaign, Dimension::Code, Dimension::Reason]
+        .into_iter()
+        .map(|d| Breakdown {
+            name: d.as_str(),
+            rows: breakdown(s, members, d)
+                .into_iter()
+                .map(|(key, n)| {
+                    let href = if n.is_empty() || key == crate::dlq::stats::NONE {
+                        String::new()
+                    } else {
+                        sel.with(d.as_str(), &key).href()
+                    };
+                    (key, n, href)
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+#[derive(Template)]
+#[template(path = "letters.html", config = "src/console/askama.toml")]
+pub(crate) struct LettersPage {
+    pub(crate) chrome: Chrome,
+    pub(crate) bar: FilterBar,
+    pub(crate) describe: String,
+    pub(crate) total: String,
+    pub(crate) total_n: usize,
+    pub(crate) chart: ChartView,
+    pub(crate) breakdowns: Vec<Breakdown>,
+    pub(crate) rows: Vec<LetterRow>,
+    pub(crate) pager: Pager,
+    pub(crate) actions: SetActions,
+    pub(crate) download: String,
+    /// The same selection on the command line.
+    pub(crate) cli: String,
+}
+
+impl LettersPage {
+    fn new(chrome: Chrome, s: &Snapshot, q: &FilterQuery, sel: &Selected, p: usize) -> LettersPage {
+        let members = sel.members(s);
+        let (pager, range) = Pager::new(p, members.len(), "letters", |n| {
+            format!("/letters{}", sel.query(&[("p", &n.to_string())]))
+        });
+        let confirm = |kind: &str| format!("/confirm{}", sel.query(&[("kind", kind)]));
+        let flags = sel.flags();
+        LettersPage {
+            chrome,
+            bar: FilterBar::new(q),
+            describe: sel.describe(),
+            total: count(members.len()),
+            total_n: members.len(),
+            chart: ChartView::new(s, &members, sel),
+            breakdowns: breakdowns(s, &members, sel),
+            rows: members[range]
+                .iter()
+                .map(|&i| LetterRow::new(&s.letters[i as usize]))
+                .collect(),
+            pager,
+            actions: SetActions {
+                replay: confirm("replay"),
+                purge: confirm("purge"),
+            },
+            download: format!("/letters.jsonl{}", sel.query(&[])),
+            cli: if flags.is_empty() {
+                "mmsend dlq stats".into()
+            } else {
+                format!("mmsend dlq stats {flags}")
+            },
+        }
+    }
+}
+
+/// `/letters`' query: the filter and the page number `p`.
+#[derive(Deserialize)]
+pub(crate) struct LettersQuery {
+    #[serde(flatten)]
+    filter: FilterQuery,
+    #[serde(default)]
+    p: String,
+}
+
+/// The filter of a query, or the page that says what is wrong with it.
+pub(crate) fn selected(
+    st: &Shared,
+    id: &Identity,
+    q: &FilterQuery,
+) -> Result<Selected, Box<Response>> {
+    q.parse(Utc::now()).map_err(|e| {
+        Box::new(message(
+            st,
+            id,
+            StatusCode::BAD_REQUEST,
+            "Bad filter",
+            format!("{e}."),
+            Some(("/letters".into(), "All letters".into())),
+        ))
+    })
+}
+
+pub(crate) async fn list(
+    State(st): State<Arc<Shared>>,
+    Extension(id): Extension<Identity>,
+    Query(q): Query<LettersQuery>,
+) -> Response {
+    let sel = match selected(&st, &id, &q.filter) {
+        Ok(s) => s,
+        Err(r) => return *r,
+    };
+    st.snapshots.refresh(&st.access, false);
+    live_depths(&st).await;
+    let s = st.snapshots.current();
+    let title = format!("Letters: {}", sel.describe());
+    let mut c = chrome(&st, &id, title, &sel.href());
+    c.live = true;
+    let p = q.p.parse().unwrap_or(1);
+    page(StatusCode::OK, &LettersPage::new(c, &s, &q.filter, &sel, p))
+}
+
+/// One letter of the download.
+#[derive(serde::Serialize)]
+struct Line<'a> {
+    job_id: &'a str,
+    fingerprint: String,
+    reason: &'a str,
+    class: Option<&'a str>,
+    code: Option<i64>,
+    campaign: Option<&'a str>,
+    page_id: Option<&'a str>,
+    attempts: u32,
+    replays: u32,
+    dead_at: Option<String>,
+    error: Option<&'a str>,
+    headers: std::collections::BTreeMap<&'a str, &'a str>,
+    body_preview: &'a str,
+    body_bytes: u32,
+    body_cut: bool,
+}
+
+pub(crate) async fn download(
+    State(st): State<Arc<Shared>>,
+    Extension(id): Extension<Identity>,
+    Query(q): Query<FilterQuery>,
+) -> Response {
+    let sel = match selected(&st, &id, &q) {
+        Ok(s) => s,
+        Err(r) => return *r,
+    };
+    let s = st.snapshots.current();
+    let mut out = Vec::new();
+    for i in sel.members(&s) {
+        let l = &s.letters[i as usize];
+        let label = l.job_label();
+        let line = Line {
+            job_id: &label,
+            fingerprint: l.fingerprint_hex(),
+            reason: &l.reason,
+            class: l.class.as_deref(),
+            code: l.code,
+            campaign: l.campaign.as_deref(),
+            page_id: l.page.as_deref(),
+            attempts: l.attempts,
+            replays: l.replays,
+            dead_at: l.dead_at.map(|t| t.to_rfc3339()),
+            error: l.error.as_deref(),
+            headers: l.headers.iter().map(|(k, v)| (*k, &**v)).collect(),
+            body_preview: &l.body,
+            body_bytes: l.body_bytes,
+            body_cut: l.body_cut,
+        };
+        if serde_json::to_writer(&mut out, &line).is_ok() {
+            out.push(b'\n');
+        }
+    }
+    let name = format!(
+        "mmsend-dead-letters-{}.jsonl",
+        s.taken_at
+            .map_or_else(|| "none".into(), |t| t.format("%Y%m%dT%H%M%SZ").to_string())
+    );
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                "application/x-ndjson; charset=utf-8".to_string(),
+            ),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{name}\""),
+            ),
+        ],
+        out,
+    )
+        .into_response()
+}
+
+/// `/letter?job=` without `fp`: the one letter of that job, the list of
+/// its letters when it has several, or a page that says where else to look.
+pub(crate) fn find_job(st: &Shared, id: &Identity, job: &str) -> Response {
+    let s = st.snapshots.current();
+    let job = job.trim();
+    let found: Vec<&super::snapshot::Letter> = s
+        .letters
+        .iter()
+        .filter(|l| &*l.job_id == job || l.job_label() == job)
+        .collect();
+    match found.as_slice() {
+        [one] => Redirect::to(&views::letter_href(one)).into_response(),
+        [] => message(
+            st,
+            id,
+            StatusCode::NOT_FOUND,
+            "No such letter",
+            format!(
+                "The snapshot of {} UTC has no letter of job {job:?} (replayed or purged since, or never dead?). Its ledger record and delivery history may say more.",
+                views::time(s.taken_at)
+            ),
+            Some((format!("/job{}", views::query(&[("id", job)])), format!("Job {job}"))),
+        ),
+        _ => Redirect::to(&format!("/letters{}", views::query(&[("job_id", job)]))).into_response(),
+    }
+}
+
+/// A reading of the queue depths: when, and what RabbitMQ said.
+type Reading = (Instant, Result<Vec<QueueInfo>, String>);
+
+/// Queue depths read from the broker, shared by every view for a moment.
+pub(crate) struct Depths {
+    last: Mutex<Option<Reading>>,
+    reading: tokio::sync::Mutex<()>,
+}
+
+/// How long a reading of the depths serves every view.
+const DEPTHS_FRESH: Duration = Duration::from_secs(1);
+/// How long a view waits for the broker's depths before it shows the
+/// snapshot's.
+const DEPTHS_WAIT: Duration = Duration::from_secs(2);
+
+impl Depths {
+    pub(crate) fn new() -> Depths {
+        Depths {
+            last: Mutex::new(None),
+            reading: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn fresh(&self) -> Option<Result<Vec<QueueInfo>, String>> {
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        last.as_ref()
+            .filter(|(at, _)| at.elapsed() < DEPTHS_FRESH)
+            .map(|(_, d)| d.clone())
+    }
+
+    /// The depths now: one reading at a time, each serving views for
+    /// [`DEPTHS_FRESH`].
+    pub(crate) async fn read(&self, access: &Access) -> Result<Vec<QueueInfo>, String> {
+        if let Some(d) = self.fresh() {
+            return d;
+        }
+        let _one = self.reading.lock().await;
+        if let Some(d) = self.fresh() {
+            return d;
+        }
+        let read = async {
+            let conn = access.connection().await.map_err(|e| e.to_string())?;
+            access.topology.show(&conn).await.map_err(|e| e.to_string())
+        };
+        let d = match tokio::time::timeout(DEPTHS_WAIT, read).await {
+            Ok(d) => d,
+            Err(_) => Err(format!(
+                "RabbitMQ did not answer within {} s",
+                DEPTHS_WAIT.as_secs()
+            )),
+        };
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), d.clone()));
+        d
+    }
+
+    /// The last reading, when it is recent enough to be called live.
+    pub(crate) fn recent(&self) -> Option<(Duration, Vec<QueueInfo>)> {
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        match last.as_ref() {
+            Some((at, Ok(d))) if at.elapsed() < Duration::from_secs(10) => {
+                Some((at.elapsed(), d.clone()))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Reads the live depths for the page about to be built; when the DLQ
+/// holds another number of letters than the snapshot, a refresh is due
+/// (sooner than the refresh interval: see `Snapshots::refresh_changed`),
+/// and the page updates itself when it lands.
+pub(crate) async fn live_depths(st: &Shared) {
+    if let Ok(queues) = st.depths.read(&st.access).await {
+        let dead = st.access.topology.dead_queue();
+        let s = st.snapshots.current();
+        let complete = s.report.as_ref().is_some_and(|r| r.counted_all());
+        // While something reads the DLQ (a scan holds its letters), its
+        // ready count is not its size: no refresh for that.
+        let now = queues
+            .iter()
+            .find(|q| q.name == dead && q.consumers == 0)
+            .map(|q| q.messages);
+        if complete && now.is_some_and(|n| n as usize != s.letters.len()) {
+            st.snapshots.refresh_changed(&st.access);
+        }
+    }
+}
+
+/// `/status.json`: what a page needs to stay current without reloading.
+#[derive(serde::Serialize)]
+struct Status {
+    snapshot: u64,
+    refreshing: bool,
+    /// The snapshot line, as pages show it.
+    line: String,
+    /// The live line (the DLQ now), as pages show it.
+    live: String,
+    queues: std::collections::BTreeMap<String, QueueDepth>,
+}
+
+#[derive(serde::Serialize)]
+struct QueueDepth {
+    messages: String,
+    consumers: String,
+}
+
+pub(crate) async fn status(State(st): State<Arc<Shared>>) -> Response {
+    live_depths(&st).await;
+    let s = st.snapshots.current();
+    let status = st.snapshots.status();
+    let line = views::SnapshotLine::new(&s, &status, &st.access.topology.dead_queue());
+    let live = live_line(&st, &s);
+    let queues = st
+        .depths
+        .recent()
+        .map(|(_, q)| q)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|q| {
+            (
+                q.name,
+                QueueDepth {
+                    messages: count(q.messages as usize),
+                    consumers: count(q.consumers as usize),
+                },
+            )
+        })
+        .collect();
+    let body = Status {
+        snapshot: s.id,
+        refreshing: status.refreshing.is_some(),
+        line: line.text,
+        live,
+        queues,
+    };
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_string(&body).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+/// "The DLQ holds 1,120 letters now (read 1 s ago)", with what differs
+/// from the snapshot; empty when no recent reading exists.
+pub(crate) fn live_line(st: &Shared, s: &Snapshot) -> String {
+    let dead = st.access.topology.dead_queue();
+    let Some((ago, queues)) = st.depths.recent() else {
+        return String::new();
+    };
+    let Some(q) = queues.iter().find(|q| q.name == dead) else {
+        return String::new();
+    };
+    let now = q.messages as usize;
+    if q.consumers > 0 {
+        return format!(
+            "The DLQ is being read now ({} consumer(s): a snapshot, an action, a mmsend dlq run?): {} of its letters are not held by the reader.",
+            q.consumers,
+            count(now)
+        );
+    }
+    let differs = if s.taken_at.is_some() && now != s.letters.len() {
+        format!(
+            "; the snapshot below counted {}, a new one is taken when the refresh interval allows and this page updates by itself",
+            count(s.letters.len())
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "The DLQ holds {} letters now (read {} ago){differs}.",
+        count(now),
+        views::age(ago)
+    )
+}
