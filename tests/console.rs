@@ -1802,6 +1802,564 @@ async fn campaigns_are_listed_paused_and_cancelled_in_the_browser() {
     h.finish().await;
 }
 
+// ------------------------------------------------ actions: progress, Stop, audit
+
+/// The two window sizes every browser test runs at: a desktop and a phone.
+const SIZES: [(u32, u32); 2] = [(1440, 900), (390, 844)];
+
+/// A number as the console prints it (`1,234`), from the first element
+/// matching `css`.
+async fn number(b: &Browser, css: &str) -> usize {
+    count_of(&b.text(css).await)
+}
+
+/// Evaluates `script` (a `return …;`) in the page.
+async fn js(b: &Browser, script: &str) -> Value {
+    b.d().execute(script, vec![]).await.unwrap().json().clone()
+}
+
+/// The audit trail's entries of this topology, newest first.
+async fn trail(prefix: &str) -> Vec<mmsend::fleet::campaign::AuditEntry> {
+    let redis = mmsend::fleet::FleetConfig::new(&common::redis_url());
+    let campaigns = mmsend::fleet::campaign::Campaigns::connect(&redis, prefix)
+        .await
+        .unwrap();
+    campaigns.trail(None, 100).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_slowed_replay_shows_progress_before_its_end_and_stop_keeps_the_exact_set() {
+    let h = Harness::start(no_worker("console-stop")).await;
+    let prefix = h.topology.prefix.clone();
+    let letters = mixed(300, "s");
+    fill(&h, &letters).await;
+    let c = Console::start(&h, |config| {
+        config.redis = Some(mmsend::fleet::FleetConfig::new(&common::redis_url()));
+    })
+    .await;
+    let Some(b) = Browser::start().await else {
+        c.stop().await;
+        common::delete_redis_keys(&common::redis_url(), &prefix).await;
+        h.finish().await;
+        return;
+    };
+    b.d().goto(c.url("/")).await.unwrap();
+    b.wait_text(
+        "#snapshot .snapline",
+        |t| t.contains("Snapshot of 300 letters"),
+        Duration::from_secs(30),
+    )
+    .await;
+    // one campaign per window size: 100 letters each, at 5 a second
+    let mut stopped = Vec::new();
+    for ((width, height), campaign) in SIZES.into_iter().zip(["black-friday", "cyber-monday"]) {
+        b.d().set_window_rect(0, 0, width, height).await.unwrap();
+        b.d()
+            .goto(c.url(&format!(
+                "/confirm{}",
+                console::query(&[("kind", "replay"), ("dim", "campaign"), ("key", campaign)])
+            )))
+            .await
+            .unwrap();
+        assert_eq!(b.text("h1").await, "Replay 100 letters?", "{width} px");
+        let rate = b.d().find(By::Css("input[name=rate]")).await.unwrap();
+        rate.clear().await.unwrap();
+        rate.send_keys("5").await.unwrap();
+        b.click("#confirm").await;
+        b.wait_text(
+            "#state",
+            |t| t.starts_with("Running"),
+            Duration::from_secs(60),
+        )
+        .await;
+        // no reload from here on: the page updates itself in place
+        js(&b, "window.mmsendSamePage = true; return true;").await;
+        let moved = b
+            .wait_text(
+                "td[data-name=moved]",
+                |t| t.trim().parse::<usize>().is_ok_and(|n| n > 0),
+                Duration::from_secs(60),
+            )
+            .await;
+        let moved: usize = moved.trim().parse().unwrap();
+        assert!(moved < 100, "{width} px: progress before the end ({moved})");
+        let progress = js(
+            &b,
+            "var p = document.getElementById('progress'); return [p.value, p.max, document.getElementById(p.getAttribute('aria-labelledby')).textContent, window.mmsendSamePage === true, p.closest('[aria-live]') === null && document.getElementById('state').closest('[aria-live=polite]') !== null];",
+        )
+        .await;
+        assert!(progress[0].as_f64().unwrap() >= 1.0, "{progress}");
+        assert_eq!(progress[1].as_f64().unwrap(), 100.0, "{progress}");
+        assert!(
+            progress[2].as_str().unwrap().ends_with("of 100 replayed"),
+            "the bar's label: {progress}"
+        );
+        assert_eq!(progress[3], json!(true), "updated in place, not reloaded");
+        assert_eq!(
+            progress[4],
+            json!(true),
+            "the state is a polite live region"
+        );
+        assert!(
+            !b.d()
+                .source()
+                .await
+                .unwrap()
+                .contains("http-equiv=\"refresh\""),
+            "no meta refresh"
+        );
+        b.click("#stop").await;
+        let state = b
+            .wait_text(
+                "#state",
+                |t| t.starts_with("Stopped"),
+                Duration::from_secs(60),
+            )
+            .await;
+        let moved = number(&b, "td[data-name=moved]").await;
+        let kept = number(&b, "td[data-name=kept]").await;
+        assert_eq!(moved + kept, 100, "{width} px: moved + kept = all: {state}");
+        assert!(moved > 0 && moved < 100, "{width} px: {state}");
+        assert_eq!(
+            state,
+            format!("Stopped: {moved} replayed, {kept} still in the DLQ."),
+            "{width} px"
+        );
+        let by = b.text("td[data-name=stopped_by]").await;
+        assert!(by.starts_with("console:loopback-"), "{width} px: {by}");
+        stopped.push((campaign, moved, kept));
+    }
+    eprintln!("stopped (campaign, moved, kept): {stopped:?}");
+    // the Actions list, no meta refresh, both actions stopped
+    b.d().goto(c.url("/actions")).await.unwrap();
+    let rows = b
+        .d()
+        .find_all(By::Css("table.actions-list tbody tr td[data-state]"))
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    for r in rows {
+        assert!(r.text().await.unwrap().starts_with("Stopped: "));
+    }
+    assert!(!b.d().source().await.unwrap().contains("http-equiv"));
+    b.quit().await;
+
+    // the audit trail has each action's start, stop (and who) and end
+    let entries = trail(&prefix).await;
+    for (campaign, moved, kept) in &stopped {
+        let of: Vec<_> = entries
+            .iter()
+            .filter(|e| e.campaign.as_deref() == Some(*campaign) && e.action == "replay")
+            .collect();
+        let phases: Vec<&str> = of
+            .iter()
+            .map(|e| e.what.split(' ').next().unwrap_or_default())
+            .collect();
+        assert_eq!(phases, ["end", "stop", "start"], "{of:?}");
+        assert_eq!(of[0].count, Some(*moved as u64), "{of:?}");
+        assert!(
+            of[0]
+                .what
+                .contains(&format!("{moved} moved, {kept} still in the DLQ")),
+            "{of:?}"
+        );
+        assert!(of[1].what.contains("asked by console:loopback-"), "{of:?}");
+        // one browser session started and stopped it
+        assert!(of.iter().all(|e| e.who == of[0].who), "{of:?}");
+        assert!(of[0].who.starts_with("console:loopback-"), "{of:?}");
+    }
+    c.stop().await;
+    // exactly the moved letters are in the send queue; the kept ones, and
+    // every other letter, are still in the DLQ
+    let total_moved: usize = stopped.iter().map(|s| s.1).sum();
+    assert_eq!(
+        h.depth(&h.topology.send_queue()).await as usize,
+        total_moved
+    );
+    let left: Vec<String> = h
+        .drain_dlq()
+        .await
+        .iter()
+        .map(|d| d.job_id().unwrap_or_default())
+        .collect();
+    assert_eq!(left.len(), 300 - total_moved);
+    for (campaign, _, kept) in &stopped {
+        let still = letters
+            .iter()
+            .filter(|d| d.campaign == *campaign && left.contains(&d.id))
+            .count();
+        assert_eq!(still, *kept, "{campaign}: kept letters are in the DLQ");
+    }
+    let others = letters
+        .iter()
+        .filter(|d| d.campaign == "xmas" && left.contains(&d.id))
+        .count();
+    assert_eq!(others, 100, "the other campaign is untouched");
+    common::delete_redis_keys(&common::redis_url(), &prefix).await;
+    h.finish().await;
+}
+
+/// Letters whose replay would fail again: terminal ones of two classes,
+/// invalid jobs and RabbitMQ's own delivery-limit dead letters, in one
+/// campaign.
+fn doomed() -> Vec<Dead> {
+    let kinds: [(&str, &str, i64, usize); 4] = [
+        ("terminal", "mismatch", 2300005, 4),
+        ("terminal", "region", 2300030, 3),
+        ("invalid_job", "unknown", 100, 2),
+        ("delivery_limit", "transient", 1, 1),
+    ];
+    let mut out = Vec::new();
+    for (reason, class, code, n) in kinds {
+        for i in 0..n {
+            out.push(Dead {
+                id: format!("doomed-{reason}-{i}"),
+                reason: Some(reason),
+                class,
+                code,
+                message: "doomed".into(),
+                campaign: "doomed".into(),
+                page: "9876543210",
+            });
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_replay_confirmation_warns_by_class_at_both_sizes() {
+    let h = Harness::start(no_worker("console-warn")).await;
+    let mut letters = doomed();
+    letters.extend(mixed(10, "w"));
+    fill(&h, &letters).await;
+    let c = Console::start(&h, |_| {}).await;
+    let mut cl = Client::new(&c);
+    cl.snapshot_after(0).await;
+    // a purge says nothing of replays; a set with nothing doomed no warning
+    let purge = cl.get("/confirm?kind=purge&dim=campaign&key=doomed").await;
+    assert!(!purge.body.contains("role=\"alert\""), "{}", purge.body);
+    let calm = cl
+        .get("/confirm?kind=replay&dim=reason&key=retries_exhausted")
+        .await;
+    assert_eq!(calm.status, 200);
+    assert!(!calm.body.contains("id=\"warnings\""), "{}", calm.body);
+    let Some(b) = Browser::start().await else {
+        c.stop().await;
+        h.finish().await;
+        return;
+    };
+    for (width, height) in SIZES {
+        b.d().set_window_rect(0, 0, width, height).await.unwrap();
+        b.d()
+            .goto(c.url("/confirm?kind=replay&dim=campaign&key=doomed"))
+            .await
+            .unwrap();
+        assert_eq!(b.text("h1").await, "Replay 10 letters?");
+        let alert = b.d().find(By::Css("#warnings[role=alert]")).await.unwrap();
+        assert!(alert.is_displayed().await.unwrap(), "{width} px");
+        let items = alert.find_all(By::Css("li")).await.unwrap();
+        let mut texts = Vec::new();
+        for i in items {
+            texts.push(i.text().await.unwrap());
+        }
+        assert_eq!(texts.len(), 3, "{width} px: {texts:?}");
+        assert!(
+            texts[0].starts_with(
+                "7 of these 10 letters died of a terminal error (mismatch 4, region 3)"
+            ),
+            "{texts:?}"
+        );
+        assert!(
+            texts[1].starts_with("2 of these 10 letters are invalid jobs (reason invalid_job)"),
+            "{texts:?}"
+        );
+        assert!(
+            texts[2].starts_with(
+                "1 of these 10 letters were dead-lettered by RabbitMQ after too many redeliveries"
+            ),
+            "{texts:?}"
+        );
+        // the warnings are on screen, not pushed off to the side
+        let inside = js(
+            &b,
+            "var r = document.getElementById('warnings').getBoundingClientRect(); return r.left >= 0 && r.right <= window.innerWidth;",
+        )
+        .await;
+        assert_eq!(inside, json!(true), "{width} px");
+    }
+    b.quit().await;
+    c.stop().await;
+    assert_eq!(h.drain_dlq().await.len(), letters.len(), "nothing moved");
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn a_large_purge_goes_only_with_its_count_typed() {
+    let h = Harness::start(no_worker("console-typed")).await;
+    let letters = mixed(300, "t");
+    fill(&h, &letters).await;
+    let c = Console::start(&h, |_| {}).await;
+    let mut cl = Client::new(&c);
+    cl.snapshot_after(0).await;
+    // below the threshold there is no box
+    let small = cl.get("/confirm?kind=purge&dim=code&key=2300005").await;
+    assert!(small.body.contains("Purge 60 letters?"));
+    assert!(!small.body.contains("name=\"typed\""));
+    let page = cl
+        .get("/confirm?kind=purge&dim=campaign&key=black-friday")
+        .await;
+    assert!(page.body.contains("Purge 100 letters?"), "{}", page.body);
+    assert!(page.body.contains("name=\"typed\""), "{}", page.body);
+    let (plan, csrf) = (field(&page.body, "plan"), field(&page.body, "csrf"));
+    for typed in [None, Some(""), Some("99"), Some("1000")] {
+        let mut form = vec![("csrf", csrf.as_str()), ("plan", plan.as_str())];
+        if let Some(t) = typed {
+            form.push(("typed", t));
+        }
+        let a = cl.post("/actions", &form).await;
+        assert_eq!(a.status, 400, "{typed:?}: {}", a.body);
+        assert!(
+            a.body.contains("Nothing was purged") && a.body.contains("type 100 in the box"),
+            "{}",
+            a.body
+        );
+    }
+    assert!(
+        cl.get("/actions").await.body.contains("No action yet"),
+        "nothing started"
+    );
+    assert_eq!(h.depth(&h.topology.dead_queue()).await, 300);
+    // the Actions page says where actions and the audit trail are kept
+    let list = cl.get("/actions").await.body;
+    assert!(
+        list.contains("remembered only while this console runs"),
+        "{list}"
+    );
+    let a = cl
+        .post(
+            "/actions",
+            &[("csrf", &csrf), ("plan", &plan), ("typed", "100")],
+        )
+        .await;
+    assert_eq!(a.status, 303, "{}", a.body);
+    let action = a.location().to_string();
+    let mut body;
+    eventually!(
+        Duration::from_secs(30),
+        {
+            body = cl.get(&action).await.body;
+            body.contains("Finished")
+        },
+        "{body}"
+    );
+    assert!(body.contains("Finished: 100 of 100 purged."), "{body}");
+    // the JSON the page updates itself from says the same
+    let j: Value = serde_json::from_str(&cl.get(&format!("{action}.json")).await.body).unwrap();
+    assert_eq!(j["finished"], json!(true));
+    assert_eq!(j["state"], json!("Finished: 100 of 100 purged."));
+    assert_eq!(j["progress"]["value"], json!(100));
+    // Stop: a finished action is not stopped; a form without its CSRF
+    // token is refused; a read-only console refuses it
+    let stop = format!("{action}/stop");
+    let a = cl.post(&stop, &[("csrf", &csrf)]).await;
+    assert_eq!(a.status, 409, "{}", a.body);
+    assert!(a.body.contains("already finished"), "{}", a.body);
+    let a = cl.post(&stop, &[("csrf", "forged")]).await;
+    assert_eq!(a.status, 403, "{}", a.body);
+    let ro = Console::start(&h, |config| config.read_only = true).await;
+    let mut rc = Client::new(&ro);
+    rc.snapshot_after(0).await;
+    let csrf_ro = field(&rc.get("/").await.body, "csrf");
+    let a = rc.post(&stop, &[("csrf", &csrf_ro)]).await;
+    assert_eq!(a.status, 403, "{}", a.body);
+    assert!(a.body.contains("--read-only"), "{}", a.body);
+    ro.stop().await;
+    c.stop().await;
+    let left = h.drain_dlq().await;
+    assert_eq!(left.len(), 200);
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn a_restarted_console_lists_earlier_actions_and_the_audit_trail_has_them() {
+    let h = Harness::start(no_worker("console-restart")).await;
+    let prefix = h.topology.prefix.clone();
+    let letters = mixed(100, "k");
+    fill(&h, &letters).await;
+    let redis = mmsend::fleet::FleetConfig::new(&common::redis_url());
+    let with_redis = |config: &mut ConsoleConfig| config.redis = Some(redis.clone());
+    let c = Console::start(&h, with_redis).await;
+    let mut cl = Client::new(&c);
+    cl.snapshot_after(0).await;
+    // a purge that finishes
+    let page = cl
+        .get("/confirm?kind=purge&dim=code&key=2300005")
+        .await
+        .body;
+    let a = cl
+        .post(
+            "/actions",
+            &[
+                ("csrf", &field(&page, "csrf")),
+                ("plan", &field(&page, "plan")),
+            ],
+        )
+        .await;
+    let purge = a.location().to_string();
+    let mut body;
+    eventually!(
+        Duration::from_secs(30),
+        {
+            body = cl.get(&purge).await.body;
+            body.contains("Finished")
+        },
+        "{body}"
+    );
+    assert!(body.contains("Finished: 20 of 20 purged."), "{body}");
+    // a slow replay that is running when the console stops
+    let mut cl = Client::new(&c);
+    cl.snapshot_after(1).await;
+    let page = cl
+        .get("/confirm?kind=replay&dim=code&key=2300030")
+        .await
+        .body;
+    assert!(page.contains("Replay 20 letters?"), "{page}");
+    let a = cl
+        .post(
+            "/actions",
+            &[
+                ("csrf", &field(&page, "csrf")),
+                ("plan", &field(&page, "plan")),
+                ("rate", "2"),
+            ],
+        )
+        .await;
+    let replay = a.location().to_string();
+    eventually!(
+        Duration::from_secs(30),
+        {
+            let j: Value =
+                serde_json::from_str(&cl.get(&format!("{replay}.json")).await.body).unwrap();
+            j["state"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("Running")
+        },
+        "the replay runs"
+    );
+    c.stop().await;
+    // a console killed while an action ran leaves its record unfinished
+    let campaigns = mmsend::fleet::campaign::Campaigns::connect(&redis, &prefix)
+        .await
+        .unwrap();
+    let killed = json!({
+        "id": "feedfacefeedfacefeedface",
+        "kind": "purge",
+        "scope": {"type": "group", "dimension": "code", "key": "2300015"},
+        "count": 20,
+        "rate": 0,
+        "snapshot_at": null,
+        "requested_at": chrono::Utc::now(),
+        "finished_at": null,
+        "state": "queued",
+        "repeats": 0,
+        "who": "console:loopback-00000000",
+        "stopped_by": null,
+    });
+    campaigns
+        .save_console_action("feedfacefeedfacefeedface", 0, &killed.to_string(), 100)
+        .await
+        .unwrap();
+
+    let c = Console::start(&h, with_redis).await;
+    let mut cl = Client::new(&c);
+    let killed = cl.get("/actions/feedfacefeedfacefeedface").await;
+    assert_eq!(killed.status, 200, "{}", killed.body);
+    assert!(
+        killed
+            .body
+            .contains("Interrupted by a console restart: it was running when the console stopped"),
+        "{}",
+        killed.body
+    );
+    assert!(
+        !killed.body.contains("id=\"stop\""),
+        "a finished action has no Stop"
+    );
+    let list = cl.get("/actions").await.body;
+    assert!(
+        list.contains("Purge of group code = 2300005 (20 letters)"),
+        "{list}"
+    );
+    assert!(list.contains("Finished: 20 of 20 purged."), "{list}");
+    assert!(
+        list.contains("Replay of group code = 2300030 (20 letters)"),
+        "{list}"
+    );
+    assert!(list.contains("kept in Redis"), "{list}");
+    let page = cl.get(&replay).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    let state = page
+        .body
+        .split("id=\"state\">")
+        .nth(1)
+        .and_then(|r| r.split('<').next())
+        .unwrap()
+        .to_string();
+    assert!(
+        state.starts_with("Interrupted (the console was stopping): "),
+        "{state}"
+    );
+    let moved = count_of(&field_td(&page.body, "moved"));
+    let kept = count_of(&field_td(&page.body, "kept"));
+    assert_eq!(moved + kept, 20, "{state}");
+    c.stop().await;
+
+    // the trail: start and end of both, with who and how many
+    let entries = trail(&prefix).await;
+    let purge_id = purge.rsplit('/').next().unwrap();
+    let replay_id = replay.rsplit('/').next().unwrap();
+    for (id, action, ended) in [
+        (purge_id, "purge", "20 moved, 0 still in the DLQ, 0 already gone (finished)"),
+        (
+            replay_id,
+            "replay",
+            &*format!("{moved} moved, {kept} still in the DLQ, 0 already gone (interrupted: the console was stopping)"),
+        ),
+    ] {
+        let start = entries
+            .iter()
+            .find(|e| e.what.starts_with(&format!("start {id}:")))
+            .unwrap_or_else(|| panic!("no start of {id}: {entries:?}"));
+        let end = entries
+            .iter()
+            .find(|e| e.what.starts_with(&format!("end {id}:")))
+            .unwrap_or_else(|| panic!("no end of {id}: {entries:?}"));
+        assert_eq!((start.action.as_str(), end.action.as_str()), (action, action));
+        assert!(start.who.starts_with("console:loopback-"), "{start:?}");
+        assert_eq!(end.who, start.who);
+        assert!(end.what.ends_with(ended), "{end:?}");
+        assert!(end.at >= start.at);
+    }
+    let moved_total = h.depth(&h.topology.send_queue()).await as usize;
+    assert_eq!(
+        moved_total, moved,
+        "the replayed letters are in the send queue"
+    );
+    assert_eq!(h.drain_dlq().await.len(), 100 - 20 - moved);
+    common::delete_redis_keys(&common::redis_url(), &prefix).await;
+    h.finish().await;
+}
+
+/// The value of `<td … data-name="<name>">` on a page.
+fn field_td(page: &str, name: &str) -> String {
+    page.split(&format!("data-name=\"{name}\">"))
+        .nth(1)
+        .and_then(|r| r.split('<').next())
+        .unwrap_or_else(|| panic!("no {name} on {page}"))
+        .to_string()
+}
+
 /// `mmsend dlq stats --json <flags>`'s total.
 fn cli_total(h: &Harness, flags: &[&str]) -> usize {
     let out = Command::new(env!("CARGO_BIN_EXE_mmsend"))
@@ -2070,9 +2628,6 @@ async fn combined_filters_count_what_the_cli_counts_and_pages_stay_current() {
 }
 
 // ------------------------------------ round 2: any screen, unreadable letters, masking, a11y
-
-/// The two window sizes every page must fit: a phone and a desktop.
-const SIZES: [(u32, u32); 2] = [(390, 844), (1440, 900)];
 
 /// A valid job id of 307 characters (ids are free text).
 fn long_job_id() -> String {

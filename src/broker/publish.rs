@@ -143,24 +143,41 @@ impl Pending {
     /// Waits for the broker's verdict: `Ok` once the message is confirmed in
     /// a queue.
     pub async fn wait(self) -> Result<(), PublishError> {
-        let routing_key = self.routing_key;
-        let confirmation = self.confirm.await.map_err(|source| PublishError::Amqp {
-            routing_key: routing_key.clone(),
-            source,
-        })?;
-        match confirmation {
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
-                Err(PublishError::Returned {
-                    routing_key,
-                    reply: format!("{} {}", returned.reply_code, returned.reply_text),
-                })
-            }
-            Confirmation::Nack(None) => Err(PublishError::Nacked { routing_key }),
-            // The channel is always in confirm mode; treat the impossible as
-            // unconfirmed so the caller requeues rather than acks.
-            Confirmation::NotRequested => Err(PublishError::Nacked { routing_key }),
+        let confirmation = self.confirm.await;
+        verdict(self.routing_key, confirmation)
+    }
+
+    /// The broker's verdict if it has already come, without waiting; `None`
+    /// while the confirm is outstanding (then [`wait`](Self::wait) or ask
+    /// again later).
+    pub fn try_wait(&mut self) -> Option<Result<(), PublishError>> {
+        use futures_util::FutureExt as _;
+        let confirmation = (&mut self.confirm).now_or_never()?;
+        Some(verdict(self.routing_key.clone(), confirmation))
+    }
+}
+
+/// What a confirm (or its failure) means for the message.
+fn verdict(
+    routing_key: String,
+    confirmation: Result<Confirmation, lapin::Error>,
+) -> Result<(), PublishError> {
+    let confirmation = confirmation.map_err(|source| PublishError::Amqp {
+        routing_key: routing_key.clone(),
+        source,
+    })?;
+    match confirmation {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
+            Err(PublishError::Returned {
+                routing_key,
+                reply: format!("{} {}", returned.reply_code, returned.reply_text),
+            })
         }
+        Confirmation::Nack(None) => Err(PublishError::Nacked { routing_key }),
+        // The channel is always in confirm mode; treat the impossible as
+        // unconfirmed so the caller requeues rather than acks.
+        Confirmation::NotRequested => Err(PublishError::Nacked { routing_key }),
     }
 }
 

@@ -19,12 +19,43 @@
 //!   they queue behind each other and behind a refresh. When another reader
 //!   holds the DLQ the action waits and tries again for a while, saying so.
 //!   Afterwards the snapshot is refreshed.
+//! - Progress counts a replayed letter when its copy is confirmed (the scan
+//!   settles confirms as they come), and shows the scan's own numbers
+//!   (letters read of the depth at its start, selected).
+//! - Each action has its own cancellation token, a child of the console's.
+//!   **Stop** cancels it: the scan stops reading, settles the copies in
+//!   flight and returns every letter it holds, so the exact-set rule holds:
+//!   moved + still in the DLQ (+ already gone) = the confirmed count. After
+//!   a stop, letters of the set the scan had not read yet are still in the
+//!   DLQ, not missing ([`Action::outcome`]).
+//! - A purge of [`PURGE_TYPE_COUNT_AT`] letters or more asks the person to
+//!   type the count; the server refuses the form without it.
+//!
+//! **The audit trail.** Every action records its start, a stop (who asked
+//! for it) and its end (moved, still in the DLQ, already gone), with who
+//! started it. With Redis the entries go to the campaign audit trail
+//! ([`Campaigns::audit`]: the stream `{<prefix>}:audit`, and the log).
+//! Decision: a console without Redis keeps the same trail in its log only —
+//! one info line `audit` per entry with the same fields (`who`, `action`,
+//! `campaign`, `what`, `count`) as the Redis trail writes — and its Actions
+//! page says so. No file of its own: the log is already where a console's
+//! operator looks, and a second store would be one more thing to keep.
+//!
+//! **Across a restart.** With Redis every action's record (id, kind, scope,
+//! counts, state, who, times) is kept in `{<prefix>}:console:actions` (the
+//! newest [`MAX_SAVED`]; see [`Campaigns::save_console_action`]) and read
+//! back when the console starts, so the Actions page lists the earlier
+//! actions. One that was still running when the console stopped is shown as
+//! interrupted by a restart (the console's stop settled it: copies in flight
+//! confirmed, the rest returned). Without Redis actions are remembered only
+//! while the console runs, and the Actions page says so.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
@@ -32,8 +63,9 @@ use super::access::Access;
 use super::snapshot::Snapshots;
 use crate::dlq::{
     self, DeadLetter, Dimension, DlqError, Flow, LetterKey, LetterSet, Observer, Progress,
-    ScanOptions, ScanReport,
+    ScanOptions, ScanReport, Stop,
 };
+use crate::fleet::campaign::Campaigns;
 
 /// Confirmation pages remembered at once; the oldest is forgotten first.
 const MAX_PLANS: usize = 16;
@@ -44,9 +76,17 @@ const MAX_FINISHED: usize = 100;
 /// How long an action waits for a DLQ that another reader holds.
 const BUSY_PATIENCE: Duration = Duration::from_secs(120);
 const BUSY_RETRY: Duration = Duration::from_secs(2);
+/// A purge of at least this many letters asks the person to type the count
+/// on the confirmation page, and the server refuses it otherwise.
+pub(crate) const PURGE_TYPE_COUNT_AT: usize = 100;
+/// Actions kept in Redis across restarts (the newest).
+pub(crate) const MAX_SAVED: usize = MAX_FINISHED;
+/// How long a stopping console waits for its actions to record their end.
+const RECORD_PATIENCE: Duration = Duration::from_secs(10);
 
 /// What an action does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub(crate) enum Kind {
     Replay,
     Purge,
@@ -146,7 +186,8 @@ pub(crate) fn plan_id(kind: Kind, keys: &[LetterKey]) -> String {
 }
 
 /// Where an action is.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub(crate) enum State {
     /// Waiting for the DLQ lane (a snapshot or another action runs).
     Queued,
@@ -162,12 +203,30 @@ pub(crate) enum State {
         /// still in the DLQ).
         moved: usize,
     },
+    /// Read back after a restart: it had not finished when the console
+    /// stopped (the stop settled it; what it did not move is in the DLQ).
+    Interrupted,
 }
 
 impl State {
     pub(crate) fn finished(&self) -> bool {
-        matches!(self, State::Done(_) | State::Failed { .. })
+        matches!(
+            self,
+            State::Done(_) | State::Failed { .. } | State::Interrupted
+        )
     }
+}
+
+/// Where the letters of a finished action are: `moved + kept + missing`
+/// is the confirmed count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Outcome {
+    /// Replayed (copy confirmed) or purged.
+    pub(crate) moved: usize,
+    /// Still in the DLQ, untouched (or returned after a failed copy).
+    pub(crate) kept: usize,
+    /// Not found: gone before the action read the DLQ.
+    pub(crate) missing: usize,
 }
 
 /// An action as pages show it.
@@ -186,6 +245,42 @@ pub(crate) struct Action {
     pub(crate) state: State,
     /// Times it was asked for again after it started (second clicks).
     pub(crate) repeats: u32,
+    /// Who started it (`console:<identity>`).
+    pub(crate) who: String,
+    /// Who asked it to stop, once someone did.
+    pub(crate) stopped_by: Option<String>,
+}
+
+impl Action {
+    /// Where the confirmed letters are, once it finished (`None` before, and
+    /// for an action interrupted by a restart, whose counts were not kept).
+    pub(crate) fn outcome(&self) -> Option<Outcome> {
+        let (moved, missing) = match &self.state {
+            State::Done(r) => {
+                // A run that read the whole queue (or found every letter)
+                // knows which ones are gone; after a stop, letters of the set
+                // not read yet are still in the DLQ, not missing.
+                let missing = match r.stop {
+                    Stop::Depth | Stop::Selected | Stop::QueueEmpty => r.missing,
+                    Stop::Interrupted | Stop::HoldLimit | Stop::Observer => 0,
+                };
+                (r.replayed + r.purged, missing)
+            }
+            State::Failed { moved, .. } => (*moved, 0),
+            _ => return None,
+        };
+        let missing = missing.min(self.count.saturating_sub(moved));
+        Some(Outcome {
+            moved,
+            kept: self.count - moved.min(self.count) - missing,
+            missing,
+        })
+    }
+
+    /// Whether someone stopped it (or the console's stop interrupted it).
+    pub(crate) fn stopped(&self) -> bool {
+        matches!(&self.state, State::Done(r) if r.stop == Stop::Interrupted)
+    }
 }
 
 struct Entry {
@@ -193,6 +288,17 @@ struct Entry {
     /// The confirmed set, kept until the action has run (to start it again
     /// when it failed before moving anything).
     set: Arc<Mutex<Option<LetterSet>>>,
+    /// Cancelled by Stop (a child of the console's token).
+    cancel: CancellationToken,
+}
+
+/// Why an action was not stopped.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub(crate) enum StopError {
+    #[error("there is no such action (ids are remembered while the console runs, or in Redis)")]
+    Unknown,
+    #[error("it has already finished; nothing was stopped")]
+    Finished,
 }
 
 /// Why an action was not started.
@@ -209,6 +315,10 @@ pub(crate) struct Actions {
     entries: Mutex<Vec<Entry>>,
     max_letters: usize,
     cancel: CancellationToken,
+    /// Redis: where records and the audit trail go (`None`: the log only).
+    store: Option<Campaigns>,
+    /// The running actions' tasks (a stopping console waits for them).
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -223,6 +333,104 @@ impl Actions {
             entries: Mutex::new(Vec::new()),
             max_letters,
             cancel,
+            store: None,
+            tasks: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Keeps records and the audit trail in Redis.
+    pub(crate) fn with_store(mut self, store: Option<Campaigns>) -> Actions {
+        self.store = store;
+        self
+    }
+
+    /// Whether actions are kept in Redis (they survive a restart, and the
+    /// audit trail is the campaign trail).
+    pub(crate) fn stored(&self) -> bool {
+        self.store.is_some()
+    }
+
+    /// Reads back the actions of earlier runs of this console (with Redis).
+    /// One that had not finished is shown as interrupted by the restart.
+    pub(crate) async fn restore(&self) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let records = match store.console_actions(MAX_SAVED).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "console: the earlier actions were not read back from Redis; the Actions page lists only this run's");
+                return;
+            }
+        };
+        let mut entries = lock(&self.entries);
+        for json in records {
+            let record: Record = match serde_json::from_str(&json) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "console: an earlier action's record was not understood; it is not listed");
+                    continue;
+                }
+            };
+            let Some(mut action) = record.into_action() else {
+                continue;
+            };
+            if entries.iter().any(|e| lock(&e.action).id == action.id) {
+                continue;
+            }
+            if !action.state.finished() {
+                action.state = State::Interrupted;
+            }
+            entries.push(Entry {
+                action: Arc::new(Mutex::new(action)),
+                set: Arc::new(Mutex::new(None)),
+                cancel: self.cancel.child_token(),
+            });
+        }
+    }
+
+    /// The plan shown for `plan_id`, while it is valid: its kind and count.
+    pub(crate) fn planned(&self, plan_id: &str) -> Option<(Kind, usize)> {
+        lock(&self.plans)
+            .iter()
+            .find(|p| p.id == plan_id && p.created.elapsed() < PLAN_TTL)
+            .map(|p| (p.kind, p.keys.len()))
+    }
+
+    /// Asks a running action to stop: it stops reading, settles the copies
+    /// in flight and returns the rest. Recorded in the audit trail with
+    /// `who`.
+    pub(crate) async fn stop(&self, id: &str, who: &str) -> Result<(), StopError> {
+        let (action, cancel) = {
+            let entries = lock(&self.entries);
+            let e = entries
+                .iter()
+                .find(|e| lock(&e.action).id == id)
+                .ok_or(StopError::Unknown)?;
+            let mut a = lock(&e.action);
+            if a.state.finished() {
+                return Err(StopError::Finished);
+            }
+            if a.stopped_by.is_some() {
+                // asked already: a second click changes nothing
+                return Ok(());
+            }
+            a.stopped_by = Some(who.to_string());
+            (a.clone(), e.cancel.clone())
+        };
+        cancel.cancel();
+        let what = format!("stop {}: {}, asked by {who}", action.id, action.scope);
+        audit(&self.store, who, &action, what, None).await;
+        Ok(())
+    }
+
+    /// Waits (a while) for the actions' tasks to record how they ended: a
+    /// stopping console calls it after cancelling them.
+    pub(crate) async fn settle(&self) {
+        let tasks = std::mem::take(&mut *lock(&self.tasks));
+        let all = futures_util::future::join_all(tasks);
+        if tokio::time::timeout(RECORD_PATIENCE, all).await.is_err() {
+            tracing::warn!("console: an action did not record its end before the console stopped; after a restart it shows as interrupted");
         }
     }
 
@@ -267,23 +475,36 @@ impl Actions {
         &self,
         plan_id: &str,
         rate: u32,
+        who: &str,
         access: &Arc<Access>,
         snapshots: &Arc<Snapshots>,
-        audit: Option<Audit>,
     ) -> Result<String, StartError> {
         let mut entries = lock(&self.entries);
-        if let Some(e) = entries.iter().find(|e| lock(&e.action).id == plan_id) {
+        if let Some(e) = entries.iter_mut().find(|e| lock(&e.action).id == plan_id) {
             let mut a = lock(&e.action);
-            let again = matches!(a.state, State::Failed { moved: 0, .. });
-            let set = lock(&e.set).clone();
+            let again = matches!(a.state, State::Failed { moved: 0, .. } | State::Interrupted);
+            // (an action read back after a restart has no set: the plan
+            // shown again has it)
+            let set = lock(&e.set).clone().or_else(|| {
+                let mut plans = lock(&self.plans);
+                let at = plans
+                    .iter()
+                    .position(|p| p.id == plan_id && p.created.elapsed() < PLAN_TTL)?;
+                let plan = plans.remove(at)?;
+                Some(plan.keys.iter().cloned().collect())
+            });
             match (again, set) {
                 (true, Some(set)) => {
                     a.state = State::Queued;
                     a.rate = rate;
                     a.requested_at = Utc::now();
                     a.finished_at = None;
+                    a.who = who.to_string();
+                    a.stopped_by = None;
                     drop(a);
-                    self.spawn(e, set, access, snapshots, audit);
+                    *lock(&e.set) = Some(set.clone());
+                    e.cancel = self.cancel.child_token();
+                    self.spawn(e, set, access, snapshots);
                 }
                 _ => a.repeats += 1,
             }
@@ -310,10 +531,13 @@ impl Actions {
                 finished_at: None,
                 state: State::Queued,
                 repeats: 0,
+                who: who.to_string(),
+                stopped_by: None,
             })),
             set: Arc::new(Mutex::new(Some(set.clone()))),
+            cancel: self.cancel.child_token(),
         };
-        self.spawn(&entry, set, access, snapshots, audit);
+        self.spawn(&entry, set, access, snapshots);
         entries.insert(0, entry);
         // forget the oldest finished ones
         let mut finished = 0;
@@ -334,69 +558,205 @@ impl Actions {
         set: LetterSet,
         access: &Arc<Access>,
         snapshots: &Arc<Snapshots>,
-        audit: Option<Audit>,
     ) {
         let action = entry.action.clone();
         let kept = entry.set.clone();
         let access = access.clone();
         let snapshots = snapshots.clone();
+        let store = self.store.clone();
         let options = ScanOptions {
             max_held: Some(self.max_letters),
-            ..ScanOptions::new(dlq::Action::Peek).with_cancel(self.cancel.clone())
+            ..ScanOptions::new(dlq::Action::Peek).with_cancel(entry.cancel.clone())
         };
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
+            let started = lock(&action).clone();
+            let rate = match (started.kind, started.rate) {
+                (Kind::Replay, 0) => ", no rate limit".to_string(),
+                (Kind::Replay, r) => format!(", at most {r} a second"),
+                (Kind::Purge, _) => String::new(),
+            };
+            let what = format!(
+                "start {}: {}, {} letters confirmed{rate}",
+                started.id, started.scope, started.count
+            );
+            audit(&store, &started.who, &started, what, None).await;
+            save(&store, &started).await;
             let state = run(&action, set, options, &access).await;
             let moved_any = !matches!(state, State::Failed { moved: 0, .. });
-            if let Some(audit) = audit {
-                let (kind, scope) = {
-                    let a = lock(&action);
-                    (a.kind, a.scope.clone())
-                };
-                let moved = match &state {
-                    State::Done(r) => r.replayed + r.purged,
-                    State::Failed { moved, .. } => *moved,
-                    _ => 0,
-                };
-                let campaign = match &scope {
-                    Scope::Group {
-                        dimension: Dimension::Campaign,
-                        key,
-                    } => Some(key.as_str()),
-                    _ => None,
-                };
-                let recorded = audit
-                    .campaigns
-                    .audit(
-                        &audit.who,
-                        kind.as_str(),
-                        campaign,
-                        &scope.to_string(),
-                        Some(moved as u64),
-                    )
-                    .await;
-                if let Err(e) = recorded {
-                    tracing::warn!(error = %e, "console: an action was not recorded in the audit trail");
-                }
-            }
-            {
+            let ended = {
                 let mut a = lock(&action);
                 a.state = state;
                 a.finished_at = Some(Utc::now());
-            }
+                a.clone()
+            };
             if moved_any {
                 *lock(&kept) = None;
             }
+            let outcome = ended.outcome().unwrap_or(Outcome {
+                moved: 0,
+                kept: ended.count,
+                missing: 0,
+            });
+            let how = match (&ended.state, &ended.stopped_by) {
+                (State::Failed { message, .. }, _) => format!("failed: {message}"),
+                (_, Some(by)) => format!("stopped by {by}"),
+                _ if ended.stopped() => "interrupted: the console was stopping".into(),
+                _ => "finished".into(),
+            };
+            let what = format!(
+                "end {}: {}: {} moved, {} still in the DLQ, {} already gone ({how})",
+                ended.id, ended.scope, outcome.moved, outcome.kept, outcome.missing
+            );
+            audit(&store, &ended.who, &ended, what, Some(outcome.moved as u64)).await;
+            save(&store, &ended).await;
             snapshots.mark_stale();
             snapshots.refresh(&access, true);
         });
+        let mut tasks = lock(&self.tasks);
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task);
     }
 }
 
-/// Where a finished action is recorded (with Redis): the audit trail, and
-/// who started it.
-pub(crate) struct Audit {
-    pub(crate) campaigns: crate::fleet::campaign::Campaigns,
-    pub(crate) who: String,
+/// Records an entry of the audit trail: in Redis (and the log) with a
+/// store, else in the log alone, as the same `audit` line.
+async fn audit(store: &Option<Campaigns>, who: &str, a: &Action, what: String, count: Option<u64>) {
+    let campaign = match &a.scope {
+        Scope::Group {
+            dimension: Dimension::Campaign,
+            key,
+        } => Some(key.as_str()),
+        _ => None,
+    };
+    match store {
+        Some(c) => {
+            if let Err(e) = c.audit(who, a.kind.as_str(), campaign, &what, count).await {
+                tracing::warn!(error = %e, what, "console: an action was not recorded in the Redis audit trail (it is in the log above)");
+            }
+        }
+        None => tracing::info!(
+            who,
+            action = a.kind.as_str(),
+            campaign = campaign.unwrap_or(""),
+            what,
+            count = count.map_or(-1, |c| c as i64),
+            "audit"
+        ),
+    }
+}
+
+/// Keeps an action's record in Redis (with a store).
+async fn save(store: &Option<Campaigns>, a: &Action) {
+    let Some(store) = store else {
+        return;
+    };
+    let record = match serde_json::to_string(&Record::of(a)) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "console: an action's record was not written");
+            return;
+        }
+    };
+    let at = a.requested_at.timestamp_millis();
+    if let Err(e) = store
+        .save_console_action(&a.id, at, &record, MAX_SAVED)
+        .await
+    {
+        tracing::warn!(error = %e, id = %a.id, "console: an action was not saved in Redis; after a restart it is not listed");
+    }
+}
+
+/// A scope as a record keeps it.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum SavedScope {
+    Group { dimension: String, key: String },
+    Letter { job_id: String, fingerprint: String },
+    Filter { query: String, text: String },
+}
+
+/// An action as Redis keeps it (JSON).
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
+    id: String,
+    kind: Kind,
+    scope: SavedScope,
+    count: usize,
+    rate: u32,
+    snapshot_at: Option<DateTime<Utc>>,
+    requested_at: DateTime<Utc>,
+    finished_at: Option<DateTime<Utc>>,
+    state: State,
+    repeats: u32,
+    who: String,
+    stopped_by: Option<String>,
+}
+
+impl Record {
+    fn of(a: &Action) -> Record {
+        Record {
+            id: a.id.clone(),
+            kind: a.kind,
+            scope: match &a.scope {
+                Scope::Group { dimension, key } => SavedScope::Group {
+                    dimension: dimension.as_str().into(),
+                    key: key.clone(),
+                },
+                Scope::Letter {
+                    job_id,
+                    fingerprint,
+                } => SavedScope::Letter {
+                    job_id: job_id.clone(),
+                    fingerprint: fingerprint.clone(),
+                },
+                Scope::Filter { query, text } => SavedScope::Filter {
+                    query: query.clone(),
+                    text: text.clone(),
+                },
+            },
+            count: a.count,
+            rate: a.rate,
+            snapshot_at: a.snapshot_at,
+            requested_at: a.requested_at,
+            finished_at: a.finished_at,
+            state: a.state.clone(),
+            repeats: a.repeats,
+            who: a.who.clone(),
+            stopped_by: a.stopped_by.clone(),
+        }
+    }
+
+    /// `None` for a record of a dimension this console does not know.
+    fn into_action(self) -> Option<Action> {
+        let scope = match self.scope {
+            SavedScope::Group { dimension, key } => Scope::Group {
+                dimension: dimension.parse().ok()?,
+                key,
+            },
+            SavedScope::Letter {
+                job_id,
+                fingerprint,
+            } => Scope::Letter {
+                job_id,
+                fingerprint,
+            },
+            SavedScope::Filter { query, text } => Scope::Filter { query, text },
+        };
+        Some(Action {
+            id: self.id,
+            kind: self.kind,
+            scope,
+            count: self.count,
+            rate: self.rate,
+            snapshot_at: self.snapshot_at,
+            requested_at: self.requested_at,
+            finished_at: self.finished_at,
+            state: self.state,
+            repeats: self.repeats,
+            who: self.who,
+            stopped_by: self.stopped_by,
+        })
+    }
 }
 
 /// Runs one action to its end and says how it ended.
@@ -418,8 +778,17 @@ async fn run(
     options.action = scan_action;
     options.consumer_window = defaults.consumer_window;
     let patience = Instant::now() + BUSY_PATIENCE;
+    let cancel = options.cancel.clone().unwrap_or_default();
     loop {
-        let lane = access.lane().await;
+        let lane = tokio::select! {
+            lane = access.lane() => lane,
+            _ = cancel.cancelled() => {
+                return State::Failed {
+                    message: "stopped before it could read the DLQ (Stop was pressed, or the console was stopping); nothing was moved".into(),
+                    moved: 0,
+                };
+            }
+        };
         let conn = match access.connection().await {
             Ok(c) => c,
             Err(e) => {
@@ -443,8 +812,8 @@ async fn run(
                 };
                 tokio::select! {
                     _ = tokio::time::sleep(BUSY_RETRY) => {}
-                    _ = options.cancel.as_ref().map_or_else(CancellationToken::new, Clone::clone).cancelled_owned() => {
-                        return State::Failed { message: "the console stopped before the DLQ was free; nothing was moved".into(), moved: 0 };
+                    _ = cancel.cancelled() => {
+                        return State::Failed { message: "stopped while waiting for the DLQ (Stop was pressed, or the console was stopping); nothing was moved".into(), moved: 0 };
                     }
                 }
             }
@@ -518,6 +887,109 @@ mod tests {
         );
     }
 
+    fn action(count: usize, state: State) -> Action {
+        Action {
+            id: "0123abcd".into(),
+            kind: Kind::Replay,
+            scope: Scope::Group {
+                dimension: Dimension::Code,
+                key: "2300005".into(),
+            },
+            count,
+            rate: 5,
+            snapshot_at: Some(Utc::now()),
+            requested_at: Utc::now(),
+            finished_at: None,
+            state,
+            repeats: 0,
+            who: "console:loopback-0000".into(),
+            stopped_by: None,
+        }
+    }
+
+    fn report(stop: Stop, replayed: usize, failed: usize, missing: usize) -> ScanReport {
+        ScanReport {
+            queue: "q.dead".into(),
+            depth_at_start: 100,
+            read: 40,
+            selected: replayed + failed,
+            replayed,
+            purged: 0,
+            failed,
+            missing,
+            stop,
+            seconds: 1.0,
+        }
+    }
+
+    #[test]
+    fn moved_kept_and_missing_add_up_to_the_confirmed_count() {
+        // stopped: the set's letters not read yet are still in the DLQ
+        let a = action(10, State::Done(report(Stop::Interrupted, 3, 0, 7)));
+        assert_eq!(
+            a.outcome(),
+            Some(Outcome {
+                moved: 3,
+                kept: 7,
+                missing: 0
+            })
+        );
+        assert!(a.stopped());
+        // the whole queue read: the ones not found are gone
+        let a = action(10, State::Done(report(Stop::Depth, 6, 1, 3)));
+        assert_eq!(
+            a.outcome(),
+            Some(Outcome {
+                moved: 6,
+                kept: 1,
+                missing: 3
+            })
+        );
+        assert!(!a.stopped());
+        let a = action(
+            10,
+            State::Failed {
+                message: "x".into(),
+                moved: 4,
+            },
+        );
+        assert_eq!(
+            a.outcome(),
+            Some(Outcome {
+                moved: 4,
+                kept: 6,
+                missing: 0
+            })
+        );
+        assert_eq!(action(10, State::Queued).outcome(), None);
+        assert_eq!(action(10, State::Interrupted).outcome(), None);
+    }
+
+    #[test]
+    fn a_record_reads_back_as_the_action_it_was() {
+        let mut a = action(10, State::Done(report(Stop::Interrupted, 3, 0, 7)));
+        a.stopped_by = Some("console:session-1234".into());
+        a.finished_at = Some(Utc::now());
+        let json = serde_json::to_string(&Record::of(&a)).unwrap();
+        let back: Record = serde_json::from_str(&json).unwrap();
+        let b = back.into_action().unwrap();
+        assert_eq!(serde_json::to_string(&Record::of(&b)).unwrap(), json);
+        assert_eq!(b.scope, a.scope);
+        assert_eq!(b.state, a.state);
+        // a letter's scope too, and a running one
+        a.scope = Scope::Letter {
+            job_id: "job-1".into(),
+            fingerprint: "00ff".into(),
+        };
+        a.state = State::Waiting { why: "busy".into() };
+        let json = serde_json::to_string(&Record::of(&a)).unwrap();
+        let b = serde_json::from_str::<Record>(&json)
+            .unwrap()
+            .into_action()
+            .unwrap();
+        assert_eq!((b.scope, b.state), (a.scope, a.state));
+    }
+
     #[test]
     fn plans_are_bounded_and_an_unknown_plan_starts_nothing() {
         let actions = Actions::new(10, CancellationToken::new());
@@ -543,7 +1015,7 @@ mod tests {
             CancellationToken::new(),
         ));
         assert_eq!(
-            actions.start("nope", 0, &access, &snapshots, None),
+            actions.start("nope", 0, "console:test", &access, &snapshots),
             Err(StartError::Expired)
         );
         assert!(actions.list().is_empty());

@@ -234,26 +234,31 @@ pub async fn serve(
         source,
     })?;
     let stopping = CancellationToken::new();
+    let campaigns = match &config.redis {
+        Some(redis) => Some(crate::fleet::campaign::Campaigns::lazy(
+            redis,
+            &config.topology.prefix,
+        )?),
+        None => None,
+    };
+    let actions =
+        actions::Actions::new(config.max_letters, stopping.clone()).with_store(campaigns.clone());
+    // the Actions page lists the earlier runs' actions (with Redis)
+    actions.restore().await;
     let shared = Arc::new(Shared {
         snapshots: Arc::new(snapshot::Snapshots::new(
             config.refresh,
             config.max_letters,
             stopping.clone(),
         )),
-        actions: Arc::new(actions::Actions::new(config.max_letters, stopping.clone())),
+        actions: Arc::new(actions),
         auth: auth::Auth::new(config.token.clone()),
         limits: limit::Limits::new(config.trusted_proxies.clone()),
         read_only: config.read_only,
         replay_rate: config.replay_rate,
         port: bound.port(),
         access: access.clone(),
-        campaigns: match &config.redis {
-            Some(redis) => Some(crate::fleet::campaign::Campaigns::lazy(
-                redis,
-                &config.topology.prefix,
-            )?),
-            None => None,
-        },
+        campaigns,
         depths: letters::Depths::new(),
         grafana: config
             .grafana_url
@@ -275,6 +280,8 @@ pub async fn serve(
     // settled, held letters returned in order; wait until it let go
     stopping.cancel();
     let _lane = tokio::time::timeout(Duration::from_secs(60), access.lane()).await;
+    // and let the actions record how they ended (audit trail, Redis)
+    shared.actions.settle().await;
     access.close().await;
     served.map_err(ConsoleError::Serve)
 }

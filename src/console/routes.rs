@@ -16,6 +16,8 @@
 //! | GET | `/confirm?kind=&dim=&key=`, `&job=&fp=` or `&<filter>` | the exact set, asking for confirmation |
 //! | POST | `/actions` | start (or find) the action of a confirmed set |
 //! | GET | `/actions`, `/actions/{id}` | actions, one action's progress and result |
+//! | GET | `/actions/{id}.json` | one action's figures, for the page's live update |
+//! | POST | `/actions/{id}/stop` | stop a running action (its letters settled or left in the DLQ) |
 //! | POST | `/refresh` | a new snapshot now |
 //! | GET, POST | `/login`; POST `/logout` | the token's login form |
 //! | GET, POST | `/campaigns`, `/campaign…` | campaigns (module `campaigns`) |
@@ -60,6 +62,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/confirm", get(confirm))
         .route("/actions", get(actions).post(start))
         .route("/actions/{id}", get(action))
+        .route("/actions/{id}/stop", post(stop))
         .route("/refresh", post(refresh))
         .route("/login", get(login_form).post(login))
         .route("/logout", post(logout))
@@ -588,6 +591,9 @@ struct StartForm {
     plan: String,
     #[serde(default)]
     rate: String,
+    /// A large purge: the count, typed by the person.
+    #[serde(default)]
+    typed: String,
 }
 
 pub(super) fn csrf_refused(st: &Shared, id: &Identity) -> Response {
@@ -622,13 +628,13 @@ async fn start(
             }
         },
     };
-    let audit = st.campaigns.clone().map(|campaigns| super::actions::Audit {
-        campaigns,
-        who: format!("console:{}", id.who()),
-    });
+    if let Some(refusal) = untyped_purge(&st, &id, &f) {
+        return refusal;
+    }
+    let who = format!("console:{}", id.who());
     match st
         .actions
-        .start(&f.plan, rate, &st.access, &st.snapshots, audit)
+        .start(&f.plan, rate, &who, &st.access, &st.snapshots)
     {
         Ok(action) => Redirect::to(&format!("/actions/{action}")).into_response(),
         Err(e) => refused(
@@ -643,11 +649,11 @@ async fn start(
 
 async fn actions(State(st): State<Arc<Shared>>, Extension(id): Extension<Identity>) -> Response {
     let list = st.actions.list();
-    let mut c = chrome(&st, &id, "Actions", "/actions");
-    if list.iter().any(|a| !a.state.finished()) {
-        c.auto_refresh = Some(2);
-    }
-    page(StatusCode::OK, &views::ActionsPage::new(c, &list))
+    let c = chrome(&st, &id, "Actions", "/actions");
+    page(
+        StatusCode::OK,
+        &views::ActionsPage::new(c, &list, st.actions.stored()),
+    )
 }
 
 async fn action(
@@ -655,26 +661,110 @@ async fn action(
     Extension(id): Extension<Identity>,
     Path(action_id): Path<String>,
 ) -> Response {
+    if let Some(json_id) = action_id.strip_suffix(".json") {
+        return action_json(&st, json_id);
+    }
     let Some(a) = st.actions.get(&action_id) else {
         return message(
             &st,
             &id,
             StatusCode::NOT_FOUND,
             "No such action",
-            format!("No action {action_id} since the console started."),
+            format!("No action {action_id} is known: the Actions page lists the ones this console remembers."),
             Some(("/actions".into(), "Actions".into())),
         );
     };
-    let mut c = chrome(
+    let c = chrome(
         &st,
         &id,
         views::action_title(&a),
         &format!("/actions/{action_id}"),
     );
-    if !a.state.finished() {
-        c.auto_refresh = Some(1);
-    }
     page(StatusCode::OK, &views::ActionPage::new(c, &a))
+}
+
+// ------------------------------------------------- live progress and Stop
+
+/// `GET /actions/{id}.json`: what `console.js` updates the action's page
+/// (and the Actions list) with, in place.
+fn action_json(st: &Shared, action_id: &str) -> Response {
+    let Some(a) = st.actions.get(action_id) else {
+        return (
+            StatusCode::NOT_FOUND,
+            axum::Json(serde_json::json!({
+                "error": format!("no action {action_id} is known; open the Actions page")
+            })),
+        )
+            .into_response();
+    };
+    let f = views::ActionFigures::new(&a, st.read_only);
+    axum::Json(f.json(&a)).into_response()
+}
+
+#[derive(Deserialize)]
+struct StopForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+/// `POST /actions/{id}/stop`: stops a running action safely (see
+/// [`super::actions::Actions::stop`]).
+async fn stop(
+    State(st): State<Arc<Shared>>,
+    Extension(id): Extension<Identity>,
+    Path(action_id): Path<String>,
+    Form(f): Form<StopForm>,
+) -> Response {
+    if !st.auth.csrf_ok(&id, &f.csrf) {
+        return csrf_refused(&st, &id);
+    }
+    if st.read_only {
+        return read_only(&st, &id);
+    }
+    let who = format!("console:{}", id.who());
+    match st.actions.stop(&action_id, &who).await {
+        Ok(()) => Redirect::to(&format!("/actions/{action_id}")).into_response(),
+        Err(e) => message(
+            &st,
+            &id,
+            StatusCode::CONFLICT,
+            "Not stopped",
+            format!("Action {action_id} was not stopped: {e}."),
+            Some(("/actions".into(), "Actions".into())),
+        ),
+    }
+}
+
+/// A purge of [`super::actions::PURGE_TYPE_COUNT_AT`] letters or more goes
+/// only with its count typed in: the refusal otherwise (`None`: it may go).
+fn untyped_purge(st: &Shared, id: &Identity, f: &StartForm) -> Option<Response> {
+    let (Kind::Purge, n) = st.actions.planned(&f.plan)? else {
+        return None;
+    };
+    if n < super::actions::PURGE_TYPE_COUNT_AT {
+        return None;
+    }
+    let typed: String = f
+        .typed
+        .chars()
+        .filter(|c| !matches!(c, ',' | '.' | '_' | ' ' | '\u{a0}' | '\u{202f}'))
+        .collect();
+    if typed.parse::<usize>().ok() == Some(n) {
+        return None;
+    }
+    let said = if f.typed.trim().is_empty() {
+        "no count was typed".to_string()
+    } else {
+        format!("{:?} was typed", f.typed.trim())
+    };
+    Some(message(
+        st,
+        id,
+        StatusCode::BAD_REQUEST,
+        "Type the count to purge",
+        format!("Nothing was purged: this purge deletes {} letters for good, and {said}. Go back to the confirmation page, type {n} in the box and confirm again.", views::count(n)),
+        Some(("/actions".into(), "Actions".into())),
+    ))
 }
 
 #[derive(Deserialize)]

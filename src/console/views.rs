@@ -16,7 +16,7 @@ use std::time::Duration;
 use askama::Template;
 use chrono::{DateTime, Utc};
 
-use super::actions::{Action, Kind, Scope, State};
+use super::actions::{Action, Kind, Outcome, Scope, State};
 use super::mask;
 use super::snapshot::{Letter, Notice, Snapshot, Status};
 use crate::dlq::{Dimension, Group, Stop};
@@ -783,6 +783,10 @@ pub(crate) struct Confirm {
     pub(crate) plan: String,
     pub(crate) rate: u32,
     pub(crate) replayed_before: usize,
+    /// What a replay of this set will run into, by class (sentences).
+    pub(crate) warnings: Vec<String>,
+    /// A large purge: the count the person must type (`None`: no box).
+    pub(crate) type_count: Option<String>,
     pub(crate) rows: Vec<LetterRow>,
     pub(crate) more: Option<(String, String)>,
     pub(crate) cancel_href: String,
@@ -861,6 +865,12 @@ impl Confirm {
                 .iter()
                 .filter(|&&i| s.letters[i as usize].replays > 0)
                 .count(),
+            warnings: match kind {
+                Kind::Replay => replay_warnings(s, members),
+                Kind::Purge => Vec::new(),
+            },
+            type_count: (kind == Kind::Purge && n >= super::actions::PURGE_TYPE_COUNT_AT)
+                .then(|| n.to_string()),
             rows: members
                 .iter()
                 .take(PAGE_ROWS)
@@ -870,6 +880,63 @@ impl Confirm {
             cancel_href,
         }
     }
+}
+
+/// The confirmation page's warnings for a replay: how many letters of the
+/// set will most likely die again, by reason (and, for `terminal`, by
+/// class), in sentences.
+pub(crate) fn replay_warnings(s: &Snapshot, members: &[u32]) -> Vec<String> {
+    let mut terminal = std::collections::BTreeMap::<&str, usize>::new();
+    let (mut invalid, mut limit) = (0usize, 0usize);
+    for &i in members {
+        let l = &s.letters[i as usize];
+        match &*l.reason {
+            "terminal" => {
+                *terminal
+                    .entry(l.class.as_deref().unwrap_or("none"))
+                    .or_default() += 1
+            }
+            "invalid_job" => invalid += 1,
+            "delivery_limit" => limit += 1,
+            _ => {}
+        }
+    }
+    let n = members.len();
+    let of = |k: usize| {
+        if k == n {
+            format!("All {} letters", count(k))
+        } else if k == 1 {
+            format!("1 of these {} letters", count(n))
+        } else {
+            format!("{} of these {} letters", count(k), count(n))
+        }
+    };
+    let mut out = Vec::new();
+    let t: usize = terminal.values().sum();
+    if t > 0 {
+        let classes = terminal
+            .iter()
+            .map(|(c, k)| format!("{c} {}", count(*k)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        out.push(format!(
+            "{} died of a terminal error ({classes}): Meta refused them for a reason that does not pass with time, so they will fail again unless the cause was fixed (the page, the account or the message). Check a letter's error first.",
+            of(t)
+        ));
+    }
+    if invalid > 0 {
+        out.push(format!(
+            "{} are invalid jobs (reason invalid_job): the job itself is bad, so a replay fails again the same way. Fix the producer and send new jobs instead.",
+            of(invalid)
+        ));
+    }
+    if limit > 0 {
+        out.push(format!(
+            "{} were dead-lettered by RabbitMQ after too many redeliveries (reason delivery_limit): the job crashed or stalled workers, and a replay may do so again. Look at the workers' logs before replaying.",
+            of(limit)
+        ));
+    }
+    out
 }
 
 /// How an action is described in a line.
@@ -887,6 +954,21 @@ pub(crate) fn action_state(a: &Action) -> (String, &'static str) {
         Kind::Replay => "replayed",
         Kind::Purge => "purged",
     };
+    if let (Some(by), false) = (&a.stopped_by, a.state.finished()) {
+        let moved = match &a.state {
+            State::Running(p) => p.moved,
+            _ => 0,
+        };
+        return (
+            format!(
+                "Stopping (asked by {}): settling the copies in flight and returning the rest to the DLQ; {} of {} {verb} so far.",
+                masked(by),
+                count(moved),
+                count(a.count)
+            ),
+            "warn",
+        );
+    }
     match &a.state {
         State::Queued => (
             "Queued: waiting for the DLQ (a snapshot or another action is reading it).".into(),
@@ -895,57 +977,92 @@ pub(crate) fn action_state(a: &Action) -> (String, &'static str) {
         State::Waiting { why } => (format!("Waiting: {}.", masked(why)), "warn"),
         State::Running(p) => (
             format!(
-                "Running: {} of {} {verb}, {} letters of the DLQ read ({}).",
+                "Running: {} of {} {verb}; the scan has read {} of the {} letters in the DLQ and found {} of the set.",
                 count(p.moved),
                 count(a.count),
                 count(p.read),
-                age(p.elapsed)
+                count(p.depth_at_start as usize),
+                count(p.selected),
             ),
             "info",
         ),
         State::Done(r) => {
-            let moved = r.replayed + r.purged;
-            let mut text = format!("Finished: {} of {} {verb}", count(moved), count(a.count));
-            if r.missing > 0 {
-                text += &format!(", {} already gone", count(r.missing));
+            let o = a.outcome().unwrap_or(Outcome {
+                moved: r.replayed + r.purged,
+                kept: 0,
+                missing: r.missing,
+            });
+            let mut text = if a.stopped() {
+                match &a.stopped_by {
+                    Some(_) => format!(
+                        "Stopped: {} {verb}, {} still in the DLQ",
+                        count(o.moved),
+                        count(o.kept)
+                    ),
+                    None => format!(
+                        "Interrupted (the console was stopping): {} {verb}, {} still in the DLQ",
+                        count(o.moved),
+                        count(o.kept)
+                    ),
+                }
+            } else {
+                format!("Finished: {} of {} {verb}", count(o.moved), count(a.count))
+            };
+            if o.missing > 0 {
+                text += &format!(", {} already gone", count(o.missing));
             }
-            if r.failed > 0 {
+            if r.failed > 0 && a.stopped() {
+                text += &format!(" (of which {} copies were not confirmed)", count(r.failed));
+            } else if r.failed > 0 {
                 text += &format!(", {} failed (still in the DLQ)", count(r.failed));
             }
-            if r.stop == Stop::Interrupted {
-                text += " (interrupted: the console was stopping; the rest are still in the DLQ)";
-            }
             text.push('.');
-            let class = if r.failed > 0 || r.stop == Stop::Interrupted {
+            let class = if r.failed > 0 || a.stopped() {
                 "warn"
             } else {
                 "good"
             };
             (text, class)
         }
+        State::Failed { moved: 0, .. } if a.stopped_by.is_some() => (
+            format!(
+                "Stopped before it started: 0 {verb}, {} still in the DLQ.",
+                count(a.count)
+            ),
+            "warn",
+        ),
         State::Failed { moved, .. } => (format!("Failed after {} {verb}.", count(*moved)), "bad"),
+        State::Interrupted => (
+            "Interrupted by a console restart: it was running when the console stopped, which stopped it safely (copies in flight settled, the rest returned to the DLQ). Its last counts were not kept: see the audit trail, or open the group again.".into(),
+            "warn",
+        ),
     }
 }
 
-#[derive(Template)]
-#[template(path = "action.html", config = "src/console/askama.toml")]
-pub(crate) struct ActionPage {
-    pub(crate) chrome: Chrome,
-    pub(crate) title: String,
+/// What an action's page and its JSON show, and what `console.js` updates
+/// in place.
+pub(crate) struct ActionFigures {
     pub(crate) state: String,
     pub(crate) state_class: &'static str,
     pub(crate) finished: bool,
+    /// A Stop button is offered.
+    pub(crate) stoppable: bool,
     pub(crate) progress_max: usize,
     pub(crate) progress_value: usize,
+    /// The progress bar's label.
+    pub(crate) progress_text: String,
     pub(crate) message: Option<String>,
     /// (label, value, machine name)
     pub(crate) numbers: Vec<(&'static str, String, &'static str)>,
-    pub(crate) repeats: u32,
 }
 
-impl ActionPage {
-    pub(crate) fn new(chrome: Chrome, a: &Action) -> ActionPage {
+impl ActionFigures {
+    pub(crate) fn new(a: &Action, read_only: bool) -> ActionFigures {
         let (state, state_class) = action_state(a);
+        let verb = match a.kind {
+            Kind::Replay => "replayed",
+            Kind::Purge => "purged",
+        };
         let mut numbers = vec![
             ("confirmed letters", count(a.count), "confirmed"),
             (
@@ -959,6 +1076,9 @@ impl ActionPage {
                 "requested",
             ),
         ];
+        if !a.who.is_empty() {
+            numbers.push(("started by", masked(&a.who), "who"));
+        }
         if a.kind == Kind::Replay {
             let rate = if a.rate == 0 {
                 "no limit".to_string()
@@ -973,16 +1093,23 @@ impl ActionPage {
             State::Running(p) => {
                 progress_value = p.moved;
                 numbers.push(("moved", count(p.moved), "moved"));
+                numbers.push(("found of the set", count(p.selected), "selected"));
                 numbers.push((
                     "read of the DLQ",
                     format!("{} of {}", count(p.read), count(p.depth_at_start as usize)),
                     "read",
                 ));
                 numbers.push(("failed", count(p.failed), "failed"));
+                numbers.push(("running for", age(p.elapsed), "elapsed"));
             }
             State::Done(r) => {
+                let o = a.outcome();
+                progress_value = r.replayed + r.purged;
                 numbers.push(("moved", count(r.replayed + r.purged), "moved"));
-                numbers.push(("missing (already gone)", count(r.missing), "missing"));
+                if let Some(o) = o {
+                    numbers.push(("still in the DLQ", count(o.kept), "kept"));
+                    numbers.push(("missing (already gone)", count(o.missing), "missing"));
+                }
                 numbers.push(("failed (still in the DLQ)", count(r.failed), "failed"));
                 numbers.push((
                     "letters read",
@@ -992,35 +1119,90 @@ impl ActionPage {
                 numbers.push(("took", format!("{:.1} s", r.seconds), "took"));
             }
             State::Failed { message: m, moved } => {
+                progress_value = *moved;
                 numbers.push(("moved", count(*moved), "moved"));
+                if let Some(o) = a.outcome() {
+                    numbers.push(("still in the DLQ", count(o.kept), "kept"));
+                }
                 message = Some(masked(m));
             }
-            State::Queued | State::Waiting { .. } => {}
+            State::Queued | State::Waiting { .. } | State::Interrupted => {}
+        }
+        if let Some(by) = &a.stopped_by {
+            numbers.push(("stop asked by", masked(by), "stopped_by"));
         }
         if let Some(t) = a.finished_at {
             numbers.push(("finished", format!("{} UTC", time(Some(t))), "finished"));
         }
-        ActionPage {
-            chrome,
-            title: action_title(a),
+        let finished = a.state.finished();
+        ActionFigures {
             state,
             state_class,
-            finished: a.state.finished(),
+            finished,
+            stoppable: !finished && !read_only && a.stopped_by.is_none(),
             progress_max: a.count.max(1),
             progress_value,
+            progress_text: format!("{} of {} {verb}", count(progress_value), count(a.count)),
             message,
             numbers,
+        }
+    }
+
+    /// The figures as `GET /actions/{id}.json` serves them.
+    pub(crate) fn json(&self, a: &Action) -> serde_json::Value {
+        serde_json::json!({
+            "id": a.id,
+            "title": action_title(a),
+            "finished": self.finished,
+            "stoppable": self.stoppable,
+            "state": self.state,
+            "state_class": self.state_class,
+            "progress": {
+                "value": self.progress_value,
+                "max": self.progress_max,
+                "text": self.progress_text,
+            },
+            "message": self.message,
+            "numbers": self.numbers.iter().map(|(label, value, name)| serde_json::json!({
+                "name": name,
+                "label": label,
+                "value": value,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+#[derive(Template)]
+#[template(path = "action.html", config = "src/console/askama.toml")]
+pub(crate) struct ActionPage {
+    pub(crate) chrome: Chrome,
+    pub(crate) id: String,
+    pub(crate) title: String,
+    pub(crate) f: ActionFigures,
+    pub(crate) repeats: u32,
+}
+
+impl ActionPage {
+    pub(crate) fn new(chrome: Chrome, a: &Action) -> ActionPage {
+        let f = ActionFigures::new(a, chrome.read_only);
+        ActionPage {
+            chrome,
+            id: a.id.clone(),
+            title: action_title(a),
+            f,
             repeats: a.repeats,
         }
     }
 }
 
 pub(crate) struct ActionRow {
+    pub(crate) id: String,
     pub(crate) href: String,
     pub(crate) title: String,
     pub(crate) state: String,
     pub(crate) state_class: &'static str,
     pub(crate) requested: String,
+    pub(crate) finished: bool,
 }
 
 #[derive(Template)]
@@ -1028,10 +1210,21 @@ pub(crate) struct ActionRow {
 pub(crate) struct ActionsPage {
     pub(crate) chrome: Chrome,
     pub(crate) rows: Vec<ActionRow>,
+    /// Where the actions are kept and where the audit trail is, in words.
+    pub(crate) kept: String,
+    /// Some action is not finished.
+    pub(crate) running: bool,
 }
 
 impl ActionsPage {
-    pub(crate) fn new(chrome: Chrome, actions: &[Action]) -> ActionsPage {
+    /// `stored`: actions and the audit trail are in Redis.
+    pub(crate) fn new(chrome: Chrome, actions: &[Action], stored: bool) -> ActionsPage {
+        let audit_key = format!("{{{}}}:audit", chrome.prefix);
+        let kept = if stored {
+            format!("Actions are kept in Redis (the newest {}), so a restarted console lists them too. Every start, stop and end is in the audit trail in Redis (the stream {}; a campaign's entries show on its page and in mmsend campaign show) and in the console's log.", super::actions::MAX_SAVED, audit_key)
+        } else {
+            "Without Redis, actions are remembered only while this console runs: a restart forgets them. The audit trail is the console's log: one info line \"audit\" for every start, stop and end, with who, what and how many.".to_string()
+        };
         ActionsPage {
             chrome,
             rows: actions
@@ -1039,14 +1232,18 @@ impl ActionsPage {
                 .map(|a| {
                     let (state, state_class) = action_state(a);
                     ActionRow {
+                        id: a.id.clone(),
                         href: format!("/actions/{}", a.id),
                         title: action_title(a),
                         state,
                         state_class,
                         requested: time(Some(a.requested_at)),
+                        finished: a.state.finished(),
                     }
                 })
                 .collect(),
+            kept,
+            running: actions.iter().any(|a| !a.state.finished()),
         }
     }
 }

@@ -33,6 +33,10 @@
 //!   published without waiting (up to `confirm_window` unconfirmed); as
 //!   confirms arrive, in order, each confirmed letter is acked. An
 //!   unconfirmed copy leaves its letter held, to be returned at the end.
+//!   After every publish, and while the scan waits (rate limit, an idle
+//!   consumer), the copies at the front whose confirm has already come are
+//!   settled without waiting, so progress counts a move when it happens,
+//!   not when the window fills or the run ends.
 //! - **An interrupted run leaves every letter in the queue or moved exactly
 //!   once.** Cancelling ([`ScanOptions::cancel`], e.g. Ctrl-C) stops reading,
 //!   waits for the copies in flight and acks the confirmed ones, then returns
@@ -64,7 +68,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::filter::{Selection, Selector};
@@ -226,7 +230,7 @@ pub enum Flow {
 }
 
 /// Where a scan is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     /// Letters are being read (and replayed or purged).
@@ -239,7 +243,7 @@ pub enum Phase {
 }
 
 /// A running scan's numbers, for progress bars.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Progress {
     /// Where the scan is.
     pub phase: Phase,
@@ -273,7 +277,7 @@ impl<F: FnMut(&DeadLetter)> Observer for F {
 }
 
 /// Why reading stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Stop {
     /// Read as many letters as the queue held at the start.
@@ -293,7 +297,7 @@ pub enum Stop {
 }
 
 /// What a scan did.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScanReport {
     /// The DLQ's name.
     pub queue: String,
@@ -700,6 +704,14 @@ impl Engine<'_> {
         // credit got nothing
         let mut idle_since: Option<Instant> = None;
         loop {
+            // copies confirmed meanwhile count now, not at the end
+            if !self.in_flight.is_empty() {
+                self.settle_confirmed().await?;
+                if self.last_progress.elapsed() >= self.options.progress_every {
+                    self.last_progress = Instant::now();
+                    observer.progress(&self.progress(Phase::Reading));
+                }
+            }
             if self.report.read >= depth {
                 return Ok(Stop::Depth);
             }
@@ -810,7 +822,9 @@ impl Engine<'_> {
                     return Ok(());
                 };
                 if let Some(l) = limiter {
+                    self.settle_confirmed().await?;
                     l.until_ready().await;
+                    self.settle_confirmed().await?;
                 }
                 let props = match self.options.source {
                     Source::Dead => letter.replay_properties(chrono::Utc::now()),
@@ -829,8 +843,49 @@ impl Engine<'_> {
                         self.hold(run, tag);
                     }
                 }
+                self.settle_confirmed().await?;
                 self.settle_in_flight(self.options.confirm_window.max(1) - 1)
                     .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Settles, without waiting, the copies at the front of the window whose
+    /// confirm has already come (in order: it stops at the first one still
+    /// outstanding).
+    async fn settle_confirmed(&mut self) -> Result<(), DlqError> {
+        while let Some(front) = self.in_flight.front_mut() {
+            let Some(verdict) = front.confirm.try_wait() else {
+                break;
+            };
+            let Some(f) = self.in_flight.pop_front() else {
+                break;
+            };
+            self.settle(f.run, f.delivery_tag, f.job_id, verdict)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Acks the letter of a confirmed copy, holds the letter of one that
+    /// was not confirmed.
+    async fn settle(
+        &mut self,
+        run: usize,
+        delivery_tag: u64,
+        job_id: Option<String>,
+        verdict: Result<(), crate::broker::PublishError>,
+    ) -> Result<(), DlqError> {
+        match verdict {
+            Ok(()) => {
+                self.ack(run, delivery_tag).await?;
+                self.report.replayed += 1;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, job_id = ?job_id, "replay copy not confirmed; the letter stays in the DLQ");
+                self.report.failed += 1;
+                self.hold(run, delivery_tag);
             }
         }
         Ok(())
@@ -843,17 +898,9 @@ impl Engine<'_> {
             let Some(f) = self.in_flight.pop_front() else {
                 break;
             };
-            match f.confirm.wait().await {
-                Ok(()) => {
-                    self.ack(f.run, f.delivery_tag).await?;
-                    self.report.replayed += 1;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, job_id = ?f.job_id, "replay copy not confirmed; the letter stays in the DLQ");
-                    self.report.failed += 1;
-                    self.hold(f.run, f.delivery_tag);
-                }
-            }
+            let verdict = f.confirm.wait().await;
+            self.settle(f.run, f.delivery_tag, f.job_id, verdict)
+                .await?;
         }
         Ok(())
     }

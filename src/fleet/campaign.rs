@@ -58,6 +58,12 @@ const INDEX_KEY: &str = ":campaigns";
 const AUDIT_KEY: &str = ":audit";
 /// Entries the audit stream keeps, about.
 const AUDIT_MAX: usize = 100_000;
+/// `{<prefix>}` + this: the dead-letter console's actions, a hash of
+/// action id → its record (JSON), so a restarted console lists them.
+const CONSOLE_ACTIONS_KEY: &str = ":console:actions";
+/// `{<prefix>}` + this: the same ids, scored by the time each was
+/// requested (ms), to keep the newest and list them in order.
+const CONSOLE_ACTIONS_ORDER_KEY: &str = ":console:actions:order";
 /// Minutes of per-minute send counts kept for the rate.
 const RATE_MINUTES: i64 = 15;
 /// Minutes the rate is taken over.
@@ -869,6 +875,81 @@ impl Campaigns {
                 count: text(id, "count").and_then(|c| c.parse().ok()),
             })
             .collect())
+    }
+}
+
+/// The dead-letter console's action records (`mmsend console`): kept so
+/// that a restarted console lists its earlier actions.
+impl Campaigns {
+    /// Keeps the record of console action `id` (requested at `at_ms`),
+    /// replacing an older record of it; only the newest `keep` are kept.
+    /// The keys expire `campaign_retention` after the last write.
+    pub async fn save_console_action(
+        &self,
+        id: &str,
+        at_ms: i64,
+        record: &str,
+        keep: usize,
+    ) -> Result<(), FleetError> {
+        let records = format!("{}{CONSOLE_ACTIONS_KEY}", self.tag);
+        let order = format!("{}{CONSOLE_ACTIONS_ORDER_KEY}", self.tag);
+        let ttl = self.retention.as_secs().max(1) as i64;
+        let mut pipe = redis::pipe();
+        pipe.hset(&records, id, record)
+            .ignore()
+            .zadd(&order, id, at_ms)
+            .ignore()
+            .expire(&records, ttl)
+            .ignore()
+            .expire(&order, ttl)
+            .ignore();
+        self.run(RedisOp::Campaigns, pipe).await?;
+        // the oldest beyond `keep`
+        let mut conn = self.conn.clone();
+        let old: Vec<String> = timed(&self.metrics, RedisOp::Campaigns, self.op_timeout, async {
+            redis::cmd("ZRANGE")
+                .arg(&order)
+                .arg(0)
+                .arg(-(keep as i64) - 1)
+                .query_async(&mut conn)
+                .await
+        })
+        .await?;
+        if old.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.zrem(&order, &old)
+            .ignore()
+            .hdel(&records, &old)
+            .ignore();
+        self.run(RedisOp::Campaigns, pipe).await
+    }
+
+    /// The console's action records, newest first, at most `limit`.
+    pub async fn console_actions(&self, limit: usize) -> Result<Vec<String>, FleetError> {
+        let records = format!("{}{CONSOLE_ACTIONS_KEY}", self.tag);
+        let order = format!("{}{CONSOLE_ACTIONS_ORDER_KEY}", self.tag);
+        let ids: Vec<String> = self
+            .members("ZREVRANGE", &order)
+            .await?
+            .into_iter()
+            .take(limit)
+            .collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        let found: Vec<Option<String>> =
+            timed(&self.metrics, RedisOp::Campaigns, self.op_timeout, async {
+                redis::cmd("HMGET")
+                    .arg(&records)
+                    .arg(&ids)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(found.into_iter().flatten().collect())
     }
 }
 
