@@ -8,9 +8,10 @@
 //! Without Chromium and chromedriver on the PATH the browser tests say so
 //! and skip, unless `MMSEND_REQUIRE_CHROMIUM=1` (set by
 //! `deploy/local/test.sh` once it has installed them) makes that a failure.
-//! `MMSEND_UPDATE_SCREENSHOT=1` writes the overview's screenshot to
-//! `docs/src/console.png` (always to `console-overview.png` in cargo's
-//! `CARGO_TARGET_TMPDIR`, `target/tmp/` by default).
+//! `MMSEND_UPDATE_SCREENSHOT=1` writes the overview's screenshots to
+//! `docs/src/console.png` (1440×900) and `docs/src/console-phone.png`
+//! (390×844), and the campaigns page's to `docs/src/campaigns.png` (always
+//! to cargo's `CARGO_TARGET_TMPDIR`, `target/tmp/` by default).
 
 mod common;
 
@@ -514,6 +515,23 @@ impl Drop for Browser {
     }
 }
 
+/// Saves what the browser shows as `name` in cargo's scratch directory for
+/// tests (`CARGO_TARGET_TMPDIR`, wherever `CARGO_TARGET_DIR` is), and with
+/// `MMSEND_UPDATE_SCREENSHOT=1` as `docs/src/<docs>` too.
+async fn screenshot(b: &Browser, name: &str, docs: Option<&str>) {
+    let shot = b.d().screenshot_as_png().await.unwrap();
+    let scratch = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    std::fs::create_dir_all(&scratch).unwrap();
+    std::fs::write(scratch.join(name), &shot).unwrap();
+    if let Some(docs) = docs {
+        if std::env::var("MMSEND_UPDATE_SCREENSHOT").as_deref() == Ok("1") {
+            let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/src");
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(docs), &shot).unwrap();
+        }
+    }
+}
+
 /// `/proc/<pid>/stat`: (parent pid, state).
 fn proc_stat(pid: u32) -> Option<(u32, char)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -620,16 +638,12 @@ async fn the_overview_counts_what_dlq_stats_counts_and_a_letter_tells_its_story(
             );
         }
     }
-    let shot = b.d().screenshot_as_png().await.unwrap();
-    // cargo's own scratch directory for tests, wherever CARGO_TARGET_DIR is
-    let scratch = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    std::fs::create_dir_all(&scratch).unwrap();
-    std::fs::write(scratch.join("console-overview.png"), &shot).unwrap();
-    if std::env::var("MMSEND_UPDATE_SCREENSHOT").as_deref() == Ok("1") {
-        let docs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/src");
-        std::fs::create_dir_all(&docs).unwrap();
-        std::fs::write(docs.join("console.png"), &shot).unwrap();
-    }
+    // the README's screenshots: a desktop and a phone
+    b.d().set_window_rect(0, 0, 1440, 900).await.unwrap();
+    screenshot(&b, "console-overview.png", Some("console.png")).await;
+    b.d().set_window_rect(0, 0, 390, 844).await.unwrap();
+    screenshot(&b, "console-overview-390.png", Some("console-phone.png")).await;
+    b.d().set_window_rect(0, 0, 1440, 900).await.unwrap();
 
     // open a group: 50 letters a page, all of that group
     b.click("table[data-dimension=\"code\"] tr[data-key=\"2300005\"] td.key a")
@@ -1702,14 +1716,7 @@ async fn campaigns_are_listed_paused_and_cancelled_in_the_browser() {
         page.contains("1,240") && page.contains("64%"),
         "progress of the first"
     );
-    let shot = b.d().screenshot_as_png().await.unwrap();
-    let scratch = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    std::fs::create_dir_all(&scratch).unwrap();
-    std::fs::write(scratch.join("console-campaigns.png"), &shot).unwrap();
-    if std::env::var("MMSEND_UPDATE_SCREENSHOT").as_deref() == Ok("1") {
-        let docs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/src");
-        std::fs::write(docs.join("campaigns.png"), &shot).unwrap();
-    }
+    screenshot(&b, "console-campaigns.png", Some("campaigns.png")).await;
     // a phone: nothing wider than the screen
     b.d().set_window_rect(0, 0, 390, 844).await.unwrap();
     for path in [
@@ -3042,13 +3049,10 @@ async fn every_page_fits_a_phone_and_a_desktop() {
         right <= 390.0,
         "Purge ends at {right} px on a 390 px screen"
     );
-    // for a person to look at: cargo's scratch directory for tests
-    let scratch = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    std::fs::create_dir_all(&scratch).unwrap();
+    // for a person to look at
     for (name, path) in [("overview", "/"), ("group", "/group?dim=code&key=2300099")] {
         b.d().goto(site.c.url(path)).await.unwrap();
-        let shot = b.d().screenshot_as_png().await.unwrap();
-        std::fs::write(scratch.join(format!("console-{name}-390.png")), &shot).unwrap();
+        screenshot(&b, &format!("console-{name}-long-keys-390.png"), None).await;
     }
     b.quit().await;
     guarded.stop().await;
