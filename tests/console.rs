@@ -1522,18 +1522,25 @@ async fn wrong_tokens_lock_out_their_own_client_only() {
 /// A fake Meta access token as Graph echoes one ("Malformed access token …").
 const ACCESS: &str = "EAAGm0PX4ZCpsBAFAKEfakeFAKEfake0123456789abcdefZZ";
 
-#[tokio::test]
-async fn tokens_in_error_messages_are_masked_on_every_page() {
-    let h = Harness::start(no_worker("console-mask")).await;
-    let mut letters = mixed(12, "m");
+/// `n` letters whose errors quote an access token and the recipient's
+/// token (as Graph's messages can), the first with a token for a campaign
+/// label (a producer's mistake).
+fn leaky(n: usize, prefix: &str) -> Vec<Dead> {
+    let mut letters = mixed(n, prefix);
     for d in &mut letters {
         d.message = format!(
             "Malformed access token {ACCESS} for subscription token {}",
             d.token()
         );
     }
-    // and one whose campaign label is a token (a producer's mistake)
     letters[0].campaign = ACCESS.into();
+    letters
+}
+
+#[tokio::test]
+async fn tokens_in_error_messages_are_masked_on_every_page() {
+    let h = Harness::start(no_worker("console-mask")).await;
+    let letters = leaky(12, "m");
     fill(&h, &letters).await;
     let c = Console::start(&h, |_| {}).await;
     let mut cl = Client::new(&c);
@@ -2634,7 +2641,7 @@ async fn combined_filters_count_what_the_cli_counts_and_pages_stay_current() {
     h.finish().await;
 }
 
-// ------------------------------------ round 2: any screen, unreadable letters, masking, a11y
+// ------------------------------------ any screen, unreadable letters, masking, accessibility
 
 /// A valid job id of 307 characters (ids are free text).
 fn long_job_id() -> String {
@@ -2954,7 +2961,7 @@ async fn widths(b: &Browser) -> (i64, i64) {
     (w[0].as_i64().unwrap(), w[1].as_i64().unwrap())
 }
 
-/// Item 1: no page is wider than the screen, on a phone or a desktop, not
+/// No page is wider than the screen, on a phone or a desktop, not
 /// even with a 307-character job id; tables scroll in their own box (which
 /// the keyboard can reach) or become cards, long keys are cut with the whole
 /// value on hover and shown whole on the letter's page.
@@ -3059,7 +3066,7 @@ async fn every_page_fits_a_phone_and_a_desktop() {
     site.finish().await;
 }
 
-/// Item 6: a letter RabbitMQ dead-lettered itself shows its `x-death` and
+/// A letter RabbitMQ dead-lettered itself shows its `x-death` and
 /// dies when that says; a letter whose body is not JSON has a link and a
 /// page (by its fingerprint) that says so.
 #[tokio::test]
@@ -3175,21 +3182,14 @@ async fn letters_without_a_story_or_a_job_id_can_be_read() {
 const PAGE_TOKEN: &str = "EAAPageIdThatIsReallyAToken0123456789abcdef";
 const JOB_TOKEN: &str = "EAAJobIdThatIsReallyAToken0123456789abcdefgh";
 
-/// Item 7: a token in an error, a campaign, a page id or a job id is masked
+/// A token in an error, a campaign, a page id or a job id is masked
 /// on every page that can show it, the campaign pages and the job page
 /// included; a campaign named by a token can still be opened and paused.
 #[tokio::test]
 async fn tokens_in_keys_and_errors_are_masked_on_every_page_in_the_browser() {
     use mmsend::fleet::campaign::{CampaignState, Campaigns};
     let h = Harness::start(no_worker("console-mask-all")).await;
-    let mut letters = mixed(15, "t");
-    for d in &mut letters {
-        d.message = format!(
-            "Malformed access token {ACCESS} for subscription token {}",
-            d.token()
-        );
-    }
-    letters[0].campaign = ACCESS.into();
+    let mut letters = leaky(15, "t");
     letters[1].page = PAGE_TOKEN;
     letters[2].id = JOB_TOKEN.into();
     fill(&h, &letters).await;
@@ -3396,7 +3396,7 @@ while (walk.nextNode()) {
 return { checked: checked, failures: failures, dark: matchMedia("(prefers-color-scheme: dark)").matches };
 "##;
 
-/// Item 8: in both colour schemes every text has a contrast of at least
+/// In both colour schemes every text has a contrast of at least
 /// 4.5:1 against its own background. The scheme is emulated through the
 /// DevTools protocol (`Emulation.setEmulatedMedia`, which chromedriver
 /// passes on and which lasts for the tab): unlike a command-line switch it
@@ -3478,7 +3478,7 @@ document.querySelectorAll("input:not([type=hidden]), select, textarea, progress"
 return { acts: acts, problems: problems, refresh: !!document.querySelector("meta[http-equiv='refresh' i]") };
 "##;
 
-/// Item 8: every action link or button has a name that says what it does
+/// Every action link or button has a name that says what it does
 /// to what (no two on a page share one unless they go to the same place,
 /// none is empty); a "Skip to content" link comes first and leads to
 /// `<main id="main">`; header, nav and main are there; every table has a
@@ -3555,7 +3555,7 @@ async fn every_action_has_a_name_and_every_page_its_landmarks() {
     site.finish().await;
 }
 
-/// Item 8: no page reloads itself (`<meta http-equiv=refresh>`), not even
+/// No page reloads itself (`<meta http-equiv=refresh>`), not even
 /// while an action runs: pages that change update in place.
 ///
 /// Until the action pages update in place (their own change, merged

@@ -94,10 +94,16 @@ pub(crate) struct Breakdown {
     pub(crate) rows: Vec<(String, String, String)>,
 }
 
-fn breakdowns(s: &Snapshot, members: &[u32], sel: &Selected) -> Vec<Breakdown> {
-    [Dimension::Campaign, Dimension::Code, Dimension::Reason]
-        .into_iter()
-        .map(|d| Breakdown {
+/// The breakdowns of a set by each of `dims`, each entry linking to the
+/// set narrowed to it.
+pub(crate) fn breakdowns(
+    s: &Snapshot,
+    members: &[u32],
+    sel: &Selected,
+    dims: &[Dimension],
+) -> Vec<Breakdown> {
+    dims.iter()
+        .map(|&d| Breakdown {
             name: d.as_str(),
             rows: breakdown(s, members, d)
                 .into_iter()
@@ -147,7 +153,12 @@ impl LettersPage {
             total: count(members.len()),
             total_n: members.len(),
             chart: ChartView::new(s, &members, sel),
-            breakdowns: breakdowns(s, &members, sel),
+            breakdowns: breakdowns(
+                s,
+                &members,
+                sel,
+                &[Dimension::Campaign, Dimension::Code, Dimension::Reason],
+            ),
             rows: members[range]
                 .iter()
                 .map(|&i| LetterRow::new(&s.letters[i as usize]))

@@ -343,7 +343,7 @@ impl Overview {
         status: &Status,
         cx: OverviewContext<'_>,
     ) -> Overview {
-        use super::select::{breakdown, FilterQuery, Selected};
+        use super::select::{FilterQuery, Selected};
         let dims = OVERVIEW_ORDER
             .iter()
             .map(|&d| {
@@ -390,23 +390,12 @@ impl Overview {
             match hour_query.parse(s.taken_at.unwrap_or_else(Utc::now)) {
                 Ok(hour) => {
                     let members = hour.members(s);
-                    let b = [Dimension::Campaign, Dimension::Code]
-                        .into_iter()
-                        .map(|d| super::letters::Breakdown {
-                            name: d.as_str(),
-                            rows: breakdown(s, &members, d)
-                                .into_iter()
-                                .map(|(k, n)| {
-                                    let href = if n.is_empty() || k == crate::dlq::stats::NONE {
-                                        String::new()
-                                    } else {
-                                        hour.with(d.as_str(), &k).href()
-                                    };
-                                    (k, n, href)
-                                })
-                                .collect(),
-                        })
-                        .collect();
+                    let b = super::letters::breakdowns(
+                        s,
+                        &members,
+                        &hour,
+                        &[Dimension::Campaign, Dimension::Code],
+                    );
                     (count(members.len()), hour.href(), b)
                 }
                 Err(_) => ("0".into(), "/letters?since=1h".into(), Vec::new()),
