@@ -2522,10 +2522,32 @@ async fn combined_filters_count_what_the_cli_counts_and_pages_stay_current() {
         h.finish().await;
         return;
     };
-    for (width, height) in [(1440, 900), (390, 844)] {
+    for (width, height) in SIZES {
         b.d().set_window_rect(0, 0, width, height).await.unwrap();
-        // the filter bar composes two filters; the list says how many
         b.d().goto(c.url("/")).await.unwrap();
+        // the page leads with the chart, the last hour, campaigns and codes
+        let order = b
+            .d()
+            .execute(
+                "return Array.from(document.querySelectorAll('main h2, main figure.chart')).map(function (e) { return e.tagName === 'FIGURE' ? 'chart' : e.textContent.trim(); }).slice(0, 4);",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            order.json(),
+            &json!(["chart", "New in the last hour", "By campaign", "By code"]),
+            "{width}px"
+        );
+        let campaign_link = b
+            .d()
+            .find(By::Css(
+                "#by-campaign tr[data-key=\"black-friday\"] a[href=\"/campaign?c=black-friday\"]",
+            ))
+            .await
+            .unwrap();
+        assert!(campaign_link.is_displayed().await.unwrap(), "{width}px");
+        // the filter bar composes two filters; the list says how many
         let form = b.d().find(By::Css("form.filter")).await.unwrap();
         form.find(By::Css("input[name=campaign]"))
             .await
@@ -2569,34 +2591,36 @@ async fn combined_filters_count_what_the_cli_counts_and_pages_stay_current() {
     }
 
     // stale no more: letters dead after the snapshot show up on the open
-    // page by themselves, without a full-page reload
-    b.d().set_window_rect(0, 0, 1440, 900).await.unwrap();
-    b.d().goto(c.url("/")).await.unwrap();
-    assert_eq!(b.text("h1 .count").await, "300");
-    b.d()
-        .execute("window.notReloaded = true;", vec![])
-        .await
-        .unwrap();
-    fill(&h, &mixed(30, "late")).await;
-    b.wait_text(
-        "#live-depth",
-        |t| t.contains("holds 330 letters now"),
-        Duration::from_secs(30),
-    )
-    .await;
-    b.wait_text("h1 .count", |t| t == "330", Duration::from_secs(60))
-        .await;
-    let same = b
-        .d()
-        .execute("return window.notReloaded === true;", vec![])
-        .await
-        .unwrap();
-    assert_eq!(
-        same.json(),
-        &json!(true),
-        "the page was reloaded instead of updated in place"
-    );
-    assert!(b.text("#live-status").await.starts_with("Updated"));
+    // page by themselves, without a full-page reload (15 more at each size)
+    let mut total = 300;
+    for (i, (width, height)) in SIZES.into_iter().enumerate() {
+        b.d().set_window_rect(0, 0, width, height).await.unwrap();
+        b.d().goto(c.url("/")).await.unwrap();
+        assert_eq!(count_of(&b.text("h1 .count").await), total);
+        b.d()
+            .execute("window.notReloaded = true;", vec![])
+            .await
+            .unwrap();
+        fill(&h, &mixed(15, &format!("late{i}-"))).await;
+        total += 15;
+        let now = format!("holds {total} letters now");
+        b.wait_text("#live-depth", |t| t.contains(&now), Duration::from_secs(30))
+            .await;
+        let want = total.to_string();
+        b.wait_text("h1 .count", |t| t == want, Duration::from_secs(60))
+            .await;
+        let same = b
+            .d()
+            .execute("return window.notReloaded === true;", vec![])
+            .await
+            .unwrap();
+        assert_eq!(
+            same.json(),
+            &json!(true),
+            "the page was reloaded instead of updated in place ({width}px)"
+        );
+        assert!(b.text("#live-status").await.starts_with("Updated"));
+    }
 
     b.quit().await;
 
