@@ -245,6 +245,19 @@ async fn main() {
             "/confirm?kind=replay&dim=code&key=2300005".into(),
         ),
         ("actions", "/actions".into()),
+        (
+            "letters of a combined filter (campaign, code, since)",
+            "/letters?campaign=black-friday&code=2300005&since=2h".into(),
+        ),
+        (
+            "JSONL download of a campaign's code",
+            "/letters.jsonl?campaign=black-friday&code=2300005".into(),
+        ),
+        (
+            "find a letter by its job id",
+            "/letter?job=bench-0000007".into(),
+        ),
+        ("status.json (every page polls it)", "/status.json".into()),
     ];
     let rounds = if smoke { 3 } else { 30 };
     let mut results = Vec::new();

@@ -188,8 +188,8 @@ pub(crate) struct ConsoleArgs {
     #[arg(long, env = "MMSEND_CONSOLE_REFRESH", default_value = "10s", value_parser = humantime::parse_duration)]
     pub(crate) refresh: Duration,
     /// Letters a snapshot holds at most. Each costs the snapshot at most 6 KiB of memory,
-    /// whatever headers it carries (about 1.6 KiB typically: only the x-mmsend-* headers
-    /// and an x-death summary are kept, each value cut at 300 bytes), and the broker about
+    /// whatever headers it carries (about 2.5 KiB typically: only the x-mmsend-* headers
+    /// and the x-death entries are kept, each value cut at 300 bytes), and the broker about
     /// 300 bytes while the snapshot is taken; a larger DLQ is shown in part, and says so.
     #[arg(long, env = "MMSEND_CONSOLE_MAX_LETTERS", default_value_t = crate::console::DEFAULT_MAX_LETTERS)]
     pub(crate) max_letters: usize,

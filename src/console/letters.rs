@@ -68,6 +68,7 @@ impl FilterBar {
 }
 
 /// The per-hour chart as the template draws it.
+#[derive(Clone, Debug)]
 pub(crate) struct ChartView {
     pub(crate) chart: Chart,
     pub(crate) width: usize,
@@ -89,6 +90,7 @@ impl ChartView {
 
 /// A breakdown of a set by one dimension: (key, count, link to the set
 /// narrowed to it).
+#[derive(Clone, Debug)]
 pub(crate) struct Breakdown {
     pub(crate) name: &'static str,
     pub(crate) rows: Vec<(String, String, String)>,
@@ -305,11 +307,12 @@ pub(crate) async fn download(
 pub(crate) fn find_job(st: &Shared, id: &Identity, job: &str) -> Response {
     let s = st.snapshots.current();
     let job = job.trim();
-    let found: Vec<&super::snapshot::Letter> = s
-        .letters
-        .iter()
-        .filter(|l| &*l.job_id == job || l.job_label() == job)
-        .collect();
+    // the id as given; else as pages show it (masked), which costs more
+    let mut found: Vec<&super::snapshot::Letter> =
+        s.letters.iter().filter(|l| &*l.job_id == job).collect();
+    if found.is_empty() {
+        found = s.letters.iter().filter(|l| l.job_label() == job).collect();
+    }
     match found.as_slice() {
         [one] => Redirect::to(&views::letter_href(one)).into_response(),
         [] => message(
@@ -337,11 +340,16 @@ type Reading = (Instant, Result<Vec<QueueInfo>, String>);
 /// Queue depths read from the broker, shared by every view for a moment.
 pub(crate) struct Depths {
     last: Mutex<Option<Reading>>,
-    reading: tokio::sync::Mutex<()>,
+    /// Held by the one reading under way.
+    reading: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// How long a reading of the depths serves every view.
 const DEPTHS_FRESH: Duration = Duration::from_secs(1);
+/// How long a reading may serve a view while a new one is taken in the
+/// background (pages poll every 3 s, so an open page never waits; the
+/// first view after a quiet spell waits for a new reading).
+const DEPTHS_SERVE: Duration = Duration::from_secs(5);
 /// How long a view waits for the broker's depths before it shows the
 /// snapshot's.
 const DEPTHS_WAIT: Duration = Duration::from_secs(2);
@@ -350,27 +358,47 @@ impl Depths {
     pub(crate) fn new() -> Depths {
         Depths {
             last: Mutex::new(None),
-            reading: tokio::sync::Mutex::new(()),
+            reading: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 
-    fn fresh(&self) -> Option<Result<Vec<QueueInfo>, String>> {
+    fn within(&self, age: Duration) -> Option<Result<Vec<QueueInfo>, String>> {
         let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         last.as_ref()
-            .filter(|(at, _)| at.elapsed() < DEPTHS_FRESH)
+            .filter(|(at, _)| at.elapsed() < age)
             .map(|(_, d)| d.clone())
     }
 
-    /// The depths now: one reading at a time, each serving views for
-    /// [`DEPTHS_FRESH`].
-    pub(crate) async fn read(&self, access: &Access) -> Result<Vec<QueueInfo>, String> {
-        if let Some(d) = self.fresh() {
+    /// The depths now: a reading of the last second; else one of the last
+    /// [`DEPTHS_SERVE`] while a new one is taken in the background; else a
+    /// new one (one reading at a time).
+    pub(crate) async fn read(
+        self: &Arc<Self>,
+        access: &Arc<Access>,
+    ) -> Result<Vec<QueueInfo>, String> {
+        if let Some(d) = self.within(DEPTHS_FRESH) {
+            return d;
+        }
+        if let Some(d) = self.within(DEPTHS_SERVE) {
+            if let Ok(one) = self.reading.clone().try_lock_owned() {
+                let (this, access) = (self.clone(), access.clone());
+                tokio::spawn(async move {
+                    // kept for the next views, a failure too
+                    let _ = this.take(&access).await;
+                    drop(one);
+                });
+            }
             return d;
         }
         let _one = self.reading.lock().await;
-        if let Some(d) = self.fresh() {
+        if let Some(d) = self.within(DEPTHS_FRESH) {
             return d;
         }
+        self.take(access).await
+    }
+
+    /// Reads the depths from the broker and keeps the reading.
+    async fn take(&self, access: &Access) -> Result<Vec<QueueInfo>, String> {
         let read = async {
             let conn = access.connection().await.map_err(|e| e.to_string())?;
             access.topology.show(&conn).await.map_err(|e| e.to_string())

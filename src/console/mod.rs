@@ -55,8 +55,8 @@ pub const LETTER_BYTES_MAX: usize = snapshot::LETTER_BYTES_MAX;
 
 /// The default `--refresh`: automatic snapshots at most this often.
 pub const DEFAULT_REFRESH: Duration = Duration::from_secs(10);
-/// The default `--max-letters`: a snapshot costs about 1.6 KiB of memory
-/// per letter (measured at 100,000, docs/src/console.md), so about 400 MiB, and at most
+/// The default `--max-letters`: a snapshot costs about 2.5 KiB of memory
+/// per letter (resident set, measured at 100,000, docs/src/console.md), so about 600 MiB, and at most
 /// [`LETTER_BYTES_MAX`] (6 KiB) per letter whatever the letters carry, so
 /// at most about 1.5 GiB.
 pub const DEFAULT_MAX_LETTERS: usize = 250_000;
@@ -159,7 +159,7 @@ pub(crate) struct Shared {
     /// Campaign state, counters and audit (with `MMSEND_REDIS_URL`).
     pub(crate) campaigns: Option<crate::fleet::campaign::Campaigns>,
     /// Queue depths read live, shared by views for a moment.
-    pub(crate) depths: letters::Depths,
+    pub(crate) depths: Arc<letters::Depths>,
     /// Grafana's address, to link campaigns to the dashboard.
     pub(crate) grafana: Option<String>,
 }
@@ -259,7 +259,7 @@ pub async fn serve(
         port: bound.port(),
         access: access.clone(),
         campaigns,
-        depths: letters::Depths::new(),
+        depths: Arc::new(letters::Depths::new()),
         grafana: config
             .grafana_url
             .as_deref()

@@ -244,6 +244,7 @@ impl Link {
 pub(crate) const CHART_HOURS: usize = 48;
 
 /// One bar of the chart: an hour and its dead letters.
+#[derive(Clone, Debug)]
 pub(crate) struct Bar {
     pub(crate) x: usize,
     pub(crate) y: usize,
@@ -255,6 +256,7 @@ pub(crate) struct Bar {
 
 /// Dead letters per hour over the last [`CHART_HOURS`] hours, as an SVG
 /// the template draws (no script, no inline style).
+#[derive(Clone, Debug)]
 pub(crate) struct Chart {
     pub(crate) bars: Vec<Bar>,
     /// What a screen reader says of it.

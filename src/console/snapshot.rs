@@ -15,7 +15,7 @@
 //! half a DLQ.
 //!
 //! What a snapshot keeps is bounded per letter, whatever the letter
-//! carries ([`LETTER_BYTES_MAX`], under 6 KiB; about 1.6 KiB typically):
+//! carries ([`LETTER_BYTES_MAX`], under 6 KiB; about 2.5 KiB of resident memory typically):
 //! the summary fields, the headers a page shows (the `x-mmsend-*` headers
 //! mmsend writes, [`headers::ALL`], and the entries of RabbitMQ's
 //! `x-death`: reason, queue, time, count; any other header is dropped),
@@ -81,8 +81,8 @@ const ALLOC_OVERHEAD: usize = 24;
 
 /// What one letter costs a snapshot at most, in bytes, whatever it
 /// carries (the record, its strings counted as if none were shared, its
-/// share of the indexes); typically a third of it (about 1.6 KiB measured
-/// at 100,000 letters, docs/src/console.md). `--max-letters` times this bounds a
+/// share of the indexes); typically under half of it (about 2.5 KiB of
+/// resident memory measured at 100,000 letters, docs/src/console.md). `--max-letters` times this bounds a
 /// snapshot.
 pub(crate) const LETTER_BYTES_MAX: usize = size_of::<Letter>()
     + (JOB_ID_BYTES + ALLOC_OVERHEAD)
@@ -260,9 +260,18 @@ pub(crate) struct Snapshot {
     /// Each dimension's group key → its letters.
     members: [HashMap<Arc<str>, Vec<u32>>; 5],
     by_fingerprint: HashMap<u64, u32>,
+    /// The overview's counts over every letter, counted once (by the
+    /// refresh that took the snapshot, so no view waits for them).
+    facts: std::sync::OnceLock<super::views::OverviewFacts>,
 }
 
 impl Snapshot {
+    /// The overview's counts (see [`super::views::OverviewFacts`]).
+    pub(crate) fn facts(&self) -> &super::views::OverviewFacts {
+        self.facts
+            .get_or_init(|| super::views::OverviewFacts::new(self))
+    }
+
     /// The groups of a dimension, largest first.
     pub(crate) fn groups(&self, dimension: Dimension) -> &[Group] {
         &self.groups[dim_index(dimension)]
@@ -510,6 +519,7 @@ impl Builder {
             groups,
             members: self.members,
             by_fingerprint: self.by_fingerprint,
+            facts: std::sync::OnceLock::new(),
         }
     }
 }
@@ -624,6 +634,10 @@ impl Snapshots {
         tokio::spawn(async move {
             let started = Instant::now();
             let result = this.take(&access).await;
+            if let Ok(snapshot) = &result {
+                // counted here, before any view asks
+                snapshot.facts();
+            }
             let mut st = this.lock_status();
             st.refreshing = None;
             st.progress = None;
