@@ -44,6 +44,8 @@ struct Dead {
     message: String,
     campaign: String,
     page: &'static str,
+    /// Minutes before now it died.
+    ago: u32,
 }
 
 impl Dead {
@@ -94,6 +96,7 @@ fn mixed(n: usize, prefix: &str) -> Vec<Dead> {
                 message: message.into(),
                 campaign: CAMPAIGNS[i % CAMPAIGNS.len()].into(),
                 page: PAGES[i % PAGES.len()],
+                ago: 0,
             }
         })
         .collect()
@@ -106,7 +109,7 @@ async fn fill(h: &Harness, letters: &[Dead]) {
         let story = Story {
             attempt: 3,
             dead_reason: d.reason.map(str::to_owned),
-            dead_at: Some(chrono::Utc::now()),
+            dead_at: Some(chrono::Utc::now() - chrono::Duration::minutes(i64::from(d.ago))),
             worker: Some("worker-7:4242".into()),
             last_error: LastError {
                 class: Some(d.class.into()),
@@ -603,7 +606,16 @@ async fn overview_counts(b: &Browser) -> BTreeMap<String, BTreeMap<String, usize
 #[tokio::test]
 async fn the_overview_counts_what_dlq_stats_counts_and_a_letter_tells_its_story() {
     let h = Harness::start(no_worker("console-view")).await;
-    let letters = mixed(1_200, "v");
+    let mut letters = mixed(1_200, "v");
+    // deaths over two days, a third of them in the last three hours (the
+    // chart and the last hour have something to show)
+    for (i, d) in letters.iter_mut().enumerate() {
+        d.ago = if i % 3 == 0 {
+            (i % 180) as u32
+        } else {
+            (i * 97 % 2_880) as u32
+        };
+    }
     fill(&h, &letters).await;
     let want = cli_stats(&h);
     assert_eq!(want["code"]["2300005"], 240);
@@ -2034,6 +2046,7 @@ fn doomed() -> Vec<Dead> {
                 message: "doomed".into(),
                 campaign: "doomed".into(),
                 page: "9876543210",
+                ago: 0,
             });
         }
     }
@@ -2816,6 +2829,7 @@ impl Site {
             ),
             campaign: LONG_CAMPAIGN.into(),
             page: "9876543210",
+            ago: 0,
         });
         fill(&h, &letters[..60]).await;
         fill_without_message_id(&h, &letters[60]).await;
