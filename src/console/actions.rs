@@ -8,8 +8,10 @@
 //! - Confirming starts an [`Action`] with that id. Starting an id that
 //!   already has an action (a second click, a resubmitted form, a second
 //!   operator) starts nothing and shows the existing one: a set is acted on
-//!   once. Only an action that failed before it moved anything (the DLQ was
-//!   busy for too long, the broker was unreachable) may be started again.
+//!   once. Only an action that moved nothing (the DLQ was busy for too
+//!   long, the broker was unreachable, it was stopped at once) or whose end
+//!   was never recorded may be started again: the set is exact, so a letter
+//!   moved meanwhile is gone and counted as missing, never moved twice.
 //! - The action scans the DLQ for exactly those letters ([`LetterSet`]):
 //!   letters that joined the group after the snapshot are not touched, and
 //!   letters gone meanwhile are counted as missing. Replay keeps the
@@ -391,10 +393,18 @@ impl Actions {
 
     /// The plan shown for `plan_id`, while it is valid: its kind and count.
     pub(crate) fn planned(&self, plan_id: &str) -> Option<(Kind, usize)> {
-        lock(&self.plans)
+        let planned = lock(&self.plans)
             .iter()
             .find(|p| p.id == plan_id && p.created.elapsed() < PLAN_TTL)
-            .map(|p| (p.kind, p.keys.len()))
+            .map(|p| (p.kind, p.keys.len()));
+        // an action started again is checked as its first start was
+        planned.or_else(|| {
+            lock(&self.entries)
+                .iter()
+                .map(|e| lock(&e.action).clone())
+                .find(|a| a.id == plan_id)
+                .map(|a| (a.kind, a.count))
+        })
     }
 
     /// Asks a running action to stop: it stops reading, settles the copies
@@ -482,7 +492,15 @@ impl Actions {
         let mut entries = lock(&self.entries);
         if let Some(e) = entries.iter_mut().find(|e| lock(&e.action).id == plan_id) {
             let mut a = lock(&e.action);
-            let again = matches!(a.state, State::Failed { moved: 0, .. } | State::Interrupted);
+            // again only when nothing of the set was moved (stopped before
+            // moving, failed, every copy unconfirmed) or its end was never
+            // recorded: the set is exact, so letters moved meanwhile are
+            // gone and counted as missing, never moved twice
+            let again = match &a.state {
+                State::Failed { moved: 0, .. } | State::Interrupted => true,
+                State::Done(r) => r.replayed + r.purged == 0,
+                _ => false,
+            };
             // (an action read back after a restart has no set: the plan
             // shown again has it)
             let set = lock(&e.set).clone().or_else(|| {
@@ -781,13 +799,15 @@ async fn run(
     let cancel = options.cancel.clone().unwrap_or_default();
     loop {
         let lane = tokio::select! {
-            lane = access.lane() => lane,
+            // a Stop already pressed wins over a free lane
+            biased;
             _ = cancel.cancelled() => {
                 return State::Failed {
                     message: "stopped before it could read the DLQ (Stop was pressed, or the console was stopping); nothing was moved".into(),
                     moved: 0,
                 };
             }
+            lane = access.lane() => lane,
         };
         let conn = match access.connection().await {
             Ok(c) => c,

@@ -18,7 +18,8 @@ use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Extension;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
 use serde::Deserialize;
 
 use super::access::Access;
@@ -110,11 +111,15 @@ pub(crate) fn breakdowns(
             rows: breakdown(s, members, d)
                 .into_iter()
                 .map(|(key, n)| {
-                    let href = if n.is_empty() || key == crate::dlq::stats::NONE {
-                        String::new()
-                    } else {
-                        sel.with(d.as_str(), &key).href()
-                    };
+                    // a parameter already set is not narrowed by replacing
+                    // it (`code` matches code or subcode, groups count by
+                    // one of them): no link then
+                    let href =
+                        if n.is_empty() || key == crate::dlq::stats::NONE || sel.has(d.as_str()) {
+                            String::new()
+                        } else {
+                            sel.with(d.as_str(), &key).href()
+                        };
                     (key, n, href)
                 })
                 .collect(),
@@ -135,6 +140,8 @@ pub(crate) struct LettersPage {
     pub(crate) rows: Vec<LetterRow>,
     pub(crate) pager: Pager,
     pub(crate) actions: SetActions,
+    /// `code` is one of the parameters (it matches code or subcode).
+    pub(crate) code_note: bool,
     pub(crate) download: String,
     /// The same selection on the command line.
     pub(crate) cli: String,
@@ -170,6 +177,7 @@ impl LettersPage {
                 replay: confirm("replay"),
                 purge: confirm("purge"),
             },
+            code_note: sel.has("code"),
             download: format!("/letters.jsonl{}", sel.query(&[])),
             cli: if flags.is_empty() {
                 "mmsend dlq stats".into()
@@ -201,7 +209,8 @@ pub(crate) fn selected(
             id,
             StatusCode::BAD_REQUEST,
             "Bad filter",
-            format!("{e}."),
+            // it quotes what was typed
+            super::mask::text(&format!("{e}."), 1_000),
             Some(("/letters".into(), "All letters".into())),
         ))
     })
@@ -256,31 +265,19 @@ pub(crate) async fn download(
         Err(r) => return *r,
     };
     let s = st.snapshots.current();
-    let mut out = Vec::new();
-    for i in sel.members(&s) {
-        let l = &s.letters[i as usize];
-        let label = l.job_label();
-        let line = Line {
-            job_id: &label,
-            fingerprint: l.fingerprint_hex(),
-            reason: &l.reason,
-            class: l.class.as_deref(),
-            code: l.code,
-            campaign: l.campaign.as_deref(),
-            page_id: l.page.as_deref(),
-            attempts: l.attempts,
-            replays: l.replays,
-            dead_at: l.dead_at.map(|t| t.to_rfc3339()),
-            error: l.error.as_deref(),
-            headers: l.headers.iter().map(|(k, v)| (*k, &**v)).collect(),
-            body_preview: &l.body,
-            body_bytes: l.body_bytes,
-            body_cut: l.body_cut,
-        };
-        if serde_json::to_writer(&mut out, &line).is_ok() {
-            out.push(b'\n');
+    let members = sel.members(&s);
+    let snapshot = s.clone();
+    // streamed a thousand lines at a time: a download of the whole DLQ
+    // holds one chunk, not the whole file
+    let chunks = members.len().div_ceil(DOWNLOAD_CHUNK);
+    let body = futures_util::stream::iter(0..chunks).map(move |c| {
+        let end = ((c + 1) * DOWNLOAD_CHUNK).min(members.len());
+        let mut out = Vec::new();
+        for &i in &members[c * DOWNLOAD_CHUNK..end] {
+            write_line(&mut out, &snapshot.letters[i as usize]);
         }
-    }
+        Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(out))
+    });
     let name = format!(
         "mmsend-dead-letters-{}.jsonl",
         s.taken_at
@@ -297,9 +294,37 @@ pub(crate) async fn download(
                 format!("attachment; filename=\"{name}\""),
             ),
         ],
-        out,
+        axum::body::Body::from_stream(body),
     )
         .into_response()
+}
+
+/// Letters per chunk of a download.
+const DOWNLOAD_CHUNK: usize = 1000;
+
+/// One letter of a download, as a JSON line.
+fn write_line(out: &mut Vec<u8>, l: &super::snapshot::Letter) {
+    let label = l.job_label();
+    let line = Line {
+        job_id: &label,
+        fingerprint: l.fingerprint_hex(),
+        reason: &l.reason,
+        class: l.class.as_deref(),
+        code: l.code,
+        campaign: l.campaign.as_deref(),
+        page_id: l.page.as_deref(),
+        attempts: l.attempts,
+        replays: l.replays,
+        dead_at: l.dead_at.map(|t| t.to_rfc3339()),
+        error: l.error.as_deref(),
+        headers: l.headers.iter().map(|(k, v)| (*k, &**v)).collect(),
+        body_preview: &l.body,
+        body_bytes: l.body_bytes,
+        body_cut: l.body_cut,
+    };
+    if serde_json::to_writer(&mut *out, &line).is_ok() {
+        out.push(b'\n');
+    }
 }
 
 /// `/letter?job=` without `fp`: the one letter of that job, the list of
@@ -308,8 +333,9 @@ pub(crate) fn find_job(st: &Shared, id: &Identity, job: &str) -> Response {
     let s = st.snapshots.current();
     let job = job.trim();
     // the id as given; else as pages show it (masked), which costs more
+    let key = crate::dlq::letter::key_job_id(job);
     let mut found: Vec<&super::snapshot::Letter> =
-        s.letters.iter().filter(|l| &*l.job_id == job).collect();
+        s.letters.iter().filter(|l| *l.job_id == *key).collect();
     if found.is_empty() {
         found = s.letters.iter().filter(|l| l.job_label() == job).collect();
     }
@@ -335,7 +361,9 @@ pub(crate) fn find_job(st: &Shared, id: &Identity, job: &str) -> Response {
 }
 
 /// A reading of the queue depths: when, and what RabbitMQ said.
-type Reading = (Instant, Result<Vec<QueueInfo>, String>);
+type Reading = (Instant, DateTime<Utc>, Depth);
+/// What a reading read: every queue's depth, or why not.
+type Depth = Result<Vec<QueueInfo>, String>;
 
 /// Queue depths read from the broker, shared by every view for a moment.
 pub(crate) struct Depths {
@@ -362,20 +390,18 @@ impl Depths {
         }
     }
 
-    fn within(&self, age: Duration) -> Option<Result<Vec<QueueInfo>, String>> {
+    fn within(&self, age: Duration) -> Option<(DateTime<Utc>, Depth)> {
         let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         last.as_ref()
-            .filter(|(at, _)| at.elapsed() < age)
-            .map(|(_, d)| d.clone())
+            .filter(|(at, ..)| at.elapsed() < age)
+            .map(|(_, when, d)| (*when, d.clone()))
     }
 
     /// The depths now: a reading of the last second; else one of the last
     /// [`DEPTHS_SERVE`] while a new one is taken in the background; else a
     /// new one (one reading at a time).
-    pub(crate) async fn read(
-        self: &Arc<Self>,
-        access: &Arc<Access>,
-    ) -> Result<Vec<QueueInfo>, String> {
+    /// Returns when the reading was taken, and what it read.
+    pub(crate) async fn read(self: &Arc<Self>, access: &Arc<Access>) -> (DateTime<Utc>, Depth) {
         if let Some(d) = self.within(DEPTHS_FRESH) {
             return d;
         }
@@ -398,7 +424,8 @@ impl Depths {
     }
 
     /// Reads the depths from the broker and keeps the reading.
-    async fn take(&self, access: &Access) -> Result<Vec<QueueInfo>, String> {
+    async fn take(&self, access: &Access) -> (DateTime<Utc>, Depth) {
+        let when = Utc::now();
         let read = async {
             let conn = access.connection().await.map_err(|e| e.to_string())?;
             access.topology.show(&conn).await.map_err(|e| e.to_string())
@@ -410,15 +437,16 @@ impl Depths {
                 DEPTHS_WAIT.as_secs()
             )),
         };
-        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), d.clone()));
-        d
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((Instant::now(), when, d.clone()));
+        (when, d)
     }
 
     /// The last reading, when it is recent enough to be called live.
     pub(crate) fn recent(&self) -> Option<(Duration, Vec<QueueInfo>)> {
         let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         match last.as_ref() {
-            Some((at, Ok(d))) if at.elapsed() < Duration::from_secs(10) => {
+            Some((at, _, Ok(d))) if at.elapsed() < Duration::from_secs(10) => {
                 Some((at.elapsed(), d.clone()))
             }
             _ => None,
@@ -427,14 +455,18 @@ impl Depths {
 }
 
 /// Reads the live depths for the page about to be built; when the DLQ
-/// holds another number of letters than the snapshot, a refresh is due
-/// (sooner than the refresh interval: see `Snapshots::refresh_changed`),
-/// and the page updates itself when it lands.
+/// holds another number of letters than the snapshot, a refresh is asked
+/// for (taken when `--refresh` allows: every view of a page and every poll
+/// of an open page asks), and the page updates itself when it lands.
 pub(crate) async fn live_depths(st: &Shared) {
-    if let Ok(queues) = st.depths.read(&st.access).await {
+    if let (when, Ok(queues)) = st.depths.read(&st.access).await {
         let dead = st.access.topology.dead_queue();
         let s = st.snapshots.current();
-        let complete = s.report.as_ref().is_some_and(|r| r.counted_all());
+        // a reading from before the snapshot ended (its letters were being
+        // returned) or during a refresh says nothing about a change
+        let complete = s.report.as_ref().is_some_and(|r| r.counted_all())
+            && s.taken_at.is_some_and(|t| when > t)
+            && st.snapshots.status().refreshing.is_none();
         // While something reads the DLQ (a scan holds its letters), its
         // ready count is not its size: no refresh for that.
         let now = queues
@@ -442,7 +474,7 @@ pub(crate) async fn live_depths(st: &Shared) {
             .find(|q| q.name == dead && q.consumers == 0)
             .map(|q| q.messages);
         if complete && now.is_some_and(|n| n as usize != s.letters.len()) {
-            st.snapshots.refresh_changed(&st.access);
+            st.snapshots.refresh(&st.access, false);
         }
     }
 }

@@ -530,7 +530,7 @@ async fn confirm(
             };
             (
                 Scope::Filter {
-                    query: sel.query(&[]),
+                    query: sel.shown_query(),
                     text: sel.describe(),
                 },
                 sel.members(&s),

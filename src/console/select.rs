@@ -101,7 +101,8 @@ impl FilterQuery {
             page: text(v[4]),
             since: time("since", v[5])?,
             until: time("until", v[6])?,
-            job_id: text(v[7]),
+            // as the snapshot keeps job ids (a key's: a long one is cut)
+            job_id: text(v[7]).map(|j| crate::dlq::letter::key_job_id(&j)),
             limit: None,
         };
         let pairs = PARAMS
@@ -123,6 +124,11 @@ pub(crate) struct Selected {
 }
 
 impl Selected {
+    /// Whether parameter `name` is set.
+    pub(crate) fn has(&self, name: &str) -> bool {
+        self.pairs.iter().any(|(k, _)| *k == name)
+    }
+
     /// No filter: every letter.
     pub(crate) fn all() -> Selected {
         Selected {
@@ -169,29 +175,45 @@ impl Selected {
         format!("/letters{}", self.query(&[]))
     }
 
-    /// `campaign = black-friday, code = 2300005`, or `every letter`.
+    /// `campaign = black-friday, code = 2300005`, or `every letter`; the
+    /// values masked (a person may paste a token into a field), as titles,
+    /// the audit trail and action records keep them.
     pub(crate) fn describe(&self) -> String {
         if self.pairs.is_empty() {
             return "every letter".into();
         }
-        self.pairs
-            .iter()
+        self.shown()
             .map(|(k, v)| format!("{k} = {v}"))
             .collect::<Vec<_>>()
             .join(", ")
     }
 
+    /// The parameters with their values as pages may show them (masked,
+    /// bounded).
+    fn shown(&self) -> impl Iterator<Item = (&'static str, std::borrow::Cow<'_, str>)> {
+        self.pairs
+            .iter()
+            .map(|(k, v)| (*k, super::mask::shown(v, super::snapshot::VALUE_BYTES)))
+    }
+
+    /// `?campaign=…` with masked values: what an action over this filter
+    /// keeps to link back to its list (stored with the action).
+    pub(crate) fn shown_query(&self) -> String {
+        let shown: Vec<(&str, std::borrow::Cow<'_, str>)> = self.shown().collect();
+        let pairs: Vec<(&str, &str)> = shown.iter().map(|(k, v)| (*k, v.as_ref())).collect();
+        query(&pairs)
+    }
+
     /// The same selection on the command line (`--campaign black-friday
     /// --code 2300005`), values quoted when they need it.
     pub(crate) fn flags(&self) -> String {
-        self.pairs
-            .iter()
+        self.shown()
             .map(|(k, v)| {
                 let safe = !v.is_empty()
                     && v.chars()
                         .all(|c| c.is_ascii_alphanumeric() || "-_.:+/@".contains(c));
                 let v = if safe {
-                    v.clone()
+                    v.into_owned()
                 } else {
                     format!("'{}'", v.replace('\'', "'\\''"))
                 };

@@ -524,10 +524,6 @@ impl Builder {
     }
 }
 
-/// The shortest pause between the end of a snapshot and a refresh that a
-/// changed DLQ depth asks for.
-pub(crate) const CHANGED_GAP: Duration = Duration::from_secs(2);
-
 /// Why the snapshot shown is not a fresh one.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Notice {
@@ -604,25 +600,14 @@ impl Snapshots {
     /// Starts a refresh in the background when one is due (`force`: asked
     /// for) and none is running. Returns whether one was started.
     pub(crate) fn refresh(self: &Arc<Self>, access: &Arc<Access>, force: bool) -> bool {
-        self.refresh_after(access, force, self.interval)
-    }
-
-    /// A refresh because the DLQ's depth read live differs from the
-    /// snapshot's count: due sooner than the interval, but never back to
-    /// back ([`CHANGED_GAP`], and three times the last scan's time), so a
-    /// DLQ that keeps changing is not scanned without a pause.
-    pub(crate) fn refresh_changed(self: &Arc<Self>, access: &Arc<Access>) -> bool {
-        self.refresh_after(access, false, CHANGED_GAP.min(self.interval))
-    }
-
-    fn refresh_after(self: &Arc<Self>, access: &Arc<Access>, force: bool, gap: Duration) -> bool {
         {
             let mut st = self.lock_status();
             if st.refreshing.is_some() {
                 return false;
             }
             let since = st.last_done.map(|t| t.elapsed());
-            let due = force || st.stale || since.is_none_or(|s| s >= gap.max(st.last_took * 3));
+            let due =
+                force || st.stale || since.is_none_or(|s| s >= self.interval.max(st.last_took * 3));
             if !due {
                 return false;
             }

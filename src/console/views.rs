@@ -1083,7 +1083,7 @@ pub(crate) fn action_state(a: &Action) -> (String, &'static str) {
         ),
         State::Failed { moved, .. } => (format!("Failed after {} {verb}.", count(*moved)), "bad"),
         State::Interrupted => (
-            "Interrupted by a console restart: it was running when the console stopped, which stopped it safely (copies in flight settled, the rest returned to the DLQ). Its last counts were not kept: see the audit trail, or open the group again.".into(),
+            "Its end was not recorded: it was running when its console stopped (a restart, a crash, or another console on the same prefix that is still running it). A console stopping cleanly settles its actions (copies in flight confirmed, the rest returned to the DLQ); a killed one leaves at most its unconfirmed copies' letters in the DLQ as well. See the audit trail and the DLQ now; confirming the same letters again acts on those still there.".into(),
             "warn",
         ),
     }

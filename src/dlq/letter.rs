@@ -242,7 +242,7 @@ impl DeadLetter {
         // is): the fingerprint already covers the whole body, and a key a
         // caller took from a summary must name the same letter.
         LetterKey {
-            job_id: truncate(&self.job_id().unwrap_or_default(), SUMMARY_TEXT_CHARS),
+            job_id: key_job_id(&self.job_id().unwrap_or_default()),
             fingerprint: hex::encode(&digest[..8]),
         }
     }
@@ -371,6 +371,12 @@ pub(crate) fn replay_story(old: &Story, now: DateTime<Utc>) -> Story {
         // is not "maybe sent"), like the last error
         call: old.call.clone(),
     }
+}
+
+/// A job id as a [`LetterKey`] names it: its first 200 characters, and `…`
+/// when it is longer.
+pub(crate) fn key_job_id(id: &str) -> String {
+    truncate(id, SUMMARY_TEXT_CHARS)
 }
 
 fn truncate(s: &str, max_chars: usize) -> String {

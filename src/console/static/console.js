@@ -26,6 +26,25 @@ document.addEventListener("submit", function (e) {
     var el = document.querySelector(sel);
     if (el && typeof value === "string" && el.textContent !== value) { el.textContent = value; }
   }
+  // a form in the content being filled in: not swapped under the person
+  function edited(main) {
+    var fields = main.querySelectorAll("input, select, textarea");
+    for (var i = 0; i < fields.length; i++) {
+      var f = fields[i];
+      if (f.type === "hidden") { continue; }
+      if (f.tagName === "SELECT") {
+        // a list with no option marked selected starts on its first
+        var first = 0;
+        for (var j = 0; j < f.options.length; j++) {
+          if (f.options[j].defaultSelected) { first = j; break; }
+        }
+        if (f.selectedIndex !== first) { return true; }
+      } else if (f.type === "checkbox" || f.type === "radio") {
+        if (f.checked !== f.defaultChecked) { return true; }
+      } else if (f.value !== f.defaultValue) { return true; }
+    }
+    return false;
+  }
   function swap(html) {
     var doc = new DOMParser().parseFromString(html, "text/html");
     ["#snapshot", "main"].forEach(function (sel) {
@@ -52,7 +71,7 @@ document.addEventListener("submit", function (e) {
         });
         var shown = Number(line.getAttribute("data-snapshot"));
         var main = document.querySelector("main[data-live]");
-        var typing = main && main.contains(document.activeElement) && /INPUT|SELECT|TEXTAREA/.test(document.activeElement.tagName);
+        var typing = main && (edited(main) || (document.activeElement && document.activeElement.closest && document.activeElement.closest("main form")));
         if (s.snapshot !== shown && main && !typing) {
           return fetch(location.href, { credentials: "same-origin", headers: { Accept: "text/html" } })
             .then(function (r) { return r.ok ? r.text() : null; })
@@ -101,17 +120,27 @@ document.addEventListener("submit", function (e) {
 // and the progress bar in place, until the action has finished. Without
 // JavaScript the pages offer a Reload link instead.
 (function () {
+  // one request at a time, none while the page is hidden; stops when the
+  // action has finished, is unknown (404) or 30 asks in a row failed
   function poll(url, apply) {
-    var timer = null;
+    var timer = null, busy = false, failures = 0;
+    function stop() { clearInterval(timer); }
     function tick() {
+      if (busy || document.hidden) { return; }
+      busy = true;
       fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } })
-        .then(function (r) { return r.ok ? r.json() : null; })
-        .then(function (a) {
-          if (!a) { return; }
-          apply(a);
-          if (a.finished) { clearInterval(timer); }
+        .then(function (r) {
+          if (r.status === 404) { stop(); return null; }
+          return r.ok ? r.json() : null;
         })
-        .catch(function () { /* the next tick tries again */ });
+        .then(function (a) {
+          if (!a) { failures++; if (failures >= 30) { stop(); } return; }
+          failures = 0;
+          apply(a);
+          if (a.finished) { stop(); }
+        })
+        .catch(function () { failures++; if (failures >= 30) { stop(); } })
+        .then(function () { busy = false; });
     }
     timer = setInterval(tick, 1000);
   }
