@@ -2185,6 +2185,12 @@ async fn a_large_purge_goes_only_with_its_count_typed() {
     assert_eq!(j["finished"], json!(true));
     assert_eq!(j["state"], json!("Finished: 100 of 100 purged."));
     assert_eq!(j["progress"]["value"], json!(100));
+    // the same form sent again needs its count as well (an action that
+    // moved nothing would start again from it)
+    let again = cl
+        .post("/actions", &[("csrf", &csrf), ("plan", &plan)])
+        .await;
+    assert_eq!(again.status, 400, "{}", again.body);
     // Stop: a finished action is not stopped; a form without its CSRF
     // token is refused; a read-only console refuses it
     let stop = format!("{action}/stop");

@@ -211,6 +211,19 @@ pub(crate) enum State {
 }
 
 impl State {
+    /// Whether confirming the same set again starts it again: only when
+    /// nothing of it was moved (stopped before moving, failed, every copy
+    /// unconfirmed) or its end was never recorded. The set is exact, so
+    /// letters moved meanwhile are gone and counted as missing, never moved
+    /// twice; anything else shows the action already there.
+    pub(crate) fn may_start_again(&self) -> bool {
+        match self {
+            State::Failed { moved: 0, .. } | State::Interrupted => true,
+            State::Done(r) => r.replayed + r.purged == 0,
+            _ => false,
+        }
+    }
+
     pub(crate) fn finished(&self) -> bool {
         matches!(
             self,
@@ -492,15 +505,7 @@ impl Actions {
         let mut entries = lock(&self.entries);
         if let Some(e) = entries.iter_mut().find(|e| lock(&e.action).id == plan_id) {
             let mut a = lock(&e.action);
-            // again only when nothing of the set was moved (stopped before
-            // moving, failed, every copy unconfirmed) or its end was never
-            // recorded: the set is exact, so letters moved meanwhile are
-            // gone and counted as missing, never moved twice
-            let again = match &a.state {
-                State::Failed { moved: 0, .. } | State::Interrupted => true,
-                State::Done(r) => r.replayed + r.purged == 0,
-                _ => false,
-            };
+            let again = a.state.may_start_again();
             // (an action read back after a restart has no set: the plan
             // shown again has it)
             let set = lock(&e.set).clone().or_else(|| {
@@ -939,6 +944,26 @@ mod tests {
             missing,
             stop,
             seconds: 1.0,
+        }
+    }
+
+    #[test]
+    fn only_a_set_that_moved_nothing_or_whose_end_is_unknown_starts_again() {
+        let failed = |moved| State::Failed {
+            message: "x".into(),
+            moved,
+        };
+        for (state, again) in [
+            (State::Done(report(Stop::Interrupted, 0, 0, 0)), true),
+            (State::Done(report(Stop::Depth, 0, 4, 0)), true),
+            (State::Done(report(Stop::Interrupted, 3, 0, 7)), false),
+            (State::Done(report(Stop::Selected, 10, 0, 0)), false),
+            (failed(0), true),
+            (failed(2), false),
+            (State::Interrupted, true),
+            (State::Queued, false),
+        ] {
+            assert_eq!(state.may_start_again(), again, "{state:?}");
         }
     }
 
