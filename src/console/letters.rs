@@ -24,7 +24,7 @@ use serde::Deserialize;
 
 use super::access::Access;
 use super::auth::Identity;
-use super::routes::{chrome, message, page};
+use super::routes::{live_chrome, message, page, viewed};
 use super::select::{
     breakdown, Chart, FilterQuery, Selected, BAR_WIDTH, CHART_HEIGHT, CHART_HOURS,
 };
@@ -225,12 +225,10 @@ pub(crate) async fn list(
         Ok(s) => s,
         Err(r) => return *r,
     };
-    st.snapshots.refresh(&st.access, false);
-    live_depths(&st).await;
-    let s = st.snapshots.current();
+    viewed(&st);
     let title = format!("Letters: {}", sel.describe());
-    let mut c = chrome(&st, &id, title, &sel.href());
-    c.live = true;
+    let c = live_chrome(&st, &id, title, &sel.href()).await;
+    let s = st.snapshots.current();
     let p = q.p.parse().unwrap_or(1);
     page(StatusCode::OK, &LettersPage::new(c, &s, &q.filter, &sel, p))
 }

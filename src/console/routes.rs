@@ -262,7 +262,6 @@ pub(super) fn chrome(st: &Shared, id: &Identity, title: impl Into<String>, back:
             .map(|a| (format!("/actions/{}", a.id), views::action_title(a)))
             .collect(),
         back: back.to_string(),
-        auto_refresh: None,
         live: false,
     }
 }
@@ -323,16 +322,30 @@ fn refused(
 }
 
 /// A view of the snapshot: starts a refresh in the background when one is due.
-fn viewed(st: &Shared) {
+pub(super) fn viewed(st: &Shared) {
     st.snapshots.refresh(&st.access, false);
+}
+
+/// The frame of a page of the snapshot's groups or letters: the queue
+/// depths read live first, and the content reloaded in place when a new
+/// snapshot lands.
+pub(super) async fn live_chrome(
+    st: &Shared,
+    id: &Identity,
+    title: impl Into<String>,
+    back: &str,
+) -> Chrome {
+    super::letters::live_depths(st).await;
+    Chrome {
+        live: true,
+        ..chrome(st, id, title, back)
+    }
 }
 
 async fn overview(State(st): State<Arc<Shared>>, Extension(id): Extension<Identity>) -> Response {
     viewed(&st);
-    super::letters::live_depths(&st).await;
+    let c = live_chrome(&st, &id, "Overview", "/").await;
     let s = st.snapshots.current();
-    let mut c = chrome(&st, &id, "Overview", "/");
-    c.live = true;
     let status = st.snapshots.status();
     let dead_queue = st.access.topology.dead_queue();
     let cx = views::OverviewContext {
@@ -391,9 +404,7 @@ async fn groups(
         Err(r) => return *r,
     };
     let back = format!("/groups{}", views::query(&[("dim", d.as_str())]));
-    super::letters::live_depths(&st).await;
-    let mut c = chrome(&st, &id, format!("Groups by {d}"), &back);
-    c.live = true;
+    let c = live_chrome(&st, &id, format!("Groups by {d}"), &back).await;
     page(
         StatusCode::OK,
         &views::Groups::new(c, &s, d, page_number(&q.page)),
@@ -424,9 +435,7 @@ async fn group(
         );
     };
     let back = views::group_href(d, &key);
-    super::letters::live_depths(&st).await;
-    let mut c = chrome(&st, &id, format!("{d} = {}", mask::text(&key, 300)), &back);
-    c.live = true;
+    let c = live_chrome(&st, &id, format!("{d} = {}", mask::text(&key, 300)), &back).await;
     page(
         StatusCode::OK,
         &views::GroupPage::new(c, &s, d, g, members, page_number(&q.page)),

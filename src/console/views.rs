@@ -136,7 +136,6 @@ pub(crate) struct Chrome {
     pub(crate) running: Vec<(String, String)>,
     /// Where the refresh button returns to.
     pub(crate) back: String,
-    pub(crate) auto_refresh: Option<u32>,
     /// The page's content is reloaded in place when a new snapshot lands
     /// (`console.js` polls `/status.json`).
     pub(crate) live: bool,

@@ -11,24 +11,18 @@ document.addEventListener("submit", function (e) {
   }, 0);
 });
 
-// Live pages: every few seconds ask /status.json for the snapshot's number
-// and the queue depths. Depths and the live line update in place; when a
-// new snapshot has landed, a page marked `data-live` (overview, groups,
-// letters) fetches itself and swaps its content in place, without a
-// full-page refresh, and says so to screen readers. A page whose form has
-// the focus is not swapped under the person typing.
-(function () {
-  var line = document.querySelector("[data-snapshot]");
-  if (!line || !window.fetch) { return; }
-  var status = document.getElementById("live-status");
-  var busy = false;
-  function text(sel, value) {
-    var el = document.querySelector(sel);
-    if (el && typeof value === "string" && el.textContent !== value) { el.textContent = value; }
-  }
-  // a form in the content being filled in: not swapped under the person
-  function edited(main) {
-    var fields = main.querySelectorAll("input, select, textarea");
+// What the live parts below share: this page fetched again, and whether a
+// part of it may be replaced now (not while the person is in it: a field
+// changed from what the page brought, or the focus inside).
+var mmsendLive = {
+  page: function () {
+    return fetch(location.href, { credentials: "same-origin", headers: { Accept: "text/html" } })
+      .then(function (r) { return r.ok ? r.text() : null; })
+      .then(function (html) { return html ? new DOMParser().parseFromString(html, "text/html") : null; });
+  },
+  mayReplace: function (el) {
+    if (el.contains(document.activeElement)) { return false; }
+    var fields = el.querySelectorAll("input, select, textarea");
     for (var i = 0; i < fields.length; i++) {
       var f = fields[i];
       if (f.type === "hidden") { continue; }
@@ -38,15 +32,31 @@ document.addEventListener("submit", function (e) {
         for (var j = 0; j < f.options.length; j++) {
           if (f.options[j].defaultSelected) { first = j; break; }
         }
-        if (f.selectedIndex !== first) { return true; }
+        if (f.selectedIndex !== first) { return false; }
       } else if (f.type === "checkbox" || f.type === "radio") {
-        if (f.checked !== f.defaultChecked) { return true; }
-      } else if (f.value !== f.defaultValue) { return true; }
+        if (f.checked !== f.defaultChecked) { return false; }
+      } else if (f.value !== f.defaultValue) { return false; }
     }
-    return false;
+    return true;
   }
-  function swap(html) {
-    var doc = new DOMParser().parseFromString(html, "text/html");
+};
+
+// Live pages: every few seconds ask /status.json for the snapshot's number
+// and the queue depths. Depths and the live line update in place; when a
+// new snapshot has landed, a page marked `data-live` (overview, groups,
+// letters) fetches itself and swaps its content in place, without a
+// full-page refresh, and says so to screen readers; not while the person
+// is in its content (`mmsendLive.mayReplace`).
+(function () {
+  var line = document.querySelector("[data-snapshot]");
+  if (!line || !window.fetch || !window.DOMParser) { return; }
+  var status = document.getElementById("live-status");
+  var busy = false;
+  function text(sel, value) {
+    var el = document.querySelector(sel);
+    if (el && typeof value === "string" && el.textContent !== value) { el.textContent = value; }
+  }
+  function swap(doc) {
     ["#snapshot", "main"].forEach(function (sel) {
       var now = document.querySelector(sel), next = doc.querySelector(sel);
       if (now && next) { now.replaceWith(document.importNode(next, true)); }
@@ -71,11 +81,8 @@ document.addEventListener("submit", function (e) {
         });
         var shown = Number(line.getAttribute("data-snapshot"));
         var main = document.querySelector("main[data-live]");
-        var typing = main && (edited(main) || (document.activeElement && document.activeElement.closest && document.activeElement.closest("main form")));
-        if (s.snapshot !== shown && main && !typing) {
-          return fetch(location.href, { credentials: "same-origin", headers: { Accept: "text/html" } })
-            .then(function (r) { return r.ok ? r.text() : null; })
-            .then(function (html) { if (html) { swap(html); } });
+        if (s.snapshot !== shown && main && mmsendLive.mayReplace(main)) {
+          return mmsendLive.page().then(function (doc) { if (doc) { swap(doc); } });
         }
         if (s.snapshot === shown) { text("[data-snapshot]", s.line); }
         return null;
@@ -89,7 +96,7 @@ document.addEventListener("submit", function (e) {
 // Parts of a page marked data-live-every="<seconds>" (each with an id) are
 // brought up to date in place instead of reloading the page: a screen
 // reader keeps its place and a form being filled in keeps its text. Only
-// while the page is shown; a part that holds the focus waits a turn.
+// while the page is shown; a part the person is in waits a turn.
 (function () {
   var parts = document.querySelectorAll("[data-live-every][id]");
   if (!parts.length || !window.fetch || !window.DOMParser) { return; }
@@ -99,14 +106,12 @@ document.addEventListener("submit", function (e) {
   });
   setInterval(function () {
     if (document.hidden) { return; }
-    fetch(location.href, { credentials: "same-origin", headers: { Accept: "text/html" } })
-      .then(function (r) { return r.ok ? r.text() : null; })
-      .then(function (html) {
-        if (!html) { return; }
-        var fresh = new DOMParser().parseFromString(html, "text/html");
+    mmsendLive.page()
+      .then(function (fresh) {
+        if (!fresh) { return; }
         parts.forEach(function (p) {
           var n = fresh.getElementById(p.id);
-          if (n && n.innerHTML !== p.innerHTML && !p.contains(document.activeElement)) {
+          if (n && n.innerHTML !== p.innerHTML && mmsendLive.mayReplace(p)) {
             p.innerHTML = n.innerHTML;
           }
         });
