@@ -280,18 +280,32 @@ pub(crate) async fn show(
     let snapshot = st.snapshots.current();
     // as `--campaign` selects (the label, else the message id), on the
     // campaign as the snapshot keeps it (masked, bounded)
-    let letters = super::select::FilterQuery {
-        campaign: mask::shown(&view.campaign, super::snapshot::VALUE_BYTES).into_owned(),
-        ..Default::default()
-    }
-    .parse(chrono::Utc::now())
-    .unwrap_or_else(|_| super::select::Selected::all());
-    let mut codes: BTreeMap<String, usize> = BTreeMap::new();
-    for i in letters.members(&snapshot) {
-        let l = &snapshot.letters[i as usize];
-        let code = l.code.map_or("-".to_string(), |c| c.to_string());
-        *codes.entry(code).or_default() += 1;
-    }
+    let letters = super::select::Selected::of_group(
+        crate::dlq::Dimension::Campaign,
+        &mask::shown(&view.campaign, super::snapshot::VALUE_BYTES),
+    );
+    // (code, letters, link to this campaign's letters of that code), by code
+    let codes: Vec<(String, String, String)> = match &letters {
+        None => Vec::new(),
+        Some(sel) => {
+            let members = sel.members(&snapshot);
+            let by_code: BTreeMap<String, usize> =
+                super::select::counts_by(&snapshot, &members, crate::dlq::Dimension::Code)
+                    .into_iter()
+                    .collect();
+            by_code
+                .into_iter()
+                .map(|(code, n)| {
+                    let href = if code == crate::dlq::stats::NONE {
+                        sel.href()
+                    } else {
+                        sel.with("code", &code).href()
+                    };
+                    (code, count(n), href)
+                })
+                .collect()
+        }
+    };
     let c = chrome(
         &st,
         &id,
@@ -354,18 +368,7 @@ pub(crate) async fn show(
             } else {
                 Vec::new()
             },
-            codes: codes
-                .into_iter()
-                .map(|(code, n)| {
-                    // this campaign's letters of that code
-                    let href = if code == "-" {
-                        letters.href()
-                    } else {
-                        letters.with("code", &code).href()
-                    };
-                    (code, count(n), href)
-                })
-                .collect(),
+            codes,
             trail: trail
                 .iter()
                 .map(|e| {

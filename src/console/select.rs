@@ -165,9 +165,7 @@ impl Selected {
 
     /// `?campaign=…&code=…` followed by `extra`.
     pub(crate) fn query(&self, extra: &[(&str, &str)]) -> String {
-        let mut all: Vec<(&str, &str)> = self.pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        all.extend_from_slice(extra);
-        query(&all)
+        query_of(&self.pairs, extra)
     }
 
     /// `/letters?…`: the list of this filter's letters.
@@ -257,9 +255,15 @@ impl Link {
 
     /// `/letters?…`.
     pub(crate) fn href(&self) -> String {
-        let pairs: Vec<(&str, &str)> = self.pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        format!("/letters{}", query(&pairs))
+        format!("/letters{}", query_of(&self.pairs, &[]))
     }
+}
+
+/// `?k=v&…` of a filter's parameters followed by `extra`.
+fn query_of(pairs: &[(&'static str, String)], extra: &[(&str, &str)]) -> String {
+    let mut all: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    all.extend_from_slice(extra);
+    query(&all)
 }
 
 /// Hours the per-hour chart shows.
@@ -375,12 +379,11 @@ pub(crate) fn breakdown_of(d: Dimension) -> Dimension {
     }
 }
 
-/// The largest few groups of `by` among `members`: (key, count), and
-/// `(N more, "")` when there are more.
-pub(crate) fn breakdown(s: &Snapshot, members: &[u32], by: Dimension) -> Vec<(String, String)> {
+/// The groups of `by` among `members`, with their letters, largest first
+/// (then by key).
+pub(crate) fn counts_by(s: &Snapshot, members: &[u32], by: Dimension) -> Vec<(String, usize)> {
     use std::borrow::Cow;
     use std::collections::HashMap;
-    const SHOWN: usize = 3;
     let none = crate::dlq::stats::NONE;
     let mut counts: HashMap<Cow<'_, str>, usize> = HashMap::new();
     for &i in members {
@@ -396,12 +399,23 @@ pub(crate) fn breakdown(s: &Snapshot, members: &[u32], by: Dimension) -> Vec<(St
         };
         *counts.entry(key).or_insert(0) += 1;
     }
-    let mut v: Vec<(Cow<'_, str>, usize)> = counts.into_iter().collect();
+    let mut v: Vec<(String, usize)> = counts
+        .into_iter()
+        .map(|(k, n)| (k.into_owned(), n))
+        .collect();
     v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    v
+}
+
+/// The largest few groups of `by` among `members`: (key, count), and
+/// `(N more, "")` when there are more.
+pub(crate) fn breakdown(s: &Snapshot, members: &[u32], by: Dimension) -> Vec<(String, String)> {
+    const SHOWN: usize = 3;
+    let v = counts_by(s, members, by);
     let mut out: Vec<(String, String)> = v
         .iter()
         .take(SHOWN)
-        .map(|(k, n)| (k.to_string(), count(*n)))
+        .map(|(k, n)| (k.clone(), count(*n)))
         .collect();
     if v.len() > SHOWN {
         out.push((format!("{} more", v.len() - SHOWN), String::new()));

@@ -641,12 +641,23 @@ impl Campaigns {
     /// Every member of the sorted set `key`, in the order of `range`
     /// (`ZRANGE` or `ZREVRANGE`).
     async fn members(&self, range: &str, key: &str) -> Result<Vec<String>, FleetError> {
+        self.range(range, key, 0, -1).await
+    }
+
+    /// `range` (`ZRANGE`, `ZREVRANGE`) of `key` from `start` to `stop`.
+    async fn range(
+        &self,
+        range: &str,
+        key: &str,
+        start: i64,
+        stop: i64,
+    ) -> Result<Vec<String>, FleetError> {
         let mut conn = self.conn.clone();
         timed(&self.metrics, RedisOp::Campaigns, self.op_timeout, async {
             redis::cmd(range)
                 .arg(key)
-                .arg(0)
-                .arg(-1)
+                .arg(start)
+                .arg(stop)
                 .query_async(&mut conn)
                 .await
         })
@@ -905,16 +916,7 @@ impl Campaigns {
             .ignore();
         self.run(RedisOp::Campaigns, pipe).await?;
         // the oldest beyond `keep`
-        let mut conn = self.conn.clone();
-        let old: Vec<String> = timed(&self.metrics, RedisOp::Campaigns, self.op_timeout, async {
-            redis::cmd("ZRANGE")
-                .arg(&order)
-                .arg(0)
-                .arg(-(keep as i64) - 1)
-                .query_async(&mut conn)
-                .await
-        })
-        .await?;
+        let old = self.range("ZRANGE", &order, 0, -(keep as i64) - 1).await?;
         if old.is_empty() {
             return Ok(());
         }
@@ -930,12 +932,10 @@ impl Campaigns {
     pub async fn console_actions(&self, limit: usize) -> Result<Vec<String>, FleetError> {
         let records = format!("{}{CONSOLE_ACTIONS_KEY}", self.tag);
         let order = format!("{}{CONSOLE_ACTIONS_ORDER_KEY}", self.tag);
-        let ids: Vec<String> = self
-            .members("ZREVRANGE", &order)
-            .await?
-            .into_iter()
-            .take(limit)
-            .collect();
+        let Some(last) = limit.checked_sub(1) else {
+            return Ok(Vec::new());
+        };
+        let ids = self.range("ZREVRANGE", &order, 0, last as i64).await?;
         if ids.is_empty() {
             return Ok(Vec::new());
         }
