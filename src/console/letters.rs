@@ -60,10 +60,22 @@ impl FilterBar {
         };
         let reasons: Vec<&'static str> = DeadReason::ALL.iter().map(|r| r.as_str()).collect();
         let classes: Vec<&'static str> = Class::ALL.iter().map(|c| c.as_str()).collect();
+        // what was typed, as pages show it
+        let shown = |v: &str| super::mask::shown(v, super::snapshot::VALUE_BYTES).into_owned();
+        let q = FilterQuery {
+            reason: shown(&q.reason),
+            class: shown(&q.class),
+            code: shown(&q.code),
+            campaign: shown(&q.campaign),
+            page: shown(&q.page),
+            since: shown(&q.since),
+            until: shown(&q.until),
+            job_id: shown(&q.job_id),
+        };
         FilterBar {
-            q: q.clone(),
             reasons: choices(&reasons, &q.reason),
             classes: choices(&classes, &q.class),
+            q,
         }
     }
 }
@@ -354,7 +366,12 @@ pub(crate) fn find_job(st: &Shared, id: &Identity, job: &str) -> Response {
                 format!("Job {}", super::mask::text(job, 300)),
             )),
         ),
-        _ => Redirect::to(&format!("/letters{}", views::query(&[("job_id", job)]))).into_response(),
+        // (the list takes the id as pages show it: no token in a header)
+        _ => Redirect::to(&format!(
+            "/letters{}",
+            views::query(&[("job_id", &super::mask::shown(job, super::snapshot::VALUE_BYTES))])
+        ))
+        .into_response(),
     }
 }
 

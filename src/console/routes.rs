@@ -539,7 +539,7 @@ async fn confirm(
             };
             (
                 Scope::Filter {
-                    query: sel.shown_query(),
+                    query: sel.query(&[]),
                     text: sel.describe(),
                 },
                 sel.members(&s),

@@ -18,7 +18,8 @@
 use chrono::{DateTime, Duration as Span, DurationRound, Utc};
 use serde::Deserialize;
 
-use super::snapshot::{Letter, Snapshot};
+use super::mask;
+use super::snapshot::{Letter, Snapshot, VALUE_BYTES};
 use super::views::{count, query};
 use crate::classify::{Class, DeadReason};
 use crate::dlq::{parse_since, Dimension, Filter};
@@ -72,8 +73,14 @@ impl FilterQuery {
 
     /// The filter, or what is wrong with a parameter (in words a person
     /// can act on).
+    ///
+    /// Every value is taken as pages show it, masked and bounded (a person
+    /// may paste a token into a field): that is how the snapshot keeps
+    /// campaigns, pages and job ids, so the filter matches them, and no
+    /// title, link, record or audit entry of the filter carries a token.
     pub(crate) fn parse(&self, now: DateTime<Utc>) -> Result<Selected, String> {
-        let v = self.values();
+        let shown = self.values().map(|v| mask::shown(v, VALUE_BYTES));
+        let v = shown.each_ref().map(|v| v.as_ref());
         let text = |s: &str| (!s.is_empty()).then(|| s.to_string());
         let time = |name: &str, s: &str| {
             text(s)
@@ -101,8 +108,10 @@ impl FilterQuery {
             page: text(v[4]),
             since: time("since", v[5])?,
             until: time("until", v[6])?,
-            // as the snapshot keeps job ids (a key's: a long one is cut)
-            job_id: text(v[7]).map(|j| crate::dlq::letter::key_job_id(&j)),
+            // as the snapshot shows job ids (a key's, a long one cut)
+            job_id: text(v[7]).map(|j| {
+                super::snapshot::job_label_of(&crate::dlq::letter::key_job_id(&j)).into_owned()
+            }),
             limit: None,
         };
         let pairs = PARAMS
@@ -115,7 +124,7 @@ impl FilterQuery {
     }
 }
 
-/// A parsed filter and its parameters as given.
+/// A parsed filter and its parameters as given (masked).
 #[derive(Debug, Clone)]
 pub(crate) struct Selected {
     pub(crate) filter: Filter,
@@ -173,45 +182,30 @@ impl Selected {
         format!("/letters{}", self.query(&[]))
     }
 
-    /// `campaign = black-friday, code = 2300005`, or `every letter`; the
-    /// values masked (a person may paste a token into a field), as titles,
-    /// the audit trail and action records keep them.
+    /// `campaign = black-friday, code = 2300005`, or `every letter` (the
+    /// values masked, as [`FilterQuery::parse`] took them).
     pub(crate) fn describe(&self) -> String {
         if self.pairs.is_empty() {
             return "every letter".into();
         }
-        self.shown()
+        self.pairs
+            .iter()
             .map(|(k, v)| format!("{k} = {v}"))
             .collect::<Vec<_>>()
             .join(", ")
     }
 
-    /// The parameters with their values as pages may show them (masked,
-    /// bounded).
-    fn shown(&self) -> impl Iterator<Item = (&'static str, std::borrow::Cow<'_, str>)> {
-        self.pairs
-            .iter()
-            .map(|(k, v)| (*k, super::mask::shown(v, super::snapshot::VALUE_BYTES)))
-    }
-
-    /// `?campaign=…` with masked values: what an action over this filter
-    /// keeps to link back to its list (stored with the action).
-    pub(crate) fn shown_query(&self) -> String {
-        let shown: Vec<(&str, std::borrow::Cow<'_, str>)> = self.shown().collect();
-        let pairs: Vec<(&str, &str)> = shown.iter().map(|(k, v)| (*k, v.as_ref())).collect();
-        query(&pairs)
-    }
-
     /// The same selection on the command line (`--campaign black-friday
     /// --code 2300005`), values quoted when they need it.
     pub(crate) fn flags(&self) -> String {
-        self.shown()
+        self.pairs
+            .iter()
             .map(|(k, v)| {
                 let safe = !v.is_empty()
                     && v.chars()
                         .all(|c| c.is_ascii_alphanumeric() || "-_.:+/@".contains(c));
                 let v = if safe {
-                    v.into_owned()
+                    v.clone()
                 } else {
                     format!("'{}'", v.replace('\'', "'\\''"))
                 };

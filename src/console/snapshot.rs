@@ -148,7 +148,7 @@ impl Letter {
 
     /// The job id as pages show it (and link it).
     pub(crate) fn job_label(&self) -> std::borrow::Cow<'_, str> {
-        mask::shown(&self.job_id, JOB_ID_BYTES)
+        job_label_of(&self.job_id)
     }
 
     /// RabbitMQ's `x-death` entries, as it wrote them (newest first).
@@ -197,6 +197,11 @@ impl Letter {
     }
 }
 
+/// A letter key's job id as pages show it (and a filter matches it).
+pub(crate) fn job_label_of(job_id: &str) -> std::borrow::Cow<'_, str> {
+    mask::shown(job_id, JOB_ID_BYTES)
+}
+
 /// The snapshot is filtered as the CLI filters the DLQ (`dlq stats
 /// --campaign … --code …` and the console's `/letters?campaign=…&code=…`
 /// count the same letters), on the values as the snapshot keeps them.
@@ -216,8 +221,9 @@ impl Facets for Letter {
     fn page_facet(&self) -> Option<&str> {
         self.page.as_deref()
     }
+    /// As pages show it: a console filter's job id is taken the same way.
     fn job_id_facet(&self) -> Option<std::borrow::Cow<'_, str>> {
-        (!self.job_id.is_empty()).then_some(std::borrow::Cow::Borrowed(&*self.job_id))
+        (!self.job_id.is_empty()).then(|| self.job_label())
     }
     fn died_at_facet(&self) -> Option<DateTime<Utc>> {
         self.dead_at
