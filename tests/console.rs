@@ -1764,7 +1764,12 @@ async fn campaigns_are_listed_paused_and_cancelled_in_the_browser() {
     // pause, confirmed
     b.d().goto(c.url("/campaigns")).await.unwrap();
     b.click("table.campaigns a[title=\"cyber-monday\"]").await;
-    assert!(b.text("h1").await.contains("cyber-monday"));
+    b.wait_text(
+        "h1",
+        |t| t.contains("cyber-monday"),
+        Duration::from_secs(20),
+    )
+    .await;
     b.click("p.actions a:first-child").await;
     assert!(b
         .text("h1")
@@ -1801,7 +1806,9 @@ async fn campaigns_are_listed_paused_and_cancelled_in_the_browser() {
         .await
         .unwrap();
     b.click("#confirm").await;
-    assert_eq!(b.text("h1").await, "Not cancelled");
+    // read once the answer has loaded (the confirmation's h1 is there until then)
+    b.wait_text("h1", |t| t == "Not cancelled", Duration::from_secs(20))
+        .await;
     assert_eq!(
         campaigns.show("cyber-monday").await.unwrap().unwrap().state,
         CampaignState::Paused
